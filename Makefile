@@ -1,0 +1,35 @@
+# ctxd: `make run` installs and runs the broker with embedded defaults;
+# `make test` installs what the tests need and runs them. Each makes its own virtualenv.
+PYTHON ?= python3
+RUN_VENV ?= .venv-run
+TEST_VENV ?= .venv-test
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast vermin clean
+
+$(RUN_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install -q --upgrade pip
+	$(RUN_VENV)/bin/pip install -q .
+	touch $@
+
+run: $(RUN_VENV)/.installed
+	$(RUN_VENV)/bin/twistd -n --pidfile= ctxd
+
+# compat mode puts the work tree on sys.path, so twistd finds twisted/plugins/ here.
+$(TEST_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q --upgrade pip
+	$(TEST_VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+test: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py
+	PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH $(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+vermin: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py
+
+clean:
+	rm -rf $(RUN_VENV) $(TEST_VENV) build *.egg-info ctxd-state
+	find . -name __pycache__ -prune -exec rm -rf {} +

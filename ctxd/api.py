@@ -1,0 +1,306 @@
+"""The HTTP face of the broker: one route table, thin handlers, JSON in and out.
+
+:data:`ROUTES` is the single list of endpoints; docs/openapi.yaml is checked against
+it by a test. Parsing (content type and size before JSON decoding) and rendering
+(domain errors to status codes; anything unexpected to a bare 500) each live in one
+helper.
+"""
+
+import json
+import re
+from io import BytesIO
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+import ctxd
+from ctxd import validate
+from ctxd.broker import Broker
+from ctxd.errors import (
+    BadRequest,
+    BrokerError,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+    UnsupportedMediaType,
+)
+
+log = Logger()
+
+DEFAULT_MAX_BODY = 1024 * 1024
+
+NONE, ADMIN, JOIN, NODE = "none", "admin", "join", "node"
+
+
+class Route(NamedTuple):
+    method: str
+    template: str
+    handler: str
+    auth: str
+    body: str  # "none" | "required" | "optional"
+
+
+ROUTES: Tuple[Route, ...] = (
+    Route("GET", "/healthz", "health", NONE, "none"),
+    Route("GET", "/v1/contexts", "list_contexts", ADMIN, "none"),
+    Route("POST", "/v1/contexts", "create_context", ADMIN, "required"),
+    Route("GET", "/v1/contexts/{cid}", "get_context", ADMIN, "none"),
+    Route("DELETE", "/v1/contexts/{cid}", "delete_context", ADMIN, "none"),
+    Route("PUT", "/v1/contexts/{cid}/data/{name}", "put_data", ADMIN, "required"),
+    Route("POST", "/v1/contexts/{cid}/lock", "lock", ADMIN, "optional"),
+    Route("POST", "/v1/contexts/{cid}/enroll", "enroll", JOIN, "required"),
+    Route("PUT", "/v1/contexts/{cid}/nodes/{nid}/identity", "put_identity", NODE, "required"),
+    Route("GET", "/v1/contexts/{cid}/nodes/{nid}/view", "get_view", NODE, "none"),
+    Route("POST", "/v1/contexts/{cid}/nodes/{nid}/report", "report", NODE, "required"),
+)
+
+_PARAM_CHECKS: Dict[str, Callable[[str], Any]] = {
+    # An id of the wrong shape can name nothing: answer as for an unknown one.
+    "cid": lambda v: _must(validate.ID_RE.match(v), "no such context"),
+    "nid": lambda v: _must(validate.ID_RE.match(v), "no such node"),
+    "name": lambda v: validate.name(v, "data name"),
+}
+
+
+def _must(ok: Any, message: str) -> None:
+    if not ok:
+        raise NotFound(message)
+
+
+def _compile(template: str) -> "re.Pattern[str]":
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
+
+
+_COMPILED = [(route, _compile(route.template)) for route in ROUTES]
+
+
+def match(method: str, path: str) -> Tuple[Route, Dict[str, str]]:
+    """The route for ``method path`` and its parameters, or NotFound/MethodNotAllowed."""
+    allowed = []
+    for route, pattern in _COMPILED:
+        m = pattern.match(path)
+        if m:
+            if route.method == method:
+                return route, m.groupdict()
+            allowed.append(route.method)
+    if allowed:
+        raise MethodNotAllowed(f"{method} is not allowed here (allowed: {', '.join(allowed)})")
+    raise NotFound("no such resource")
+
+
+def _bearer(request: server.Request) -> Optional[str]:
+    header = request.getHeader("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return value.strip()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def read_json(request: server.Request, max_body: int) -> Any:
+    """Decode the request body as a JSON document, checking type and size first."""
+    ctype = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType("the body must be application/json")
+    raw = request.content.read(max_body + 1)
+    if len(raw) > max_body:
+        raise TooLarge(f"the body is larger than {max_body} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"the body is not valid JSON: {str(e)[:120]}") from None
+
+
+def _query_int(request: server.Request, name: str, default: Optional[int]) -> Optional[int]:
+    values = request.args.get(name.encode())
+    if not values:
+        return default
+    try:
+        return int(values[0].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(f"{name}: must be an integer") from None
+
+
+def _json_bytes(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+class BrokerResource(resource.Resource):
+    """The whole API as one leaf resource dispatching on :data:`ROUTES`."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Broker, max_body: int = DEFAULT_MAX_BODY) -> None:
+        super().__init__()
+        self.broker = broker
+        self.max_body = max_body
+
+    def render(self, request: server.Request) -> Any:
+        gone: List[bool] = [False]
+        d = maybeDeferred(self._dispatch, request)
+
+        def disconnected(_: Any) -> None:
+            gone[0] = True
+            d.cancel()
+
+        request.notifyFinish().addErrback(disconnected)
+        d.addCallbacks(self._respond, self._fail, callbackArgs=(request, gone), errbackArgs=(request, gone))
+        return server.NOT_DONE_YET
+
+    def _dispatch(self, request: server.Request) -> Any:
+        try:
+            path = request.path.decode("ascii")
+            method = request.method.decode("ascii")
+        except UnicodeDecodeError:
+            raise NotFound("no such resource") from None
+        route, params = match(method, path)
+        principal = None
+        if route.auth != NONE:
+            principal = self.broker.authenticate(_bearer(request))
+            if route.auth == ADMIN:
+                self.broker.require_admin(principal)
+        for key, value in params.items():
+            _PARAM_CHECKS[key](value)
+        body = None
+        if route.body == "required" or (route.body == "optional" and request.getHeader("content-type")):
+            body = read_json(request, self.max_body)
+        return getattr(self, "_" + route.handler)(request, principal, body, **params)
+
+    # -- handlers: unpack, call the broker ---------------------------------------
+
+    def _health(self, request, principal, body):
+        return 200, {"status": "ok", "version": ctxd.__version__}
+
+    def _list_contexts(self, request, principal, body):
+        return self.broker.list_contexts()
+
+    def _create_context(self, request, principal, body):
+        return self.broker.create_context(body)
+
+    def _get_context(self, request, principal, body, cid):
+        return self.broker.get_context(cid)
+
+    def _delete_context(self, request, principal, body, cid):
+        return self.broker.delete_context(cid)
+
+    def _put_data(self, request, principal, body, cid, name):
+        return self.broker.put_data(cid, name, body)
+
+    def _lock(self, request, principal, body, cid):
+        if body not in (None, {}):
+            raise BadRequest("lock takes an empty body")
+        return self.broker.lock(cid)
+
+    def _enroll(self, request, principal, body, cid):
+        return self.broker.enroll(principal, cid, body, _source(request))
+
+    def _put_identity(self, request, principal, body, cid, nid):
+        return self.broker.put_identity(principal, cid, nid, body, _source(request))
+
+    def _get_view(self, request, principal, body, cid, nid):
+        since = _query_int(request, "since", None)
+        wait = _query_int(request, "wait", 0)
+        return self.broker.get_view(principal, cid, nid, since, wait)
+
+    def _report(self, request, principal, body, cid, nid):
+        return self.broker.report(principal, cid, nid, body)
+
+    # -- rendering ---------------------------------------------------------
+
+    def _respond(self, result: Tuple[int, Any], request: server.Request, gone: List[bool]) -> None:
+        if gone[0]:
+            return
+        status, body = result
+        request.setResponseCode(status)
+        request.setHeader("cache-control", "no-store")
+        if body is not None:
+            request.setHeader("content-type", "application/json")
+            request.write(_json_bytes(body))
+        request.finish()
+
+    def _fail(self, failure: Failure, request: server.Request, gone: List[bool]) -> None:
+        if failure.check(CancelledError) and gone[0]:
+            return
+        if failure.check(BrokerError):
+            error = failure.value
+        else:
+            log.failure("unexpected error answering {method} {path}", failure,
+                        method=request.method, path=request.path)
+            error = BrokerError("internal error", code="internal_error")
+            error.status = 500
+        if gone[0]:
+            return
+        if isinstance(error, MethodNotAllowed):
+            route_methods = [r.method for r, p in _COMPILED if p.match(request.path.decode("ascii", "replace"))]
+            request.setHeader("allow", ", ".join(route_methods))
+        self._respond((error.status, {"error": error.code, "message": error.message}), request, gone)
+
+
+def _source(request: server.Request) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", "") or ""
+
+
+_TOO_LARGE_REPLY = (
+    b"HTTP/1.1 413 Payload Too Large\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+class CappedRequest(server.Request):
+    """A request whose body may not exceed ``max_body`` bytes.
+
+    twisted.web has no body limit and spools large bodies to temporary files; here
+    an over-long declared length is refused before any of the body is read, and a
+    chunked body is counted as it arrives. Either way nothing goes to disk.
+    """
+
+    max_body = DEFAULT_MAX_BODY
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BytesIO()
+        if length is not None and length > self.max_body:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse()
+            return
+        self.content.write(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.content = BytesIO()
+        body = _json_bytes(
+            {"error": TooLarge.code, "message": f"the body is larger than {self.max_body} bytes"}
+        )
+        self.channel.transport.write(_TOO_LARGE_REPLY % (len(body), body))
+        self.channel.transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+
+def make_site(broker: Broker, max_body: int = DEFAULT_MAX_BODY, timeout: int = 120) -> server.Site:
+    """The twisted.web Site serving the API."""
+    request_class = type("Request", (CappedRequest,), {"max_body": max_body})
+    site = server.Site(BrokerResource(broker, max_body), requestFactory=request_class, timeout=timeout)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,719 @@
+"""The broker's state: contexts, groups, nodes and data, in plain Python.
+
+Nothing here imports Twisted or reads the clock: callers pass ``now``.
+
+Every change is a *record*, a JSON-able dict. Handling a request takes two steps:
+``prepare_*`` checks the request against the current state and returns the record
+(carrying any generated ids and the hashes of generated tokens) without changing
+anything; :meth:`Model.apply` then changes the state from that record. Replaying the
+journal calls ``apply`` alone, so the live and the replayed state cannot differ.
+
+``apply`` returns a :class:`Touched` naming the groups and nodes whose *views*
+changed, so the caller wakes only the long-poll waiters concerned. The rules:
+
+- a node's identity appearing or changing touches the groups requiring a role
+  its group provides, and the groups that asked for all identities;
+- a change in how many of a group's nodes are ok touches the groups that require
+  one of its roles with ``ready``;
+- a data item touches the groups requiring it; locking touches every group;
+- a node's own state or identity touches that node.
+"""
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from ctxd import tokens, validate
+from ctxd.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    InvalidCluster,
+    NotFound,
+)
+
+DAY = 86400
+DEFAULT_EXPIRES_IN = 7 * DAY
+MAX_EXPIRES_IN = 365 * DAY
+DEFAULT_JOIN_TOKEN_TTL = DAY
+MAX_QUANTITY = 100_000
+MAX_GROUPS = 64
+MAX_ROLES = 64
+MAX_DATA_ITEMS = 64
+MAX_CONTEXT_NAME = 128
+MAX_MESSAGE = 4096
+MAX_LOG_TAIL = 65536
+
+ENROLLED = "enrolled"
+CONTEXTUALIZING = "contextualizing"
+OK = "ok"
+ERROR = "error"
+STATES = (ENROLLED, CONTEXTUALIZING, OK, ERROR)
+
+
+class Touched:
+    """What one applied record changed, for waking long-poll waiters."""
+
+    __slots__ = ("context_id", "groups", "nodes", "deleted")
+
+    def __init__(self, context_id: str) -> None:
+        self.context_id = context_id
+        self.groups: set = set()
+        self.nodes: set = set()
+        self.deleted = False
+
+
+class Node:
+    __slots__ = (
+        "id",
+        "group",
+        "identity",
+        "public",
+        "source",
+        "state",
+        "times",
+        "error",
+        "log_tail",
+        "token_hash",
+        "instance_hash",
+        "self_rev",
+    )
+
+    def __init__(self, node_id: str, group: "Group") -> None:
+        self.id = node_id
+        self.group = group
+        self.identity: Dict[str, Any] = {}
+        self.public: Dict[str, Any] = {}
+        self.source = ""
+        self.state = ENROLLED
+        self.times = {f"{s}_at": None for s in STATES}
+        self.error: Optional[Dict[str, Any]] = None
+        self.log_tail = ""
+        self.token_hash = ""
+        self.instance_hash = ""
+        self.self_rev = 0
+
+    def set_identity(self, identity: Dict[str, Any]) -> bool:
+        """Replace the identity; return whether it changed."""
+        if identity == self.identity:
+            return False
+        self.identity = identity
+        # What peers see of this node, built once per change and shared by
+        # every view that lists it.
+        self.public = {
+            "node_id": self.id,
+            "group": self.group.name,
+            "hostname": identity["hostname"],
+            "fqdn": identity["fqdn"],
+            "ip": identity["primary_ip"],
+            "ssh_host_keys": identity["ssh_host_keys"],
+        }
+        return True
+
+
+class Group:
+    __slots__ = (
+        "context_id",
+        "name",
+        "quantity",
+        "provides",
+        "requires",
+        "data",
+        "all_identities",
+        "join_hash",
+        "join_expires",
+        "nodes",
+        "by_instance",
+        "ok",
+        "view_rev",
+        "cache",
+    )
+
+    def __init__(self, context_id: str, spec: Dict[str, Any], join_hash: str, join_expires: float) -> None:
+        self.context_id = context_id
+        self.name: str = spec["name"]
+        self.quantity: int = spec["quantity"]
+        self.provides: List[str] = spec["provides"]
+        self.requires: List[Tuple[str, bool]] = [(r["role"], r["ready"]) for r in spec["requires"]]
+        self.data: List[str] = spec["data"]
+        self.all_identities: bool = spec["all_identities"]
+        self.join_hash = join_hash
+        self.join_expires = join_expires
+        self.nodes: List[Node] = []
+        self.by_instance: Dict[str, Node] = {}
+        self.ok = 0
+        self.view_rev = 0
+        # (view_rev, part): the view shared by all of this group's nodes.
+        self.cache: Optional[Tuple[int, Dict[str, Any]]] = None
+
+    def spec(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "quantity": self.quantity,
+            "provides": list(self.provides),
+            "requires": [{"role": r, "ready": ready} for r, ready in self.requires],
+            "data": list(self.data),
+            "all_identities": self.all_identities,
+        }
+
+
+class Context:
+    def __init__(self, record: Dict[str, Any]) -> None:
+        self.id: str = record["ctx"]
+        self.name: str = record["name"]
+        self.open_for_injection: bool = record["open_for_injection"]
+        self.locked = not self.open_for_injection
+        self.created: float = record["at"]
+        self.expires: float = record["expires"]
+        self.revision = 1
+        self.groups: Dict[str, Group] = {}
+        for spec in record["groups"]:
+            self.groups[spec["name"]] = Group(
+                self.id,
+                spec, record["join_hashes"][spec["name"]], record["join_expires"]
+            )
+        self.data: Dict[str, List[str]] = {k: list(v) for k, v in record["data"].items()}
+        self.nodes: Dict[str, Node] = {}
+        self.counts = {s: 0 for s in STATES}
+        # Dependency indexes, fixed at creation.
+        self.providers_of: Dict[str, List[Group]] = {}
+        for g in self.groups.values():
+            for role in g.provides:
+                self.providers_of.setdefault(role, []).append(g)
+        self.dependents: Dict[str, set] = {name: set() for name in self.groups}
+        self.ready_dependents: Dict[str, set] = {name: set() for name in self.groups}
+        for g in self.groups.values():
+            for role, ready in g.requires:
+                for p in self.providers_of[role]:
+                    self.dependents[p.name].add(g.name)
+                    if ready:
+                        self.ready_dependents[p.name].add(g.name)
+        self.all_identity_groups = {g.name for g in self.groups.values() if g.all_identities}
+        for g in self.groups.values():
+            g.view_rev = self.revision
+
+    @property
+    def expected(self) -> int:
+        return sum(g.quantity for g in self.groups.values())
+
+    def touch_groups(self, names: Iterable[str], touched: Touched) -> None:
+        for name in names:
+            self.groups[name].view_rev = self.revision
+            touched.groups.add(name)
+
+    def touch_node(self, node: Node, touched: Touched) -> None:
+        node.self_rev = self.revision
+        touched.nodes.add(node.id)
+
+
+def _check_cycle(groups: List[Dict[str, Any]]) -> None:
+    """Reject ready-requirements that form a cycle (they would deadlock)."""
+    providers: Dict[str, List[str]] = {}
+    for g in groups:
+        for role in g["provides"]:
+            providers.setdefault(role, []).append(g["name"])
+    edges: Dict[str, List[str]] = {g["name"]: [] for g in groups}
+    for g in groups:
+        for r in g["requires"]:
+            if r["ready"]:
+                for p in providers[r["role"]]:
+                    if p not in edges[g["name"]]:
+                        edges[g["name"]].append(p)
+    white, grey, black = 0, 1, 2
+    colour = {name: white for name in edges}
+    stack: List[str] = []
+
+    def visit(name: str) -> None:
+        colour[name] = grey
+        stack.append(name)
+        for nxt in edges[name]:
+            if colour[nxt] == grey:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise InvalidCluster(
+                    "ready requirements form a cycle: " + " -> ".join(cycle),
+                    code="ready_cycle",
+                )
+            if colour[nxt] == white:
+                visit(nxt)
+        stack.pop()
+        colour[name] = black
+
+    for name in edges:
+        if colour[name] == white:
+            visit(name)
+
+
+def parse_cluster(body: Any) -> Dict[str, Any]:
+    """Validate a create-context request body; return its clean form."""
+    body = validate.obj(
+        body,
+        "body",
+        required=("name", "groups"),
+        optional=("open_for_injection", "expires_in", "join_token_ttl", "data"),
+    )
+    name = validate.string(body["name"], "name", MAX_CONTEXT_NAME)
+    if not name.strip() or not name.isprintable():
+        raise BadRequest("name: must be a non-empty printable string")
+    open_ = validate.boolean(body.get("open_for_injection", False), "open_for_injection")
+    expires_in = validate.integer(body.get("expires_in", DEFAULT_EXPIRES_IN), "expires_in", 60, MAX_EXPIRES_IN)
+    join_ttl = validate.integer(
+        body.get("join_token_ttl", min(DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl", 60, expires_in
+    )
+    data_in = body.get("data", {})
+    if not isinstance(data_in, dict):
+        raise BadRequest("data: must be a JSON object")
+    if len(data_in) > MAX_DATA_ITEMS:
+        raise BadRequest(f"data: at most {MAX_DATA_ITEMS} items")
+    data = {}
+    for key, values in data_in.items():
+        validate.name(key, f"data name {key!r:.80}")
+        data[key] = validate.data_values(values, f"data.{key}")
+        if not data[key] and not open_:
+            raise InvalidCluster(
+                f"data.{key}: has no value, and the context is not open for injection", code="missing_data"
+            )
+
+    groups = []
+    seen = set()
+    for i, g in enumerate(validate.array(body["groups"], "groups", MAX_GROUPS)):
+        where = f"groups[{i}]"
+        g = validate.obj(
+            g, where, required=("name", "quantity"), optional=("provides", "requires", "data", "all_identities")
+        )
+        gname = validate.name(g["name"], f"{where}.name")
+        if gname in seen:
+            raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
+        seen.add(gname)
+        requires = []
+        for j, r in enumerate(validate.array(g.get("requires", []), f"{where}.requires", MAX_ROLES)):
+            r = validate.obj(r, f"{where}.requires[{j}]", required=("role",), optional=("ready",))
+            requires.append(
+                {
+                    "role": validate.name(r["role"], f"{where}.requires[{j}].role"),
+                    "ready": validate.boolean(r.get("ready", False), f"{where}.requires[{j}].ready"),
+                }
+            )
+        if len({r["role"] for r in requires}) != len(requires):
+            raise InvalidCluster(f"{where}.requires: a role is listed twice", code="duplicate_role")
+        provides = [
+            validate.name(p, f"{where}.provides[{j}]")
+            for j, p in enumerate(validate.array(g.get("provides", []), f"{where}.provides", MAX_ROLES))
+        ]
+        gdata = [
+            validate.name(d, f"{where}.data[{j}]")
+            for j, d in enumerate(validate.array(g.get("data", []), f"{where}.data", MAX_DATA_ITEMS))
+        ]
+        for d in gdata:
+            if d not in data:
+                raise InvalidCluster(f"{where}.data: {d!r} is not declared in data", code="unknown_data")
+        groups.append(
+            {
+                "name": gname,
+                "quantity": validate.integer(g["quantity"], f"{where}.quantity", 1, MAX_QUANTITY),
+                "provides": sorted(set(provides)),
+                "requires": requires,
+                "data": sorted(set(gdata)),
+                "all_identities": validate.boolean(g.get("all_identities", False), f"{where}.all_identities"),
+            }
+        )
+    if not groups:
+        raise InvalidCluster("groups: at least one group is needed", code="no_groups")
+    provided = {role for g in groups for role in g["provides"]}
+    for i, g in enumerate(groups):
+        for r in g["requires"]:
+            if r["role"] not in provided:
+                raise InvalidCluster(
+                    f"groups[{i}].requires: no group provides role {r['role']!r}", code="unknown_role"
+                )
+    _check_cycle(groups)
+    return {
+        "name": name,
+        "open_for_injection": open_,
+        "expires_in": expires_in,
+        "join_token_ttl": join_ttl,
+        "groups": groups,
+        "data": data,
+    }
+
+
+class Model:
+    """All contexts, plus the index from token hashes to principals."""
+
+    def __init__(self) -> None:
+        self.contexts: Dict[str, Context] = {}
+        # token hash -> ("join", context id, group name) | ("node", context id, node id)
+        self.principals: Dict[str, Tuple[str, str, str]] = {}
+
+    # -- authentication ----------------------------------------------------
+
+    def principal(self, token_hash: str) -> Optional[Tuple[str, str, str]]:
+        """Who holds the token with this hash, if anyone."""
+        found = self.principals.get(token_hash)
+        if found is None:
+            return None
+        # The dict lookup already matched; compare again in constant time so
+        # the decision never rests on a short-circuiting comparison.
+        kind, cid, oid = found
+        ctx = self.contexts[cid]
+        stored = ctx.groups[oid].join_hash if kind == "join" else ctx.nodes[oid].token_hash
+        return found if tokens.same_hash(stored, token_hash) else None
+
+    # -- lookups -------------------------------------------------------------
+
+    def context(self, cid: str, now: float) -> Context:
+        ctx = self.contexts.get(cid)
+        if ctx is None or ctx.expires <= now:
+            raise NotFound("no such context")
+        return ctx
+
+    def node(self, cid: str, nid: str, now: float) -> Node:
+        node = self.context(cid, now).nodes.get(nid)
+        if node is None:
+            raise NotFound("no such node")
+        return node
+
+    def expired(self, now: float) -> List[str]:
+        return [cid for cid, ctx in self.contexts.items() if ctx.expires <= now]
+
+    # -- prepare: validate a request, return the record ----------------------
+
+    def prepare_create(self, body: Any, now: float) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        spec = parse_cluster(body)
+        cid = tokens.new_id()
+        while cid in self.contexts:  # pragma: no cover - 128 random bits
+            cid = tokens.new_id()
+        join_tokens = {g["name"]: tokens.new_token(tokens.JOIN) for g in spec["groups"]}
+        record = {
+            "op": "create",
+            "ctx": cid,
+            "at": now,
+            "name": spec["name"],
+            "open_for_injection": spec["open_for_injection"],
+            "expires": now + spec["expires_in"],
+            "join_expires": now + spec["join_token_ttl"],
+            "groups": spec["groups"],
+            "data": spec["data"],
+            "join_hashes": {g: tokens.token_hash(t) for g, t in join_tokens.items()},
+        }
+        return record, join_tokens
+
+    def prepare_enroll(
+        self, cid: str, group: str, body: Any, source: str, now: float
+    ) -> Tuple[Dict[str, Any], str, bool]:
+        """Returns the record, the new node token and whether the node is new."""
+        ctx = self.context(cid, now)
+        g = ctx.groups[group]
+        body = validate.obj(body, "body", required=("instance_key", "identity"))
+        key = body["instance_key"]
+        if not isinstance(key, str) or not validate.INSTANCE_KEY_RE.match(key):
+            raise BadRequest("instance_key: must be 16 to 128 characters of [A-Za-z0-9_-]")
+        identity = validate.identity(body["identity"])
+        if g.join_expires <= now:
+            raise Gone(f"the join token of group {group!r} has expired")
+        instance_hash = tokens.token_hash(key)
+        existing = g.by_instance.get(instance_hash)
+        if existing is not None:
+            nid, new = existing.id, False
+        else:
+            if len(g.nodes) >= g.quantity:
+                raise Conflict(
+                    f"group {group!r} already has its {g.quantity} node(s) enrolled", code="enrollment_full"
+                )
+            nid, new = tokens.new_id(), True
+            while nid in ctx.nodes:  # pragma: no cover
+                nid = tokens.new_id()
+        node_token = tokens.new_token(tokens.NODE)
+        record = {
+            "op": "enroll",
+            "ctx": cid,
+            "node": nid,
+            "group": group,
+            "at": now,
+            "instance_hash": instance_hash,
+            "token_hash": tokens.token_hash(node_token),
+            "identity": identity,
+            "source": source,
+        }
+        return record, node_token, new
+
+    def prepare_identity(self, cid: str, nid: str, body: Any, source: str, now: float) -> Dict[str, Any]:
+        self.node(cid, nid, now)
+        return {
+            "op": "identity",
+            "ctx": cid,
+            "node": nid,
+            "at": now,
+            "identity": validate.identity(body),
+            "source": source,
+        }
+
+    def prepare_report(self, cid: str, nid: str, body: Any, now: float) -> Dict[str, Any]:
+        node = self.node(cid, nid, now)
+        body = validate.obj(body, "body", required=("state",), optional=("exit_code", "message", "log_tail"))
+        state = body["state"]
+        if state not in (CONTEXTUALIZING, OK, ERROR):
+            raise BadRequest("state: must be one of contextualizing, ok, error")
+        exit_code = body.get("exit_code")
+        if exit_code is not None:
+            exit_code = validate.integer(exit_code, "exit_code", -255, 255)
+        message = validate.string(body.get("message", ""), "message", MAX_MESSAGE)
+        log_tail = body.get("log_tail", "")
+        if not isinstance(log_tail, str):
+            raise BadRequest("log_tail: must be a string")
+        if node.state == ERROR and state == OK:
+            raise Conflict(
+                "this node reported an error; it must start a new attempt (report contextualizing) "
+                "before it can report ok",
+                code="state_conflict",
+            )
+        return {
+            "op": "report",
+            "ctx": cid,
+            "node": nid,
+            "at": now,
+            "state": state,
+            "exit_code": exit_code,
+            "message": message,
+            "log_tail": log_tail[-MAX_LOG_TAIL:],
+        }
+
+    def prepare_data(self, cid: str, name: str, body: Any, now: float) -> Dict[str, Any]:
+        ctx = self.context(cid, now)
+        if name not in ctx.data:
+            raise NotFound(f"data item {name!r} is not declared in this context")
+        body = validate.obj(body, "body", required=("values",))
+        values = validate.data_values(body["values"], "values")
+        if not values:
+            raise BadRequest("values: at least one value is needed")
+        if ctx.locked:
+            raise Conflict("the context is locked; data can no longer be injected", code="context_locked")
+        return {"op": "data", "ctx": cid, "at": now, "name": name, "values": values}
+
+    def prepare_lock(self, cid: str, now: float) -> Optional[Dict[str, Any]]:
+        ctx = self.context(cid, now)
+        if ctx.locked:
+            return None
+        missing = [name for name, values in ctx.data.items() if not values]
+        if missing:
+            raise Conflict(
+                f"data item {missing[0]!r} has no value yet; put one before locking", code="missing_data"
+            )
+        return {"op": "lock", "ctx": cid, "at": now}
+
+    def prepare_delete(self, cid: str, now: float, reason: str = "deleted") -> Dict[str, Any]:
+        if cid not in self.contexts:
+            raise NotFound("no such context")
+        return {"op": "delete", "ctx": cid, "at": now, "reason": reason}
+
+    # -- apply: change the state from a record -------------------------------
+
+    def apply(self, record: Dict[str, Any]) -> Touched:
+        op = record["op"]
+        handler = getattr(self, f"_apply_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown record op {op!r}")
+        if op == "create":
+            return handler(record)
+        ctx = self.contexts.get(record["ctx"])
+        if ctx is None:
+            raise ValueError(f"record for unknown context {record['ctx']!r}")
+        ctx.revision += 1
+        return handler(ctx, record)
+
+    def _apply_create(self, record: Dict[str, Any]) -> Touched:
+        ctx = Context(record)
+        self.contexts[ctx.id] = ctx
+        for g in ctx.groups.values():
+            self.principals[g.join_hash] = ("join", ctx.id, g.name)
+        return Touched(ctx.id)
+
+    def _identity_changed(self, ctx: Context, node: Node, touched: Touched) -> None:
+        ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
+        ctx.touch_node(node, touched)
+
+    def _apply_enroll(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        g = ctx.groups[record["group"]]
+        node = ctx.nodes.get(record["node"])
+        if node is None:
+            node = Node(record["node"], g)
+            node.instance_hash = record["instance_hash"]
+            node.times["enrolled_at"] = record["at"]
+            g.nodes.append(node)
+            g.by_instance[node.instance_hash] = node
+            ctx.nodes[node.id] = node
+            ctx.counts[ENROLLED] += 1
+        else:
+            # Re-enrollment: the old credential stops working.
+            self.principals.pop(node.token_hash, None)
+        node.token_hash = record["token_hash"]
+        self.principals[node.token_hash] = ("node", ctx.id, node.id)
+        node.source = record["source"]
+        if node.set_identity(record["identity"]):
+            self._identity_changed(ctx, node, touched)
+        return touched
+
+    def _apply_identity(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        node = ctx.nodes[record["node"]]
+        node.source = record["source"]
+        if node.set_identity(record["identity"]):
+            self._identity_changed(ctx, node, touched)
+        return touched
+
+    def _apply_report(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        node = ctx.nodes[record["node"]]
+        old, new = node.state, record["state"]
+        if old == OK and new == CONTEXTUALIZING:
+            # A re-run of an agent that already succeeded: it stays ok.
+            new = OK
+        if new == OK:
+            node.error = None
+            node.log_tail = record["log_tail"]
+        elif new == ERROR:
+            node.error = {
+                "exit_code": record["exit_code"],
+                "message": record["message"],
+                "log_tail": record["log_tail"],
+            }
+            node.log_tail = record["log_tail"]
+        elif old == ERROR:
+            node.error = None  # a new attempt
+        if new != old:
+            node.state = new
+            ctx.counts[old] -= 1
+            ctx.counts[new] += 1
+            node.times[f"{new}_at"] = record["at"]
+            if (old == OK) != (new == OK):
+                node.group.ok += 1 if new == OK else -1
+                ctx.touch_groups(ctx.ready_dependents[node.group.name], touched)
+            ctx.touch_node(node, touched)
+        return touched
+
+    def _apply_data(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        ctx.data[record["name"]] = list(record["values"])
+        ctx.touch_groups((g.name for g in ctx.groups.values() if record["name"] in g.data), touched)
+        return touched
+
+    def _apply_lock(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        ctx.locked = True
+        ctx.touch_groups(ctx.groups, touched)
+        return touched
+
+    def _apply_delete(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        touched.deleted = True
+        for g in ctx.groups.values():
+            self.principals.pop(g.join_hash, None)
+        for node in ctx.nodes.values():
+            self.principals.pop(node.token_hash, None)
+        del self.contexts[ctx.id]
+        return touched
+
+    # -- reads -------------------------------------------------------------
+
+    def view_revision(self, node: Node) -> int:
+        return max(node.group.view_rev, node.self_rev)
+
+    def _group_part(self, ctx: Context, g: Group) -> Dict[str, Any]:
+        if g.cache is not None and g.cache[0] == g.view_rev:
+            return g.cache[1]
+        waiting = []
+        roles = {}
+        for role, ready in g.requires:
+            providers = ctx.providers_of[role]
+            expected = sum(p.quantity for p in providers)
+            have = sum(p.ok for p in providers) if ready else sum(len(p.nodes) for p in providers)
+            satisfied = have == expected
+            roles[role] = {
+                "ready": ready,
+                "satisfied": satisfied,
+                "expected": expected,
+                "providers": [n.public for p in providers for n in p.nodes],
+            }
+            if not satisfied:
+                waiting.append(f"role {role}: {have} of {expected} providers {'ok' if ready else 'enrolled'}")
+        data = {}
+        for name in g.data:
+            values = ctx.data.get(name)
+            if values:
+                data[name] = [{"b64": v} for v in values]
+            else:
+                waiting.append(f"data {name}: no value yet")
+        if not ctx.locked:
+            waiting.append("context is not locked yet (open for injection)")
+        part = {
+            "context_id": ctx.id,
+            "context_name": ctx.name,
+            "group": g.name,
+            "locked": ctx.locked,
+            "complete": not waiting,
+            "waiting_for": waiting,
+            "roles": roles,
+            "data": data,
+        }
+        if g.all_identities:
+            part["all_identities"] = [n.public for n in ctx.nodes.values()]
+        g.cache = (g.view_rev, part)
+        return part
+
+    def view(self, node: Node) -> Dict[str, Any]:
+        """What one node receives: only what its group requires, and itself."""
+        ctx = self.contexts[node.group.context_id]
+        view = dict(self._group_part(ctx, node.group))
+        view["node_id"] = node.id
+        view["revision"] = self.view_revision(node)
+        view["state"] = node.state
+        view["self"] = node.identity
+        return view
+
+    def summary(self, ctx: Context) -> Dict[str, Any]:
+        expected = ctx.expected
+        counts = {"expected": expected, "enrolled": len(ctx.nodes)}
+        counts.update({s: ctx.counts[s] for s in (CONTEXTUALIZING, OK, ERROR)})
+        return {
+            "id": ctx.id,
+            "name": ctx.name,
+            "revision": ctx.revision,
+            "created": ctx.created,
+            "expires": ctx.expires,
+            "locked": ctx.locked,
+            "open_for_injection": ctx.open_for_injection,
+            "counts": counts,
+            "complete": len(ctx.nodes) == expected,
+            "all_ok": ctx.counts[OK] == expected,
+            "error_present": ctx.counts[ERROR] > 0,
+        }
+
+    def status(self, ctx: Context) -> Dict[str, Any]:
+        out = self.summary(ctx)
+        out["groups"] = [
+            dict(g.spec(), enrolled=len(g.nodes), join_token_expires=g.join_expires) for g in ctx.groups.values()
+        ]
+        out["data"] = {
+            name: {"values": len(values), "bytes": sum(len(v) * 3 // 4 - v.count("=") for v in values)}
+            for name, values in ctx.data.items()
+        }
+        out["nodes"] = [
+            dict(
+                {
+                    "id": n.id,
+                    "group": n.group.name,
+                    "state": n.state,
+                    "identity": dict(n.identity, source_address=n.source),
+                    "error": n.error,
+                    "log_tail": n.log_tail,
+                },
+                **n.times,
+            )
+            for n in ctx.nodes.values()
+        ]
+        return out
+
+    def check_node_principal(self, principal: Tuple[str, str, str], cid: str, nid: str) -> None:
+        """A node credential reaches only its own node."""
+        kind, pcid, pnid = principal
+        if kind != "node" or pcid != cid or pnid != nid:
+            raise Forbidden("this credential may not act for this node")

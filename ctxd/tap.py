@@ -1,0 +1,270 @@
+"""``twistd ctxd``: command-line options and service wiring, in one place.
+
+``twistd -n ctxd`` with no arguments serves HTTPS on 0.0.0.0:8443 with a generated
+CA and server certificate, keeping its state in /var/lib/ctxd (when writable) or
+./ctxd-state.
+"""
+
+import configparser
+import ipaddress
+import json
+import os
+import socket
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlsplit
+
+from OpenSSL import crypto
+from twisted.application import service, strports
+from twisted.application.internet import TimerService
+from twisted.internet import endpoints
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+import ctxd
+from ctxd import tls, tokens
+from ctxd.api import DEFAULT_MAX_BODY, make_site
+from ctxd.broker import Broker
+from ctxd.files import make_private_dir, write_private, write_public
+from ctxd.journal import FileJournal
+from ctxd.model import Model
+
+log = Logger()
+
+DEFAULT_LISTEN = "ssl:8443"
+SYSTEM_STATE_DIR = "/var/lib/ctxd"
+LOCAL_STATE_DIR = "ctxd-state"
+CONFIG_SECTION = "ctxd"
+SWEEP_INTERVAL = 60
+
+
+def default_state_dir() -> str:
+    """/var/lib/ctxd when this user may write there, else ./ctxd-state."""
+    candidate = SYSTEM_STATE_DIR
+    parent = os.path.dirname(candidate)
+    if os.access(candidate, os.W_OK) or (not os.path.exists(candidate) and os.access(parent, os.W_OK)):
+        return candidate
+    return os.path.abspath(LOCAL_STATE_DIR)
+
+
+def _needs_our_certificate(description: str) -> bool:
+    kind = description.split(":", 1)[0].lower()
+    return kind == "ssl" and "privatekey=" not in description.lower()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the ctxd contextualization broker. Every option can also be set in the "
+        f"[{CONFIG_SECTION}] section of an INI file given with --config (see etc/ctxd.conf); "
+        "the command line wins."
+    )
+    optParameters = [
+        ["config", "c", None, "INI configuration file."],
+        ["state-dir", "d", None, f"State directory (default {SYSTEM_STATE_DIR} if writable, else ./{LOCAL_STATE_DIR})."],
+        ["public-url", "u", None, "URL agents use to reach this broker (default: derived from the host and the first listener)."],
+        ["tls-cert", None, None, "Server certificate PEM (with any intermediates); default: generated under STATE_DIR/tls."],
+        ["tls-key", None, None, "Server private key PEM."],
+        ["tls-ca", None, None, "CA certificate PEM given to agents to verify the broker (default: the --tls-cert file)."],
+        ["max-body", None, None, f"Largest accepted request body in bytes (default {DEFAULT_MAX_BODY})."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a Twisted server endpoint (repeatable; default ssl:8443). An ssl:
+        endpoint naming no certificate uses ctxd's configured or generated one."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if self["config"]:
+            self._merge_config(self["config"])
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if not self["state-dir"]:
+            self["state-dir"] = default_state_dir()
+        self["state-dir"] = os.path.abspath(self["state-dir"])
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key")
+        for path in ("tls-cert", "tls-key", "tls-ca"):
+            if self[path] and not os.path.isfile(self[path]):
+                raise usage.UsageError(f"--{path}: no such file: {self[path]}")
+        if self["max-body"] is None:
+            self["max-body"] = DEFAULT_MAX_BODY
+        try:
+            self["max-body"] = int(self["max-body"])
+            if self["max-body"] < 1024:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError("--max-body: must be an integer of at least 1024") from None
+        for description in self["listen"]:
+            if ":" not in description and not description.isdigit():
+                raise usage.UsageError(f"--listen: {description!r} is not an endpoint description (e.g. ssl:8443)")
+        if self["public-url"]:
+            parts = urlsplit(self["public-url"])
+            if parts.scheme != "https" or not parts.hostname:
+                raise usage.UsageError("--public-url: must be an https:// URL with a host")
+
+    def _merge_config(self, path: str) -> None:
+        parser = configparser.ConfigParser()
+        try:
+            with open(path) as f:
+                parser.read_file(f)
+        except (OSError, configparser.Error) as e:
+            raise usage.UsageError(f"--config {path}: {e}") from None
+        if not parser.has_section(CONFIG_SECTION):
+            raise usage.UsageError(f"--config {path}: no [{CONFIG_SECTION}] section")
+        known = {name for name, *_ in self.optParameters} - {"config"}
+        for key, value in parser.items(CONFIG_SECTION):
+            if key == "listen":
+                if not self["listen"]:
+                    self["listen"] = value.split()
+            elif key in known:
+                if self[key] is None:
+                    self[key] = value
+            else:
+                raise usage.UsageError(f"--config {path}: unknown setting {key!r}")
+
+
+def _listener_host_port(description: str):
+    """(interface, port) of a tcp/ssl endpoint description, best effort."""
+    parts = description.split(":")
+    port, interface = None, ""
+    for part in parts[1:]:
+        if part.isdigit() and port is None:
+            port = int(part)
+        elif part.startswith("port="):
+            port = int(part[5:])
+        elif part.startswith("interface="):
+            interface = part[len("interface="):].replace("\\:", ":")
+    if description.isdigit():
+        port = int(description)
+    return interface, port
+
+
+def default_public_url(listen: List[str]) -> str:
+    interface, port = _listener_host_port(listen[0])
+    host = interface
+    if not host or host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+        if not host or host.startswith("localhost"):
+            host = socket.gethostname()
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    return f"https://{host}" + (f":{port}" if port and port != 443 else "")
+
+
+def ensure_admin_token(path: str) -> str:
+    """The admin token's hash; the token is created (0600) on first start."""
+    if not os.path.exists(path):
+        write_private(path, (tokens.new_token(tokens.ADMIN) + "\n").encode("ascii"))
+    with open(path) as f:
+        token = f.read().strip()
+    if not tokens.well_formed(token) or not token.startswith(tokens.ADMIN):
+        raise usage.UsageError(f"{path}: not a ctxd admin token; delete it to have a new one made")
+    return tokens.token_hash(token)
+
+
+def server_tls_options(files: tls.TLSFiles) -> CertificateOptions:
+    with open(files.cert, "rb") as f:
+        pem = f.read()
+    certs = []
+    marker = b"-----END CERTIFICATE-----"
+    for chunk in pem.split(marker)[:-1]:
+        certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, chunk + marker))
+    with open(files.key, "rb") as f:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
+    return CertificateOptions(
+        privateKey=key,
+        certificate=certs[0],
+        extraCertChain=certs[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+class _BrokerLifecycle(service.Service):
+    """Says where everything is on start; drains waiters and the journal on stop."""
+
+    def __init__(self, broker: Broker, banner: List[str]) -> None:
+        self.broker = broker
+        self.banner = banner
+
+    def startService(self) -> None:
+        super().startService()
+        for line in self.banner:
+            log.info("{line}", line=line)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.broker.shutdown()
+        self.broker.journal.close()
+
+
+def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    os.umask(0o077)
+    state_dir = config["state-dir"]
+    make_private_dir(state_dir)
+    admin_token_path = os.path.join(state_dir, "admin.token")
+    admin_hash = ensure_admin_token(admin_token_path)
+
+    listen = config["listen"]
+    public_url = config["public-url"] or default_public_url(listen)
+    if config["tls-cert"]:
+        files = tls.TLSFiles(config["tls-cert"], config["tls-key"], config["tls-ca"] or config["tls-cert"])
+    else:
+        names = tls.host_names()
+        names.add(urlsplit(public_url).hostname)
+        for description in listen:
+            interface, _ = _listener_host_port(description)
+            if interface and interface not in ("0.0.0.0", "::"):
+                names.add(interface)
+        files = tls.ensure_generated(os.path.join(state_dir, "tls"), names)
+
+    journal = FileJournal.for_reactor(os.path.join(state_dir, "journal.jsonl"), reactor)
+    broker = Broker(Model(), journal, reactor, admin_hash, public_url, files.ca_pem())
+    replayed = broker.replay()
+
+    write_public(
+        os.path.join(state_dir, "ctxctl.json"),
+        json.dumps(
+            {"url": public_url, "ca": os.path.abspath(files.ca), "token_file": admin_token_path}, indent=2
+        ).encode("ascii"),
+    )
+
+    top = service.MultiService()
+    site = make_site(broker, max_body=config["max-body"])
+    tls_options = None
+    for description in listen:
+        factory: Any = site
+        if _needs_our_certificate(description):
+            if tls_options is None:
+                tls_options = server_tls_options(files)
+            description = "tcp:" + description.split(":", 1)[1]
+            factory = TLSMemoryBIOFactory(tls_options, False, site)
+        elif description.split(":", 1)[0].lower() == "tcp":
+            log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
+        endpoints.serverFromString(reactor, description)  # fail early on a bad description
+        strports.service(description, factory, reactor=reactor).setServiceParent(top)
+
+    TimerService(SWEEP_INTERVAL, broker.sweep_expired).setServiceParent(top)
+    banner = [
+        f"ctxd {ctxd.__version__}: state directory {state_dir} ({replayed} journal records replayed, "
+        f"{len(broker.model.contexts)} contexts)",
+        f"public URL (goes into bootstraps): {public_url}; listening on {', '.join(listen)}",
+        f"CA certificate {files.ca}, SHA-256 fingerprint {files.ca_fingerprint()}",
+        f"admin token: {admin_token_path} (ctxctl --state-dir {state_dir} ...)",
+    ]
+    _BrokerLifecycle(broker, banner).setServiceParent(top)
+    return top

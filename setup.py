@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="ctxd",
+    version="0.1.0",
+    description="Contextualization broker for virtual clusters",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["ctxd", "twisted.plugins"],
+    package_data={"twisted.plugins": ["ctxd_plugin.py"]},
+    py_modules=["ctxagent"],
+    install_requires=[
+        "twisted>=22.4",
+        "pyopenssl",
+        "service-identity",
+        "cryptography",
+        "treq",
+        # tomllib is in the standard library from Python 3.11; tomli is the same
+        # parser, published separately for older Pythons.
+        "tomli; python_version < '3.11'",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pyyaml", "vermin"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ctxctl = ctxd.cli:main",
+            "ctxagent = ctxagent:console_main",
+        ],
+    },
+)

@@ -1,0 +1,93 @@
+"""Shared helpers for unit tests: an in-memory broker and sample requests."""
+
+import base64
+import json
+from typing import Any, Dict, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ctxd import tokens
+from ctxd.broker import Broker
+from ctxd.journal import MemoryJournal
+from ctxd.model import Model
+
+ADMIN_TOKEN = tokens.new_token(tokens.ADMIN)
+PUBLIC_URL = "https://ctxd.test:8443"
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def torque_cluster(open_for_injection: bool = False) -> Dict[str, Any]:
+    """The create request the issue's example cluster file turns into."""
+    return {
+        "name": "torque-demo",
+        "open_for_injection": open_for_injection,
+        "groups": [
+            {
+                "name": "head",
+                "quantity": 1,
+                "provides": ["torquemaster"],
+                "requires": [{"role": "torqueslave"}],
+                "data": ["gridmap"],
+            },
+            {
+                "name": "compute",
+                "quantity": 3,
+                "provides": ["torqueslave"],
+                "requires": [{"role": "torquemaster", "ready": True}],
+                "all_identities": True,
+            },
+        ],
+        "data": {"gridmap": [] if open_for_injection else [{"b64": b64(b"/CN=alice alice\n")}]},
+    }
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def identity(n: int, hostname: Optional[str] = None) -> Dict[str, Any]:
+    host = hostname or f"node{n}"
+    return {
+        "hostname": host,
+        "fqdn": f"{host}.cluster.test",
+        "primary_ip": f"10.9.0.{n}",
+        "interfaces": [{"name": "eth0", "ipv4": [f"10.9.0.{n}"], "ipv6": [f"fd00::{n}"]}],
+        "ssh_host_keys": [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{n:04d}key"],
+    }
+
+
+def instance_key(n: int) -> str:
+    return f"instance-key-{n:06d}-abcdef"
+
+
+def make_broker(journal: Optional[Any] = None, clock: Optional[Clock] = None) -> Broker:
+    return Broker(
+        Model(),
+        journal if journal is not None else MemoryJournal(),
+        clock or Clock(),
+        tokens.token_hash(ADMIN_TOKEN),
+        PUBLIC_URL,
+        CA_PEM,
+    )
+
+
+def result_of(d: Deferred) -> Any:
+    """The result of a Deferred that must already have fired (raises its failure)."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def not_fired(d: Deferred) -> bool:
+    fired = []
+    d.addBoth(lambda r: fired.append(r) or r)
+    return not fired
+
+
+def json_body(data: Any) -> bytes:
+    return json.dumps(data).encode("utf-8")

@@ -1,0 +1,336 @@
+"""The HTTP resource over in-memory connections (treq StubTreq) with a fake clock."""
+
+import json
+
+import pytest
+import treq
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from ctxd.api import BrokerResource, make_site
+from ctxd.journal import MemoryJournal
+
+from support import (
+    ADMIN_TOKEN,
+    identity,
+    instance_key,
+    json_body,
+    make_broker,
+    not_fired,
+    result_of,
+    torque_cluster,
+)
+
+BASE = "https://ctxd.test:8443"
+
+
+class Client:
+    """A StubTreq client with JSON helpers; every call returns (status, json-or-None)."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.broker = make_broker(self.journal, self.clock)
+        self.stub = StubTreq(BrokerResource(self.broker))
+
+    def call_deferred(self, method, path, token=None, body=None, ctype="application/json", raw=None):
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json_body(body) if body is not None else None)
+        if data is not None and ctype:
+            headers["Content-Type"] = ctype
+        d = self.stub.request(method, BASE + path, headers=headers, data=data)
+
+        def read(response):
+            return treq.content(response).addCallback(
+                lambda content: (response.code, json.loads(content) if content else None)
+            )
+
+        return d.addCallback(read)
+
+    def call(self, *args, **kwargs):
+        d = self.call_deferred(*args, **kwargs)
+        self.stub.flush()
+        return result_of(d)
+
+    def create(self, body=None):
+        status, created = self.call("POST", "/v1/contexts", ADMIN_TOKEN, body or torque_cluster())
+        assert status == 201, created
+        return created["context"]["id"], created
+
+    def enroll(self, cid, join_token, n, **ident):
+        return self.call(
+            "POST",
+            f"/v1/contexts/{cid}/enroll",
+            join_token,
+            {"instance_key": instance_key(n), "identity": dict(identity(n), **ident)},
+        )
+
+
+@pytest.fixture
+def client():
+    return Client()
+
+
+def torque(client):
+    cid, created = client.create()
+    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
+    nodes = {}
+    for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):
+        status, enrolled = client.enroll(cid, joins[group], n)
+        assert status == 201, enrolled
+        nodes[n] = (enrolled["node_id"], enrolled["node_token"])
+    return cid, joins, nodes
+
+
+def test_health_needs_no_credential(client):
+    """GET /healthz answers 200 without a credential."""
+    assert client.call("GET", "/healthz") == (200, {"status": "ok", "version": "0.1.0"})
+
+
+def test_create_returns_bootstraps(client):
+    """Creating a context returns one bootstrap per group with URL, join token and CA."""
+    cid, created = client.create()
+    assert set(created["bootstraps"]) == {"head", "compute"}
+    boot = created["bootstraps"]["compute"]
+    assert boot["url"] == "https://ctxd.test:8443" and boot["context_id"] == cid
+    assert boot["join_token"].startswith("ctxd_join_") and "BEGIN CERTIFICATE" in boot["ca_pem"]
+
+
+@pytest.mark.parametrize(
+    "token, status, code",
+    [
+        (None, 401, "unauthorized"),
+        ("garbage", 401, "unauthorized"),
+        ("ctxd_adm_" + "A" * 43, 401, "unauthorized"),
+    ],
+)
+def test_admin_routes_need_admin(client, token, status, code):
+    """Admin routes refuse a missing, malformed or unknown credential with 401."""
+    got_status, body = client.call("GET", "/v1/contexts", token)
+    assert (got_status, body["error"]) == (status, code) and body["message"]
+
+
+def test_node_and_join_credentials_cannot_admin(client):
+    """A node or join credential on an admin route gets 403 and changes nothing."""
+    cid, joins, nodes = torque(client)
+    for token in (joins["head"], nodes[1][1]):
+        assert client.call("GET", f"/v1/contexts/{cid}", token)[0] == 403
+        assert client.call("DELETE", f"/v1/contexts/{cid}", token)[0] == 403
+        assert client.call("POST", "/v1/contexts", token, torque_cluster())[0] == 403
+    assert client.call("GET", "/v1/contexts", ADMIN_TOKEN)[1]["contexts"][0]["counts"]["enrolled"] == 4
+
+
+def test_node_reaches_only_its_own_node(client):
+    """A node credential cannot read another node's view or report for it."""
+    cid, joins, nodes = torque(client)
+    other = nodes[2][0]
+    assert client.call("GET", f"/v1/contexts/{cid}/nodes/{other}/view", nodes[1][1])[0] == 403
+    assert client.call("POST", f"/v1/contexts/{cid}/nodes/{other}/report", nodes[1][1], {"state": "ok"})[0] == 403
+    assert client.call("GET", f"/v1/contexts/{cid}/nodes/{other}/view", nodes[2][1])[0] == 200
+
+
+def test_join_token_only_enrolls(client):
+    """A join token cannot read views; a node token cannot enroll."""
+    cid, joins, nodes = torque(client)
+    nid = nodes[1][0]
+    assert client.call("GET", f"/v1/contexts/{cid}/nodes/{nid}/view", joins["head"])[0] == 403
+    status, body = client.enroll(cid, nodes[1][1], 9)
+    assert status == 403
+
+
+def test_join_token_of_other_context_refused(client):
+    """A join token of one context does not enroll into another."""
+    cid1, created1 = client.create()
+    cid2, _ = client.create()
+    status, body = client.enroll(cid2, created1["bootstraps"]["head"]["join_token"], 1)
+    assert status in (401, 403) and body["error"] in ("unauthorized", "forbidden")
+
+
+def test_enrollment_full_and_idempotent(client):
+    """A 4th compute is refused (409); the same instance re-enrolls as the same node (200)."""
+    cid, joins, nodes = torque(client)
+    status, body = client.enroll(cid, joins["compute"], 5)
+    assert (status, body["error"]) == (409, "enrollment_full")
+    status, body = client.enroll(cid, joins["compute"], 2)
+    assert status == 200 and body["node_id"] == nodes[2][0]
+    # The old node token stopped working.
+    assert client.call("GET", f"/v1/contexts/{cid}/nodes/{nodes[2][0]}/view", nodes[2][1])[0] == 401
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        (dict(raw=b"{not json"), 400, "bad_request"),
+        (dict(raw=b"[1, 2]"), 400, "bad_request"),
+        (dict(raw=b'{"name": NaN}'), 400, "bad_request"),
+        (dict(body=torque_cluster(), ctype="text/plain"), 415, "unsupported_media_type"),
+        (dict(body=dict(torque_cluster(), surprise=True)), 400, "bad_request"),
+    ],
+)
+def test_bad_bodies_change_nothing(client, kwargs, status, code):
+    """Malformed bodies get a 4xx JSON error and create nothing."""
+    got_status, body = client.call("POST", "/v1/contexts", ADMIN_TOKEN, **kwargs)
+    assert (got_status, body["error"]) == (status, code)
+    assert client.call("GET", "/v1/contexts", ADMIN_TOKEN)[1] == {"contexts": []}
+    assert client.journal.records == []
+
+
+def test_unknown_route_and_method(client):
+    """Unknown paths answer 404 and wrong methods 405, both as JSON."""
+    assert client.call("GET", "/v2/nothing", ADMIN_TOKEN)[0] == 404
+    assert client.call("PATCH", "/v1/contexts", ADMIN_TOKEN, {})[0] == 405
+    assert client.call("GET", "/v1/contexts/not-an-id", ADMIN_TOKEN)[0] == 404
+
+
+def test_long_poll_waits_and_wakes(client):
+    """A view request with since=REV waits, and returns when the view changes."""
+    cid, created = client.create()
+    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
+    _, c2 = client.enroll(cid, joins["compute"], 2)
+    path = f"/v1/contexts/{cid}/nodes/{c2['node_id']}/view"
+    status, view = client.call("GET", path, c2["node_token"])
+    assert status == 200 and view["complete"] is False
+    pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", c2["node_token"])
+    client.stub.flush()
+    assert not_fired(pending)
+    assert client.broker.waiter_count() == 1
+    _, head = client.enroll(cid, joins["head"], 1)
+    client.stub.flush()
+    status, woken = result_of(pending)
+    assert status == 200 and woken["revision"] > view["revision"]
+    assert woken["roles"]["torquemaster"]["providers"][0]["hostname"] == "node1"
+    assert client.broker.waiter_count() == 0
+
+
+def test_long_poll_times_out_with_304(client):
+    """With no change, a waiting view request ends with 304 after `wait` seconds."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    _, view = client.call("GET", path, token)
+    pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
+    client.stub.flush()
+    client.clock.advance(29)
+    client.stub.flush()
+    assert not_fired(pending)
+    client.clock.advance(1)
+    client.stub.flush()
+    assert result_of(pending) == (304, None)
+
+
+def test_unrelated_change_does_not_wake(client):
+    """A compute reporting ok does not wake the other computes' waiters."""
+    cid, joins, nodes = torque(client)
+    waits = []
+    for n in (3, 4):
+        nid, token = nodes[n]
+        path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+        _, view = client.call("GET", path, token)
+        waits.append(client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token))
+    client.stub.flush()
+    nid, token = nodes[2]
+    assert client.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report", token, {"state": "ok"})[0] == 200
+    assert all(not_fired(d) for d in waits)
+    # The head's ok changes their ready requirement: now they wake.
+    hid, htoken = nodes[1]
+    client.call("POST", f"/v1/contexts/{cid}/nodes/{hid}/report", htoken, {"state": "ok"})
+    for d in waits:
+        status, view = result_of(d)
+        assert status == 200 and view["complete"] is True
+
+
+def test_delete_ends_waits_with_404(client):
+    """Deleting a context answers its waiting agents with 404."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    _, view = client.call("GET", path, token)
+    pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
+    client.stub.flush()
+    assert client.call("DELETE", f"/v1/contexts/{cid}", ADMIN_TOKEN) == (200, {"deleted": cid})
+    assert result_of(pending)[0] == 404
+
+
+def test_bad_wait_rejected(client):
+    """wait outside 0..60 or a non-integer since is a 400."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    assert client.call("GET", f"{path}?since=1&wait=3600", token)[0] == 400
+    assert client.call("GET", f"{path}?since=abc", token)[0] == 400
+
+
+def test_journal_holds_no_token(client):
+    """The journal keeps only hashes: no admin, join or node token appears in it."""
+    cid, joins, nodes = torque(client)
+    text = json.dumps(client.journal.records)
+    for secret in [ADMIN_TOKEN, *joins.values(), *(t for _, t in nodes.values()), instance_key(1)]:
+        assert secret not in text
+
+
+def test_data_injection_and_lock(client):
+    """An open context takes data, then the lock completes the views."""
+    cid, created = client.create(torque_cluster(open_for_injection=True))
+    head_join = created["bootstraps"]["head"]["join_token"]
+    _, head = client.enroll(cid, head_join, 1)
+    path = f"/v1/contexts/{cid}/nodes/{head['node_id']}/view"
+    assert client.call("POST", f"/v1/contexts/{cid}/lock", ADMIN_TOKEN)[0] == 409
+    status, _ = client.call("PUT", f"/v1/contexts/{cid}/data/gridmap", ADMIN_TOKEN, {"values": [{"b64": "aGk="}]})
+    assert status == 200
+    assert client.call("PUT", f"/v1/contexts/{cid}/data/other", ADMIN_TOKEN, {"values": [{"b64": "aGk="}]})[0] == 404
+    assert client.call("POST", f"/v1/contexts/{cid}/lock", ADMIN_TOKEN)[1]["locked"] is True
+    view = client.call("GET", path, head["node_token"])[1]
+    assert view["data"] == {"gridmap": [{"b64": "aGk="}]} and view["locked"] is True
+
+
+def test_status_reports_errors(client):
+    """The admin status shows a node's error with exit code, message and log tail."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[3]
+    client.call(
+        "POST",
+        f"/v1/contexts/{cid}/nodes/{nid}/report",
+        token,
+        {"state": "error", "exit_code": 4, "message": "script 1-ipandhost/x exited 3", "log_tail": "boom"},
+    )
+    status = client.call("GET", f"/v1/contexts/{cid}", ADMIN_TOKEN)[1]
+    assert status["error_present"] is True and status["counts"]["error"] == 1
+    node = next(n for n in status["nodes"] if n["id"] == nid)
+    assert node["error"] == {"exit_code": 4, "message": "script 1-ipandhost/x exited 3", "log_tail": "boom"}
+    assert node["identity"]["source_address"] is not None
+
+
+def _channel(max_body):
+    site = make_site(make_broker(), max_body=max_body)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_oversize_declared_body_refused_before_reading():
+    """A declared Content-Length above the cap gets 413 and the connection closes, unread."""
+    channel, transport = _channel(max_body=2048)
+    channel.dataReceived(
+        b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b"x" * 100
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b'"body_too_large"' in transport.value()
+    assert transport.disconnecting
+
+
+def test_oversize_chunked_body_refused():
+    """A chunked body is counted as it arrives and refused past the cap."""
+    channel, transport = _channel(max_body=2048)
+    channel.dataReceived(
+        b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    for _ in range(3):
+        channel.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.disconnecting
