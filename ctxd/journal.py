@@ -74,8 +74,7 @@ class FileJournal:
 
     @classmethod
     def for_reactor(cls, path: str, reactor: Any) -> "FileJournal":
-        pool = reactor.getThreadPool()
-        return cls(path, lambda f, *a: deferToThreadPool(reactor, pool, f, *a))
+        return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
 
     def load(self) -> Iterator[Record]:
         """Read every record; cut off a torn tail; then open for appending."""

@@ -9,6 +9,7 @@ import configparser
 import ipaddress
 import json
 import os
+import re
 import socket
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
@@ -135,7 +136,7 @@ class Options(usage.Options):
 
 def _listener_host_port(description: str):
     """(interface, port) of a tcp/ssl endpoint description, best effort."""
-    parts = description.split(":")
+    parts = re.split(r"(?<!\\):", description)
     port, interface = None, ""
     for part in parts[1:]:
         if part.isdigit() and port is None:

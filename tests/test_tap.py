@@ -1,0 +1,99 @@
+"""twistd wiring: options, config file, and what makeService listens on."""
+
+import json
+import os
+import stat
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+
+from ctxd import tap
+
+
+def options(*argv):
+    config = tap.Options()
+    config.parseOptions(list(argv))
+    return config
+
+
+def test_defaults(tmp_path, monkeypatch):
+    """With no arguments: one ssl:8443 listener and a default state directory."""
+    monkeypatch.chdir(tmp_path)
+    config = options()
+    assert config["listen"] == ["ssl:8443"]
+    assert config["state-dir"] in (tap.SYSTEM_STATE_DIR, str(tmp_path / "ctxd-state"))
+
+
+def test_config_file_fills_unset_options(tmp_path):
+    """INI settings apply where the command line said nothing; the command line wins."""
+    conf = tmp_path / "ctxd.conf"
+    conf.write_text("[ctxd]\nstate-dir = /srv/ctxd\nlisten = ssl:9443 ssl:9444\npublic-url = https://a.example:9443\n")
+    config = options("--config", str(conf), "--public-url", "https://b.example:9443")
+    assert config["state-dir"] == "/srv/ctxd"
+    assert config["listen"] == ["ssl:9443", "ssl:9444"]
+    assert config["public-url"] == "https://b.example:9443"
+
+
+@pytest.mark.parametrize(
+    "argv, text",
+    [
+        (["--public-url", "http://x"], "https://"),
+        (["--tls-cert", "/nonexistent"], "go together"),
+        (["--max-body", "ten"], "--max-body"),
+        (["--listen", "nonsense"], "--listen"),
+    ],
+)
+def test_bad_options(argv, text):
+    """Bad options raise UsageError with a message naming the option."""
+    with pytest.raises(usage.UsageError) as info:
+        options(*argv)
+    assert text in str(info.value)
+
+
+def test_unknown_config_setting(tmp_path):
+    """An unknown setting in the config file is an error, not silently ignored."""
+    conf = tmp_path / "ctxd.conf"
+    conf.write_text("[ctxd]\nlisten_on = 1\n")
+    with pytest.raises(usage.UsageError) as info:
+        options("--config", str(conf))
+    assert "listen_on" in str(info.value)
+
+
+def test_make_service_listens_and_writes_state(tmp_path):
+    """makeService binds each listener (TLS wrapped) and writes what ctxctl needs."""
+    state = tmp_path / "state"
+    config = options(
+        "--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1", "--listen", "ssl:0:interface=\\:\\:1",
+        "--public-url", "https://127.0.0.1:8443",
+    )
+    reactor = MemoryReactorClock()
+    svc = tap.makeService(config, reactor)
+    svc.startService()
+    try:
+        assert [(port[0], port[3]) for port in reactor.tcpServers] == [(0, "127.0.0.1"), (0, "::1")]
+        assert type(reactor.tcpServers[0][1]).__name__ == "TLSMemoryBIOFactory"
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(state / "admin.token").st_mode) == 0o600
+        assert (state / "admin.token").read_text().startswith("ctxd_adm_")
+        ctl = json.loads((state / "ctxctl.json").read_text())
+        assert ctl == {
+            "url": "https://127.0.0.1:8443",
+            "ca": str(state / "tls" / "ca.pem"),
+            "token_file": str(state / "admin.token"),
+        }
+    finally:
+        svc.stopService()
+
+
+def test_admin_token_kept_across_starts(tmp_path):
+    """The admin token is created once and reused on the next start."""
+    path = str(tmp_path / "admin.token")
+    first = tap.ensure_admin_token(path)
+    assert tap.ensure_admin_token(path) == first
+
+
+def test_default_public_url_uses_listener():
+    """The default public URL takes the first listener's interface and port."""
+    assert tap.default_public_url(["ssl:8443:interface=10.1.2.3"]) == "https://10.1.2.3:8443"
+    assert tap.default_public_url(["ssl:9443:interface=\\:\\:1"]) == "https://[::1]:9443"
