@@ -51,6 +51,9 @@ class MemoryJournal:
         self.records.append(json.loads(encode(record)))
         return succeed(None)
 
+    def drain(self) -> Deferred:
+        return succeed(None)
+
     def close(self) -> None:
         pass
 
@@ -69,6 +72,7 @@ class FileJournal:
         self._pending: List[Tuple[bytes, Deferred]] = []
         self._busy = False
         self._failure: Optional[BaseException] = None
+        self._idle: List[Deferred] = []
         self.syncs = 0
         self.records_synced = 0
 
@@ -138,7 +142,19 @@ class FileJournal:
         self._kick()
         return d
 
+    def drain(self) -> Deferred:
+        """Fires once nothing is pending or in flight (for a clean shutdown)."""
+        if not self._busy and not self._pending:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
+
     def _kick(self) -> None:
+        if not self._busy and not self._pending:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
         if self._busy or not self._pending:
             return
         batch, self._pending = self._pending, []
@@ -155,6 +171,7 @@ class FileJournal:
                 for _, waiting in batch + self._pending:
                     waiting.errback(JournalFailed(str(error)))
                 self._pending = []
+                self._kick()
                 return None
             self.syncs += 1
             self.records_synced += len(batch)

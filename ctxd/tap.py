@@ -205,10 +205,13 @@ class _BrokerLifecycle(service.Service):
         for line in self.banner:
             log.info("{line}", line=line)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         super().stopService()
         self.broker.shutdown()
-        self.broker.journal.close()
+        # Let an fdatasync in flight finish (and its replies go out) before closing.
+        d = self.broker.journal.drain()
+        d.addBoth(lambda _: self.broker.journal.close())
+        return d
 
 
 def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> service.MultiService:

@@ -89,10 +89,13 @@ def test_group_commit_batches_pending_records(tmp_path):
     result_of(first)
     assert all(not_fired(r) for r in rest)
     assert len(calls) == 2, "the ten pending records go out as one batch"
+    drained = journal.drain()
+    assert not_fired(drained), "drain waits for the sync in flight"
     f, args, d = calls[1]
     d.callback(f(*args))
     for r in rest:
         result_of(r)
+    result_of(drained)
     assert journal.syncs == 2 and journal.records_synced == 11
 
 
