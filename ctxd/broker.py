@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ctxd import tokens, validate
-from ctxd.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from ctxd.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from ctxd.journal import JournalFailed
 from ctxd.model import Model, Node, Touched
 
 log = Logger()
@@ -19,6 +20,11 @@ log = Logger()
 MAX_WAIT = 60
 
 Reply = Tuple[int, Optional[Dict[str, Any]]]
+
+
+def _unavailable(failure: Any) -> None:
+    failure.trap(JournalFailed)
+    raise Unavailable("the change could not be made durable; it was not acknowledged")
 
 
 class _Waiter:
@@ -93,6 +99,7 @@ class Broker:
         touched = self.model.apply(record)
         d = self.journal.append(record)
         d.addCallback(lambda _: self._wake(touched))
+        d.addErrback(_unavailable)
         return d
 
     def _commit_then(self, record: Optional[Dict[str, Any]], reply: Any) -> Deferred:

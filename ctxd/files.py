@@ -4,9 +4,16 @@ import os
 import tempfile
 
 
-def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory + rename."""
-    directory = os.path.dirname(os.path.abspath(path))
+def write_atomic(path: str, data: bytes, mode: int, create_dir: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory + rename.
+
+    A symlink at ``path`` is followed (the file it names is replaced, the link
+    kept); with ``create_dir`` a missing parent directory is made 0700.
+    """
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    if create_dir and not os.path.isdir(directory):
+        make_private_dir(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         os.fchmod(fd, mode)

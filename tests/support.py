@@ -18,6 +18,16 @@ PUBLIC_URL = "https://ctxd.test:8443"
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
+def ca_pem() -> str:
+    """A real CA certificate (PEM) as ctxd generates it."""
+    from cryptography.hazmat.primitives import serialization
+
+    from ctxd.tls import make_ca
+
+    cert, _ = make_ca()
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
 def torque_cluster(open_for_injection: bool = False) -> Dict[str, Any]:
     """The create request the issue's example cluster file turns into."""
     return {

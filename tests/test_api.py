@@ -4,13 +4,6 @@ import json
 
 import pytest
 import treq
-from treq.testing import StubTreq
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-
-from ctxd.api import BrokerResource, make_site
-from ctxd.journal import MemoryJournal
-
 from support import (
     ADMIN_TOKEN,
     identity,
@@ -21,6 +14,12 @@ from support import (
     result_of,
     torque_cluster,
 )
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from ctxd.api import BrokerResource, make_site
+from ctxd.journal import MemoryJournal
 
 BASE = "https://ctxd.test:8443"
 

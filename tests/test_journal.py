@@ -5,11 +5,10 @@ import os
 import stat
 
 import pytest
+from support import make_broker, not_fired, result_of, torque_cluster
 from twisted.internet.defer import Deferred, succeed
 
 from ctxd.journal import FileJournal, JournalCorrupt, JournalFailed, MemoryJournal
-
-from support import make_broker, not_fired, result_of, torque_cluster
 
 
 def sync_thread(f, *args):

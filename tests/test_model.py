@@ -3,12 +3,18 @@
 import copy
 
 import pytest
+from support import identity, instance_key, torque_cluster
 
 from ctxd import tokens
-from ctxd.errors import BadRequest, Conflict, Gone, InvalidCluster, InvalidName, NotFound
+from ctxd.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    InvalidCluster,
+    InvalidName,
+    NotFound,
+)
 from ctxd.model import Model, parse_cluster
-
-from support import identity, instance_key, torque_cluster
 
 NOW = 1_000_000.0
 

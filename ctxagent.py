@@ -1,0 +1,1266 @@
+#!/usr/bin/env python3
+"""ctxagent: the on-VM agent of ctxd, the contextualization broker.
+
+One file, standard library only, Python 3.6+. It enrolls this VM with the
+broker named in its bootstrap, long-polls its view of the cluster until it is
+complete, then writes managed blocks into the hosts and known_hosts files and
+runs the ctx-scripts (the layout of the original Nimbus ctx-agent).
+
+Usage: python3 ctxagent.py --bootstrap SOURCE [--scripts-dir DIR]
+           [--state-dir DIR] [--timeout SECONDS] ...  (see --help)
+
+SOURCE is a file, an http(s):// URL, "ec2" (user-data through IMDSv2) or
+"cloud-init" (the user-data cloud-init saved). It holds the bootstrap JSON,
+or user-data with a line "# ctxd-bootstrap: " + base64 of it; either may be
+gzipped. No bootstrap at all: exit 0.
+
+Scripts (optional; argv lists, never a shell; all input validated first):
+clean.sh; 0-etchosts.sh IP SHORT FQDN per identity; 1-ipandhost/ROLE IP SHORT
+FQDN per (required role, provider); 2-thishost/IFACE IP SHORT FQDN per own
+interface; 3-data/NAME PATH per data value; 4-restarts/ROLE per role;
+5-thishost-finalize/IFACE IP SHORT FQDN; problem.sh when an action failed.
+Their environment adds CTX_VIEW (path of the view as JSON), CTX_CONTEXT_ID,
+CTX_NODE_ID (and, for problem.sh, CTX_EXIT_CODE and CTX_ERROR).
+
+Exit codes:
+    0   success, or no bootstrap present
+    1   bad input: corrupt bootstrap, invalid or hostile view
+    2   usage or configuration error (bad arguments, unusable scripts dir,
+        a script that is present but not executable)
+    3   environment: no network, broker unreachable, TLS verification failed
+    4   an action failed (a script exited non-zero or timed out)
+    5   timed out waiting for a complete view
+    6   the broker refused us (join token expired or used up, context deleted)
+    42  programming error (an assertion failed)
+    97  uncaught exception
+
+Files, each written to a temp file then renamed; STATE (--state-dir) is 0700:
+STATE/ctxagent.log (appended), STATE/instance_key, STATE/node.json (the node
+credential), STATE/view.json, STATE/data/NAME/N (value N from 0), all 0600;
+and between "# BEGIN ctxd (context CID)" and "# END ctxd (context CID)",
+the rest kept byte for byte: "IP FQDN SHORT" lines in --hosts-file,
+"FQDN,SHORT,IP TYPE KEY" lines in --known-hosts-file. Tokens never reach
+the log, stdout/stderr or an error report.
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import errno
+import glob
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+
+__version__ = "0.1.0"
+
+EXIT_OK, EXIT_INPUT, EXIT_CONFIG, EXIT_ENVIRONMENT = 0, 1, 2, 3
+EXIT_ACTION, EXIT_INCOMPLETE, EXIT_REFUSED, EXIT_BUG, EXIT_UNCAUGHT = 4, 5, 6, 42, 97
+
+MAX_BOOTSTRAP = 1 << 20
+MAX_REPLY = 256 << 20
+TAIL = 65536                  # log_tail and captured script output, in characters
+REQUEST_TIMEOUT = 30.0
+ERROR_REPORT_TIMEOUT = 5.0    # an error report is one short attempt
+FINAL_REPORT_BUDGET = 120.0   # the ok report may outlive --timeout by this much
+REFUSED = (401, 403, 404, 409, 410)
+IMDS = "http://169.254.169.254/latest/"
+
+MARKER = re.compile(r"^[ \t]*#[ \t]*ctxd-bootstrap:(.*)$", re.M)
+# Names start with a letter or digit, so "." and ".." can never match.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID = re.compile(r"[A-Za-z0-9_-]{22}")
+LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+IFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,15}")
+SSH_KEY = re.compile(r"(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh"
+                     r"\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{1,4000}={0,2}")
+SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
+TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
+
+LOG = logging.getLogger("ctxagent")
+
+
+class AgentError(Exception):
+    """A failure with a documented exit code; the message is safe to log."""
+    exit_code = EXIT_UNCAUGHT
+
+
+class InputError(AgentError):
+    """Corrupt bootstrap, invalid or hostile view or broker reply."""
+    exit_code = EXIT_INPUT
+
+
+class ConfigError(AgentError):
+    exit_code = EXIT_CONFIG
+
+
+class EnvironmentFailure(AgentError):
+    """No network, broker unreachable, TLS verification failure."""
+    exit_code = EXIT_ENVIRONMENT
+
+
+class ActionError(AgentError):
+    exit_code = EXIT_ACTION
+
+
+class IncompleteError(AgentError):
+    exit_code = EXIT_INCOMPLETE
+
+
+class RefusedError(AgentError):
+    exit_code = EXIT_REFUSED
+
+
+def exit_code_for(exc):
+    if isinstance(exc, AgentError):
+        return exc.exit_code
+    return EXIT_BUG if isinstance(exc, AssertionError) else EXIT_UNCAUGHT
+
+
+def _show(value, limit=80):
+    """A bounded repr of an untrusted value: no raw control characters reach the log."""
+    text = repr(value)
+    return text if len(text) <= limit else "%s...(%d chars)" % (text[:limit], len(text))
+
+
+# ---------------------------------------------------------------------------
+# Validation (pure): each check returns the value, normalized, or raises
+# InputError naming WHAT was wrong.
+
+def _check(value, pattern, what, kind):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InputError("%s: invalid %s %s" % (what, kind, _show(value)))
+    return value
+
+
+def check_name(value, what):
+    """A role, data or group name."""
+    return _check(value, NAME, what, "name")
+
+
+def check_id(value, what):
+    return _check(value, ID, what, "id")
+
+
+def check_hostname(value, what):
+    """A short host name: one RFC 1123 label."""
+    return _check(value, LABEL, what, "host name")
+
+
+def check_interface_name(value, what):
+    return _check(value, IFACE, what, "interface name")
+
+
+def check_ssh_key(value, what):
+    """"TYPE BASE64" of a known type, without comment."""
+    return _check(value, SSH_KEY, what, "SSH host key")
+
+
+def check_fqdn(value, what):
+    """Dotted RFC 1123 labels, at most 253 characters, not an IP address."""
+    if not (isinstance(value, str) and len(value) <= 253 and not _is_ip(value)
+            and all(LABEL.fullmatch(label) for label in value.split("."))):
+        raise InputError("%s: invalid FQDN %s" % (what, _show(value)))
+    return value
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_ip(value, what):
+    """An IP address without scope id (which Python 3.9+ would accept); canonical form."""
+    if not isinstance(value, str) or "%" in value or len(value) > 45 or not _is_ip(value):
+        raise InputError("%s: invalid IP address %s" % (what, _show(value)))
+    return str(ipaddress.ip_address(value))
+
+
+def _expect(value, kind, what, limit=None):
+    # bool is an int: a revision of `true` is no revision.
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise InputError("%s: expected %s, got %s" % (what, kind.__name__, _show(value)))
+    if limit is not None and len(value) > limit:
+        raise InputError("%s: more than %d items" % (what, limit))
+    return value
+
+
+def _b64decode(text, what):
+    """Standard or URL-safe base64, padding optional."""
+    _expect(text, str, what)
+    try:
+        return base64.b64decode((text + "=" * (-len(text) % 4)).encode("ascii"),
+                                b"-_" if "-" in text or "_" in text else None, True)
+    except (binascii.Error, ValueError):
+        raise InputError("%s: invalid base64" % what)
+
+
+# ---------------------------------------------------------------------------
+# Bootstrap (pure)
+
+def make_tls_context(ca_pem):
+    """Trust only CA_PEM, check host names, TLS 1.2 at least."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin (guarded)
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.load_verify_locations(cadata=ca_pem)
+    return context
+
+
+def _gunzip(data):
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, MAX_BOOTSTRAP + 1)
+    except zlib.error as exc:
+        raise InputError("bootstrap: corrupt gzip data (%s)" % exc)
+    if len(out) > MAX_BOOTSTRAP or not inflater.eof:
+        raise InputError("bootstrap: gzip data too large or truncated")
+    return out
+
+
+def _is_broker_url(url):
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port   # ValueError when not a number or out of range
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return (parts.scheme == "https" and bool(parts.hostname) and port != 0
+            and not (parts.query or parts.fragment or parts.username or parts.password))
+
+
+def validate_bootstrap(obj):
+    """OBJ if it is a valid bootstrap, else InputError naming the field."""
+    _expect(obj, dict, "bootstrap")
+    if obj.get("ctxd_bootstrap") != 1 or isinstance(obj.get("ctxd_bootstrap"), bool):
+        raise InputError("bootstrap: ctxd_bootstrap must be 1")
+    if not _is_broker_url(obj.get("url")):
+        raise InputError("bootstrap.url: not https://HOST[:PORT][/PATH]: %s" % _show(obj.get("url")))
+    check_id(obj.get("context_id"), "bootstrap.context_id")
+    check_name(obj.get("group"), "bootstrap.group")
+    token = obj.get("join_token")
+    if not (isinstance(token, str) and token.startswith("ctxd_join_") and SECRET.fullmatch(token)):
+        raise InputError("bootstrap.join_token: not a join token")
+    ca_pem = obj.get("ca_pem")
+    try:
+        if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+            raise ValueError("no PEM certificate")
+        make_tls_context(ca_pem)
+    except (ssl.SSLError, ValueError, TypeError) as exc:
+        raise InputError("bootstrap.ca_pem: unusable (%s)" % exc)
+    return obj
+
+
+def parse_bootstrap(content):
+    """The validated bootstrap in CONTENT (bytes), None if there is none.
+
+    None for no content, an empty one, or a document without the marker
+    line; InputError for a corrupt one.
+    """
+    if content is None:
+        return None
+    if len(content) > MAX_BOOTSTRAP:
+        raise InputError("bootstrap: more than %d bytes" % MAX_BOOTSTRAP)
+    if content[:2] == b"\x1f\x8b":
+        content = _gunzip(content)
+    text = content.decode("utf-8", "replace").strip()
+    if text[:1] not in ("{", "["):
+        match = MARKER.search(text)
+        if match is None:
+            return None
+        payload = _b64decode(match.group(1).strip(), "bootstrap marker line")
+        if payload[:2] == b"\x1f\x8b":
+            payload = _gunzip(payload)
+        text = payload.decode("utf-8", "replace")
+    try:
+        return validate_bootstrap(json.loads(text))
+    except ValueError as exc:
+        raise InputError("bootstrap: invalid JSON (%s)" % exc)
+
+
+# ---------------------------------------------------------------------------
+# Identity and view (pure)
+
+Interface = collections.namedtuple("Interface", "name ipv4 ipv6")
+Identity = collections.namedtuple("Identity", "hostname fqdn primary_ip interfaces ssh_host_keys")
+Peer = collections.namedtuple("Peer", "node_id hostname fqdn ip ssh_host_keys")
+NodeView = collections.namedtuple(
+    "NodeView", "context_id node_id revision complete identity roles data all_identities")
+
+
+def _items(obj, key, what, check, limit=None):
+    """The checked items of the list OBJ[KEY] (default empty), as a tuple."""
+    where = "%s.%s" % (what, key)
+    items = _expect(obj.get(key, []), list, where, limit)
+    return tuple(check(item, "%s[%d]" % (where, i)) for i, item in enumerate(items))
+
+
+def _interface(obj, what):
+    _expect(obj, dict, what)
+    return Interface(check_interface_name(obj.get("name"), what + ".name"),
+                     _items(obj, "ipv4", what, check_ip, 64), _items(obj, "ipv6", what, check_ip, 64))
+
+
+def validate_identity(obj, what="identity"):
+    """An Identity tuple from an Identity object (docs/api.md)."""
+    _expect(obj, dict, what)
+    return Identity(check_hostname(obj.get("hostname"), what + ".hostname"),
+                    check_fqdn(obj.get("fqdn"), what + ".fqdn"),
+                    check_ip(obj.get("primary_ip"), what + ".primary_ip"),
+                    _items(obj, "interfaces", what, _interface, 64),
+                    _items(obj, "ssh_host_keys", what, check_ssh_key, 16))
+
+
+def validate_peer(obj, what):
+    """A Peer tuple from a ProviderIdentity object."""
+    _expect(obj, dict, what)
+    if "group" in obj:
+        check_name(obj["group"], what + ".group")
+    return Peer(check_id(obj.get("node_id"), what + ".node_id"),
+                check_hostname(obj.get("hostname"), what + ".hostname"),
+                check_fqdn(obj.get("fqdn"), what + ".fqdn"),
+                check_ip(obj.get("ip"), what + ".ip"),
+                _items(obj, "ssh_host_keys", what, check_ssh_key, 16))
+
+
+def view_progress(raw):
+    """(revision, complete, waiting_for) of a view: what polling needs."""
+    _expect(raw, dict, "view")
+    return (_expect(raw.get("revision"), int, "view.revision"),
+            _expect(raw.get("complete"), bool, "view.complete"),
+            tuple(_show(w, 200) for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
+
+
+def _by_name(raw, key, check):
+    """[(name, check(value, where))] of the object RAW[KEY], names checked, sorted."""
+    table = _expect(raw.get(key, {}), dict, "view." + key)
+    for name in table:
+        check_name(name, "view." + key)
+    return tuple((name, check(table[name], "view.%s[%s]" % (key, name))) for name in sorted(table))
+
+
+def _providers(role, what):
+    return _items(_expect(role, dict, what), "providers", what, validate_peer)
+
+
+def _values(values, what):
+    _expect(values, list, what)
+    return tuple(_b64decode(_expect(v, dict, what).get("b64"), "%s[%d].b64" % (what, i))
+                 for i, v in enumerate(values))
+
+
+def validate_view(raw, context_id, node_id):
+    """A NodeView (roles and data sorted by name) from a raw view.
+
+    Everything that can reach a file, a path or a script argument is checked
+    here, so a hostile view is refused before anything is touched.
+    """
+    revision, complete, _ = view_progress(raw)
+    for key, expected in (("context_id", context_id), ("node_id", node_id)):
+        if raw.get(key) != expected:
+            raise InputError("view.%s: %s is not ours" % (key, _show(raw.get(key))))
+    everyone = {"all_identities": raw.get("all_identities") or []}
+    return NodeView(context_id, node_id, revision, complete,
+                    validate_identity(raw.get("self"), "view.self"),
+                    _by_name(raw, "roles", _providers), _by_name(raw, "data", _values),
+                    _items(everyone, "all_identities", "view", validate_peer))
+
+
+# ---------------------------------------------------------------------------
+# Plan (pure)
+
+Action = collections.namedtuple("Action", "kind target args content")
+SCRIPT = "script"   # target: path relative to the scripts dir; args: argv tail
+BLOCK = "block"     # target: "hosts" or "known_hosts"; args: the block's lines
+FILE = "file"       # target: path below the state dir; content: bytes (0600)
+
+
+def script_action(target, *args):
+    return Action(SCRIPT, target, args, None)
+
+
+def _dedupe(peers):
+    """PEERS, each node once (the first time)."""
+    seen = set()
+    result = []
+    for p in peers:
+        if p.node_id not in seen:
+            seen.add(p.node_id)
+            result.append(p)
+    return tuple(result)
+
+
+def _others(view):
+    """Providers of every required role (by role name), then all_identities."""
+    return _dedupe(sum((providers for _, providers in view.roles), ()) + view.all_identities)
+
+
+def peers_of(view):
+    """Every identity in the view, this node first, once each."""
+    me = view.identity
+    return _dedupe((Peer(view.node_id, me.hostname, me.fqdn, me.primary_ip, me.ssh_host_keys),)
+                   + _others(view))
+
+
+def _this_host(view, phase):
+    """PHASE/IFACE IP SHORT FQDN per interface: its first IPv4, else first IPv6."""
+    me = view.identity
+    return [script_action(phase + i.name, (i.ipv4 + i.ipv6)[0], me.hostname, me.fqdn)
+            for i in me.interfaces if i.ipv4 or i.ipv6]
+
+
+def plan_actions(view, state_dir):
+    """The ordered list of Actions for a validated, complete NodeView."""
+    assert view.complete
+    known_hosts = []
+    for p in _others(view):
+        for key in p.ssh_host_keys:
+            line = "%s,%s,%s %s" % (p.fqdn, p.hostname, p.ip, key)
+            if line not in known_hosts:
+                known_hosts.append(line)
+    plan = [script_action("clean.sh"),
+            Action(BLOCK, "hosts", tuple("%s %s %s" % (p.ip, p.fqdn, p.hostname)
+                                         for p in peers_of(view)), None),
+            Action(BLOCK, "known_hosts", tuple(known_hosts), None)]
+    plan += [script_action("0-etchosts.sh", p.ip, p.hostname, p.fqdn) for p in peers_of(view)]
+    plan += [script_action("1-ipandhost/" + role, p.ip, p.hostname, p.fqdn)
+             for role, providers in view.roles for p in providers]
+    plan += _this_host(view, "2-thishost/")
+    for name, values in view.data:
+        for index, value in enumerate(values):
+            path = os.path.join(state_dir, "data", name, str(index))
+            plan += [Action(FILE, path, (), value), script_action("3-data/" + name, path)]
+    plan += [script_action("4-restarts/" + role) for role, _ in view.roles]
+    return plan + _this_host(view, "5-thishost-finalize/")
+
+
+def replace_managed_block(text, context_id, lines):
+    """TEXT with the block of CONTEXT_ID replaced by LINES (none: removed).
+
+    The first block of the context is replaced in place, later copies are
+    dropped, and without one the block is appended; all else is kept as is.
+    ValueError for a BEGIN line without its END line.
+    """
+    markers = ["# %s ctxd (context %s)" % (word, context_id) for word in ("BEGIN", "END")]
+    begin, end = (re.escape(marker) for marker in markers)
+    blocks = re.compile(r"^%s\r?\n.*?^%s(?:\r?\n|\Z)" % (begin, end), re.M | re.S)
+    first = blocks.search(text)
+    rest = blocks.sub("", text)
+    if re.search("^%s\r?$" % begin, rest, re.M):
+        raise ValueError("a ctxd BEGIN line without its END line")
+    if first is None:
+        rest += "\n" if rest and not rest.endswith("\n") else ""
+    at = first.start() if first else len(rest)
+    block = "".join(line + "\n" for line in markers[:1] + list(lines) + markers[1:]) if lines else ""
+    return rest[:at] + block + rest[at:]
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def atomic_write(path, data, mode=0o600, owner=None, in_place_fallback=False):
+    """Write DATA to PATH through a temp file in its directory, then rename.
+
+    The temp file is created exclusively and not through a symlink, with
+    MODE (and OWNER, a (uid, gid), when possible) before any byte is written.
+    IN_PLACE_FALLBACK rewrites a target that cannot be renamed over because
+    it is a mount point (EBUSY: a bind-mounted /etc/hosts in a container).
+    """
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix="." + base + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            os.fchmod(fd, mode)
+            if owner is not None:
+                try:
+                    os.fchown(fd, *owner)
+                except PermissionError:
+                    pass   # not root: the file becomes ours, as with any edit of ours
+            stream.write(data)
+            stream.flush()
+            os.fsync(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
+        os.unlink(temp)
+        if not (in_place_fallback and getattr(exc, "errno", None) == errno.EBUSY):
+            raise
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_TRUNC | NOFOLLOW), "wb") as stream:
+            stream.write(data)
+        return
+    try:   # make the rename durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_file(path, limit):
+    """The bytes of PATH (no final symlink), at most LIMIT; None if absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise InputError("%s: larger than %d bytes" % (path, limit))
+    return data
+
+
+def make_private_dir(path):
+    """PATH, created if needed, made 0700."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not os.path.isdir(path):
+        raise ConfigError("%s is not a directory" % path)
+    os.chmod(path, 0o700)
+    return path
+
+
+def make_private_tree(base, path):
+    """PATH below BASE, every level 0700."""
+    parts = os.path.relpath(path, base).split(os.sep)
+    assert parts[0] != os.pardir, (base, path)
+    for part in parts:
+        base = make_private_dir(os.path.join(base, part))
+
+
+def update_managed_file(path, context_id, lines):
+    """Replace the context's block in the system file PATH.
+
+    A symlink at PATH is followed (it is the administrator's); mode and owner
+    are kept (0644 for a new file); an unchanged file is not rewritten.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        old, mode, owner = read_file(real, 64 << 20), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        old, mode, owner = None, 0o644, None
+    if old is None and not lines:
+        return
+    new = replace_managed_block((old or b"").decode("utf-8", "surrogateescape"), context_id,
+                                lines).encode("utf-8", "surrogateescape")
+    if new != old:
+        atomic_write(real, new, mode, None if owner == (os.getuid(), os.getgid()) else owner, True)
+
+
+# ---------------------------------------------------------------------------
+# Executing a plan
+
+Paths = collections.namedtuple("Paths", "scripts_dir state_dir hosts_file known_hosts_file")
+
+
+def script_path(scripts_dir, target):
+    return os.path.join(scripts_dir, *target.split("/"))
+
+
+def check_scripts_dir(scripts_dir, required):
+    """ConfigError for an unusable scripts dir; a missing default one means no scripts."""
+    if os.path.isdir(scripts_dir) and os.access(scripts_dir, os.R_OK | os.X_OK):
+        return
+    if os.path.exists(scripts_dir) or required:
+        raise ConfigError("scripts directory %s is missing or unreadable" % scripts_dir)
+    LOG.info("no scripts directory %s: only the managed blocks are written", scripts_dir)
+
+
+def _is_runnable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def resolve_scripts(plan, scripts_dir):
+    """PLAN less the absent scripts; ConfigError for one that is not executable."""
+    result = []
+    for action in plan:
+        if action.kind == SCRIPT:
+            path = script_path(scripts_dir, action.target)
+            if not os.path.lexists(path):
+                continue
+            if not _is_runnable(path):
+                raise ConfigError("script %s is present but not an executable file" % path)
+        result.append(action)
+    return result
+
+
+def run_script(scripts_dir, target, args, env, timeout):
+    """Run one script (argv list, own process group); ActionError if it fails."""
+    LOG.info("running %s", " ".join((target,) + tuple(args)))
+    try:
+        process = subprocess.Popen([script_path(scripts_dir, target)] + list(args),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
+    except OSError as exc:
+        raise ActionError("script %s could not be started: %s" % (target, exc))
+    problem = None
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            process.kill()
+        out, err = process.communicate()
+        problem = "script %s timed out after %g s" % (target, timeout)
+    # Into the log, and so into the report's log_tail: the end of a long
+    # output, where a failing script says why.
+    for name, data in (("stdout", out), ("stderr", err)):
+        for line in data[-TAIL:].decode("utf-8", "replace").splitlines():
+            LOG.info("  %s %s: %s", target, name, line)
+    code = process.returncode
+    if problem is None and code:
+        problem = ("script %s exited %d" % (target, code) if code > 0 else
+                   "script %s was killed by signal %d" % (target, -code))
+    if problem:
+        LOG.error(problem)
+        raise ActionError(problem)
+
+
+def execute_plan(plan, paths, context_id, env, script_timeout):
+    """Carry out a resolved plan in order; the first failure stops it."""
+    files = {"hosts": paths.hosts_file, "known_hosts": paths.known_hosts_file}
+    for action in plan:
+        if action.kind == SCRIPT:
+            run_script(paths.scripts_dir, action.target, action.args, env, script_timeout)
+            continue
+        try:
+            if action.kind == BLOCK:
+                LOG.info("%d line(s) into the ctxd block of %s", len(action.args), files[action.target])
+                update_managed_file(files[action.target], context_id, action.args)
+            else:
+                make_private_tree(paths.state_dir, os.path.dirname(action.target))
+                atomic_write(action.target, action.content)
+        except (OSError, ValueError) as exc:
+            raise ActionError("could not write %s: %s" % (action.target, exc))
+
+
+def apply_view(raw_view, context_id, node_id, paths, script_timeout):
+    """Validate a complete view and plan; only then write files and run scripts.
+
+    When an action fails, problem.sh (if present and executable) runs before
+    the error is raised; its own outcome is ignored.
+    """
+    view = validate_view(raw_view, context_id, node_id)
+    if not view.complete:
+        raise InputError("view: not complete")
+    plan = resolve_scripts(plan_actions(view, paths.state_dir), paths.scripts_dir)
+    view_path = os.path.join(paths.state_dir, "view.json")
+    try:
+        atomic_write(view_path, json.dumps(raw_view, indent=1, sort_keys=True).encode("utf-8"))
+    except OSError as exc:
+        raise ActionError("could not write %s: %s" % (view_path, exc))
+    env = dict(os.environ, CTX_VIEW=view_path, CTX_CONTEXT_ID=context_id, CTX_NODE_ID=node_id)
+    LOG.info("view revision %d is complete: %d action(s)", view.revision, len(plan))
+    try:
+        execute_plan(plan, paths, context_id, env, script_timeout)
+    except Exception as exc:
+        if _is_runnable(script_path(paths.scripts_dir, "problem.sh")):
+            env.update(CTX_EXIT_CODE=str(exit_code_for(exc)), CTX_ERROR=str(exc))
+            try:
+                run_script(paths.scripts_dir, "problem.sh", (), env, script_timeout)
+            except ActionError:
+                pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# This host
+
+def group_addresses(pairs):
+    """Identity interfaces from [(interface, address)], in first-seen order.
+
+    Drops lo, loopback and IPv6 link-local addresses, invalid names, and so
+    interfaces without an address.
+    """
+    table = collections.OrderedDict()
+    for name, text in pairs:
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+            check_interface_name(name, "interface")
+        except (ValueError, InputError):
+            continue
+        if name != "lo" and not address.is_loopback and not (
+                address.version == 6 and address.is_link_local):
+            family = table.setdefault(name, {"name": name, "ipv4": [], "ipv6": []})[
+                "ipv%d" % address.version]
+            if str(address) not in family and len(family) < 64:
+                family.append(str(address))
+    return list(table.values())[:64]
+
+
+def parse_ip_addr(text):
+    """[(interface, address)] from `ip -o addr show`."""
+    fields = [line.split() for line in text.splitlines()]
+    return [(f[1].rstrip(":").split("@")[0], f[3].split("/")[0])
+            for f in fields if len(f) >= 4 and f[2] in ("inet", "inet6")]
+
+
+def _kernel_pairs():
+    """[(interface, address)] without `ip`: SIOCGIFADDR, /proc/net/if_inet6."""
+    import fcntl
+    pairs = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with probe:
+        for _, name in socket.if_nameindex():
+            try:
+                reply = fcntl.ioctl(probe.fileno(), 0x8915, name.encode()[:15].ljust(256, b"\0"))
+                pairs.append((name, socket.inet_ntoa(reply[20:24])))
+            except OSError:
+                pass
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for f in (line.split() for line in table):
+                pairs.append((f[5], str(ipaddress.IPv6Address(int(f[0], 16)))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return pairs
+
+
+def discover_interfaces():
+    """This host's non-loopback interfaces and their addresses."""
+    ip = shutil.which("ip", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin")
+    if ip:
+        try:
+            return group_addresses(parse_ip_addr(subprocess.check_output(
+                [ip, "-o", "addr", "show"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                universal_newlines=True, timeout=10)))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return group_addresses(_kernel_pairs())
+
+
+def read_ssh_host_keys(ssh_dir):
+    """The valid "TYPE BASE64" of SSH_DIR/ssh_host_*_key.pub, by file name."""
+    keys = []
+    for path in sorted(glob.glob(os.path.join(ssh_dir, "ssh_host_*_key.pub"))):
+        try:
+            key = check_ssh_key(" ".join((read_file(path, 16384) or b"").decode().split()[:2]), path)
+        except (OSError, ValueError, InputError) as exc:
+            LOG.warning("ignoring %s: %s", path, exc)
+            continue
+        if key not in keys and len(keys) < 16:
+            keys.append(key)
+    return keys
+
+
+def local_names(hostname=None, fqdn=None):
+    """(short name, FQDN); without a usable FQDN of our own, the short name twice."""
+    short = hostname or socket.gethostname().split(".")[0]
+    if fqdn:
+        return short, fqdn
+    candidate = socket.getfqdn()
+    # "localhost.localdomain" is a valid FQDN, but not ours.
+    if candidate.split(".")[0].lower() != short.lower():
+        return short, short
+    try:
+        return short, check_fqdn(candidate, "fqdn")
+    except InputError:
+        return short, short
+
+
+def wait_for_network(timeout):
+    """Return once a non-loopback address exists; EnvironmentFailure after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while not any(i["ipv4"] or i["ipv6"] for i in discover_interfaces()):
+        if time.monotonic() >= deadline:
+            raise EnvironmentFailure("no network: no non-loopback address after %g s" % timeout)
+        time.sleep(1)
+
+
+# ---------------------------------------------------------------------------
+# Bootstrap sources
+
+def read_bootstrap_source(source, options):
+    """The bytes behind SOURCE, None when there are none."""
+    if source == "ec2" or source.startswith(("http://", "https://")):
+        return _fetch_remote(source, options)
+    path = options.cloud_init_user_data if source == "cloud-init" else source
+    try:
+        return read_file(path, MAX_BOOTSTRAP)
+    except OSError as exc:
+        raise ConfigError("cannot read the bootstrap %s: %s" % (path, exc))
+
+
+def _get(opener, url, method="GET", headers=None):
+    request = urllib.request.Request(url, None, headers or {}, method=method)
+    with opener(request, timeout=REQUEST_TIMEOUT) as reply:
+        return reply.read(MAX_BOOTSTRAP + 1)
+
+
+def _fetch(source):
+    if source != "ec2":
+        return _get(urllib.request.urlopen, source)
+    # IMDSv2. The metadata service is link-local: never through an http_proxy.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+    token = _get(opener, IMDS + "api/token", "PUT", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    return _get(opener, IMDS + "user-data", "GET", {"X-aws-ec2-metadata-token": token.decode().strip()})
+
+
+def _fetch_remote(source, options):
+    """The bootstrap at SOURCE, retried until --network-timeout; None on HTTP 404."""
+    if not options.address:
+        wait_for_network(options.network_timeout)
+    deadline = time.monotonic() + options.network_timeout
+    while True:
+        try:
+            return _fetch(source)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            problem = "HTTP %d" % exc.code
+            if exc.code < 500:
+                raise EnvironmentFailure("cannot read the bootstrap from %s: %s" % (source, problem))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            problem = str(exc)
+        if time.monotonic() >= deadline:
+            raise EnvironmentFailure("cannot read the bootstrap from %s: %s" % (source, problem))
+        LOG.info("bootstrap from %s not available yet (%s)", source, problem)
+        time.sleep(2)
+
+
+# ---------------------------------------------------------------------------
+# The broker
+
+def is_verification_error(exc):
+    """A TLS certificate verification failure: never worth retrying."""
+    # ssl.CertificateError is SSLCertVerificationError from Python 3.7 on.
+    return isinstance(exc, ssl.CertificateError) or (
+        isinstance(exc, ssl.SSLError) and getattr(exc, "reason", "") == "CERTIFICATE_VERIFY_FAILED")
+
+
+class Broker(object):
+    """HTTPS requests to the broker of a bootstrap, verified against its CA."""
+
+    def __init__(self, bootstrap):
+        parts = urllib.parse.urlsplit(bootstrap["url"])
+        self.host, self.port, self.prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
+        self.tls = make_tls_context(bootstrap["ca_pem"])
+        self.local_address = None   # our end of the first connection
+        self.reached = False        # whether any reply came back
+
+    def request(self, method, path, token=None, body=None, timeout=REQUEST_TIMEOUT):
+        """(status, raw body); socket and TLS errors propagate."""
+        headers = {"User-Agent": "ctxagent/" + __version__}
+        if body is not None:
+            body = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if token is not None:
+            headers["Authorization"] = "Bearer " + token
+        connection = http.client.HTTPSConnection(self.host, self.port, context=self.tls,
+                                                 timeout=timeout)
+        try:
+            connection.request(method, self.prefix + path, body, headers)
+            if self.local_address is None:
+                address = ipaddress.ip_address(connection.sock.getsockname()[0].split("%")[0])
+                self.local_address = str(getattr(address, "ipv4_mapped", None) or address)
+            reply = connection.getresponse()
+            raw = reply.read(MAX_REPLY + 1)
+        finally:
+            connection.close()
+        self.reached = True
+        LOG.debug("%s %s -> %d", method, path, reply.status)
+        if len(raw) > MAX_REPLY:
+            raise InputError("broker reply to %s %s is too large" % (method, path))
+        return reply.status, raw
+
+
+def decode_reply(raw, what):
+    """The JSON object in RAW."""
+    try:
+        return _expect(json.loads(raw.decode("utf-8")), dict, what)
+    except ValueError:
+        raise InputError("%s: invalid JSON" % what)
+
+
+def describe_error(status, raw):
+    """'HTTP 410 join_token_expired: ...' for an error reply, bounded."""
+    try:
+        detail = "%(error)s: %(message)s" % json.loads(raw.decode("utf-8"))
+    except (ValueError, TypeError, KeyError):
+        detail = raw[:200].decode("utf-8", "replace")
+    return "HTTP %d %s" % (status, _show(detail, 300))
+
+
+# ---------------------------------------------------------------------------
+# Logging
+
+class Redactor(logging.Formatter):
+    """UTC timestamps; every known secret and anything like a token removed."""
+
+    def __init__(self):
+        logging.Formatter.__init__(self, "%(asctime)s %(levelname)s %(message)s")
+        self.secrets = set()
+
+    def formatTime(self, record, datefmt=None):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+
+    def redact(self, text):
+        for secret in self.secrets:
+            text = text.replace(secret, "<redacted>")
+        return TOKEN.sub(r"ctxd_\1_<redacted>", text)
+
+    def format(self, record):
+        return self.redact(logging.Formatter.format(self, record))
+
+
+class RunLog(logging.Handler):
+    """This run's log: kept for the reports' log_tail, copied to the log file once open."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.lines = []
+        self.stream = None
+
+    def emit(self, record):
+        self.lines.append(self.format(record) + "\n")
+        if self.stream is not None:
+            self.stream.write(self.lines[-1])
+            self.stream.flush()
+
+    def open_file(self, path):
+        """Append to PATH (0600, not through a symlink), starting with what is logged so far."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o600)
+        self.stream = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+        self.stream.write("".join(self.lines))
+
+    def tail(self):
+        return "".join(self.lines)[-TAIL:]
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+        logging.Handler.close(self)
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+class Agent(object):
+    """One run: bootstrap, enroll, poll, act, report."""
+
+    def __init__(self, options, formatter, runlog):
+        self.options, self.formatter, self.runlog = options, formatter, runlog
+        self.bootstrap = self.broker = self.node = None
+        self.deadline = None
+
+    def state(self, name):
+        return os.path.join(self.options.state_dir, name)
+
+    def node_path(self, tail):
+        return "/v1/contexts/%(context_id)s/nodes/%(node_id)s/" % self.node + tail
+
+    def run(self):
+        o = self.options
+        self.bootstrap = b = parse_bootstrap(read_bootstrap_source(o.bootstrap, o))
+        if b is None:
+            LOG.info("no ctxd bootstrap in %s: nothing to do", o.bootstrap)
+            return EXIT_OK
+        self.formatter.secrets.add(b["join_token"])
+        check_scripts_dir(o.scripts_dir, o.scripts_dir_given)
+        try:
+            make_private_dir(o.state_dir)
+            self.runlog.open_file(self.state("ctxagent.log"))
+        except OSError as exc:
+            raise ConfigError("unusable state directory %s: %s" % (o.state_dir, exc))
+        LOG.info("ctxagent %s: context %s, group %s, broker %s",
+                 __version__, b["context_id"], b["group"], b["url"])
+        if not o.address:
+            wait_for_network(o.network_timeout)
+        self.broker = Broker(b)
+        self.deadline = time.monotonic() + o.timeout
+        self.call("GET", "/healthz")   # also learns our address
+        self.ensure_node(self.local_identity())
+        self.report("contextualizing", self.deadline)
+        view = self.poll_view()
+        apply_view(view, b["context_id"], self.node["node_id"],
+                   Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file),
+                   o.script_timeout)
+        LOG.info("contextualization done")
+        self.report("ok", max(self.deadline, time.monotonic() + FINAL_REPORT_BUDGET))
+        return EXIT_OK
+
+    def local_identity(self):
+        o = self.options
+        hostname, fqdn = local_names(o.hostname, o.fqdn)
+        identity = {"hostname": hostname, "fqdn": fqdn,
+                    "primary_ip": o.address or self.broker.local_address,
+                    "interfaces": discover_interfaces(),
+                    "ssh_host_keys": read_ssh_host_keys(o.ssh_dir)}
+        try:
+            validate_identity(identity, "this host")
+        except InputError as exc:
+            raise ConfigError("%s (see --hostname, --fqdn, --address)" % exc)
+        LOG.info("identity: %(primary_ip)s %(fqdn)s %(hostname)s", identity)
+        return identity
+
+    def call(self, method, path, token=None, body=None, deadline=None, timeout=REQUEST_TIMEOUT):
+        """(status, raw) of a request; connection errors and 5xx retried until DEADLINE."""
+        delay = 1.0
+        while True:
+            try:
+                status, raw = self.broker.request(method, path, token, body, timeout)
+                if status < 500:
+                    return status, raw
+                problem = describe_error(status, raw)
+            except (OSError, http.client.HTTPException, ssl.CertificateError) as exc:
+                if is_verification_error(exc):
+                    raise EnvironmentFailure("TLS verification of %s failed: %s"
+                                             % (self.bootstrap["url"], exc))
+                problem = "%s: %s" % (type(exc).__name__, exc)
+            remaining = (deadline or self.deadline) - time.monotonic()
+            if remaining <= 0:
+                raise self.timed_out(problem)
+            pause = min(remaining, delay * random.uniform(0.5, 1.5))
+            LOG.warning("%s %s failed (%s); retry in %.1f s", method, path.split("?")[0], problem, pause)
+            time.sleep(pause)
+            delay = min(delay * 2, 60.0)
+
+    def timed_out(self, problem):
+        if self.broker.reached:
+            return IncompleteError("no complete view within %g s (%s)" % (self.options.timeout, problem))
+        return EnvironmentFailure("broker %s unreachable for %g s (%s)"
+                                  % (self.bootstrap["url"], self.options.timeout, problem))
+
+    def refused(self, what, status, raw):
+        """The error for an unexpected reply: RefusedError for 401/403/404/409/410."""
+        kind = RefusedError if status in REFUSED else InputError
+        return kind("%s refused by the broker: %s" % (what, describe_error(status, raw)))
+
+    def instance_key(self):
+        """This VM's enrollment secret; made and saved before its first use."""
+        path = self.state("instance_key")
+        key = (read_file(path, 1024) or b"").decode("ascii", "replace").strip()
+        if not key:
+            key = secrets.token_urlsafe(32)
+            atomic_write(path, key.encode("ascii") + b"\n")
+        elif not SECRET.fullmatch(key):
+            raise ConfigError("%s is corrupt; remove it to enroll as a new node" % path)
+        self.formatter.secrets.add(key)
+        return key
+
+    def load_node(self):
+        """The saved node credential, if valid and for this bootstrap's context and group."""
+        path, b = self.state("node.json"), self.bootstrap
+        try:
+            data = read_file(path, 65536)
+            if data is None:
+                return None
+            node = decode_reply(data, path)
+            token = node.get("node_token")
+            if not (isinstance(token, str) and token.startswith("ctxd_node_")):
+                raise InputError("%s: no node token" % path)
+            check_id(node.get("node_id"), path)
+        except InputError as exc:
+            LOG.warning("ignoring %s", exc)
+            return None
+        self.formatter.secrets.add(token)
+        if (node.get("context_id"), node.get("group")) != (b["context_id"], b["group"]):
+            LOG.info("%s is for another context or group", path)
+            return None
+        return node
+
+    def ensure_node(self, identity):
+        """Reuse the saved node credential, or (re-)enroll."""
+        self.node = self.load_node()
+        if self.node is not None:
+            status, raw = self.call("PUT", self.node_path("identity"), self.node["node_token"], identity)
+            if status == 200:
+                LOG.info("node %s: identity updated", self.node["node_id"])
+                return
+            if status not in (401, 403, 404):
+                raise self.refused("identity update", status, raw)
+            LOG.info("saved credential refused (%s): enrolling again", describe_error(status, raw))
+        b = self.bootstrap
+        body = {"instance_key": self.instance_key(), "identity": identity}
+        status, raw = self.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"], body)
+        if status not in (200, 201):
+            raise self.refused("enrollment", status, raw)
+        reply = decode_reply(raw, "enrollment reply")
+        token = reply.get("node_token")
+        if (reply.get("context_id"), reply.get("group")) != (b["context_id"], b["group"]) or not (
+                isinstance(token, str) and token.startswith("ctxd_node_") and SECRET.fullmatch(token)):
+            raise InputError("enrollment reply: no node credential for our context and group")
+        self.formatter.secrets.add(token)
+        self.node = {"url": b["url"], "context_id": b["context_id"], "group": b["group"],
+                     "node_id": check_id(reply.get("node_id"), "enrollment reply"), "node_token": token}
+        atomic_write(self.state("node.json"), json.dumps(self.node).encode("utf-8"))
+        LOG.info("enrolled as node %s (%s)", self.node["node_id"], "new" if status == 201 else "again")
+
+    def report(self, state, deadline):
+        body = {"state": state}
+        if state == "ok":
+            body["log_tail"] = self.runlog.tail()
+        status, raw = self.call("POST", self.node_path("report"), self.node["node_token"], body, deadline)
+        if status != 200:
+            raise self.refused("report " + state, status, raw)
+        LOG.info("reported %s", state)
+
+    def poll_view(self):
+        """Long-poll until the view is complete; the raw view."""
+        since, waiting = -1, None
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timed_out("no view received" if waiting is None else
+                                     "waiting for %s" % ("; ".join(waiting) or "(nothing named)"))
+            wait = max(0, min(self.options.poll_wait, int(remaining)))
+            status, raw = self.call("GET", self.node_path("view?since=%d&wait=%d" % (since, wait)),
+                                    self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
+            if status == 304:
+                continue
+            if status != 200:
+                raise self.refused("view", status, raw)
+            view = decode_reply(raw, "view")
+            revision, complete, now_waiting = view_progress(view)
+            if complete:
+                return view
+            if now_waiting != waiting:
+                LOG.info("view revision %d: waiting for %s", revision, "; ".join(now_waiting))
+                waiting = now_waiting
+            if revision <= since:
+                time.sleep(1)   # a broker that does not wait must not make us spin
+            since = revision
+
+    def fail(self, code, message):
+        """Report the failure, best effort and briefly, when we hold a credential."""
+        if self.node is None or code in (EXIT_ENVIRONMENT, EXIT_REFUSED):
+            return
+        body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:4096],
+                "log_tail": self.runlog.tail()}
+        try:
+            status, raw = self.broker.request("POST", self.node_path("report"), self.node["node_token"],
+                                              body, ERROR_REPORT_TIMEOUT)
+            problem = None if status == 200 else describe_error(status, raw)
+        except (OSError, http.client.HTTPException, ssl.CertificateError, InputError) as exc:
+            problem = str(exc)
+        if problem:
+            LOG.warning("could not report the error: %s", problem)
+        else:
+            LOG.info("reported error")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+def _number(low, high, kind=float):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low < value <= high:
+            raise argparse.ArgumentTypeError("not in (%g, %g]: %r" % (low, high, text))
+        return value
+    return convert
+
+
+def _checked(check):
+    def convert(text):
+        try:
+            return check(text, "value")
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+    return convert
+
+
+def parse_args(argv):
+    """The options in ARGV (argparse's SystemExit for a usage error or --help)."""
+    # The epilog is the docstring's table (none under python -OO).
+    epilog = __doc__ and "exit codes:" + __doc__.split("Exit codes:")[1].split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="ctxagent.py", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Enroll, wait for the cluster's view, configure.")
+    add = parser.add_argument
+    seconds = _number(0, 1e9)
+    add("--bootstrap", required=True, metavar="SOURCE", help="FILE, http(s)://URL, ec2 or cloud-init")
+    add("--scripts-dir", metavar="DIR", help="[/opt/ctx-scripts, may be missing]")
+    add("--state-dir", metavar="DIR", default="/var/lib/ctxagent", help="[%(default)s]")
+    add("--timeout", type=seconds, default=1800.0, metavar="S", help="to reach a complete view [%(default)g]")
+    add("--hosts-file", metavar="FILE", default="/etc/hosts", help="[%(default)s]")
+    add("--known-hosts-file", metavar="FILE", default="/etc/ssh/ssh_known_hosts", help="[%(default)s]")
+    add("--ssh-dir", metavar="DIR", default="/etc/ssh", help="with ssh_host_*_key.pub [%(default)s]")
+    add("--address", type=_checked(check_ip), metavar="IP",
+        help="to report [ours on the connection to the broker]")
+    add("--hostname", type=_checked(check_hostname), metavar="SHORT", help="to report")
+    add("--fqdn", type=_checked(check_fqdn), metavar="FQDN", help="to report")
+    add("--network-timeout", type=seconds, default=120.0, metavar="S", help="for a network address [%(default)g]")
+    add("--poll-wait", type=_number(-1, 60, int), default=30, metavar="S", help="0..60 [%(default)d]")
+    add("--script-timeout", type=seconds, default=600.0, metavar="S", help="[%(default)s]")
+    add("--cloud-init-user-data", metavar="FILE", default="/var/lib/cloud/instance/user-data.txt",
+        help="[%(default)s]")
+    add("-v", "--verbose", action="store_true")
+    options = parser.parse_args(argv)
+    options.scripts_dir_given = options.scripts_dir is not None
+    # Absolute, so CTX_VIEW and data paths work from a script's cwd.
+    options.scripts_dir = os.path.abspath(options.scripts_dir or "/opt/ctx-scripts")
+    options.state_dir = os.path.abspath(options.state_dir)
+    return options
+
+
+def main(argv):
+    """Run the agent with ARGV; the exit code."""
+    try:
+        options = parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    formatter, runlog, console = Redactor(), RunLog(), logging.StreamHandler(sys.stderr)
+    saved = LOG.level, LOG.propagate
+    LOG.setLevel(logging.DEBUG if options.verbose else logging.INFO)
+    LOG.propagate = False
+    for handler in (runlog, console):
+        handler.setFormatter(formatter)
+        LOG.addHandler(handler)
+    agent = Agent(options, formatter, runlog)
+    try:
+        return agent.run()
+    except Exception as exc:   # every failure ends as a documented exit code
+        code, message = exit_code_for(exc), str(exc) or type(exc).__name__
+        if code in (EXIT_BUG, EXIT_UNCAUGHT):
+            LOG.exception("internal error")
+            message = "internal error: %s: %s" % (type(exc).__name__, message)
+        LOG.error("failed (exit %d): %s", code, message)
+        agent.fail(code, message)
+        return code
+    finally:
+        for handler in (runlog, console):
+            LOG.removeHandler(handler)
+            handler.close()
+        LOG.setLevel(saved[0])
+        LOG.propagate = saved[1]
+
+
+def console_main():
+    """Entry point of the ctxagent console script."""
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,362 @@
+"""Cluster files: the TOML a deployer writes, turned into a ``POST /v1/contexts`` body.
+
+Example (``examples/torque/cluster.toml``)::
+
+    name = "torque-demo"
+    open_for_injection = false
+    [[group]]
+    name = "head"
+    quantity = 1
+    provides = ["torquemaster"]
+    requires = [{ role = "torqueslave" }]
+    data = ["gridmap"]
+    [[group]]
+    name = "compute"
+    quantity = 3
+    provides = ["torqueslave"]
+    requires = [{ role = "torquemaster", ready = true }]
+    all_identities = true
+    [data]
+    gridmap = { file = "grid-mapfile" }
+
+Top level: ``name`` (required, 1-128 printable characters), ``open_for_injection``
+(bool, default false), ``expires_in`` and ``join_token_ttl`` (integer seconds,
+optional, at least 60), ``[[group]]`` (1-64) and ``[data]`` (at most 64 items).
+Group, role and data names match ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``.
+
+A data item is one of ``{ file = "PATH" }`` (relative to the cluster file),
+``{ files = ["A", "B"] }`` (several values), ``{ value = "inline text" }``, or - only
+when ``open_for_injection = true`` - ``{}`` / ``{ inject = true }`` (values come
+later with ``ctxctl data put``).
+
+Every problem is reported as ONE line naming the field, e.g.
+``cluster.toml: group[1].quantity: must be an integer >= 1``. Group and list
+indexes count from 0, like the JSON paths in the broker's errors.
+
+This module is pure apart from reading the data files (through a callable that
+tests replace); it never imports Twisted.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11; setup.py installs tomli there.
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "ClusterFileError",
+    "NAME_RE",
+    "MAX_QUANTITY",
+    "load_cluster_file",
+    "parse_cluster_text",
+    "build_create_request",
+]
+
+#: Role, data and group names (docs/api.md, "Names").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+MAX_QUANTITY = 100000
+#: The broker's limits (docs/api.md): times in seconds, counts.
+MIN_SECONDS = 60
+MAX_EXPIRES_IN = 365 * 24 * 3600
+MAX_CONTEXT_NAME = 128
+MAX_GROUPS = 64
+MAX_ROLES = 64
+MAX_DATA_ITEMS = 64
+MAX_VALUES = 1024
+
+_TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "group", "data")
+_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities")
+_REQUIRE_KEYS = ("role", "ready")
+_DATA_KEYS = ("file", "files", "value", "inject")
+
+ReadFile = Callable[[str], bytes]
+
+
+class ClusterFileError(Exception):
+    """A cluster file that cannot be turned into a create request; ``str()`` is one line."""
+
+
+def load_cluster_file(path: str) -> Dict[str, Any]:
+    """Read the cluster file at ``path`` and return the ``POST /v1/contexts`` body.
+
+    Data files are read relative to the directory of ``path``. Error messages
+    start with ``path`` as given.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as e:
+        raise ClusterFileError(f"{path}: cannot read: {_os_reason(e)}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClusterFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return parse_cluster_text(text, label=path, read_file=_file_reader(base_dir))
+
+
+def parse_cluster_text(text: str, label: str = "cluster.toml",
+                       read_file: Optional[ReadFile] = None) -> Dict[str, Any]:
+    """Parse TOML ``text`` and return the create-request body (see :func:`build_create_request`)."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterFileError(f"{label}: invalid TOML: {_one_line(str(e))}") from None
+    except (ValueError, TypeError, RecursionError) as e:  # pragma: no cover - defensive
+        raise ClusterFileError(f"{label}: invalid TOML: {_one_line(str(e))}") from None
+    return build_create_request(document, label=label, read_file=read_file)
+
+
+def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml",
+                         read_file: Optional[ReadFile] = None) -> Dict[str, Any]:
+    """Validate a parsed cluster document and build the create-request body.
+
+    ``read_file(path)`` returns a data file's bytes (``path`` as written in the
+    cluster file); it defaults to reading relative to the current directory. The
+    body spells out every default so it is exactly what the broker will store.
+    """
+    if read_file is None:
+        read_file = _file_reader(os.getcwd())
+    v = _Validator(label)
+    if not isinstance(document, Mapping):
+        raise v.error("", "must be a table")
+    v.reject_unknown("", document, _TOP_KEYS)
+
+    body: Dict[str, Any] = {"name": v.context_name("name", document.get("name"))}
+    open_for_injection = v.boolean("open_for_injection", document.get("open_for_injection", False))
+    body["open_for_injection"] = open_for_injection
+
+    expires_in = document.get("expires_in")
+    if expires_in is not None:
+        body["expires_in"] = v.integer("expires_in", expires_in, MIN_SECONDS, MAX_EXPIRES_IN, unit=" (seconds)")
+    ttl = document.get("join_token_ttl")
+    if ttl is not None:
+        body["join_token_ttl"] = v.integer("join_token_ttl", ttl, MIN_SECONDS, MAX_EXPIRES_IN, unit=" (seconds)")
+        if expires_in is not None and body["join_token_ttl"] > body["expires_in"]:
+            raise v.error("join_token_ttl", f"must not exceed expires_in ({body['expires_in']})")
+
+    data = _data_items(v, document.get("data", {}), open_for_injection, read_file)
+    body["groups"] = _groups(v, document.get("group"), data)
+    body["data"] = data
+    return body
+
+
+def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    if raw is None:
+        raise v.error("group", "at least one [[group]] is required")
+    if not isinstance(raw, list) or not all(isinstance(g, Mapping) for g in raw):
+        raise v.error("group", "must be an array of tables ([[group]])")
+    if not raw:
+        raise v.error("group", "at least one [[group]] is required")
+    if len(raw) > MAX_GROUPS:
+        raise v.error("group", f"at most {MAX_GROUPS} groups (got {len(raw)})")
+
+    groups: List[Dict[str, Any]] = []
+    seen: Dict[str, int] = {}
+    for i, g in enumerate(raw):
+        where = f"group[{i}]"
+        v.reject_unknown(where, g, _GROUP_KEYS)
+        name = v.name(f"{where}.name", g.get("name"), required=True)
+        if name in seen:
+            raise v.error(f"{where}.name", f"duplicate group name {name!r} (also group[{seen[name]}])")
+        seen[name] = i
+        if "quantity" not in g:
+            raise v.error(f"{where}.quantity", f"is required (an integer 1..{MAX_QUANTITY})")
+        quantity = v.integer(f"{where}.quantity", g["quantity"], 1, MAX_QUANTITY)
+        provides = v.name_list(f"{where}.provides", g.get("provides", []), MAX_ROLES)
+        requires = _requires(v, where, g.get("requires", []))
+        group_data = v.name_list(f"{where}.data", g.get("data", []), MAX_DATA_ITEMS)
+        for j, item in enumerate(group_data):
+            if item not in data:
+                raise v.error(f"{where}.data[{j}]", f"{item!r} is not declared in [data]")
+        groups.append({
+            "name": name,
+            "quantity": quantity,
+            "provides": provides,
+            "requires": requires,
+            "data": group_data,
+            "all_identities": v.boolean(f"{where}.all_identities", g.get("all_identities", False)),
+        })
+
+    provided = {role for g in groups for role in g["provides"]}
+    for i, g in enumerate(groups):
+        for j, req in enumerate(g["requires"]):
+            if req["role"] not in provided:
+                raise v.error(f"group[{i}].requires[{j}].role",
+                              f"no group provides role {req['role']!r}")
+    # Ready-requirement cycles are left to the broker, which names the cycle
+    # (400 invalid_cluster); one implementation of that rule is enough.
+    return groups
+
+
+def _requires(v: "_Validator", where: str, raw: Any) -> List[Dict[str, Any]]:
+    field = f"{where}.requires"
+    if not isinstance(raw, list):
+        raise v.error(field, 'must be an array of tables, e.g. [{ role = "torquemaster", ready = true }]')
+    if len(raw) > MAX_ROLES:
+        raise v.error(field, f"at most {MAX_ROLES} required roles (got {len(raw)})")
+    out: List[Dict[str, Any]] = []
+    seen = set()
+    for j, r in enumerate(raw):
+        item = f"{field}[{j}]"
+        if not isinstance(r, Mapping):
+            raise v.error(item, 'must be a table, e.g. { role = "torquemaster", ready = true }')
+        v.reject_unknown(item, r, _REQUIRE_KEYS)
+        role = v.name(f"{item}.role", r.get("role"), required=True)
+        if role in seen:
+            raise v.error(f"{item}.role", f"role {role!r} is required twice")
+        seen.add(role)
+        out.append({"role": role, "ready": v.boolean(f"{item}.ready", r.get("ready", False))})
+    return out
+
+
+def _data_items(v: "_Validator", raw: Any, open_for_injection: bool,
+                read_file: ReadFile) -> Dict[str, List[Dict[str, str]]]:
+    if not isinstance(raw, Mapping):
+        raise v.error("data", 'must be a table, e.g. [data] gridmap = { file = "grid-mapfile" }')
+    if len(raw) > MAX_DATA_ITEMS:
+        raise v.error("data", f"at most {MAX_DATA_ITEMS} data items (got {len(raw)})")
+    out: Dict[str, List[Dict[str, str]]] = {}
+    for name, spec in raw.items():
+        field = f"data.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise v.error(field, f"invalid data name: must match {NAME_RE.pattern[:-2]}")
+        if not isinstance(spec, Mapping):
+            raise v.error(field, 'must be a table: { file = "PATH" }, { files = [...] }, '
+                                 '{ value = "TEXT" } or { inject = true }')
+        v.reject_unknown(field, spec, _DATA_KEYS)
+        sources = [k for k in ("file", "files", "value") if k in spec]
+        if len(sources) > 1:
+            raise v.error(field, f"give only one of file, files, value (got {', '.join(sources)})")
+        inject = v.boolean(f"{field}.inject", spec.get("inject", not sources))
+        if sources and inject:
+            raise v.error(f"{field}.inject", f"cannot be combined with {sources[0]}")
+        if not sources:
+            if not inject:
+                raise v.error(field, "needs file, files or value (or inject = true)")
+            if not open_for_injection:
+                raise v.error(field, "has no value; that is only allowed with open_for_injection = true")
+            out[name] = []
+            continue
+        kind = sources[0]
+        if kind == "value":
+            text = spec["value"]
+            if not isinstance(text, str):
+                raise v.error(f"{field}.value", "must be a string")
+            out[name] = [_b64(v, f"{field}.value", text)]
+        elif kind == "file":
+            out[name] = [v.read(f"{field}.file", spec["file"], read_file)]
+        else:
+            files = spec["files"]
+            if not isinstance(files, list) or not files:
+                raise v.error(f"{field}.files", "must be a non-empty array of paths")
+            if len(files) > MAX_VALUES:
+                raise v.error(f"{field}.files", f"at most {MAX_VALUES} files (got {len(files)})")
+            out[name] = [v.read(f"{field}.files[{k}]", p, read_file) for k, p in enumerate(files)]
+    return out
+
+
+class _Validator:
+    """Field checks that raise :class:`ClusterFileError` with ``LABEL: FIELD: PROBLEM``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def error(self, field: str, problem: str) -> ClusterFileError:
+        where = f"{self.label}: {field}" if field else self.label
+        return ClusterFileError(_one_line(f"{where}: {problem}"))
+
+    def reject_unknown(self, field: str, table: Mapping[Any, Any], allowed: tuple) -> None:
+        for key in table:
+            if key not in allowed:
+                path = f"{field}.{key}" if field else str(key)
+                raise self.error(path, f"unknown key (allowed: {', '.join(allowed)})")
+
+    def name(self, field: str, value: Any, required: bool = False) -> str:
+        if value is None and required:
+            raise self.error(field, "is required")
+        if not isinstance(value, str):
+            raise self.error(field, "must be a string")
+        if not NAME_RE.match(value):
+            raise self.error(field, f"{_short(value)} is not a valid name: "
+                                    "1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+        return value
+
+    def context_name(self, field: str, value: Any) -> str:
+        if value is None:
+            raise self.error(field, "is required")
+        if not isinstance(value, str):
+            raise self.error(field, "must be a string")
+        if not value or len(value) > MAX_CONTEXT_NAME or not value.isprintable():
+            raise self.error(field, f"must be 1-{MAX_CONTEXT_NAME} printable characters")
+        return value
+
+    def name_list(self, field: str, value: Any, limit: int) -> List[str]:
+        if not isinstance(value, list):
+            raise self.error(field, 'must be an array of names, e.g. ["torquemaster"]')
+        if len(value) > limit:
+            raise self.error(field, f"at most {limit} names (got {len(value)})")
+        names = [self.name(f"{field}[{i}]", item) for i, item in enumerate(value)]
+        for i, item in enumerate(names):
+            if item in names[:i]:
+                raise self.error(f"{field}[{i}]", f"{item!r} is listed twice")
+        return names
+
+    def boolean(self, field: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(field, "must be true or false")
+        return value
+
+    def integer(self, field: str, value: Any, low: int, high: int, unit: str = "") -> int:
+        # bool is an int subclass in Python; `quantity = true` is still a mistake.
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise self.error(field, f"must be an integer >= {low}{unit}")
+        if value > high:
+            raise self.error(field, f"must be an integer <= {high}{unit}")
+        return value
+
+    def read(self, field: str, path: Any, read_file: ReadFile) -> Dict[str, str]:
+        if not isinstance(path, str) or not path:
+            raise self.error(field, "must be a non-empty path string")
+        try:
+            content = read_file(path)
+        except (OSError, ValueError) as e:
+            raise self.error(field, f"cannot read {_short(path)}: {_os_reason(e)}") from None
+        return {"b64": base64.b64encode(content).decode("ascii")}
+
+
+def _b64(v: _Validator, field: str, text: str) -> Dict[str, str]:
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise v.error(field, "is not valid Unicode text") from None
+    return {"b64": base64.b64encode(raw).decode("ascii")}
+
+
+def _file_reader(base_dir: str) -> ReadFile:
+    def read_file(path: str) -> bytes:
+        full = os.path.join(base_dir, os.path.expanduser(path))
+        with open(full, "rb") as f:
+            return f.read()
+    return read_file
+
+
+def _os_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+def _short(value: str, limit: int = 70) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

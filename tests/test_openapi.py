@@ -1,0 +1,385 @@
+"""docs/openapi.yaml against the code: the route table, credentials and real responses."""
+
+import json
+import os
+import re
+from urllib.parse import urlsplit
+
+import pytest
+import treq
+import yaml
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ctxd import tokens, validate
+from ctxd.api import DEFAULT_MAX_BODY, ROUTES, BrokerResource, match
+from ctxd.broker import Broker
+from ctxd.journal import MemoryJournal
+from ctxd.model import Model
+
+SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")
+HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+BEARER = [{"bearerAuth": []}]
+ADMIN = tokens.new_token(tokens.ADMIN)
+BASE = "https://ctxd.test:8443"
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    with open(SPEC_PATH, encoding="utf-8") as f:
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def operations(spec):
+    """{(METHOD, path template): operation} for every operation in the spec."""
+    return {
+        (method.upper(), path): op
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in HTTP_METHODS
+    }
+
+
+def operation(ops, route):
+    """The spec's operation for ``route`` (its absence is reported by test_spec_operations_equal_routes)."""
+    key = (route.method, route.template)
+    assert key in ops, f"{key} is not in the spec"
+    return ops[key]
+
+
+# -- a minimal validator for the OpenAPI 3.0 schema subset the spec uses -------------
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "integer": int, "number": (int, float)}
+_LIMITS = {"minimum": (lambda v: v, 1), "maximum": (lambda v: v, -1), "minLength": (len, 1),
+           "maxLength": (len, -1), "minItems": (len, 1), "maxItems": (len, -1), "maxProperties": (len, -1)}
+ENFORCED = set(_LIMITS) | {"$ref", "type", "nullable", "properties", "required", "additionalProperties",
+                           "items", "enum", "pattern"}
+DOCUMENTARY = {"description", "default", "format"}
+
+
+def deref(spec, node):
+    """``node`` with its local ``$ref`` (if any) followed."""
+    while "$ref" in node:
+        target = spec
+        for part in node["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def problems(spec, schema, value, at="$"):
+    """What is wrong with ``value`` under ``schema`` (an empty list when it is valid)."""
+    schema = deref(spec, schema)
+    if value is None:
+        return [] if schema.get("nullable") else [f"{at}: null is not allowed"]
+    kind = schema.get("type")
+    if kind and (not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "boolean")):
+        return [f"{at}: {value!r:.60} is not of type {kind}"]
+    found = []
+    if "enum" in schema and value not in schema["enum"]:
+        found.append(f"{at}: {value!r:.60} is not one of {schema['enum']}")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        found.append(f"{at}: {value!r:.60} does not match {schema['pattern']}")
+    for key, (measure, sign) in _LIMITS.items():
+        if key in schema and sign * (measure(value) - schema[key]) < 0:
+            found.append(f"{at}: {key} {schema[key]} is not met")
+    if isinstance(value, dict):
+        found += [f"{at}: missing {k!r}" for k in schema.get("required", ()) if k not in value]
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                found += problems(spec, props[k], v, f"{at}.{k}")
+            elif extra is False:
+                found.append(f"{at}: unexpected field {k!r}")
+            elif isinstance(extra, dict):
+                found += problems(spec, extra, v, f"{at}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            found += problems(spec, schema["items"], item, f"{at}[{i}]")
+    return found
+
+
+def schemas_in(spec):
+    """Every schema in the spec: components, parameters, bodies, and their sub-schemas."""
+    roots = list(spec["components"]["schemas"].values())
+
+    def collect(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "schema":
+                    roots.append(value)
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(spec["paths"])
+    collect({k: v for k, v in spec["components"].items() if k != "schemas"})
+    while roots:
+        schema = roots.pop()
+        yield schema
+        subs = list(schema.get("properties", {}).values()) + [schema.get("items"), schema.get("additionalProperties")]
+        roots.extend(s for s in subs if isinstance(s, dict))
+
+
+# -- the route table ------------------------------------------------------------------
+
+
+def test_spec_operations_equal_routes(spec):
+    """The spec has exactly the (method, path template) pairs of ctxd.api.ROUTES."""
+    in_code = {(r.method, r.template) for r in ROUTES}
+    in_spec = set(operations(spec))
+    assert in_code == in_spec, (
+        f"in ROUTES but not in the spec: {sorted(in_code - in_spec)}; "
+        f"in the spec but not in ROUTES: {sorted(in_spec - in_code)}"
+    )
+
+
+def test_operation_ids_and_security_follow_routes(spec):
+    """operationId is the route's handler; auth "none" has `security: []`, others need bearer."""
+    scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    ops = operations(spec)
+    for route in ROUTES:
+        op = operation(ops, route)
+        assert op["operationId"] == route.handler, route
+        security = op.get("security", spec.get("security"))
+        assert security == ([] if route.auth == "none" else BEARER), route
+        assert op["x-ctxd-token"] == route.auth, route
+
+
+def test_bodies_parameters_and_common_statuses_follow_routes(spec):
+    """Request bodies match Route.body; path parameters are declared; shared error statuses are listed."""
+    ops = operations(spec)
+    for route in ROUTES:
+        op = operation(ops, route)
+        statuses = set(op["responses"])
+        body = op.get("requestBody")
+        if route.body == "none":
+            assert body is None, route
+        else:
+            assert body["required"] is (route.body == "required"), route
+            assert list(body["content"]) == ["application/json"], route
+            assert {"400", "413", "415"} <= statuses, route
+        assert "500" in statuses, route
+        if route.auth != "none":
+            assert {"401", "403"} <= statuses, route
+        params = spec["paths"][route.template].get("parameters", []) + op.get("parameters", [])
+        in_path = {deref(spec, p)["name"] for p in params if deref(spec, p)["in"] == "path"}
+        assert in_path == set(re.findall(r"\{(\w+)\}", route.template)), route
+
+
+def test_parameter_patterns_are_the_validators(spec):
+    """The cid/nid and data-name patterns are ctxd.validate's ID_RE and NAME_RE; wait is 0..60."""
+    def pattern(name):
+        return deref(spec, deref(spec, spec["components"]["parameters"][name])["schema"])["pattern"]
+
+    as_spec = lambda rx: "^" + rx.pattern.replace(r"\Z", "$")  # noqa: E731
+    assert pattern("cid") == pattern("nid") == as_spec(validate.ID_RE) == "^[A-Za-z0-9_-]{22}$"
+    assert pattern("name") == as_spec(validate.NAME_RE) == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+    view = operations(spec)[("GET", "/v1/contexts/{cid}/nodes/{nid}/view")]
+    query = {p["name"]: p["schema"] for p in view["parameters"] if p["in"] == "query"}
+    assert query["since"]["type"] == "integer"
+    assert (query["wait"]["type"], query["wait"]["minimum"], query["wait"]["maximum"]) == ("integer", 0, 60)
+
+
+def test_validator_understands_every_schema_keyword(spec):
+    """Every keyword in the spec's schemas is enforced by this file's validator or purely documentary."""
+    used = set()
+    for schema in schemas_in(spec):
+        used.update(schema)
+    assert used <= ENFORCED | DOCUMENTARY, sorted(used - ENFORCED - DOCUMENTARY)
+
+
+# -- real responses ---------------------------------------------------------------------
+
+
+class Api:
+    """The real resource over StubTreq; every answer is checked against the spec."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.ops = operations(spec)
+        self.clock = Clock()
+        self.broker = Broker(Model(), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM)
+        self.stub = StubTreq(BrokerResource(self.broker))
+        self.seen = set()  # (handler, status)
+
+    def call(self, method, path, token=None, body=None, expect=None, raw=None, ctype="application/json"):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        if data is not None and ctype:
+            headers["Content-Type"] = ctype
+        d = self.stub.request(method, BASE + path, headers=headers, data=data)
+        d.addCallback(lambda r: treq.content(r).addCallback(lambda content: (r.code, content)))
+        self.stub.flush()
+        results = []
+        d.addBoth(results.append)
+        assert results, f"{method} {path}: no answer"
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        status, content = results[0]
+        assert expect is None or status == expect, (method, path, status, content[:300])
+        return self.check(method, path, body if raw is None else None, status, content)
+
+    def check(self, method, path, sent, status, content):
+        route, _ = match(method, urlsplit(path).path)
+        op = operation(self.ops, route)
+        self.seen.add((route.handler, status))
+        where = f"{method} {route.template} -> {status}"
+        assert str(status) in op["responses"], f"{where}: status not declared in the spec"
+        response = deref(self.spec, op["responses"][str(status)])
+        if "content" not in response:
+            assert content == b"", f"{where}: the spec declares no body"
+            return None
+        value = json.loads(content)
+        schema = response["content"]["application/json"]["schema"]
+        assert not problems(self.spec, schema, value), (where, problems(self.spec, schema, value), value)
+        if "x-error-codes" in response:
+            assert value["error"] in response["x-error-codes"], (where, value)
+        if sent is not None and status < 300:
+            body_schema = op["requestBody"]["content"]["application/json"]["schema"]
+            assert not problems(self.spec, body_schema, sent), (where, "accepted body fails its schema", sent)
+        return value
+
+
+def identity(n):
+    return {
+        "hostname": f"node{n}",
+        "fqdn": f"node{n}.cluster.test.",
+        "primary_ip": f"10.9.0.{n}",
+        "interfaces": [{"name": "eth0", "ipv4": [f"10.9.0.{n}"], "ipv6": [f"fd00:0::{n}"]}],
+        "ssh_host_keys": [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{n:04d}key root@node{n}"],
+    }
+
+
+def enrollment(n):
+    return {"instance_key": f"instance-key-{n:06d}-abcdef", "identity": identity(n)}
+
+
+def cluster(**extra):
+    return dict(
+        {
+            "name": "openapi-demo",
+            "open_for_injection": True,
+            "expires_in": 3600,
+            "groups": [
+                {"name": "head", "quantity": 1, "provides": ["master"], "requires": [{"role": "worker"}],
+                 "data": ["gridmap"]},
+                {"name": "compute", "quantity": 2, "provides": ["worker"],
+                 "requires": [{"role": "master", "ready": True}], "all_identities": True},
+            ],
+            "data": {"gridmap": []},
+        },
+        **extra,
+    )
+
+
+def test_broker_responses_match_declared_schemas(spec):
+    """Each status a real broker returns is declared for its route and its body validates."""
+    api = Api(spec)
+    ctx = "/v1/contexts"
+    api.call("GET", "/healthz", expect=200)
+    created = api.call("POST", ctx, ADMIN, cluster(), expect=201)
+    cid, boots = created["context"]["id"], created["bootstraps"]
+    c = f"{ctx}/{cid}"
+    api.call("POST", f"{c}/lock", ADMIN, expect=409)  # missing_data
+    api.call("PUT", f"{c}/data/gridmap", ADMIN, {"values": [{"b64": "aGVsbG8K"}]}, expect=200)
+    api.call("POST", f"{c}/lock", ADMIN, {}, expect=200)
+    api.call("POST", f"{c}/lock", ADMIN, expect=200)
+    api.call("PUT", f"{c}/data/gridmap", ADMIN, {"values": [{"b64": "aGk="}]}, expect=409)
+    api.call("PUT", f"{c}/data/nodata", ADMIN, {"values": [{"b64": "aGk="}]}, expect=404)
+    api.call("PUT", f"{c}/data/-bad", ADMIN, {"values": [{"b64": "aGk="}]}, expect=400)
+
+    head_join, compute_join = boots["head"]["join_token"], boots["compute"]["join_token"]
+    head = api.call("POST", f"{c}/enroll", head_join, enrollment(1), expect=201)
+    head = api.call("POST", f"{c}/enroll", head_join, enrollment(1), expect=200)
+    workers = [api.call("POST", f"{c}/enroll", compute_join, enrollment(n), expect=201) for n in (2, 3)]
+    api.call("POST", f"{c}/enroll", compute_join, enrollment(4), expect=409)
+    api.call("POST", f"{c}/enroll", ADMIN, enrollment(4), expect=403)
+    api.call("POST", f"{c}/enroll", compute_join, {"identity": identity(4)}, expect=400)
+    h = f"{c}/nodes/{head['node_id']}"
+    w = f"{c}/nodes/{workers[0]['node_id']}"
+    head_token, worker_token = head["node_token"], workers[0]["node_token"]
+    api.call("PUT", f"{h}/identity", head_token, identity(5), expect=200)
+    api.call("PUT", f"{h}/identity", head_token, {"hostname": "x"}, expect=400)
+
+    view = api.call("GET", f"{w}/view", worker_token, expect=200)
+    assert view["all_identities"] and view["roles"]["master"]["providers"]
+    head_view = api.call("GET", f"{h}/view", head_token, expect=200)
+    assert head_view["data"] == {"gridmap": [{"b64": "aGVsbG8K"}]}
+    api.call("GET", f"{w}/view?since={view['revision']}&wait=0", worker_token, expect=304)
+    api.call("GET", f"{w}/view?wait=61", worker_token, expect=400)
+    api.call("GET", f"{w}/view", head_token, expect=403)
+    api.call("GET", f"{c}/nodes/{'A' * 22}/view", worker_token, expect=404)
+
+    api.call("POST", f"{w}/report", worker_token, {"state": "error", "message": "boom", "log_tail": "x"}, expect=200)
+    api.call("POST", f"{w}/report", worker_token, {"state": "ok"}, expect=409)
+    api.call("POST", f"{w}/report", worker_token, {"state": "done"}, expect=400)
+    status = api.call("GET", c, ADMIN, expect=200)
+    assert [n["error"] is not None for n in status["nodes"]] == [False, True, False]
+    api.call("POST", f"{h}/report", head_token, {"state": "contextualizing"}, expect=200)
+    api.call("POST", f"{h}/report", head_token, {"state": "ok", "exit_code": 0}, expect=200)
+    api.call("POST", f"{w}/report", worker_token, {"state": "error", "exit_code": None}, expect=200)
+    status = api.call("GET", c, ADMIN, expect=200)
+    assert status["nodes"][1]["error"]["exit_code"] is None
+    api.call("GET", ctx, ADMIN, expect=200)
+
+    api.call("GET", ctx, expect=401)
+    api.call("GET", ctx, worker_token, expect=403)
+    api.call("GET", f"{ctx}/{'B' * 22}", ADMIN, expect=404)
+    api.call("GET", f"{ctx}/short", ADMIN, expect=404)
+    api.call("POST", ctx, ADMIN, raw=b"{not json", expect=400)
+    cycle = cluster(groups=[
+        {"name": "a", "quantity": 1, "provides": ["x"], "requires": [{"role": "y", "ready": True}]},
+        {"name": "b", "quantity": 1, "provides": ["y"], "requires": [{"role": "x", "ready": True}]},
+    ], data={})
+    api.call("POST", ctx, ADMIN, cycle, expect=400)
+    api.call("POST", ctx, ADMIN, raw=b"{}", ctype="text/plain", expect=415)
+    api.call("POST", ctx, ADMIN, raw=b" " * (DEFAULT_MAX_BODY + 1), expect=413)
+
+    short = api.call("POST", ctx, ADMIN, cluster(join_token_ttl=60), expect=201)
+    api.clock.advance(61)
+    api.call("POST", f"{ctx}/{short['context']['id']}/enroll", short["bootstraps"]["head"]["join_token"],
+             enrollment(9), expect=410)
+
+    api.call("DELETE", c, ADMIN, expect=200)
+    api.call("DELETE", c, ADMIN, expect=404)
+    api.call("GET", f"{w}/view", worker_token, expect=401)
+
+    assert {h for h, _ in api.seen} == {r.handler for r in ROUTES}
+    assert {s for _, s in api.seen} >= {200, 201, 304, 400, 401, 403, 404, 409, 410, 413, 415}
+
+
+def test_unknown_fields_rejected_by_spec_and_server(spec):
+    """Where a body schema says additionalProperties: false, the server answers 400 to an unknown field too."""
+    api = Api(spec)
+    created = api.call("POST", "/v1/contexts", ADMIN, cluster(), expect=201)
+    c = f"/v1/contexts/{created['context']['id']}"
+    node = api.call("POST", f"{c}/enroll", created["bootstraps"]["head"]["join_token"], enrollment(1), expect=201)
+    n, token = f"{c}/nodes/{node['node_id']}", node["node_token"]
+    nested_group = cluster()
+    nested_group["groups"][0]["colour"] = "red"
+    nested_role = cluster()
+    nested_role["groups"][1]["requires"][0]["colour"] = "red"
+    nested_iface = identity(1)
+    nested_iface["interfaces"][0]["colour"] = "red"
+    cases = [
+        ("POST", "/v1/contexts", ADMIN, dict(cluster(), colour="red")),
+        ("POST", "/v1/contexts", ADMIN, nested_group),
+        ("POST", "/v1/contexts", ADMIN, nested_role),
+        ("PUT", f"{c}/data/gridmap", ADMIN, {"values": [{"b64": "aGk=", "colour": "red"}]}),
+        ("PUT", f"{c}/data/gridmap", ADMIN, {"values": [{"b64": "aGk="}], "colour": "red"}),
+        ("POST", f"{c}/lock", ADMIN, {"colour": "red"}),
+        ("POST", f"{c}/enroll", created["bootstraps"]["head"]["join_token"], dict(enrollment(1), colour="red")),
+        ("PUT", f"{n}/identity", token, dict(identity(1), colour="red")),
+        ("PUT", f"{n}/identity", token, nested_iface),
+        ("POST", f"{n}/report", token, {"state": "ok", "colour": "red"}),
+    ]
+    for method, path, credential, body in cases:
+        op = operation(api.ops, match(method, path)[0])
+        schema = op["requestBody"]["content"]["application/json"]["schema"]
+        assert any("unexpected field 'colour'" in p for p in problems(spec, schema, body)), (method, path)
+        assert api.call(method, path, credential, body, expect=400)["error"] == "bad_request"
