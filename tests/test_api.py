@@ -333,3 +333,19 @@ def test_oversize_chunked_body_refused():
         channel.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert transport.disconnecting
+
+
+def test_expired_context_is_swept_and_journaled(client):
+    """After its expiry a context is deleted by the sweeper, and the deletion is journaled."""
+    body = torque_cluster()
+    body["expires_in"] = 3600
+    cid, _ = client.create(body)
+    client.clock.advance(3599)
+    client.broker.sweep_expired()
+    assert client.call("GET", f"/v1/contexts/{cid}", ADMIN_TOKEN)[0] == 200
+    client.clock.advance(1)
+    assert client.call("GET", f"/v1/contexts/{cid}", ADMIN_TOKEN)[0] == 404
+    client.broker.sweep_expired()
+    assert client.journal.records[-1]["op"] == "delete"
+    assert client.journal.records[-1]["reason"] == "expired"
+    assert cid not in client.broker.model.contexts
