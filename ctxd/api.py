@@ -114,8 +114,12 @@ def read_json(request: server.Request, max_body: int) -> Any:
     if len(raw) > max_body:
         raise TooLarge(f"the body is larger than {max_body} bytes")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 reader downstream
+        # (logs, terminals, ctxctl) can print: refuse them here.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+        return document
+    except (ValueError, UnicodeError, RecursionError) as e:
         raise BadRequest(f"the body is not valid JSON: {str(e)[:120]}") from None
 
 
@@ -289,13 +293,23 @@ class CappedRequest(server.Request):
         body = _json_bytes(
             {"error": TooLarge.code, "message": f"the body is larger than {self.max_body} bytes"}
         )
-        self.channel.transport.write(_TOO_LARGE_REPLY % (len(body), body))
-        self.channel.transport.loseConnection()
+        transport = self.channel.transport
+        transport.write(_TOO_LARGE_REPLY % (len(body), body))
+        transport.loseConnection()
+        # A TLS close waits for the peer's close_notify; a client still sending
+        # its body may never send it. Cut the connection if it lingers.
+        if hasattr(transport, "abortConnection"):
+            self.channel.callLater(5, _abort_if_open, transport)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
         super().requestReceived(command, path, version)
+
+
+def _abort_if_open(transport: Any) -> None:
+    if getattr(transport, "connected", False) or getattr(transport, "disconnecting", False):
+        transport.abortConnection()
 
 
 def make_site(broker: Broker, max_body: int = DEFAULT_MAX_BODY, timeout: int = 120) -> server.Site:

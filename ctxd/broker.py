@@ -3,16 +3,23 @@
 Each mutating operation validates against the model (``prepare_*``), applies the
 record, appends it to the journal and answers once the journal says it is durable.
 Waiters are woken only after that, and only those whose view the record changed.
+
+Records are applied to memory before they are durable, so that the next request is
+validated against them (two enrollments racing for the last slot). No answer may
+show such a state before it is durable: every read is rendered when asked and
+sent after the journal's barrier, when all it shows is on disk. A view revision an
+agent has seen therefore survives a crash with the same content.
 """
 
 from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ctxd import tokens, validate
 from ctxd.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
-from ctxd.journal import JournalFailed
+from ctxd.journal import JournalClosed, JournalFailed
 from ctxd.model import Model, Node, Touched
 
 log = Logger()
@@ -22,9 +29,14 @@ MAX_WAIT = 60
 Reply = Tuple[int, Optional[Dict[str, Any]]]
 
 
-def _unavailable(failure: Any) -> None:
-    failure.trap(JournalFailed)
-    raise Unavailable("the change could not be made durable; it was not acknowledged")
+def _deliver(result: Any, d: Deferred) -> None:
+    """Fire ``d`` with ``result`` unless its caller went away meanwhile."""
+    if d.called:
+        return
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 class _Waiter:
@@ -49,6 +61,7 @@ class Broker:
         admin_token_hash: str,
         public_url: str,
         ca_pem: str,
+        on_fatal: Any = None,
     ) -> None:
         self.model = model
         self.journal = journal
@@ -56,8 +69,13 @@ class Broker:
         self.admin_token_hash = admin_token_hash
         self.public_url = public_url
         self.ca_pem = ca_pem
+        # Called once when the journal fails: nothing may be acknowledged after it.
+        self.on_fatal = on_fatal
+        self._fatal = False
         # (context id, group name) -> waiters of that group's nodes
         self._waiters: Dict[Tuple[str, str], Set[_Waiter]] = {}
+        # (context id, node id) -> that node's one waiter
+        self._by_node: Dict[Tuple[str, str], _Waiter] = {}
 
     # -- start-up ----------------------------------------------------------
 
@@ -96,10 +114,45 @@ class Broker:
     # -- committing changes ------------------------------------------------
 
     def _commit(self, record: Dict[str, Any]) -> Deferred:
+        """Apply and journal ``record``; fires once it is durable.
+
+        Waiters are woken from the journal's own Deferred: a caller that goes away
+        (cancelling what we return) cannot stop them from hearing of the change.
+        """
         touched = self.model.apply(record)
-        d = self.journal.append(record)
-        d.addCallback(lambda _: self._wake(touched))
-        d.addErrback(_unavailable)
+        reply: Deferred = Deferred()
+
+        def durable(_: Any) -> None:
+            self._wake(touched)
+            if not reply.called:
+                reply.callback(None)
+
+        def failed(failure: Any) -> None:
+            self._journal_failed(failure)
+            if not reply.called:
+                reply.errback(Unavailable("the change could not be made durable; it was not acknowledged"))
+
+        self.journal.append(record).addCallbacks(durable, failed)
+        return reply
+
+    def _journal_failed(self, failure: Any) -> None:
+        if failure.check(JournalClosed) or self._fatal:
+            return
+        self._fatal = True
+        log.critical("the journal failed ({error}): no change will be acknowledged; stopping",
+                     error=failure.value)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _durable(self, reply: Reply) -> Deferred:
+        """Send ``reply`` (already rendered) once all it may show is durable."""
+        d = self.journal.barrier()
+
+        def failed(failure: Any) -> None:
+            failure.trap(JournalFailed)
+            raise Unavailable("the broker's journal failed")
+
+        d.addCallbacks(lambda _: reply, failed)
         return d
 
     def _commit_then(self, record: Optional[Dict[str, Any]], reply: Any) -> Deferred:
@@ -134,14 +187,14 @@ class Broker:
 
         return self._commit_then(record, reply)
 
-    def list_contexts(self) -> Reply:
+    def list_contexts(self) -> Deferred:
         now = self.now()
-        return 200, {
-            "contexts": [self.model.summary(c) for c in self.model.contexts.values() if c.expires > now]
-        }
+        return self._durable(
+            (200, {"contexts": [self.model.summary(c) for c in self.model.contexts.values() if c.expires > now]})
+        )
 
-    def get_context(self, cid: str) -> Reply:
-        return 200, self.model.status(self.model.context(cid, self.now()))
+    def get_context(self, cid: str) -> Deferred:
+        return self._durable((200, self.model.status(self.model.context(cid, self.now()))))
 
     def delete_context(self, cid: str) -> Deferred:
         self.model.context(cid, self.now())
@@ -191,9 +244,9 @@ class Broker:
         )
 
     def _own_node(self, principal: Tuple[str, str, str], cid: str, nid: str) -> Node:
-        node = self.model.node(cid, nid, self.now())
+        # Authorization first: another credential learns nothing of what exists.
         self.model.check_node_principal(principal, cid, nid)
-        return node
+        return self.model.node(cid, nid, self.now())
 
     def put_identity(self, principal: Tuple[str, str, str], cid: str, nid: str, body: Any, source: str) -> Deferred:
         node = self._own_node(principal, cid, nid)
@@ -217,9 +270,13 @@ class Broker:
             raise BadRequest(f"wait: must be from 0 to {MAX_WAIT} seconds")
         node = self._own_node(principal, cid, nid)
         if since is None or self.model.view_revision(node) > since:
-            return succeed((200, self.model.view(node)))
+            return self._durable((200, self.model.view(node)))
         if wait == 0:
             return succeed((304, None))
+        previous = self._by_node.get((cid, nid))
+        if previous is not None:
+            # One wait per node: a newer request replaces the older one.
+            self._fire(previous, (304, None))
 
         def cancel(d: Deferred) -> None:
             self._drop(waiter)
@@ -228,6 +285,7 @@ class Broker:
         waiter = _Waiter(cid, node, since, d)
         waiter.timer = self.clock.callLater(wait, self._fire, waiter, (304, None))
         self._waiters.setdefault((cid, node.group.name), set()).add(waiter)
+        self._by_node[(cid, nid)] = waiter
         return d
 
     def _drop(self, waiter: _Waiter) -> None:
@@ -237,13 +295,19 @@ class Broker:
             group.discard(waiter)
             if not group:
                 del self._waiters[key]
+        if self._by_node.get((waiter.context_id, waiter.node.id)) is waiter:
+            del self._by_node[(waiter.context_id, waiter.node.id)]
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
 
     def _fire(self, waiter: _Waiter, result: Any) -> None:
         self._drop(waiter)
+        if waiter.deferred.called:
+            return
         if isinstance(result, Exception):
             waiter.deferred.errback(result)
+        elif result[0] == 200:
+            self._durable(result).addBoth(_deliver, waiter.deferred)
         else:
             waiter.deferred.callback(result)
 
@@ -260,15 +324,16 @@ class Broker:
         candidates: Set[_Waiter] = set()
         for group in touched.groups:
             candidates.update(self._waiters.get((cid, group), ()))
-        if touched.nodes:
-            for group in {ctx.nodes[n].group.name for n in touched.nodes}:
-                candidates.update(w for w in self._waiters.get((cid, group), ()) if w.node.id in touched.nodes)
+        for nid in touched.nodes:
+            waiter = self._by_node.get((cid, nid))
+            if waiter is not None:
+                candidates.add(waiter)
         for waiter in candidates:
             if self.model.view_revision(waiter.node) > waiter.since:
                 self._fire(waiter, (200, self.model.view(waiter.node)))
 
     def waiter_count(self) -> int:
-        return sum(len(s) for s in self._waiters.values())
+        return len(self._by_node)
 
     def shutdown(self) -> None:
         """Answer every waiter with 304 so agents re-poll the next broker."""

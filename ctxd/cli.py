@@ -578,7 +578,7 @@ def write_reports(status: Mapping[str, Any], directory: str) -> str:
             parts = [_safe_name(node.get("group"), NAME_RE), _safe_name(hostname, _LABEL_RE),
                      _safe_name(node.get("id"), CONTEXT_ID_RE)]
             _write_private_file(os.path.join(directory, "-".join(parts) + suffix),
-                                _node_report(status, node).encode("utf-8"))
+                                _node_report(status, node).encode("utf-8", "replace"))
         for group, missing in _missing_slots(status):
             for n in range(1, missing + 1):
                 text = (f"context: {status.get('id')} ({status.get('name')})\ngroup: {group}\n"

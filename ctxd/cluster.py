@@ -339,11 +339,19 @@ def _b64(v: _Validator, field: str, text: str) -> Dict[str, str]:
     return {"b64": base64.b64encode(raw).decode("ascii")}
 
 
+# The broker takes request bodies of at most 1 MiB (base64 makes data 4/3 larger):
+# a larger data file can never be sent, and reading /dev/zero must not eat memory.
+MAX_DATA_FILE = 768 * 1024
+
+
 def _file_reader(base_dir: str) -> ReadFile:
     def read_file(path: str) -> bytes:
         full = os.path.join(base_dir, os.path.expanduser(path))
         with open(full, "rb") as f:
-            return f.read()
+            content = f.read(MAX_DATA_FILE + 1)
+        if len(content) > MAX_DATA_FILE:
+            raise ValueError(f"larger than {MAX_DATA_FILE} bytes")
+        return content
     return read_file
 
 

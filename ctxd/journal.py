@@ -34,6 +34,10 @@ class JournalFailed(Exception):
     """A write or sync failed: nothing after it may be acknowledged."""
 
 
+class JournalClosed(JournalFailed):
+    """The journal was closed (shutdown): not a disk failure."""
+
+
 def encode(record: Record) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
 
@@ -54,6 +58,8 @@ class MemoryJournal:
     def drain(self) -> Deferred:
         return succeed(None)
 
+    barrier = drain
+
     def close(self) -> None:
         pass
 
@@ -73,6 +79,9 @@ class FileJournal:
         self._busy = False
         self._failure: Optional[BaseException] = None
         self._idle: List[Deferred] = []
+        self._appended = 0
+        # (number of records that must be durable, Deferred) for barrier()
+        self._barriers: List[Tuple[int, Deferred]] = []
         self.syncs = 0
         self.records_synced = 0
 
@@ -113,8 +122,16 @@ class FileJournal:
         return iter(records)
 
     def _quarantine_tail(self, raw: bytes, offset: int, why: str) -> None:
-        aside = f"{self.path}.broken.{int(time.time())}"
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for attempt in range(1000):
+            aside = f"{self.path}.broken.{stamp}" + (f".{attempt}" if attempt else "")
+            try:
+                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise JournalCorrupt(f"{self.path}: cannot find a free name to keep a torn tail aside")
         try:
             os.write(fd, raw[offset:])
             os.fsync(fd)
@@ -137,10 +154,29 @@ class FileJournal:
         """Fires once the record is on disk (after fdatasync)."""
         if self._failure is not None:
             return _failed(JournalFailed(str(self._failure)))
+        if self._fd is None:
+            return _failed(JournalClosed("the journal is closed"))
         d: Deferred = Deferred()
         self._pending.append((encode(record), d))
+        self._appended += 1
         self._kick()
         return d
+
+    def barrier(self) -> Deferred:
+        """Fires once every record appended so far is durable."""
+        if self._failure is not None:
+            return _failed(JournalFailed(str(self._failure)))
+        if self.records_synced >= self._appended:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._barriers.append((self._appended, d))
+        return d
+
+    def _release_barriers(self) -> None:
+        ready = [d for target, d in self._barriers if target <= self.records_synced]
+        self._barriers = [(t, d) for t, d in self._barriers if t > self.records_synced]
+        for d in ready:
+            d.callback(None)
 
     def drain(self) -> Deferred:
         """Fires once nothing is pending or in flight (for a clean shutdown)."""
@@ -168,15 +204,17 @@ class FileJournal:
                 error = getattr(result, "value", result)
                 self._failure = error
                 log.critical("journal write failed, no further change will be acknowledged: {error}", error=error)
-                for _, waiting in batch + self._pending:
+                waiting_list = [w for _, w in batch + self._pending] + [d for _, d in self._barriers]
+                self._pending, self._barriers = [], []
+                for waiting in waiting_list:
                     waiting.errback(JournalFailed(str(error)))
-                self._pending = []
                 self._kick()
                 return None
             self.syncs += 1
             self.records_synced += len(batch)
             for _, waiting in batch:
                 waiting.callback(None)
+            self._release_barriers()
             self._kick()
             return None
 

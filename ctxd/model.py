@@ -407,13 +407,15 @@ class Model:
         if not isinstance(key, str) or not validate.INSTANCE_KEY_RE.match(key):
             raise BadRequest("instance_key: must be 16 to 128 characters of [A-Za-z0-9_-]")
         identity = validate.identity(body["identity"])
-        if g.join_expires <= now:
-            raise Gone(f"the join token of group {group!r} has expired")
         instance_hash = tokens.token_hash(key)
         existing = g.by_instance.get(instance_hash)
         if existing is not None:
+            # The instance key proves this VM enrolled before: it may get its node
+            # back after the join token expired (a late reboot, a lost credential).
             nid, new = existing.id, False
         else:
+            if g.join_expires <= now:
+                raise Gone(f"the join token of group {group!r} has expired")
             if len(g.nodes) >= g.quantity:
                 raise Conflict(
                     f"group {group!r} already has its {g.quantity} node(s) enrolled", code="enrollment_full"
@@ -459,6 +461,10 @@ class Model:
         log_tail = body.get("log_tail", "")
         if not isinstance(log_tail, str):
             raise BadRequest("log_tail: must be a string")
+        if state == OK and not self._group_part(self.contexts[cid], node.group)["complete"]:
+            raise Conflict(
+                "this node's view is not complete: it cannot have been contextualized", code="state_conflict"
+            )
         if node.state == ERROR and state == OK:
             raise Conflict(
                 "this node reported an error; it must start a new attempt (report contextualizing) "
@@ -571,11 +577,7 @@ class Model:
             node.error = None
             node.log_tail = record["log_tail"]
         elif new == ERROR:
-            node.error = {
-                "exit_code": record["exit_code"],
-                "message": record["message"],
-                "log_tail": record["log_tail"],
-            }
+            node.error = {"exit_code": record["exit_code"], "message": record["message"]}
             node.log_tail = record["log_tail"]
         elif old == ERROR:
             node.error = None  # a new attempt

@@ -28,7 +28,7 @@ from ctxd import tls, tokens
 from ctxd.api import DEFAULT_MAX_BODY, make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
-from ctxd.journal import FileJournal
+from ctxd.journal import FileJournal, JournalCorrupt
 from ctxd.model import Model
 
 log = Logger()
@@ -227,6 +227,10 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
     public_url = config["public-url"] or default_public_url(listen)
     if config["tls-cert"]:
         files = tls.TLSFiles(config["tls-cert"], config["tls-key"], config["tls-ca"] or config["tls-cert"])
+        if not config["tls-ca"] and not tls.is_self_signed(config["tls-cert"]):
+            raise usage.UsageError(
+                "--tls-cert is not self-signed: give --tls-ca, the CA certificate agents must trust"
+            )
     else:
         names = tls.host_names()
         names.add(urlsplit(public_url).hostname)
@@ -236,9 +240,17 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
                 names.add(interface)
         files = tls.ensure_generated(os.path.join(state_dir, "tls"), names)
 
+    def fatal() -> None:
+        # PostgreSQL's lesson: after a failed fsync nothing is trusted; exit non-zero.
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        reactor.stop()
+
     journal = FileJournal.for_reactor(os.path.join(state_dir, "journal.jsonl"), reactor)
-    broker = Broker(Model(), journal, reactor, admin_hash, public_url, files.ca_pem())
-    replayed = broker.replay()
+    broker = Broker(Model(), journal, reactor, admin_hash, public_url, files.ca_pem(), on_fatal=fatal)
+    try:
+        replayed = broker.replay()
+    except JournalCorrupt as e:
+        raise SystemExit(f"ctxd: {e}") from None
 
     write_public(
         os.path.join(state_dir, "ctxctl.json"),

@@ -40,6 +40,13 @@ class TLSFiles:
         return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
+def is_self_signed(cert_path: str) -> bool:
+    """Whether the first certificate in ``cert_path`` is its own issuer."""
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.issuer == cert.subject
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 

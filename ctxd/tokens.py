@@ -15,8 +15,15 @@ _MAX_TOKEN_LENGTH = 128
 
 
 def new_id() -> str:
-    """A random, unguessable, URL-safe id of 22 characters (128 bits)."""
-    return secrets.token_urlsafe(16)
+    """A random, unguessable, URL-safe id of 22 characters (128 bits).
+
+    It never starts with "-" or "_", so it is never mistaken for an option on a
+    command line (``ctxctl wait $CTX``).
+    """
+    while True:
+        candidate = secrets.token_urlsafe(16)
+        if candidate[0].isalnum():
+            return candidate
 
 
 def new_token(prefix: str) -> str:

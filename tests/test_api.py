@@ -15,11 +15,12 @@ from support import (
     torque_cluster,
 )
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from ctxd.api import BrokerResource, make_site
-from ctxd.journal import MemoryJournal
+from ctxd.journal import FileJournal, MemoryJournal
 
 BASE = "https://ctxd.test:8443"
 
@@ -221,7 +222,7 @@ def test_long_poll_times_out_with_304(client):
 
 
 def test_unrelated_change_does_not_wake(client):
-    """A compute reporting ok does not wake the other computes' waiters."""
+    """A compute reporting progress does not wake the other computes' waiters."""
     cid, joins, nodes = torque(client)
     waits = []
     for n in (3, 4):
@@ -231,7 +232,7 @@ def test_unrelated_change_does_not_wake(client):
         waits.append(client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token))
     client.stub.flush()
     nid, token = nodes[2]
-    assert client.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report", token, {"state": "ok"})[0] == 200
+    assert client.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report", token, {"state": "contextualizing"})[0] == 200
     assert all(not_fired(d) for d in waits)
     # The head's ok changes their ready requirement: now they wake.
     hid, htoken = nodes[1]
@@ -298,7 +299,8 @@ def test_status_reports_errors(client):
     status = client.call("GET", f"/v1/contexts/{cid}", ADMIN_TOKEN)[1]
     assert status["error_present"] is True and status["counts"]["error"] == 1
     node = next(n for n in status["nodes"] if n["id"] == nid)
-    assert node["error"] == {"exit_code": 4, "message": "script 1-ipandhost/x exited 3", "log_tail": "boom"}
+    assert node["error"] == {"exit_code": 4, "message": "script 1-ipandhost/x exited 3"}
+    assert node["log_tail"] == "boom"
     assert node["identity"]["source_address"] is not None
 
 
@@ -349,3 +351,134 @@ def test_expired_context_is_swept_and_journaled(client):
     assert client.journal.records[-1]["op"] == "delete"
     assert client.journal.records[-1]["reason"] == "expired"
     assert cid not in client.broker.model.contexts
+
+
+class ManualJournal(FileJournal):
+    """A file journal whose write+sync completes only when the test says so."""
+
+    def __init__(self, path):
+        self.calls = []
+        super().__init__(path, self._defer)
+
+    def _defer(self, f, *args):
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def complete(self, error=None):
+        f, args, d = self.calls.pop(0)
+        if error is None:
+            d.callback(f(*args))
+        else:
+            d.errback(error)
+
+
+@pytest.fixture
+def manual(tmp_path):
+    client = Client()
+    client.journal = ManualJournal(str(tmp_path / "journal.jsonl"))
+    client.journal.load()
+    client.broker.journal = client.journal
+    fatal = []
+    client.broker.on_fatal = lambda: fatal.append(True)
+    client.fatal = fatal
+    return client
+
+
+def settle(client):
+    while client.journal.calls:
+        client.journal.complete()
+        client.stub.flush()
+
+
+def test_reads_wait_until_what_they_show_is_durable(manual):
+    """A view showing a change is not sent before that change is on disk."""
+    d = manual.call_deferred("POST", "/v1/contexts", ADMIN_TOKEN, torque_cluster())
+    settle(manual)
+    created = result_of(d)[1]
+    cid = created["context"]["id"]
+    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
+    d = manual.call_deferred(
+        "POST", f"/v1/contexts/{cid}/enroll", joins["compute"],
+        {"instance_key": instance_key(2), "identity": identity(2)},
+    )
+    settle(manual)
+    node = result_of(d)[1]
+    path = f"/v1/contexts/{cid}/nodes/{node['node_id']}/view"
+    # The head enrolls: applied at once, but its fsync has not returned.
+    head = manual.call_deferred(
+        "POST", f"/v1/contexts/{cid}/enroll", joins["head"],
+        {"instance_key": instance_key(1), "identity": identity(1)},
+    )
+    manual.stub.flush()
+    assert not_fired(head)
+    view = manual.call_deferred("GET", path, node["node_token"])
+    manual.stub.flush()
+    assert not_fired(view), "a view showing the un-synced head must wait for the sync"
+    settle(manual)
+    assert result_of(view)[1]["roles"]["torquemaster"]["providers"][0]["hostname"] == "node1"
+    assert result_of(head)[0] == 201
+
+
+def test_cancelled_commit_still_wakes_waiters(client):
+    """When the client whose report woke others goes away, the others still wake."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    _, view = client.call("GET", path, token)
+    waiting = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
+    client.stub.flush()
+    hid, htoken = nodes[1]
+    record = client.broker.model.prepare_report(cid, hid, {"state": "ok"}, client.broker.now())
+    commit = client.broker._commit(record)
+    commit.cancel()
+    client.stub.flush()
+    status, woken = result_of(waiting)
+    assert status == 200 and woken["complete"] is True
+
+
+def test_journal_failure_is_fatal_and_unacknowledged(manual):
+    """A failed fsync answers 503, acknowledges nothing after it, and stops the broker."""
+    d = manual.call_deferred("POST", "/v1/contexts", ADMIN_TOKEN, torque_cluster())
+    manual.stub.flush()
+    manual.journal.complete(error=OSError(5, "Input/output error"))
+    manual.stub.flush()
+    assert result_of(d)[0] == 503
+    assert manual.fatal == [True]
+    later = manual.call_deferred("POST", "/v1/contexts", ADMIN_TOKEN, torque_cluster())
+    manual.stub.flush()
+    assert result_of(later)[0] == 503
+
+
+def test_one_wait_per_node(client):
+    """A node's second long-poll ends its first with 304: a node cannot pile up waits."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    _, view = client.call("GET", path, token)
+    first = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
+    client.stub.flush()
+    second = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
+    client.stub.flush()
+    assert result_of(first) == (304, None)
+    assert not_fired(second)
+    assert client.broker.waiter_count() == 1
+
+
+def test_lone_surrogates_refused(client):
+    """Strings no UTF-8 reader can print (lone surrogates) are refused with 400."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    status, body = client.call(
+        "POST", f"/v1/contexts/{cid}/nodes/{nid}/report", token,
+        raw=b'{"state": "error", "message": "\\ud800"}',
+    )
+    assert (status, body["error"]) == (400, "bad_request")
+
+
+def test_other_credentials_cannot_probe_node_ids(client):
+    """A join or node credential gets 403 for any node but its own, existing or not."""
+    cid, joins, nodes = torque(client)
+    for token in (joins["compute"], nodes[3][1]):
+        assert client.call("GET", f"/v1/contexts/{cid}/nodes/{nodes[2][0]}/view", token)[0] == 403
+        assert client.call("GET", f"/v1/contexts/{cid}/nodes/{'A' * 22}/view", token)[0] == 403

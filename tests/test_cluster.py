@@ -254,3 +254,16 @@ def test_arbitrary_documents_raise_only_cluster_file_error(document):
         build_create_request(document, read_file=reader())
     except ClusterFileError as e:
         assert "\n" not in str(e)
+
+
+def test_data_file_too_large_is_refused(tmp_path):
+    """A data file the broker could never accept is refused without reading it all."""
+    from ctxd.cluster import MAX_DATA_FILE, ClusterFileError, load_cluster_file
+
+    (tmp_path / "big").write_bytes(b"x" * (MAX_DATA_FILE + 1))
+    (tmp_path / "cluster.toml").write_text(
+        'name = "x"\n[[group]]\nname = "g"\nquantity = 1\ndata = ["big"]\n[data]\nbig = { file = "big" }\n'
+    )
+    with pytest.raises(ClusterFileError) as info:
+        load_cluster_file(str(tmp_path / "cluster.toml"))
+    assert "data.big" in str(info.value) and "larger than" in str(info.value)

@@ -65,7 +65,7 @@ def test_broker_state_survives_restart(make, tmp_path):
     result_of(broker.enroll(principal, cid, {"instance_key": instance_key(1), "identity": identity(1)}, "10.0.0.1"))
     restarted = make_broker(reopen(journal, tmp_path))
     assert restarted.replay() == 2
-    assert restarted.get_context(cid) == broker.get_context(cid)
+    assert result_of(restarted.get_context(cid)) == result_of(broker.get_context(cid))
 
 
 def test_group_commit_batches_pending_records(tmp_path):

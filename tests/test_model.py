@@ -181,7 +181,9 @@ def test_view_shows_only_what_was_required():
 def test_status_counts_all_expected():
     """all_ok means every EXPECTED node is ok, not only the enrolled ones."""
     model = Model()
-    cid, _ = create(model)
+    body = torque_cluster()
+    body["groups"][0]["requires"] = []  # the head needs nobody: it can be ok alone
+    cid, _ = create(model, body)
     head, _, _, _ = enroll(model, cid, "head", 1)
     report(model, cid, head, "ok")
     summary = model.summary(model.contexts[cid])
@@ -195,7 +197,7 @@ def test_report_transitions():
     cid, head, computes = full_torque(model)
     report(model, cid, head, "error", exit_code=4, message="script failed", log_tail="x" * 70000)
     node = model.contexts[cid].nodes[head]
-    assert node.error["exit_code"] == 4 and len(node.error["log_tail"]) == 65536
+    assert node.error == {"exit_code": 4, "message": "script failed"} and len(node.log_tail) == 65536
     with pytest.raises(Conflict):
         model.prepare_report(cid, head, {"state": "ok"}, NOW)
     report(model, cid, head, "contextualizing")
@@ -214,12 +216,14 @@ def test_wakeups_touch_only_changed_views():
     assert touched.groups == {"compute"}
     _, _, _, touched = enroll(model, cid, "compute", 2)
     assert touched.groups == {"head", "compute"}
+    enroll(model, cid, "compute", 3)
+    enroll(model, cid, "compute", 4)
     head = model.contexts[cid].groups["head"].nodes[0].id
     compute_rev = model.contexts[cid].groups["compute"].view_rev
     head_rev = model.contexts[cid].groups["head"].view_rev
-    # A compute reporting ok changes nobody's view but its own (head does not require it ready).
+    # A compute reporting progress changes nobody's view but its own.
     compute = model.contexts[cid].groups["compute"].nodes[0].id
-    touched = report(model, cid, compute, "ok")
+    touched = report(model, cid, compute, "contextualizing")
     assert touched.groups == set() and touched.nodes == {compute}
     # The head reporting ok flips the computes' ready requirement.
     touched = report(model, cid, head, "ok")
@@ -235,6 +239,33 @@ def test_unchanged_identity_touches_nothing():
     enroll(model, cid, "head", 1)
     _, _, _, touched = enroll(model, cid, "head", 1)
     assert touched.groups == set() and touched.nodes == set()
+
+
+def test_ok_refused_while_view_incomplete():
+    """A node cannot report ok before its view was complete (that would fake ready-gating)."""
+    model = Model()
+    cid, head, computes = full_torque(model)
+    with pytest.raises(Conflict):
+        model.prepare_report(cid, computes[0], {"state": "ok"}, NOW)
+    report(model, cid, head, "ok")
+    report(model, cid, computes[0], "ok")
+
+
+def test_known_instance_reenrolls_after_join_expiry():
+    """A VM that enrolled before may get its node back after the join token expired; a new one may not."""
+    model = Model()
+    cid, _ = create(model)
+    nid, _, _, _ = enroll(model, cid, "compute", 2)
+    later = NOW + 86400 + 1
+    again, _, new, _ = enroll(model, cid, "compute", 2, now=later)
+    assert (again, new) == (nid, False)
+    with pytest.raises(Gone):
+        enroll(model, cid, "compute", 3, now=later)
+
+
+def test_ids_never_look_like_options():
+    """Generated ids never start with '-' or '_' (ctxctl wait $CTX must not parse it as an option)."""
+    assert all(tokens.new_id()[0].isalnum() for _ in range(2000))
 
 
 def test_open_context_incomplete_until_locked():

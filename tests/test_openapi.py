@@ -313,7 +313,8 @@ def test_broker_responses_match_declared_schemas(spec):
     api.call("GET", f"{w}/view?since={view['revision']}&wait=0", worker_token, expect=304)
     api.call("GET", f"{w}/view?wait=61", worker_token, expect=400)
     api.call("GET", f"{w}/view", head_token, expect=403)
-    api.call("GET", f"{c}/nodes/{'A' * 22}/view", worker_token, expect=404)
+    # Authorization comes first: a node credential learns nothing of other node ids.
+    api.call("GET", f"{c}/nodes/{'A' * 22}/view", worker_token, expect=403)
 
     api.call("POST", f"{w}/report", worker_token, {"state": "error", "message": "boom", "log_tail": "x"}, expect=200)
     api.call("POST", f"{w}/report", worker_token, {"state": "ok"}, expect=409)

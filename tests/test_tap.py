@@ -97,3 +97,32 @@ def test_default_public_url_uses_listener():
     """The default public URL takes the first listener's interface and port."""
     assert tap.default_public_url(["ssl:8443:interface=10.1.2.3"]) == "https://10.1.2.3:8443"
     assert tap.default_public_url(["ssl:9443:interface=\\:\\:1"]) == "https://[::1]:9443"
+
+
+def test_issued_certificate_needs_its_ca(tmp_path):
+    """--tls-cert issued by a CA (not self-signed) without --tls-ca is refused with a clear message."""
+    from ctxd import tls
+
+    files = tls.ensure_generated(str(tmp_path / "tls"), {"localhost"})
+    config = options("--state-dir", str(tmp_path / "s"), "--tls-cert", files.cert, "--tls-key", files.key)
+    with pytest.raises(usage.UsageError) as info:
+        tap.makeService(config, MemoryReactorClock())
+    assert "--tls-ca" in str(info.value)
+    config = options(
+        "--state-dir", str(tmp_path / "s"), "--tls-cert", files.cert, "--tls-key", files.key, "--tls-ca", files.ca,
+        "--listen", "ssl:0:interface=127.0.0.1", "--public-url", "https://localhost:8443",
+    )
+    tap.makeService(config, MemoryReactorClock())
+    assert json.loads((tmp_path / "s" / "ctxctl.json").read_text())["ca"] == files.ca
+
+
+def test_corrupt_journal_stops_startup_with_one_line(tmp_path):
+    """Damage in the middle of the journal stops start-up with one line naming the offset."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "journal.jsonl").write_bytes(b'{"op":"x"}\nnot json\n{"op":"y"}\n')
+    config = options("--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1")
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(config, MemoryReactorClock())
+    message = str(info.value)
+    assert message.startswith("ctxd: ") and "offset 11" in message and "\n" not in message
