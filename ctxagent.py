@@ -12,7 +12,7 @@ Usage: python3 ctxagent.py --bootstrap SOURCE [--scripts-dir DIR]
 SOURCE is a file, an http(s):// URL, "ec2" (user-data through IMDSv2) or
 "cloud-init" (the user-data cloud-init saved). It holds the bootstrap JSON,
 or user-data with a line "# ctxd-bootstrap: " + base64 of it; either may be
-gzipped. No bootstrap at all: exit 0.
+gzipped. No bootstrap at all (or JSON without "ctxd_bootstrap"): exit 0.
 
 Scripts (optional; argv lists, never a shell; all input validated first):
 clean.sh; 0-etchosts.sh IP SHORT FQDN per identity; 1-ipandhost/ROLE IP SHORT
@@ -23,7 +23,7 @@ Their environment adds CTX_VIEW (path of the view as JSON), CTX_CONTEXT_ID,
 CTX_NODE_ID (and, for problem.sh, CTX_EXIT_CODE and CTX_ERROR).
 
 Exit codes:
-    0   success, or no bootstrap present
+    0   success, no bootstrap present, or another run holds STATE/lock
     1   bad input: corrupt bootstrap, invalid or hostile view
     2   usage or configuration error (bad arguments, unusable scripts dir,
         a script that is present but not executable)
@@ -36,7 +36,8 @@ Exit codes:
 
 Files, each written to a temp file then renamed; STATE (--state-dir) is 0700:
 STATE/ctxagent.log (appended), STATE/instance_key, STATE/node.json (the node
-credential), STATE/view.json, STATE/data/NAME/N (value N from 0), all 0600;
+credential), STATE/view.json, STATE/data/NAME/N (value N from 0), STATE/lock,
+STATE/script.out (the output of the last script), all 0600;
 and between "# BEGIN ctxd (context CID)" and "# END ctxd (context CID)",
 the rest kept byte for byte: "IP FQDN SHORT" lines in --hosts-file,
 "FQDN,SHORT,IP TYPE KEY" lines in --known-hosts-file. Tokens never reach
@@ -48,6 +49,7 @@ import base64
 import binascii
 import collections
 import errno
+import fcntl
 import glob
 import http.client
 import ipaddress
@@ -279,8 +281,8 @@ def validate_bootstrap(obj):
 def parse_bootstrap(content):
     """The validated bootstrap in CONTENT (bytes), None if there is none.
 
-    None for no content, an empty one, or a document without the marker
-    line; InputError for a corrupt one.
+    None for no content, an empty one, a document without the marker line
+    or a JSON object without "ctxd_bootstrap"; InputError for a corrupt one.
     """
     if content is None:
         return None
@@ -289,7 +291,8 @@ def parse_bootstrap(content):
     if content[:2] == b"\x1f\x8b":
         content = _gunzip(content)
     text = content.decode("utf-8", "replace").strip()
-    if text[:1] not in ("{", "["):
+    marked = text[:1] not in ("{", "[")
+    if marked:
         match = MARKER.search(text)
         if match is None:
             return None
@@ -298,9 +301,13 @@ def parse_bootstrap(content):
             payload = _gunzip(payload)
         text = payload.decode("utf-8", "replace")
     try:
-        return validate_bootstrap(json.loads(text))
+        obj = json.loads(text)
     except ValueError as exc:
         raise InputError("bootstrap: invalid JSON (%s)" % exc)
+    # Other JSON user-data (an Ignition config...) is not ours.
+    if not marked and isinstance(obj, dict) and "ctxd_bootstrap" not in obj:
+        return None
+    return validate_bootstrap(obj)
 
 
 # ---------------------------------------------------------------------------
@@ -486,8 +493,10 @@ def replace_managed_block(text, context_id, lines):
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def atomic_write(path, data, mode=0o600, owner=None, in_place_fallback=False):
+def atomic_write(path, data, mode=0o600, owner=None, in_place_fallback=False, exclusive=False):
     """Write DATA to PATH through a temp file in its directory, then rename.
+
+    EXCLUSIVE links the temp file instead: FileExistsError if PATH exists.
 
     The temp file is created exclusively and not through a symlink, with
     MODE (and OWNER, a (uid, gid), when possible) before any byte is written.
@@ -507,7 +516,9 @@ def atomic_write(path, data, mode=0o600, owner=None, in_place_fallback=False):
             stream.write(data)
             stream.flush()
             os.fsync(fd)
-        os.replace(temp, path)
+        (os.link if exclusive else os.replace)(temp, path)
+        if exclusive:
+            os.unlink(temp)
     except BaseException as exc:
         os.unlink(temp)
         if not (in_place_fallback and getattr(exc, "errno", None) == errno.EBUSY):
@@ -612,31 +623,43 @@ def resolve_scripts(plan, scripts_dir):
     return result
 
 
-def run_script(scripts_dir, target, args, env, timeout):
-    """Run one script (argv list, own process group); ActionError if it fails."""
+def run_script(paths, target, args, env, timeout):
+    """Run one script (argv list, own session); ActionError if it fails.
+
+    Its stdout and stderr go to STATE/script.out, not to pipes: a daemon it
+    starts keeps them open, and must neither hold us up nor be killed once
+    the script has exited.
+    """
     LOG.info("running %s", " ".join((target,) + tuple(args)))
-    try:
-        process = subprocess.Popen([script_path(scripts_dir, target)] + list(args),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
-    except OSError as exc:
-        raise ActionError("script %s could not be started: %s" % (target, exc))
     problem = None
     try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        fd = os.open(os.path.join(paths.state_dir, "script.out"),
+                     os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except OSError:
-            process.kill()
-        out, err = process.communicate()
-        problem = "script %s timed out after %g s" % (target, timeout)
-    # Into the log, and so into the report's log_tail: the end of a long
-    # output, where a failing script says why.
-    for name, data in (("stdout", out), ("stderr", err)):
-        for line in data[-TAIL:].decode("utf-8", "replace").splitlines():
-            LOG.info("  %s %s: %s", target, name, line)
-    code = process.returncode
+            os.fchmod(fd, 0o600)
+            process = subprocess.Popen([script_path(paths.scripts_dir, target)] + list(args),
+                                       stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+                                       start_new_session=True)
+            try:
+                code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = process.poll()   # reaped if it has just exited: then nothing is killed
+                if code is None:
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except OSError:
+                        process.kill()
+                    code = process.wait()
+                    problem = "script %s timed out after %g s" % (target, timeout)
+            # Into the log, and so into the report's log_tail: the end of a
+            # long output, where a failing script says why.
+            out = os.pread(fd, TAIL, max(0, os.fstat(fd).st_size - TAIL))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ActionError("script %s could not be started: %s" % (target, exc))
+    for line in out.decode("utf-8", "replace").splitlines():
+        LOG.info("  %s: %s", target, line)
     if problem is None and code:
         problem = ("script %s exited %d" % (target, code) if code > 0 else
                    "script %s was killed by signal %d" % (target, -code))
@@ -650,7 +673,7 @@ def execute_plan(plan, paths, context_id, env, script_timeout):
     files = {"hosts": paths.hosts_file, "known_hosts": paths.known_hosts_file}
     for action in plan:
         if action.kind == SCRIPT:
-            run_script(paths.scripts_dir, action.target, action.args, env, script_timeout)
+            run_script(paths, action.target, action.args, env, script_timeout)
             continue
         try:
             if action.kind == BLOCK:
@@ -686,7 +709,7 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout):
         if _is_runnable(script_path(paths.scripts_dir, "problem.sh")):
             env.update(CTX_EXIT_CODE=str(exit_code_for(exc)), CTX_ERROR=str(exc))
             try:
-                run_script(paths.scripts_dir, "problem.sh", (), env, script_timeout)
+                run_script(paths, "problem.sh", (), env, script_timeout)
             except ActionError:
                 pass
         raise
@@ -726,7 +749,6 @@ def parse_ip_addr(text):
 
 def _kernel_pairs():
     """[(interface, address)] without `ip`: SIOCGIFADDR, /proc/net/if_inet6."""
-    import fcntl
     pairs = []
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with probe:
@@ -969,8 +991,7 @@ class Agent(object):
 
     def __init__(self, options, formatter, runlog):
         self.options, self.formatter, self.runlog = options, formatter, runlog
-        self.bootstrap = self.broker = self.node = None
-        self.deadline = None
+        self.bootstrap = self.broker = self.node = self.deadline = self.lock = None
 
     def state(self, name):
         return os.path.join(self.options.state_dir, name)
@@ -988,6 +1009,13 @@ class Agent(object):
         check_scripts_dir(o.scripts_dir, o.scripts_dir_given)
         try:
             make_private_dir(o.state_dir)
+            # One run at a time (boot and cron); not inherited by scripts.
+            self.lock = os.open(self.state("lock"), os.O_WRONLY | os.O_CREAT | NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                LOG.info("another ctxagent run holds %s: nothing to do", self.state("lock"))
+                return EXIT_OK
             self.runlog.open_file(self.state("ctxagent.log"))
         except OSError as exc:
             raise ConfigError("unusable state directory %s: %s" % (o.state_dir, exc))
@@ -1056,13 +1084,17 @@ class Agent(object):
         return kind("%s refused by the broker: %s" % (what, describe_error(status, raw)))
 
     def instance_key(self):
-        """This VM's enrollment secret; made and saved before its first use."""
+        """This VM's enrollment secret; made and saved before its first use.
+
+        Created exclusively and complete: two racing runs get the same key.
+        """
         path = self.state("instance_key")
-        key = (read_file(path, 1024) or b"").decode("ascii", "replace").strip()
-        if not key:
-            key = secrets.token_urlsafe(32)
-            atomic_write(path, key.encode("ascii") + b"\n")
-        elif not SECRET.fullmatch(key):
+        try:
+            atomic_write(path, secrets.token_urlsafe(32).encode("ascii") + b"\n", exclusive=True)
+        except FileExistsError:
+            pass
+        key = read_file(path, 1024).decode("ascii", "replace").strip()
+        if not SECRET.fullmatch(key):
             raise ConfigError("%s is corrupt; remove it to enroll as a new node" % path)
         self.formatter.secrets.add(key)
         return key
@@ -1250,6 +1282,8 @@ def main(argv):
         agent.fail(code, message)
         return code
     finally:
+        if agent.lock is not None:
+            os.close(agent.lock)
         for handler in (runlog, console):
             LOG.removeHandler(handler)
             handler.close()

@@ -2,6 +2,7 @@
 
 import base64
 import datetime
+import fcntl
 import gzip
 import json
 import logging
@@ -9,6 +10,8 @@ import os
 import re
 import stat
 import sys
+import threading
+import time
 
 import pytest
 
@@ -73,6 +76,7 @@ def test_bootstrap_gzip(bootstrap, wrap):
 @pytest.mark.parametrize("content", [
     None, b"", b"  \n", b"#cloud-config\nruncmd: [ls]\n", b"#!/bin/sh\necho hi\n",
     gzip.compress(b"#cloud-config\n"), b"#cloud-config\nruncmd: ['# ctxd-bootstrap: e30']\n",
+    b'{"ignition": {"version": "3.4.0"}}', b"{}",
 ])
 def test_no_bootstrap(content):
     """No content, empty content and user-data without the marker mean 'no bootstrap'."""
@@ -95,6 +99,8 @@ def test_missing_bootstrap_file(tmp_path):
     b"#cloud-config\n# ctxd-bootstrap: A\n",           # impossible base64 length
     b"\x1f\x8b\x08\x00garbage",
     b"[]",
+    b'{"ctxd_bootstrap": null}',                         # ours, by its key, but invalid
+    b'{"ctxd_bootstrap": 1}',
 ])
 def test_corrupt_bootstrap(content):
     """Bad JSON, bad base64 and bad gzip are errors (exit 1), not 'no bootstrap'."""
@@ -565,6 +571,83 @@ def test_script_timeout(site):
     assert "clean.sh timed out" in str(info.value)
 
 
+def alive(pid):
+    """Whether PID is a running process (a zombie is not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def daemons():
+    """A list to add the pids of background processes to; each is killed afterwards."""
+    pids = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def shell_script(path, body):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("start", ["sleep 30 &", "nohup sleep 30 &", "setsid sleep 30 &"])
+def test_script_leaving_a_daemon_returns_at_once(site, daemons, caplog, start):
+    """A script that exits leaving a daemon on its stdout/stderr returns at once; the daemon lives on."""
+    tmp_path, paths = site
+    caplog.set_level(logging.INFO, logger="ctxagent")
+    pidfile = tmp_path / "daemon.pid"
+    shell_script(tmp_path / "scripts" / "4-restarts" / "zmaster",
+                 "%s\necho $! > %s\necho daemon started\necho oops >&2\n" % (start, pidfile))
+    began = time.monotonic()
+    ctxagent.run_script(paths, "4-restarts/zmaster", (), dict(os.environ), 20)
+    assert time.monotonic() - began < 2
+    daemons.append(int(pidfile.read_text()))
+    time.sleep(0.2)
+    assert alive(daemons[0])
+    assert "4-restarts/zmaster: daemon started" in caplog.text
+    assert "4-restarts/zmaster: oops" in caplog.text
+
+
+def test_script_timeout_kills_its_process_group(site, daemons):
+    """A script past the timeout is killed with what it started, and fails the run with exit 4."""
+    tmp_path, paths = site
+    pidfile = tmp_path / "pids"
+    shell_script(tmp_path / "scripts" / "clean.sh",
+                 "sleep 30 &\necho $! $$ > %s\nsleep 30\n" % pidfile)
+    began = time.monotonic()
+    with pytest.raises(ctxagent.ActionError) as info:
+        ctxagent.run_script(paths, "clean.sh", (), dict(os.environ), 1)
+    assert time.monotonic() - began < 5
+    assert info.value.exit_code == ctxagent.EXIT_ACTION
+    assert str(info.value) == "script clean.sh timed out after 1 s"
+    daemons.extend(int(pid) for pid in pidfile.read_text().split())
+    for _ in range(50):
+        if not any(alive(pid) for pid in daemons):
+            break
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in daemons)
+
+
+def test_script_output_file_is_private_and_per_script(site):
+    """STATE/script.out is made 0600 even if it was not, and holds only the last script's output."""
+    tmp_path, paths = site
+    out = tmp_path / "state" / "script.out"
+    out.write_text("an older, longer output\n")
+    out.chmod(0o644)
+    shell_script(tmp_path / "scripts" / "clean.sh", "echo new\n")
+    ctxagent.run_script(paths, "clean.sh", (), dict(os.environ), 10)
+    assert out.read_text() == "new\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
 def test_absent_scripts_are_skipped(site):
     """Scripts that do not exist are skipped; the managed blocks are written anyway."""
     tmp_path, paths = site
@@ -634,6 +717,15 @@ def test_main_without_bootstrap_exits_0_and_writes_nothing(tmp_path):
     assert not state.exists()
 
 
+def test_main_with_foreign_json_user_data_exits_0(tmp_path):
+    """JSON user-data that is not a ctxd bootstrap (an Ignition config) is exit 0, touching nothing."""
+    source = tmp_path / "user-data"
+    source.write_text('{"ignition": {"version": "3.4.0"}, "storage": {}}')
+    state = tmp_path / "state"
+    assert ctxagent.main(["--bootstrap", str(source), "--state-dir", str(state)]) == 0
+    assert not state.exists()
+
+
 def test_main_with_corrupt_bootstrap_exits_1(tmp_path):
     """A corrupt bootstrap is exit 1 before any network or state directory."""
     source = tmp_path / "bootstrap.json"
@@ -649,3 +741,141 @@ def test_main_with_unusable_scripts_dir_exits_2(tmp_path, bootstrap):
     source.write_text(json.dumps(bootstrap))
     assert ctxagent.main(["--bootstrap", str(source), "--state-dir", str(tmp_path / "s"),
                           "--scripts-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_instance_key_created_once_by_racing_runs(tmp_path):
+    """Runs racing on a fresh state dir all use one instance key, complete and 0600, no temp file left."""
+    for attempt in range(10):
+        state = tmp_path / str(attempt)
+        state.mkdir()
+        options = ctxagent.parse_args(["--bootstrap", "x", "--state-dir", str(state)])
+        barrier, keys = threading.Barrier(8), []
+
+        def race():
+            agent = ctxagent.Agent(options, ctxagent.Redactor(), None)
+            barrier.wait()
+            keys.append(agent.instance_key())
+        threads = [threading.Thread(target=race) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(keys) == 8 and len(set(keys)) == 1
+        assert os.listdir(str(state)) == ["instance_key"]
+        assert (state / "instance_key").read_text() == keys[0] + "\n"
+        assert stat.S_IMODE((state / "instance_key").stat().st_mode) == 0o600
+
+
+def test_instance_key_kept_or_refused_when_corrupt(tmp_path):
+    """An existing instance key is reused as is; a corrupt one is a config error (exit 2)."""
+    options = ctxagent.parse_args(["--bootstrap", "x", "--state-dir", str(tmp_path)])
+    (tmp_path / "instance_key").write_text("k" * 43 + "\n")
+    assert ctxagent.Agent(options, ctxagent.Redactor(), None).instance_key() == "k" * 43
+    (tmp_path / "instance_key").write_text("bad key\n")
+    with pytest.raises(ctxagent.ConfigError):
+        ctxagent.Agent(options, ctxagent.Redactor(), None).instance_key()
+
+
+# ---------------------------------------------------------------------------
+# Whole runs against a fake broker
+
+NODE_TOKEN = "ctxd_node_" + "n" * 43
+
+
+class FakeBroker(object):
+    """Stands in for ctxagent.Broker: canned replies, every request recorded."""
+    calls = []
+    ok_reply = (200, b"{}")
+
+    def __init__(self, bootstrap):
+        self.local_address, self.reached = "10.1.0.5", True
+
+    def request(self, method, path, token=None, body=None, timeout=None):
+        self.calls.append((method, path.split("?")[0], body))
+        if path.endswith("/enroll"):
+            return 201, json.dumps({"context_id": CID, "group": "compute", "node_id": NID,
+                                    "node_token": NODE_TOKEN}).encode()
+        if "/view?" in path:
+            return 200, json.dumps(sample_view()).encode()
+        if path.endswith("/report") and body["state"] == "ok":
+            return self.ok_reply
+        return 200, b"{}"
+
+    @classmethod
+    def reports(cls):
+        return [body for _, path, body in cls.calls if path.endswith("/report")]
+
+
+@pytest.fixture
+def broker(monkeypatch):
+    """ctxagent.Broker replaced by a fresh FakeBroker class; no interface discovery."""
+    class Fake(FakeBroker):
+        calls = []
+    monkeypatch.setattr(ctxagent, "Broker", Fake)
+    monkeypatch.setattr(ctxagent, "discover_interfaces",
+                        lambda: [{"name": "eth0", "ipv4": ["10.1.0.5"], "ipv6": []}])
+    return Fake
+
+
+def agent_argv(tmp_path, paths, bootstrap, *extra):
+    source = tmp_path / "bootstrap.json"
+    source.write_text(json.dumps(bootstrap))
+    return ["--bootstrap", str(source), "--state-dir", paths.state_dir, "--scripts-dir", paths.scripts_dir,
+            "--hosts-file", paths.hosts_file, "--known-hosts-file", paths.known_hosts_file,
+            "--ssh-dir", str(tmp_path), "--address", "10.1.0.5", "--hostname", "node-3",
+            "--fqdn", "node-3.cluster.example.org", "--poll-wait", "0"] + list(extra)
+
+
+def test_run_with_a_daemon_starting_script(site, bootstrap, broker, daemons):
+    """A whole run whose 4-restarts script leaves a daemon ends at once, exit 0, daemon alive, lock free."""
+    tmp_path, paths = site
+    pidfile = tmp_path / "daemon.pid"
+    shell_script(tmp_path / "scripts" / "4-restarts" / "torquemaster",
+                 "sleep 30 &\necho $! > %s\necho token %s\n" % (pidfile, bootstrap["join_token"]))
+    began = time.monotonic()
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 0
+    assert time.monotonic() - began < 5
+    daemons.append(int(pidfile.read_text()))
+    assert alive(daemons[0])
+    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
+    tail = broker.reports()[1]["log_tail"]
+    assert "4-restarts/torquemaster: token <redacted>" in tail
+    assert bootstrap["join_token"] not in tail
+    with open(os.path.join(paths.state_dir, "lock")) as lock:   # the daemon holds no lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for name in ("lock", "script.out", "instance_key", "node.json", "ctxagent.log"):
+        assert stat.S_IMODE(os.stat(os.path.join(paths.state_dir, name)).st_mode) == 0o600
+
+
+def test_run_with_script_timeout_fails_with_exit_4(site, bootstrap, broker):
+    """A script running past --script-timeout makes the run exit 4 and report the error."""
+    tmp_path, paths = site
+    shell_script(tmp_path / "scripts" / "clean.sh", "sleep 30\n")
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap, "--script-timeout", "0.5")) == 4
+    error = broker.reports()[-1]
+    assert (error["state"], error["exit_code"]) == ("error", 4)
+    assert "script clean.sh timed out after 0.5 s" in error["message"]
+
+
+def test_ok_report_refused_with_409_exits_6(site, bootstrap, broker, capsys):
+    """A broker answering the ok report with 409 makes the run exit 6, saying so, with no error report."""
+    tmp_path, paths = site
+    broker.ok_reply = (409, b'{"error": "conflict", "message": "view not complete"}')
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 6
+    assert "failed (exit 6): report ok refused by the broker: HTTP 409 'conflict: view not complete'" \
+        in capsys.readouterr().err
+    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
+
+
+def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsys):
+    """A run finding STATE/lock held logs one line and exits 0 before any request or script."""
+    tmp_path, paths = site
+    lock_path = os.path.join(paths.state_dir, "lock")
+    with open(lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 0
+    assert "another ctxagent run holds %s" % lock_path in capsys.readouterr().err
+    assert broker.calls == [] and recorded(tmp_path) == []
+    assert not os.path.exists(os.path.join(paths.state_dir, "instance_key"))
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 0   # once it is free
+    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
