@@ -574,6 +574,7 @@ class VM:
     nshost: object = None
     runs: int = 0
     procs: List[subprocess.Popen] = field(default_factory=list)
+    python: str = AGENT_PYTHON
 
     @property
     def scripts_dir(self) -> Path:
@@ -610,7 +611,7 @@ class VM:
         return read_text(self.log_path)
 
     def argv(self, bootstrap: Path, timeout: float = 60, extra: Sequence[str] = ()) -> List[str]:
-        argv = [AGENT_PYTHON, str(AGENT), "--bootstrap", str(bootstrap),
+        argv = [self.python, str(AGENT), "--bootstrap", str(bootstrap),
                 "--scripts-dir", str(self.scripts_dir), "--state-dir", str(self.state_dir),
                 "--hosts-file", str(self.hosts_file),
                 "--known-hosts-file", str(self.known_hosts_file),
@@ -649,6 +650,21 @@ class VM:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
+
+
+def find_python(version: str) -> Optional[str]:
+    """An interpreter of this minor version on this machine (pyenv or PATH) that runs, if any."""
+    candidates = [str(p) for p in sorted(Path("/root/.pyenv/versions").glob(version + ".*/bin/python3"))]
+    candidates += [p for p in [shutil.which("python" + version)] if p and "/shims/" not in p]
+    for candidate in candidates:
+        try:
+            ok = subprocess.run([candidate, "-c", "import ssl"], env=clean_env(), timeout=30,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return candidate
+    return None
 
 
 def wait_agent(vm: VM, proc: subprocess.Popen, timeout: float) -> int:

@@ -11,6 +11,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from .helpers import (
     EXIT_ENV,
     EXIT_OK,
@@ -20,6 +22,7 @@ from .helpers import (
     calls,
     expected_calls,
     expected_hosts,
+    find_python,
     finish,
     foreign_ca_pem,
     group_of,
@@ -193,3 +196,19 @@ def test_no_bootstrap(tmp_path, diag):
     assert rc == EXIT_OK
     assert vm.records() == []
     assert vm.hosts_file.read_text() == INITIAL_HOSTS
+
+
+def test_oldest_and_newest_pythons(broker, vms, tmp_path, cluster, diag):
+    """The unmodified agent works under Python 3.6 and 3.13 (TLS verification included) in one cluster."""
+    old, new = find_python("3.6"), find_python("3.13")
+    if old is None or new is None:
+        pytest.skip("needs python3.6 and python3.13 on this machine (pyenv)")
+    nodes = vms()
+    for vm, python in zip(nodes, (old, new, old, new)):
+        vm.python = python
+    ctx = broker.create(cluster.path, tmp_path / "out")
+    assert wait_all(start_all(nodes, ctx)) == {vm.label: EXIT_OK for vm in nodes}
+    for vm in nodes:
+        assert role_calls(vm) == sorted(expected_role_calls(vm, nodes)), vm.label
+    status = broker.status(ctx.cid)
+    assert status["all_ok"] is True and status["counts"]["ok"] == 4
