@@ -575,6 +575,7 @@ class VM:
     runs: int = 0
     procs: List[subprocess.Popen] = field(default_factory=list)
     python: str = AGENT_PYTHON
+    agent: Path = AGENT
 
     @property
     def scripts_dir(self) -> Path:
@@ -611,7 +612,7 @@ class VM:
         return read_text(self.log_path)
 
     def argv(self, bootstrap: Path, timeout: float = 60, extra: Sequence[str] = ()) -> List[str]:
-        argv = [self.python, str(AGENT), "--bootstrap", str(bootstrap),
+        argv = [self.python, str(self.agent), "--bootstrap", str(bootstrap),
                 "--scripts-dir", str(self.scripts_dir), "--state-dir", str(self.state_dir),
                 "--hosts-file", str(self.hosts_file),
                 "--known-hosts-file", str(self.known_hosts_file),

@@ -6,6 +6,7 @@ The four agents report different identities through --address/--hostname/
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import signal
@@ -212,3 +213,25 @@ def test_oldest_and_newest_pythons(broker, vms, tmp_path, cluster, diag):
         assert role_calls(vm) == sorted(expected_role_calls(vm, nodes)), vm.label
     status = broker.status(ctx.cid)
     assert status["all_ok"] is True and status["counts"]["ok"] == 4
+
+
+def test_agent_and_bootstrap_from_user_data(broker, vms, tmp_path, cluster, diag):
+    """The agent ctxctl embeds in user-data, run on that user-data as cloud-init saved it, contextualizes."""
+    yaml = pytest.importorskip("yaml")
+    nodes = vms()
+    ctx = broker.create(cluster.path, tmp_path / "out")
+    started = []
+    for vm in nodes:
+        raw = ctx.user_data(group_of(vm)).read_bytes()
+        assert len(raw) <= 16384, "EC2 takes at most 16384 bytes of user-data"
+        document = yaml.safe_load(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        (agent_file,) = [f for f in document["write_files"] if f["path"] == "/usr/local/sbin/ctxagent.py"]
+        vm.agent = vm.root / "embedded-ctxagent.py"
+        vm.agent.write_text(agent_file["content"])
+        saved = vm.root / "user-data.txt"
+        saved.write_bytes(raw)
+        started.append((vm, vm.start("cloud-init", extra=["--cloud-init-user-data", str(saved)])))
+    assert wait_all(started) == {vm.label: EXIT_OK for vm in nodes}
+    for vm in nodes:
+        assert role_calls(vm) == sorted(expected_role_calls(vm, nodes)), vm.label
+    assert broker.status(ctx.cid)["all_ok"] is True
