@@ -48,24 +48,8 @@ DATA_NAMES = ("gridmap",)
 # Agent exit codes (issue 2 / the agent's documentation).
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_ENV, EXIT_SCRIPT, EXIT_TIMEOUT, EXIT_REFUSED = range(7)
 
-TORQUE_CLUSTER = """\
-name = "torque-demo"
-open_for_injection = false        # default false
-[[group]]
-name = "head"
-quantity = 1
-provides = ["torquemaster"]
-requires = [{ role = "torqueslave" }]
-data = ["gridmap"]
-[[group]]
-name = "compute"
-quantity = 3
-provides = ["torqueslave"]
-requires = [{ role = "torquemaster", ready = true }]
-all_identities = true
-[data]
-gridmap = { file = "grid-mapfile" }   # path relative to this file
-"""
+# The issue's cluster file, exactly as written (the example ships it).
+TORQUE_CLUSTER = (REPO / "examples" / "torque" / "cluster.toml").read_text()
 
 GRIDMAP = (
     '"/DC=org/DC=example/OU=People/CN=Alice Example 1234" alice\n'
