@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 PREFIX = "cxe"
 MARKER_DIR = Path("/run/ctxd-e2e")
@@ -77,27 +77,55 @@ def _link_names() -> List[str]:
     return names
 
 
-def _kill_processes_in_netns(ns: str, sig: int = signal.SIGKILL) -> List[int]:
-    """Signal every process whose network namespace is /run/netns/NS."""
+def ns_id(pid: object, kind: str) -> Optional[Tuple[int, int]]:
+    """(st_dev, st_ino) of /proc/PID/ns/KIND; None once the process is gone (or a zombie)."""
+    try:
+        st = os.stat("/proc/%s/ns/%s" % (pid, kind))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def kill_namespace_members(net_ids: Iterable[Tuple[int, int]] = (),
+                           mnt_ids: Iterable[Tuple[int, int]] = (),
+                           timeout: float = 5.0) -> List[int]:
+    """SIGKILL every process in one of these network or mount namespaces until none is left.
+
+    The mount namespaces of the processes found in NET_IDS count too (a
+    namespace host's daemons share its private mount namespace), except ours
+    and pid 1's.  Scans repeat until a scan finds nobody (a forking daemon
+    cannot slip through) or TIMEOUT passes.  Returns the pids killed.
+    """
+    net_ids = set(net_ids)
+    mnt_ids = set(mnt_ids)
+    shared = {ns_id("self", "mnt"), ns_id(1, "mnt")}
+    killed: List[int] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                procs.append((int(entry), ns_id(entry, "net"), ns_id(entry, "mnt")))
+        mnt_ids |= {mnt for _, net, mnt in procs if net in net_ids and mnt is not None} - shared
+        found = [pid for pid, net, mnt in procs if net in net_ids or mnt in mnt_ids]
+        if not found or time.monotonic() > deadline:
+            return killed
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _kill_processes_in_netns(ns: str) -> List[int]:
+    """Kill every process in /run/netns/NS and in the mount namespaces they hold."""
     try:
         st = os.stat(NETNS_DIR / ns)
     except OSError:
         return []
-    killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            pst = os.stat("/proc/%s/ns/net" % entry)
-        except OSError:
-            continue
-        if (pst.st_ino, pst.st_dev) == (st.st_ino, st.st_dev):
-            try:
-                os.kill(int(entry), sig)
-                killed.append(int(entry))
-            except ProcessLookupError:
-                pass
-    return killed
+    return kill_namespace_members([(st.st_dev, st.st_ino)])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,6 +141,8 @@ def _destroy(rid: str) -> None:
     """Remove every process, namespace and link of run RID (best effort)."""
     mine = [n for n in _netns_names() if n.startswith(PREFIX + rid)]
     for ns in mine:
+        # Also whatever lives in the hosts' mount namespaces (hosts.py): the
+        # daemons a killed run's Slurm hosts left behind.
         _kill_processes_in_netns(ns)
     for ns in mine:
         _ip("netns", "delete", ns, check=False)

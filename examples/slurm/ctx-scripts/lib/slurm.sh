@@ -19,7 +19,7 @@ self_name_and_ip() {
 
 write_slurm_conf() {
     ctld_name=$1 ctld_ip=$2
-    if [ -e /sys/fs/cgroup/cgroup.controllers ]; then cgroup=cgroup/v2; else cgroup=cgroup/v1; fi
+    params=$(node_params)
     tmp=$(mktemp /etc/slurm/.slurm.conf.XXXXXX)
     {
         echo "# Written by ctxd (examples/slurm) for context ${CTX_CONTEXT_ID:-?}; rewritten at every run."
@@ -42,16 +42,32 @@ write_slurm_conf() {
         echo "SlurmctldLogFile=$LOGDIR/slurmctld.log"
         echo "SlurmdLogFile=$LOGDIR/slurmd.log"
         for node in $(ls "$CTX_DIR/nodes" | sort); do
-            cat "$CTX_DIR/nodes/$node"
+            printf '%s%s\n' "$(cat "$CTX_DIR/nodes/$node")" "${params:+ $params}"
         done
         echo "PartitionName=ctx Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     } > "$tmp"
     chmod 0644 "$tmp"
     mv "$tmp" /etc/slurm/slurm.conf
-    printf 'CgroupPlugin=%s\n' "$cgroup" > /etc/slurm/cgroup.conf
+    if [ -e /sys/fs/cgroup/cgroup.controllers ]; then
+        # Pure cgroup v2: without systemd slurmd cannot get a scope; carry on without.
+        printf 'CgroupPlugin=cgroup/v2\nIgnoreSystemdOnFailure=yes\n' > /etc/slurm/cgroup.conf
+    else
+        printf 'CgroupPlugin=cgroup/v1\n' > /etc/slurm/cgroup.conf
+    fi
     chmod 0644 /etc/slurm/cgroup.conf
     install -d -o slurm -g slurm -m 0755 "$SPOOL" "$SPOOL/ctld" "$LOGDIR"
     install -d -m 0755 "$SPOOL/d"
+}
+
+node_params() {
+    # The compute nodes' hardware as the deployer declared it (data item
+    # "nodeparams", e.g. "CPUs=4 RealMemory=15000"): one line of NAME=VALUE words.
+    [ -s "$CTX_DIR/nodeparams" ] || return 0
+    params=$(head -n 1 "$CTX_DIR/nodeparams")
+    case "$params" in
+        *[!A-Za-z0-9=.,:\ ]*) echo "nodeparams: only NAME=VALUE words allowed: $params" >&2; return 1 ;;
+    esac
+    printf '%s' "$params"
 }
 
 stop_pidfile() {
@@ -111,4 +127,11 @@ start_slurmd() {
         /usr/sbin/slurmd
     fi
     wait_for 30 slurmd test -s "$SPOOL/slurmd.pid"
+    # Report ok only once the controller has this node: ctxctl wait then means usable.
+    wait_for 60 "this node to register with slurmctld" node_registered
+}
+
+node_registered() {
+    state=$(sinfo -h -n "$(hostname -s)" -o %T 2>/dev/null)
+    case "$state" in idle*|mix*|alloc*|comp*) return 0 ;; *) return 1 ;; esac
 }
