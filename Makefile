@@ -5,7 +5,7 @@ RUN_VENV ?= .venv-run
 TEST_VENV ?= .venv-test
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast vermin clean
+.PHONY: run test test-fast vermin fuzz clean
 
 $(RUN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -26,6 +26,12 @@ $(TEST_VENV)/.installed: setup.py
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py
 	PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH $(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# A long schemathesis campaign against a real broker (the bounded one runs in `make test`).
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(TEST_VENV)/.installed
+	CTXD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH \
+		$(TEST_VENV)/bin/python -m pytest tests/test_fuzz.py -q -s $(PYTEST_ARGS)
 
 vermin: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py

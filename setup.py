@@ -22,7 +22,7 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pyyaml", "vermin"],
+        "test": ["pytest", "hypothesis", "pyyaml", "vermin", "schemathesis"],
     },
     entry_points={
         "console_scripts": [

@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 import ctxd
-from ctxd import validate
+from ctxd import tokens, validate
 from ctxd.broker import Broker
 from ctxd.errors import (
     BadRequest,
@@ -25,6 +25,7 @@ from ctxd.errors import (
     MethodNotAllowed,
     NotFound,
     TooLarge,
+    TooManyRequests,
     UnsupportedMediaType,
 )
 
@@ -32,7 +33,15 @@ log = Logger()
 
 DEFAULT_MAX_BODY = 1024 * 1024
 
-NONE, ADMIN, JOIN, NODE = "none", "admin", "join", "node"
+# Who may call a route:
+#   none        anybody
+#   site-admin  the site admin token only
+#   deployer    the site admin or any deployer
+#   owner       the site admin or the deployer who created the context {cid}
+#   join        a join token of the context {cid}
+#   node        the node credential of the node {nid}
+NONE, SITE_ADMIN, DEPLOYER, OWNER, JOIN, NODE = "none", "site-admin", "deployer", "owner", "join", "node"
+AUTH_KINDS = (NONE, SITE_ADMIN, DEPLOYER, OWNER, JOIN, NODE)
 
 
 class Route(NamedTuple):
@@ -45,12 +54,17 @@ class Route(NamedTuple):
 
 ROUTES: Tuple[Route, ...] = (
     Route("GET", "/healthz", "health", NONE, "none"),
-    Route("GET", "/v1/contexts", "list_contexts", ADMIN, "none"),
-    Route("POST", "/v1/contexts", "create_context", ADMIN, "required"),
-    Route("GET", "/v1/contexts/{cid}", "get_context", ADMIN, "none"),
-    Route("DELETE", "/v1/contexts/{cid}", "delete_context", ADMIN, "none"),
-    Route("PUT", "/v1/contexts/{cid}/data/{name}", "put_data", ADMIN, "required"),
-    Route("POST", "/v1/contexts/{cid}/lock", "lock", ADMIN, "optional"),
+    Route("GET", "/v1/users", "list_users", SITE_ADMIN, "none"),
+    Route("POST", "/v1/users", "add_user", SITE_ADMIN, "required"),
+    Route("DELETE", "/v1/users/{user}", "revoke_user", SITE_ADMIN, "none"),
+    Route("GET", "/v1/contexts", "list_contexts", DEPLOYER, "none"),
+    Route("POST", "/v1/contexts", "create_context", DEPLOYER, "required"),
+    Route("GET", "/v1/contexts/{cid}", "get_context", OWNER, "none"),
+    Route("DELETE", "/v1/contexts/{cid}", "delete_context", OWNER, "none"),
+    Route("PUT", "/v1/contexts/{cid}/data/{name}", "put_data", OWNER, "required"),
+    Route("POST", "/v1/contexts/{cid}/lock", "lock", OWNER, "optional"),
+    Route("POST", "/v1/contexts/{cid}/groups/{group}/join-token", "rotate_join_token", OWNER, "optional"),
+    Route("POST", "/v1/contexts/{cid}/nodes/{nid}/revoke", "revoke_node", OWNER, "optional"),
     Route("POST", "/v1/contexts/{cid}/enroll", "enroll", JOIN, "required"),
     Route("PUT", "/v1/contexts/{cid}/nodes/{nid}/identity", "put_identity", NODE, "required"),
     Route("GET", "/v1/contexts/{cid}/nodes/{nid}/view", "get_view", NODE, "none"),
@@ -62,6 +76,8 @@ _PARAM_CHECKS: Dict[str, Callable[[str], Any]] = {
     "cid": lambda v: _must(validate.ID_RE.match(v), "no such context"),
     "nid": lambda v: _must(validate.ID_RE.match(v), "no such node"),
     "name": lambda v: validate.name(v, "data name"),
+    "group": lambda v: validate.name(v, "group name"),
+    "user": lambda v: validate.name(v, "deployer name"),
 }
 
 
@@ -166,11 +182,18 @@ class BrokerResource(resource.Resource):
         except UnicodeDecodeError:
             raise NotFound("no such resource") from None
         route, params = match(method, path)
+        request.ctxd_route = route
         principal = None
         if route.auth != NONE:
-            principal = self.broker.authenticate(_bearer(request))
-            if route.auth == ADMIN:
+            token = _bearer(request)
+            if route.auth == JOIN:
+                self.broker.limit_enrollment(_source(request), token)
+            principal = self.broker.authenticate(token, self.client_name(request) if token is None else None)
+            request.ctxd_principal = principal
+            if route.auth == SITE_ADMIN:
                 self.broker.require_admin(principal)
+            elif route.auth in (DEPLOYER, OWNER):
+                self.broker.require_deployer(principal)
         for key, value in params.items():
             _PARAM_CHECKS[key](value)
         body = None
@@ -183,25 +206,41 @@ class BrokerResource(resource.Resource):
     def _health(self, request, principal, body):
         return 200, {"status": "ok", "version": ctxd.__version__}
 
+    def _list_users(self, request, principal, body):
+        return self.broker.list_users()
+
+    def _add_user(self, request, principal, body):
+        return self.broker.add_user(body)
+
+    def _revoke_user(self, request, principal, body, user):
+        return self.broker.revoke_user(user)
+
     def _list_contexts(self, request, principal, body):
-        return self.broker.list_contexts()
+        return self.broker.list_contexts(principal)
 
     def _create_context(self, request, principal, body):
-        return self.broker.create_context(body)
+        return self.broker.create_context(principal, body)
 
     def _get_context(self, request, principal, body, cid):
-        return self.broker.get_context(cid)
+        return self.broker.get_context(principal, cid)
 
     def _delete_context(self, request, principal, body, cid):
-        return self.broker.delete_context(cid)
+        return self.broker.delete_context(principal, cid)
 
     def _put_data(self, request, principal, body, cid, name):
-        return self.broker.put_data(cid, name, body)
+        return self.broker.put_data(principal, cid, name, body)
 
     def _lock(self, request, principal, body, cid):
-        if body not in (None, {}):
-            raise BadRequest("lock takes an empty body")
-        return self.broker.lock(cid)
+        _empty_body(body, "lock")
+        return self.broker.lock(principal, cid)
+
+    def _rotate_join_token(self, request, principal, body, cid, group):
+        _empty_body(body, "join-token rotation")
+        return self.broker.rotate_join_token(principal, cid, group)
+
+    def _revoke_node(self, request, principal, body, cid, nid):
+        _empty_body(body, "revoke")
+        return self.broker.revoke_node(principal, cid, nid)
 
     def _enroll(self, request, principal, body, cid):
         return self.broker.enroll(principal, cid, body, _source(request))
@@ -219,10 +258,33 @@ class BrokerResource(resource.Resource):
 
     # -- rendering ---------------------------------------------------------
 
+    def client_name(self, request: server.Request) -> Optional[str]:
+        """The verified client certificate's name (mutual TLS), if any."""
+        return client_certificate_name(request)
+
+    def _audit(self, request: server.Request, status: int) -> None:
+        route = getattr(request, "ctxd_route", None)
+        principal = getattr(request, "ctxd_principal", None)
+        if route is None:
+            return
+        if route.auth in (NONE, NODE) and status not in (401, 403, 429):
+            return  # routine agent traffic: not an action worth an audit line
+        extra = {}
+        if principal is None and status in (401, 403, 429):
+            extra["credential"] = _credential_kind(_bearer(request))
+        try:
+            self.broker.audit.write(
+                _principal_name(principal), route.handler, request.path.decode("ascii", "replace"),
+                _source(request), status, **extra
+            )
+        except OSError as e:
+            log.error("cannot write the audit log: {error}", error=e)
+
     def _respond(self, result: Tuple[int, Any], request: server.Request, gone: List[bool]) -> None:
         if gone[0]:
             return
         status, body = result
+        self._audit(request, status)
         request.setResponseCode(status)
         request.setHeader("cache-control", "no-store")
         if body is not None:
@@ -242,10 +304,47 @@ class BrokerResource(resource.Resource):
             error.status = 500
         if gone[0]:
             return
+        if isinstance(error, TooManyRequests):
+            request.setHeader("retry-after", str(error.retry_after))
         if isinstance(error, MethodNotAllowed):
             route_methods = [r.method for r, p in _COMPILED if p.match(request.path.decode("ascii", "replace"))]
             request.setHeader("allow", ", ".join(route_methods))
         self._respond((error.status, {"error": error.code, "message": error.message}), request, gone)
+
+
+def _empty_body(body: Any, what: str) -> None:
+    if body not in (None, {}):
+        raise BadRequest(f"{what} takes an empty body")
+
+
+def _principal_name(principal: Optional[Tuple[str, str, str]]) -> str:
+    if principal is None:
+        return "anonymous"
+    kind, cid, oid = principal
+    if kind == "admin":
+        return "admin"
+    if kind == "deployer":
+        return f"deployer:{oid}"
+    return f"{kind}:{cid}/{oid}"
+
+
+def _credential_kind(token: Optional[str]) -> str:
+    """What kind of credential was presented, without any of its secret part."""
+    if token is None:
+        return "none"
+    for prefix in tokens.PREFIXES:
+        if token.startswith(prefix) and tokens.well_formed(token):
+            return prefix
+    return "malformed"
+
+
+def client_certificate_name(request: server.Request) -> Optional[str]:
+    """The common name of a verified client certificate, when mutual TLS is on."""
+    try:
+        from ctxd.tlsserver import client_certificate_name as name_of
+    except ImportError:  # pragma: no cover - tlsserver is part of ctxd
+        return None
+    return name_of(request)
 
 
 def _source(request: server.Request) -> str:
@@ -312,9 +411,56 @@ def _abort_if_open(transport: Any) -> None:
         transport.abortConnection()
 
 
-def make_site(broker: Broker, max_body: int = DEFAULT_MAX_BODY, timeout: int = 120) -> server.Site:
+class DeadlineChannel(http.HTTPChannel):
+    """An HTTP channel that must receive each whole request within a deadline.
+
+    twisted.web's idle timeout restarts with every byte, so a client trickling a
+    byte a second would hold the connection forever. Here the clock starts when
+    the connection opens (TLS handshake included) and again when a response is
+    done, and stops only when a request's headers and body are all in.
+    """
+
+    request_deadline = 30.0
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(self.request_deadline, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        log.info("request not received within {deadline} s: connection cut", deadline=self.request_deadline)
+        self.transport.abortConnection()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.persistent:
+            self._arm()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+
+def make_site(
+    broker: Broker, max_body: int = DEFAULT_MAX_BODY, timeout: int = 120, request_deadline: float = 30.0
+) -> server.Site:
     """The twisted.web Site serving the API."""
     request_class = type("Request", (CappedRequest,), {"max_body": max_body})
     site = server.Site(BrokerResource(broker, max_body), requestFactory=request_class, timeout=timeout)
+    site.protocol = type("Channel", (DeadlineChannel,), {"request_deadline": request_deadline})
     site.displayTracebacks = False
     return site

@@ -18,7 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ctxd import tokens, validate
-from ctxd.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from ctxd.audit import AuditLog
+from ctxd.limits import RateLimiter
+from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
 from ctxd.journal import JournalClosed, JournalFailed
 from ctxd.model import Model, Node, Touched
 
@@ -62,6 +64,9 @@ class Broker:
         public_url: str,
         ca_pem: str,
         on_fatal: Any = None,
+        audit: Any = None,
+        enroll_per_source: int = 120,
+        enroll_per_token: int = 1200,
     ) -> None:
         self.model = model
         self.journal = journal
@@ -69,6 +74,9 @@ class Broker:
         self.admin_token_hash = admin_token_hash
         self.public_url = public_url
         self.ca_pem = ca_pem
+        self.audit = audit if audit is not None else AuditLog(None, clock.seconds)
+        self.enroll_by_source = RateLimiter(clock, enroll_per_source)
+        self.enroll_by_token = RateLimiter(clock, enroll_per_token)
         # Called once when the journal fails: nothing may be acknowledged after it.
         self.on_fatal = on_fatal
         self._fatal = False
@@ -92,8 +100,18 @@ class Broker:
 
     # -- credentials -------------------------------------------------------
 
-    def authenticate(self, token: Optional[str]) -> Tuple[str, str, str]:
-        """The principal holding ``token``: ("admin", "", "") or a model principal."""
+    def authenticate(self, token: Optional[str], client_name: Optional[str] = None) -> Tuple[str, str, str]:
+        """The principal holding ``token``: ("admin", "", "") or a model principal.
+
+        Without a bearer token, a client certificate verified against the
+        configured client CA (``client_name``, its common name) authenticates the
+        active deployer of that name.
+        """
+        if token is None and client_name is not None:
+            user = self.model.users.get(client_name)
+            if user is not None and user.revoked_at is None:
+                return ("deployer", "", user.name)
+            raise Unauthorized("the client certificate names no active deployer")
         if token is None:
             raise Unauthorized("a bearer credential is required")
         if not tokens.well_formed(token):
@@ -109,7 +127,24 @@ class Broker:
     @staticmethod
     def require_admin(principal: Tuple[str, str, str]) -> None:
         if principal[0] != "admin":
-            raise Forbidden("this operation needs the admin credential")
+            raise Forbidden("this operation needs the site admin credential")
+
+    @staticmethod
+    def require_deployer(principal: Tuple[str, str, str]) -> None:
+        if principal[0] not in ("admin", "deployer"):
+            raise Forbidden("this operation needs a deployer or the site admin credential")
+
+    def limit_enrollment(self, source: str, token: Optional[str]) -> None:
+        """429 when this address, or this join token, enrolls too often.
+
+        The address is counted first and a refused attempt does not count against
+        the token: one flooding address cannot lock the token's legitimate VMs out.
+        """
+        retry = self.enroll_by_source.hit(source)
+        if retry is None and token is not None and tokens.well_formed(token):
+            retry = self.enroll_by_token.hit(tokens.token_hash(token))
+        if retry is not None:
+            raise TooManyRequests("too many enrollment attempts; retry later", retry_after=retry)
 
     # -- committing changes ------------------------------------------------
 
@@ -165,54 +200,86 @@ class Broker:
 
     # -- admin operations ----------------------------------------------------
 
-    def create_context(self, body: Any) -> Deferred:
-        record, join_tokens = self.model.prepare_create(body, self.now())
+    def create_context(self, principal: Tuple[str, str, str], body: Any) -> Deferred:
+        owner = principal[2] if principal[0] == "deployer" else ""
+        record, join_tokens = self.model.prepare_create(body, self.now(), owner)
         cid = record["ctx"]
 
         def reply() -> Reply:
             ctx = self.model.contexts[cid]
-            bootstraps = {
-                group: {
-                    "ctxd_bootstrap": 1,
-                    "url": self.public_url,
-                    "context_id": cid,
-                    "group": group,
-                    "join_token": token,
-                    "ca_pem": self.ca_pem,
-                }
-                for group, token in join_tokens.items()
-            }
+            bootstraps = {group: self.bootstrap(cid, group, token) for group, token in join_tokens.items()}
             log.info("context {cid} ({name}) created", cid=cid, name=ctx.name)
             return 201, {"context": self.model.summary(ctx), "bootstraps": bootstraps}
 
         return self._commit_then(record, reply)
 
-    def list_contexts(self) -> Deferred:
-        now = self.now()
-        return self._durable(
-            (200, {"contexts": [self.model.summary(c) for c in self.model.contexts.values() if c.expires > now]})
-        )
+    def bootstrap(self, cid: str, group: str, join_token: str) -> Dict[str, Any]:
+        """What one VM of ``group`` needs, in its user-data."""
+        return {
+            "ctxd_bootstrap": 1,
+            "url": self.public_url,
+            "context_id": cid,
+            "group": group,
+            "join_token": join_token,
+            "ca_pem": self.ca_pem,
+        }
 
-    def get_context(self, cid: str) -> Deferred:
-        return self._durable((200, self.model.status(self.model.context(cid, self.now()))))
+    def list_contexts(self, principal: Tuple[str, str, str]) -> Deferred:
+        contexts = self.model.visible_contexts(principal, self.now())
+        return self._durable((200, {"contexts": [self.model.summary(c) for c in contexts]}))
 
-    def delete_context(self, cid: str) -> Deferred:
-        self.model.context(cid, self.now())
+    def get_context(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
+        return self._durable((200, self.model.status(self.model.owned_context(principal, cid, self.now()))))
+
+    def delete_context(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
+        self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_delete(cid, self.now())
         log.info("context {cid} deleted", cid=cid)
         return self._commit_then(record, lambda: (200, {"deleted": cid}))
 
-    def put_data(self, cid: str, name: str, body: Any) -> Deferred:
-        validate.name(name, "data name")
+    def put_data(self, principal: Tuple[str, str, str], cid: str, name: str, body: Any) -> Deferred:
+        self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_data(cid, name, body, self.now())
         return self._commit_then(record, lambda: (200, self.model.summary(self.model.contexts[cid])))
 
-    def lock(self, cid: str) -> Deferred:
+    def lock(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
+        self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_lock(cid, self.now())
         return self._commit_then(record, lambda: (200, self.model.summary(self.model.contexts[cid])))
 
+    def revoke_node(self, principal: Tuple[str, str, str], cid: str, nid: str) -> Deferred:
+        """The node's credential stops working at once; its instance cannot re-enroll."""
+        self.model.owned_context(principal, cid, self.now())
+        record = self.model.prepare_node_revoke(cid, nid, self.now())
+        log.info("node {nid} of context {cid}: credential revoked", nid=nid, cid=cid)
+        return self._commit_then(record, lambda: (200, {"revoked": nid}))
+
+    def rotate_join_token(self, principal: Tuple[str, str, str], cid: str, group: str) -> Deferred:
+        """A new join token for ``group``; the old one stops working at once."""
+        self.model.owned_context(principal, cid, self.now())
+        record, token = self.model.prepare_join_rotate(cid, group, self.now())
+        log.info("context {cid}: join token of group {group} rotated", cid=cid, group=group)
+        return self._commit_then(record, lambda: (200, {"bootstrap": self.bootstrap(cid, group, token)}))
+
+    # -- deployers (site admin only) -------------------------------------------
+
+    def add_user(self, body: Any) -> Deferred:
+        record, token = self.model.prepare_user_add(body, self.now())
+        log.info("deployer {name} added", name=record["name"])
+        return self._commit_then(record, lambda: (201, {"name": record["name"], "token": token}))
+
+    def list_users(self) -> Deferred:
+        return self._durable((200, {"users": self.model.user_list()}))
+
+    def revoke_user(self, name: str) -> Deferred:
+        record = self.model.prepare_user_revoke(name, self.now())
+        log.info("deployer {name} revoked", name=name)
+        return self._commit_then(record, lambda: (200, {"revoked": name}))
+
     def sweep_expired(self) -> None:
-        """Delete expired contexts; each deletion is journaled."""
+        """Delete expired contexts (each deletion is journaled); forget old rate windows."""
+        self.enroll_by_source.prune()
+        self.enroll_by_token.prune()
         now = self.now()
         for cid in self.model.expired(now):
             log.info("context {cid} expired", cid=cid)
@@ -225,9 +292,9 @@ class Broker:
     def enroll(self, principal: Tuple[str, str, str], cid: str, body: Any, source: str) -> Deferred:
         kind, pcid, group = principal
         if kind != "join" or pcid != cid:
-            if kind == "admin" or kind == "node":
-                raise Forbidden("enrollment needs this context's join token")
-            raise Unauthorized("unknown join token")
+            # A valid credential of another kind or context: the same 403 as
+            # everywhere else a credential does not fit the route.
+            raise Forbidden("enrollment needs this context's join token")
         record, node_token, new = self.model.prepare_enroll(cid, group, body, source, self.now())
         nid = record["node"]
         log.info(
@@ -313,6 +380,8 @@ class Broker:
 
     def _wake(self, touched: Touched) -> None:
         cid = touched.context_id
+        if not cid:
+            return
         if touched.deleted:
             for key in [k for k in self._waiters if k[0] == cid]:
                 for waiter in list(self._waiters.get(key, ())):

@@ -414,27 +414,104 @@ async def cmd_create(broker: Broker, args: argparse.Namespace, out: IO[str], err
             bootstrap = bootstraps.get(name) if isinstance(bootstraps, dict) else None
             if not isinstance(bootstrap, dict):
                 raise CliError(f"broker: the create answer has no bootstrap for group {name}")
-            files.append((f"{name}.bootstrap.json",
-                          (json.dumps(bootstrap, indent=2, sort_keys=True) + "\n").encode("utf-8")))
-            files.append((f"{name}.user-data",
-                          _call_user_data(render_user_data, bootstrap, agent_source, limit)))
+            files += _group_files(name, bootstrap, agent_source, limit)
         for filename, content in files:
             _write_private_file(os.path.join(out_dir, filename), content)
     except CliError as e:
         raise CliError(f"context {cid} was created but {e} (delete it with: ctxctl delete {cid})") from None
 
     expected = sum(g["quantity"] for g in body["groups"])
+    _print_written(out_dir, files, err)
     state = ("open for injection: add data with `ctxctl data put`, then `ctxctl lock`"
              if body["open_for_injection"] else "locked")
     print(f"created context {body['name']} ({cid}): {len(body['groups'])} groups, "
           f"{expected} nodes expected; {state}", file=err)
+    print(cid, file=out)
+    return EXIT_OK
+
+
+def _group_files(group: str, bootstrap: Dict[str, Any], agent_source: str, limit: int) -> List[Tuple[str, bytes]]:
+    """GROUP.bootstrap.json and GROUP.user-data for one group's bootstrap."""
+    return [
+        (f"{group}.bootstrap.json", (json.dumps(bootstrap, indent=2, sort_keys=True) + "\n").encode("utf-8")),
+        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent_source, limit)),
+    ]
+
+
+def _print_written(out_dir: str, files: List[Tuple[str, bytes]], err: IO[str]) -> None:
     for filename, content in files:
         if filename.endswith(".user-data"):
             kind = "gzip" if is_gzip(content) else "cloud-config"
             print(f"wrote {os.path.join(out_dir, filename)} ({len(content)} bytes, {kind})", file=err)
         else:
             print(f"wrote {os.path.join(out_dir, filename)}", file=err)
-    print(cid, file=out)
+
+
+async def cmd_join_token_rotate(broker: Broker, args: argparse.Namespace, out: IO[str], err: IO[str],
+                                agent_source: Optional[str] = None) -> int:
+    """``join-token rotate CTX GROUP --out DIR``: new join token; the old one stops working."""
+    if not NAME_RE.match(args.group):
+        raise CliError(f"group name {args.group!r} is not valid", EXIT_USAGE)
+    if agent_source is None:
+        agent_source = compact_source(_call_user_data(load_agent_source))
+    out_dir = _prepare_private_dir(args.out)
+    answer = await broker.call("POST", f"/v1/contexts/{args.context}/groups/{args.group}/join-token", {})
+    bootstrap = answer.get("bootstrap") if isinstance(answer, dict) else None
+    if not isinstance(bootstrap, dict):
+        raise CliError("broker: the rotation answer has no bootstrap")
+    files = _group_files(args.group, bootstrap, agent_source, args.user_data_limit)
+    for filename, content in files:
+        _write_private_file(os.path.join(out_dir, filename), content)
+    _print_written(out_dir, files, err)
+    print(f"join token of group {args.group} rotated: the old one no longer enrolls; "
+          "VMs launched from now on need the new user-data", file=err)
+    return EXIT_OK
+
+
+async def cmd_node_revoke(broker: Broker, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """``node revoke CTX NODE``: a compromised VM's credential stops working at once."""
+    node = _context_id(args.node)
+    await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{node}/revoke", {})
+    print(f"node {node} of context {args.context}: credential revoked", file=err)
+    return EXIT_OK
+
+
+async def cmd_user_add(broker: Broker, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """``user add NAME``: mint a deployer credential; its token is printed once, on stdout."""
+    if not NAME_RE.match(args.name):
+        raise CliError(f"deployer name {args.name!r} is not valid", EXIT_USAGE)
+    answer = await broker.call("POST", "/v1/users", {"name": args.name}, expect=(201,))
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if not isinstance(token, str):
+        raise CliError("broker: the answer has no token")
+    print(token, file=out)
+    print(f"deployer {args.name} added; the token above is shown only once: give it to them "
+          "(they use it with --token-file)", file=err)
+    return EXIT_OK
+
+
+async def cmd_user_list(broker: Broker, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """``user list [--json]``: deployers, with when they were added and revoked."""
+    answer = await broker.call("GET", "/v1/users")
+    users = answer.get("users") if isinstance(answer, dict) else None
+    if not isinstance(users, list):
+        raise CliError("broker: the answer has no users array")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True), file=out)
+        return EXIT_OK
+    rows = [[_cell(u.get("name")), _when(u.get("created")) or "-", _when(u.get("revoked")) or "-"]
+            for u in users if isinstance(u, dict)]
+    for line in _table(["NAME", "ADDED", "REVOKED"], rows):
+        print(line, file=out)
+    return EXIT_OK
+
+
+async def cmd_user_revoke(broker: Broker, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """``user revoke NAME``: the deployer's credential stops working at once."""
+    if not NAME_RE.match(args.name):
+        raise CliError(f"deployer name {args.name!r} is not valid", EXIT_USAGE)
+    await broker.call("DELETE", f"/v1/users/{args.name}")
+    print(f"deployer {args.name} revoked", file=err)
     return EXIT_OK
 
 
@@ -763,6 +840,11 @@ COMMANDS: Dict[str, Command] = {
     "lock": cmd_lock,
     "list": cmd_list,
     "delete": cmd_delete,
+    "user add": cmd_user_add,
+    "user list": cmd_user_list,
+    "user revoke": cmd_user_revoke,
+    "node revoke": cmd_node_revoke,
+    "join-token rotate": cmd_join_token_rotate,
 }
 
 
@@ -965,7 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctxctl", description="Deployer's client for the ctxd contextualization broker.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help=f"broker URL, https://HOST:PORT (env {ENV_URL})")
-    parser.add_argument("--token-file", metavar="FILE", help=f"file holding the admin token (env {ENV_TOKEN_FILE})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"file holding your token: the site admin's or a deployer's (env {ENV_TOKEN_FILE})")
     parser.add_argument("--ca", metavar="FILE", help=f"PEM CA certificate the broker must chain to (env {ENV_CA})")
     parser.add_argument("--state-dir", metavar="DIR",
                         help=f"ctxd's state directory; supplies whatever the three above do not (env {ENV_STATE_DIR})")
@@ -1018,6 +1101,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the broker's JSON")
     p = sub.add_parser("delete", help="delete a context")
     ctx_arg(p)
+
+    p = sub.add_parser("user", help="deployer credentials (site admin): user add|list|revoke")
+    user_sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    p = user_sub.add_parser("add", help="mint a deployer credential; print its token once")
+    p.add_argument("name", metavar="NAME", help="deployer name")
+    p = user_sub.add_parser("list", help="table of deployers")
+    p.add_argument("--json", action="store_true", help="print the broker's JSON")
+    p = user_sub.add_parser("revoke", help="revoke a deployer's credential")
+    p.add_argument("name", metavar="NAME", help="deployer name")
+
+    p = sub.add_parser("node", help="node credentials: node revoke")
+    node_sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    p = node_sub.add_parser("revoke", help="revoke one node's credential (a compromised VM)")
+    ctx_arg(p)
+    p.add_argument("node", metavar="NODE", help="node id")
+
+    p = sub.add_parser("join-token", help="join tokens: join-token rotate")
+    join_sub = p.add_subparsers(dest="join_command", metavar="ACTION", required=True)
+    p = join_sub.add_parser("rotate", help="new join token for a group; write its bootstrap and user-data")
+    ctx_arg(p)
+    p.add_argument("group", metavar="GROUP", help="group name")
+    p.add_argument("--out", metavar="DIR", required=True, help="where to write GROUP.bootstrap.json and .user-data")
+    p.add_argument("--user-data-limit", metavar="BYTES", type=_user_data_limit, default=USER_DATA_LIMIT,
+                   help=f"largest user-data the cloud accepts (default {USER_DATA_LIMIT})")
     return parser
 
 
@@ -1029,7 +1136,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if args.file and not args.write:
             parser.error("known-hosts: --file only makes sense with --write")
         args.file = args.file or os.path.join("~", ".ssh", "known_hosts")
-    args.command_key = "data put" if args.command == "data" else args.command
+    action = {"data": "data_command", "user": "user_command", "node": "node_command",
+              "join-token": "join_command"}.get(args.command)
+    args.command_key = f"{args.command} {getattr(args, action)}" if action else args.command
     return args
 
 

@@ -54,6 +54,20 @@ class Conflict(BrokerError):
     code = "conflict"
 
 
+class QuotaExceeded(BrokerError):
+    status = 409
+    code = "quota_exceeded"
+
+
+class TooManyRequests(BrokerError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Gone(BrokerError):
     status = 410
     code = "join_token_expired"

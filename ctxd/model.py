@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from ctxd import tokens, validate
 from ctxd.errors import (
     BadRequest,
+    QuotaExceeded,
     Conflict,
     Forbidden,
     Gone,
@@ -42,6 +43,25 @@ MAX_DATA_ITEMS = 64
 MAX_CONTEXT_NAME = 128
 MAX_MESSAGE = 4096
 MAX_LOG_TAIL = 65536
+
+class Limits:
+    """Quotas enforced by the model (configurable; see ctxd --help)."""
+
+    def __init__(
+        self,
+        contexts_per_deployer: int = 100,
+        nodes_per_context: int = 20_000,
+        data_bytes_per_context: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.contexts_per_deployer = contexts_per_deployer
+        self.nodes_per_context = nodes_per_context
+        self.data_bytes_per_context = data_bytes_per_context
+
+
+def _data_bytes(values: Iterable[str]) -> int:
+    """Decoded size of base64 values."""
+    return sum(len(v) * 3 // 4 - v.count("=") for v in values)
+
 
 ENROLLED = "enrolled"
 CONTEXTUALIZING = "contextualizing"
@@ -76,6 +96,7 @@ class Node:
         "token_hash",
         "instance_hash",
         "self_rev",
+        "revoked",
     )
 
     def __init__(self, node_id: str, group: "Group") -> None:
@@ -91,6 +112,7 @@ class Node:
         self.token_hash = ""
         self.instance_hash = ""
         self.self_rev = 0
+        self.revoked = False
 
     def set_identity(self, identity: Dict[str, Any]) -> bool:
         """Replace the identity; return whether it changed."""
@@ -161,6 +183,8 @@ class Context:
         self.id: str = record["ctx"]
         self.name: str = record["name"]
         self.open_for_injection: bool = record["open_for_injection"]
+        # The deployer who created it ("" for the site admin).
+        self.owner: str = record.get("owner", "")
         self.locked = not self.open_for_injection
         self.created: float = record["at"]
         self.expires: float = record["expires"]
@@ -335,12 +359,30 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
     }
 
 
-class Model:
-    """All contexts, plus the index from token hashes to principals."""
+class User:
+    """A deployer credential minted by the site admin."""
 
-    def __init__(self) -> None:
+    __slots__ = ("name", "token_hash", "created", "revoked_at")
+
+    def __init__(self, name: str, token_hash: str, created: float) -> None:
+        self.name = name
+        self.token_hash = token_hash
+        self.created = created
+        self.revoked_at: Optional[float] = None
+
+
+GLOBAL_OPS = ("create", "user_add", "user_revoke")
+
+
+class Model:
+    """All contexts and deployers, plus the index from token hashes to principals."""
+
+    def __init__(self, limits: Optional[Limits] = None) -> None:
+        self.limits = limits or Limits()
         self.contexts: Dict[str, Context] = {}
+        self.users: Dict[str, User] = {}
         # token hash -> ("join", context id, group name) | ("node", context id, node id)
+        #             | ("deployer", "", name)
         self.principals: Dict[str, Tuple[str, str, str]] = {}
 
     # -- authentication ----------------------------------------------------
@@ -353,9 +395,29 @@ class Model:
         # The dict lookup already matched; compare again in constant time so
         # the decision never rests on a short-circuiting comparison.
         kind, cid, oid = found
-        ctx = self.contexts[cid]
-        stored = ctx.groups[oid].join_hash if kind == "join" else ctx.nodes[oid].token_hash
+        if kind == "deployer":
+            stored = self.users[oid].token_hash
+        else:
+            ctx = self.contexts[cid]
+            stored = ctx.groups[oid].join_hash if kind == "join" else ctx.nodes[oid].token_hash
         return found if tokens.same_hash(stored, token_hash) else None
+
+    def owned_context(self, principal: Tuple[str, str, str], cid: str, now: float) -> Context:
+        """The context, if this admin or deployer may manage it; else NotFound.
+
+        Another deployer's context answers exactly like one that does not exist.
+        """
+        ctx = self.context(cid, now)
+        if principal[0] == "deployer" and ctx.owner != principal[2]:
+            raise NotFound("no such context")
+        return ctx
+
+    def visible_contexts(self, principal: Tuple[str, str, str], now: float) -> List[Context]:
+        return [
+            c
+            for c in self.contexts.values()
+            if c.expires > now and (principal[0] != "deployer" or c.owner == principal[2])
+        ]
 
     # -- lookups -------------------------------------------------------------
 
@@ -376,8 +438,21 @@ class Model:
 
     # -- prepare: validate a request, return the record ----------------------
 
-    def prepare_create(self, body: Any, now: float) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    def prepare_create(
+        self, body: Any, now: float, owner: str = ""
+    ) -> Tuple[Dict[str, Any], Dict[str, str]]:
         spec = parse_cluster(body)
+        limits = self.limits
+        if owner:
+            owned = sum(1 for c in self.contexts.values() if c.owner == owner and c.expires > now)
+            if owned >= limits.contexts_per_deployer:
+                raise QuotaExceeded(f"deployer {owner!r} already has {owned} contexts (limit {limits.contexts_per_deployer})")
+        expected = sum(g["quantity"] for g in spec["groups"])
+        if expected > limits.nodes_per_context:
+            raise QuotaExceeded(f"the context expects {expected} nodes (limit {limits.nodes_per_context})")
+        size = sum(_data_bytes(v) for v in spec["data"].values())
+        if size > limits.data_bytes_per_context:
+            raise QuotaExceeded(f"the context's data is {size} bytes (limit {limits.data_bytes_per_context})")
         cid = tokens.new_id()
         while cid in self.contexts:  # pragma: no cover - 128 random bits
             cid = tokens.new_id()
@@ -393,6 +468,7 @@ class Model:
             "groups": spec["groups"],
             "data": spec["data"],
             "join_hashes": {g: tokens.token_hash(t) for g, t in join_tokens.items()},
+            "owner": owner,
         }
         return record, join_tokens
 
@@ -410,6 +486,8 @@ class Model:
         instance_hash = tokens.token_hash(key)
         existing = g.by_instance.get(instance_hash)
         if existing is not None:
+            if existing.revoked:
+                raise Forbidden("this node's credential was revoked by the deployer")
             # The instance key proves this VM enrolled before: it may get its node
             # back after the join token expired (a late reboot, a lost credential).
             nid, new = existing.id, False
@@ -492,6 +570,11 @@ class Model:
             raise BadRequest("values: at least one value is needed")
         if ctx.locked:
             raise Conflict("the context is locked; data can no longer be injected", code="context_locked")
+        size = _data_bytes(values) + sum(_data_bytes(v) for k, v in ctx.data.items() if k != name)
+        if size > self.limits.data_bytes_per_context:
+            raise QuotaExceeded(
+                f"the context's data would be {size} bytes (limit {self.limits.data_bytes_per_context})"
+            )
         return {"op": "data", "ctx": cid, "at": now, "name": name, "values": values}
 
     def prepare_lock(self, cid: str, now: float) -> Optional[Dict[str, Any]]:
@@ -505,6 +588,44 @@ class Model:
             )
         return {"op": "lock", "ctx": cid, "at": now}
 
+    def prepare_user_add(self, body: Any, now: float) -> Tuple[Dict[str, Any], str]:
+        body = validate.obj(body, "body", required=("name",))
+        name = validate.name(body["name"], "name")
+        existing = self.users.get(name)
+        if existing is not None and existing.revoked_at is None:
+            raise Conflict(f"deployer {name!r} exists; revoke it first to mint a new credential",
+                           code="user_exists")
+        token = tokens.new_token(tokens.DEPLOYER)
+        return {"op": "user_add", "name": name, "token_hash": tokens.token_hash(token), "at": now}, token
+
+    def prepare_user_revoke(self, name: str, now: float) -> Dict[str, Any]:
+        user = self.users.get(name)
+        if user is None or user.revoked_at is not None:
+            raise NotFound(f"no active deployer {name!r}")
+        return {"op": "user_revoke", "name": name, "at": now}
+
+    def prepare_node_revoke(self, cid: str, nid: str, now: float) -> Dict[str, Any]:
+        node = self.node(cid, nid, now)
+        if node.revoked:
+            raise Conflict("this node's credential is already revoked", code="already_revoked")
+        return {"op": "node_revoke", "ctx": cid, "node": nid, "at": now}
+
+    def prepare_join_rotate(self, cid: str, group: str, now: float) -> Tuple[Dict[str, Any], str]:
+        ctx = self.context(cid, now)
+        if group not in ctx.groups:
+            raise NotFound(f"no group {group!r} in this context")
+        token = tokens.new_token(tokens.JOIN)
+        ttl = max(ctx.groups[group].join_expires - ctx.created, 60)
+        record = {
+            "op": "join_rotate",
+            "ctx": cid,
+            "group": group,
+            "at": now,
+            "token_hash": tokens.token_hash(token),
+            "join_expires": min(now + ttl, ctx.expires),
+        }
+        return record, token
+
     def prepare_delete(self, cid: str, now: float, reason: str = "deleted") -> Dict[str, Any]:
         if cid not in self.contexts:
             raise NotFound("no such context")
@@ -517,7 +638,7 @@ class Model:
         handler = getattr(self, f"_apply_{op}", None)
         if handler is None:
             raise ValueError(f"unknown record op {op!r}")
-        if op == "create":
+        if op in GLOBAL_OPS:
             return handler(record)
         ctx = self.contexts.get(record["ctx"])
         if ctx is None:
@@ -530,6 +651,35 @@ class Model:
         self.contexts[ctx.id] = ctx
         for g in ctx.groups.values():
             self.principals[g.join_hash] = ("join", ctx.id, g.name)
+        return Touched(ctx.id)
+
+    def _apply_user_add(self, record: Dict[str, Any]) -> Touched:
+        old = self.users.get(record["name"])
+        if old is not None:
+            self.principals.pop(old.token_hash, None)
+        user = User(record["name"], record["token_hash"], record["at"])
+        self.users[user.name] = user
+        self.principals[user.token_hash] = ("deployer", "", user.name)
+        return Touched("")
+
+    def _apply_user_revoke(self, record: Dict[str, Any]) -> Touched:
+        user = self.users[record["name"]]
+        user.revoked_at = record["at"]
+        self.principals.pop(user.token_hash, None)
+        return Touched("")
+
+    def _apply_node_revoke(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        node = ctx.nodes[record["node"]]
+        node.revoked = True
+        self.principals.pop(node.token_hash, None)
+        return Touched(ctx.id)
+
+    def _apply_join_rotate(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        g = ctx.groups[record["group"]]
+        self.principals.pop(g.join_hash, None)
+        g.join_hash = record["token_hash"]
+        g.join_expires = record["join_expires"]
+        self.principals[g.join_hash] = ("join", ctx.id, g.name)
         return Touched(ctx.id)
 
     def _identity_changed(self, ctx: Context, node: Node, touched: Touched) -> None:
@@ -683,6 +833,7 @@ class Model:
             "expires": ctx.expires,
             "locked": ctx.locked,
             "open_for_injection": ctx.open_for_injection,
+            "owner": ctx.owner or None,
             "counts": counts,
             "complete": len(ctx.nodes) == expected,
             "all_ok": ctx.counts[OK] == expected,
@@ -704,6 +855,7 @@ class Model:
                     "id": n.id,
                     "group": n.group.name,
                     "state": n.state,
+                    "revoked": n.revoked,
                     "identity": dict(n.identity, source_address=n.source),
                     "error": n.error,
                     "log_tail": n.log_tail,
@@ -713,6 +865,12 @@ class Model:
             for n in ctx.nodes.values()
         ]
         return out
+
+    def user_list(self) -> List[Dict[str, Any]]:
+        return [
+            {"name": u.name, "created": u.created, "revoked": u.revoked_at}
+            for u in sorted(self.users.values(), key=lambda u: u.name)
+        ]
 
     def check_node_principal(self, principal: Tuple[str, str, str], cid: str, nid: str) -> None:
         """A node credential reaches only its own node."""

@@ -14,22 +14,21 @@ import socket
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
-from OpenSSL import crypto
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet import endpoints
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 import ctxd
-from ctxd import tls, tokens
+from ctxd import tls, tlsserver, tokens
 from ctxd.api import DEFAULT_MAX_BODY, make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
 from ctxd.journal import FileJournal, JournalCorrupt
-from ctxd.model import Model
+from ctxd.audit import AuditLog
+from ctxd.limits import ConnectionLimiter
+from ctxd.model import Limits, Model
 
 log = Logger()
 
@@ -54,7 +53,36 @@ def _needs_our_certificate(description: str) -> bool:
     return kind == "ssl" and "privatekey=" not in description.lower()
 
 
-class Options(usage.Options):
+class LimitOptions(usage.Options):
+    """Resource limits (OWASP API4): every one configurable, each with a safe default."""
+
+    # name: (default, type, help). Defaults are applied after the config file is
+    # read, so that a setting there counts unless the command line gives one.
+    LIMITS = {
+        "max-connections": (16000, int, "Open connections at most (over all peers)."),
+        "max-connections-per-peer": (1024, int, "Open connections at most from one address."),
+        "request-deadline": (30.0, float, "Seconds a client has to send a whole request (headers and body)."),
+        "enroll-rate-per-source": (120, int, "Enrollment attempts per minute from one address."),
+        "enroll-rate-per-token": (1200, int, "Enrollment attempts per minute with one join token."),
+        "max-contexts-per-deployer": (100, int, "Live contexts one deployer may have."),
+        "max-nodes-per-context": (20000, int, "Nodes one context may expect (sum of quantities)."),
+        "max-data-bytes": (4 * 1024 * 1024, int, "Bytes of data one context may hold."),
+    }
+    optParameters = [[name, None, None, f"{text} Default {default}."] for name, (default, _, text) in LIMITS.items()]
+
+    def apply_limit_defaults(self) -> None:
+        for name, (default, kind, _) in self.LIMITS.items():
+            value = default if self[name] is None else self[name]
+            try:
+                value = kind(value)
+                if value <= 0:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise usage.UsageError(f"--{name}: must be a positive number") from None
+            self[name] = value
+
+
+class Options(LimitOptions):
     synopsis = "[options]"
     longdesc = (
         "Run the ctxd contextualization broker. Every option can also be set in the "
@@ -68,6 +96,8 @@ class Options(usage.Options):
         ["tls-cert", None, None, "Server certificate PEM (with any intermediates); default: generated under STATE_DIR/tls."],
         ["tls-key", None, None, "Server private key PEM."],
         ["tls-ca", None, None, "CA certificate PEM given to agents to verify the broker (default: the --tls-cert file)."],
+        ["client-ca", None, None, "CA certificate PEM: ask TLS clients for a certificate it issued (mutual TLS "
+         "for deployers; clients without one still connect). Certificates and keys are re-read on SIGHUP."],
         ["max-body", None, None, f"Largest accepted request body in bytes (default {DEFAULT_MAX_BODY})."],
     ]
 
@@ -85,6 +115,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["config"]:
             self._merge_config(self["config"])
+        self.apply_limit_defaults()
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if not self["state-dir"]:
@@ -94,7 +125,7 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-ca"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key")
-        for path in ("tls-cert", "tls-key", "tls-ca"):
+        for path in ("tls-cert", "tls-key", "tls-ca", "client-ca"):
             if self[path] and not os.path.isfile(self[path]):
                 raise usage.UsageError(f"--{path}: no such file: {self[path]}")
         if self["max-body"] is None:
@@ -122,7 +153,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--config {path}: {e}") from None
         if not parser.has_section(CONFIG_SECTION):
             raise usage.UsageError(f"--config {path}: no [{CONFIG_SECTION}] section")
-        known = {name for name, *_ in self.optParameters} - {"config"}
+        known = set(self.opts) - {"config", "listen"}
         for key, value in parser.items(CONFIG_SECTION):
             if key == "listen":
                 if not self["listen"]:
@@ -176,21 +207,12 @@ def ensure_admin_token(path: str) -> str:
     return tokens.token_hash(token)
 
 
-def server_tls_options(files: tls.TLSFiles) -> CertificateOptions:
-    with open(files.cert, "rb") as f:
-        pem = f.read()
-    certs = []
-    marker = b"-----END CERTIFICATE-----"
-    for chunk in pem.split(marker)[:-1]:
-        certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, chunk + marker))
-    with open(files.key, "rb") as f:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
-    return CertificateOptions(
-        privateKey=key,
-        certificate=certs[0],
-        extraCertChain=certs[1:],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-    )
+def server_tls_options(files: tls.TLSFiles, client_ca: Optional[str] = None) -> tlsserver.ServerTLS:
+    """The listeners' TLS settings (policy in ctxd.tlsserver), re-readable on SIGHUP."""
+    try:
+        return tlsserver.ServerTLS(files.cert, files.key, client_ca)
+    except tlsserver.TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class _BrokerLifecycle(service.Service):
@@ -246,7 +268,24 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
         reactor.stop()
 
     journal = FileJournal.for_reactor(os.path.join(state_dir, "journal.jsonl"), reactor)
-    broker = Broker(Model(), journal, reactor, admin_hash, public_url, files.ca_pem(), on_fatal=fatal)
+    limits = Limits(
+        contexts_per_deployer=config["max-contexts-per-deployer"],
+        nodes_per_context=config["max-nodes-per-context"],
+        data_bytes_per_context=config["max-data-bytes"],
+    )
+    audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
+    broker = Broker(
+        Model(limits),
+        journal,
+        reactor,
+        admin_hash,
+        public_url,
+        files.ca_pem(),
+        on_fatal=fatal,
+        audit=audit,
+        enroll_per_source=config["enroll-rate-per-source"],
+        enroll_per_token=config["enroll-rate-per-token"],
+    )
     try:
         replayed = broker.replay()
     except JournalCorrupt as e:
@@ -260,15 +299,20 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
     )
 
     top = service.MultiService()
-    site = make_site(broker, max_body=config["max-body"])
+    site = ConnectionLimiter(
+        make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"]),
+        max_total=config["max-connections"],
+        max_per_peer=config["max-connections-per-peer"],
+    )
     tls_options = None
     for description in listen:
         factory: Any = site
         if _needs_our_certificate(description):
             if tls_options is None:
-                tls_options = server_tls_options(files)
+                tls_options = server_tls_options(files, config.get("client-ca"))
+                tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor).setServiceParent(top)
             description = "tcp:" + description.split(":", 1)[1]
-            factory = TLSMemoryBIOFactory(tls_options, False, site)
+            factory = tlsserver.tls_factory(tls_options, site)
         elif description.split(":", 1)[0].lower() == "tcp":
             log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
         endpoints.serverFromString(reactor, description)  # fail early on a bad description

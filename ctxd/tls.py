@@ -133,6 +133,55 @@ def make_server_cert(ca_cert, ca_key, names: Iterable[str]):
     return cert, key
 
 
+def make_client_cert(ca_cert, ca_key, common_name: str, days: int = SERVER_DAYS):
+    """An ECDSA P-256 client certificate (clientAuth) for mutual TLS, issued by ``ca_cert``.
+
+    The broker takes the subject CommonName as the client's name (see
+    ``ctxd.tlsserver.client_certificate_name``).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(hours=1))
+        .not_valid_after(_now() + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def cert_pem(cert) -> bytes:
+    """PEM of a ``cryptography`` certificate."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key) -> bytes:
+    """Unencrypted PKCS#8 PEM of a private key (write it with ``files.write_private``)."""
+    return _key_pem(key)
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

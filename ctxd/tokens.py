@@ -5,9 +5,10 @@ import hmac
 import secrets
 
 ADMIN = "ctxd_adm_"
+DEPLOYER = "ctxd_dep_"
 JOIN = "ctxd_join_"
 NODE = "ctxd_node_"
-PREFIXES = (ADMIN, JOIN, NODE)
+PREFIXES = (ADMIN, DEPLOYER, JOIN, NODE)
 
 # 32 random bytes: 256 bits, far above the 128 bits a guess would need to beat.
 _TOKEN_BYTES = 32

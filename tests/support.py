@@ -4,11 +4,14 @@ import base64
 import json
 from typing import Any, Dict, Optional
 
+import treq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ctxd import tokens
+from ctxd.api import BrokerResource
 from ctxd.broker import Broker
 from ctxd.journal import MemoryJournal
 from ctxd.model import Model
@@ -101,3 +104,61 @@ def not_fired(d: Deferred) -> bool:
 
 def json_body(data: Any) -> bytes:
     return json.dumps(data).encode("utf-8")
+
+
+BASE = "https://ctxd.test:8443"
+
+
+class Client:
+    """A StubTreq client with JSON helpers; every call returns (status, json-or-None)."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.journal = MemoryJournal()
+        self.broker = make_broker(self.journal, self.clock)
+        self.stub = StubTreq(BrokerResource(self.broker))
+
+    def call_deferred(self, method, path, token=None, body=None, ctype="application/json", raw=None):
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json_body(body) if body is not None else None)
+        if data is not None and ctype:
+            headers["Content-Type"] = ctype
+        d = self.stub.request(method, BASE + path, headers=headers, data=data)
+
+        def read(response):
+            return treq.content(response).addCallback(
+                lambda content: (response.code, json.loads(content) if content else None)
+            )
+
+        return d.addCallback(read)
+
+    def call(self, *args, **kwargs):
+        d = self.call_deferred(*args, **kwargs)
+        self.stub.flush()
+        return result_of(d)
+
+    def create(self, body=None):
+        status, created = self.call("POST", "/v1/contexts", ADMIN_TOKEN, body or torque_cluster())
+        assert status == 201, created
+        return created["context"]["id"], created
+
+    def enroll(self, cid, join_token, n, **ident):
+        return self.call(
+            "POST",
+            f"/v1/contexts/{cid}/enroll",
+            join_token,
+            {"instance_key": instance_key(n), "identity": dict(identity(n), **ident)},
+        )
+
+
+def torque(client):
+    cid, created = client.create()
+    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
+    nodes = {}
+    for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):
+        status, enrolled = client.enroll(cid, joins[group], n)
+        assert status == 201, enrolled
+        nodes[n] = (enrolled["node_id"], enrolled["node_token"])
+    return cid, joins, nodes

@@ -56,7 +56,7 @@ def test_broker_state_survives_restart(make, tmp_path):
     journal = make(tmp_path)
     journal.load()
     broker = make_broker(journal)
-    status, created = result_of(broker.create_context(torque_cluster()))
+    status, created = result_of(broker.create_context(("admin", "", ""), torque_cluster()))
     cid = created["context"]["id"]
     join = created["bootstraps"]["head"]["join_token"]
     principal = broker.authenticate(join)
@@ -65,7 +65,8 @@ def test_broker_state_survives_restart(make, tmp_path):
     result_of(broker.enroll(principal, cid, {"instance_key": instance_key(1), "identity": identity(1)}, "10.0.0.1"))
     restarted = make_broker(reopen(journal, tmp_path))
     assert restarted.replay() == 2
-    assert result_of(restarted.get_context(cid)) == result_of(broker.get_context(cid))
+    admin = ("admin", "", "")
+    assert result_of(restarted.get_context(admin, cid)) == result_of(broker.get_context(admin, cid))
 
 
 def test_group_commit_batches_pending_records(tmp_path):

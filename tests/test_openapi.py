@@ -1,5 +1,6 @@
 """docs/openapi.yaml against the code: the route table, credentials and real responses."""
 
+import ipaddress
 import json
 import os
 import re
@@ -13,10 +14,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ctxd import tokens, validate
-from ctxd.api import DEFAULT_MAX_BODY, ROUTES, BrokerResource, match
+from ctxd.api import AUTH_KINDS, DEFAULT_MAX_BODY, ROUTES, BrokerResource, match
 from ctxd.broker import Broker
 from ctxd.journal import MemoryJournal
-from ctxd.model import Model
+from ctxd.model import Limits, Model
 
 SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -54,8 +55,21 @@ def operation(ops, route):
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "integer": int, "number": (int, float)}
 _LIMITS = {"minimum": (lambda v: v, 1), "maximum": (lambda v: v, -1), "minLength": (len, 1),
            "maxLength": (len, -1), "minItems": (len, 1), "maxItems": (len, -1), "maxProperties": (len, -1)}
+
+def _ip(version):
+    def check(value):
+        try:
+            return "%" not in value and ipaddress.ip_address(value).version == version
+        except ValueError:
+            return False
+    return check
+
+
+# Formats this validator checks; any other format must be purely documentary.
+FORMATS = {"ipv4": _ip(4), "ipv6": _ip(6)}
+DOCUMENTARY_FORMATS = {"uri"}
 ENFORCED = set(_LIMITS) | {"$ref", "type", "nullable", "properties", "required", "additionalProperties",
-                           "items", "enum", "pattern"}
+                           "items", "enum", "pattern", "anyOf"}
 DOCUMENTARY = {"description", "default", "format"}
 
 
@@ -74,6 +88,10 @@ def problems(spec, schema, value, at="$"):
     schema = deref(spec, schema)
     if value is None:
         return [] if schema.get("nullable") else [f"{at}: null is not allowed"]
+    if "anyOf" in schema:
+        alternatives = [problems(spec, alternative, value, at) for alternative in schema["anyOf"]]
+        if all(alternatives):
+            return [f"{at}: {value!r:.60} matches no alternative of anyOf ({'; '.join(a[0] for a in alternatives)})"]
     kind = schema.get("type")
     if kind and (not isinstance(value, _TYPES[kind]) or (isinstance(value, bool) and kind != "boolean")):
         return [f"{at}: {value!r:.60} is not of type {kind}"]
@@ -82,6 +100,8 @@ def problems(spec, schema, value, at="$"):
         found.append(f"{at}: {value!r:.60} is not one of {schema['enum']}")
     if "pattern" in schema and not re.search(schema["pattern"], value):
         found.append(f"{at}: {value!r:.60} does not match {schema['pattern']}")
+    if schema.get("format") in FORMATS and not FORMATS[schema["format"]](value):
+        found.append(f"{at}: {value!r:.60} is not of format {schema['format']}")
     for key, (measure, sign) in _LIMITS.items():
         if key in schema and sign * (measure(value) - schema[key]) < 0:
             found.append(f"{at}: {key} {schema[key]} is not met")
@@ -121,6 +141,7 @@ def schemas_in(spec):
         schema = roots.pop()
         yield schema
         subs = list(schema.get("properties", {}).values()) + [schema.get("items"), schema.get("additionalProperties")]
+        subs += schema.get("anyOf", [])
         roots.extend(s for s in subs if isinstance(s, dict))
 
 
@@ -138,9 +159,18 @@ def test_spec_operations_equal_routes(spec):
 
 
 def test_operation_ids_and_security_follow_routes(spec):
-    """operationId is the route's handler; auth "none" has `security: []`, others need bearer."""
+    """operationId is the route's handler; auth "none" has `security: []`, others need bearer.
+
+    `x-ctxd-token` is exactly the route's auth kind (Route.auth), and every auth kind
+    ctxd.api knows is explained in the bearerAuth scheme's table of `x-ctxd-token` values.
+    """
     scheme = spec["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    table = scheme["description"].split("| `x-ctxd-token` |", 1)[1]
+    documented = set(re.findall(r"^\| `([a-z-]+)` +\|", table, re.M))
+    assert documented == set(AUTH_KINDS), (sorted(documented), AUTH_KINDS)
+    for prefix in tokens.PREFIXES:
+        assert f"`{prefix}`" in scheme["description"], prefix
     ops = operations(spec)
     for route in ROUTES:
         op = operation(ops, route)
@@ -148,6 +178,39 @@ def test_operation_ids_and_security_follow_routes(spec):
         security = op.get("security", spec.get("security"))
         assert security == ([] if route.auth == "none" else BEARER), route
         assert op["x-ctxd-token"] == route.auth, route
+        assert op["x-ctxd-token"] in AUTH_KINDS, route
+
+
+# The 403 response each auth kind documents (who gets it differs by kind).
+FORBIDDEN_RESPONSE = {
+    "site-admin": "#/components/responses/SiteAdminOnly",
+    "deployer": "#/components/responses/DeployerOnly",
+    "owner": "#/components/responses/DeployerOnly",
+    "node": "#/components/responses/OtherNode",
+}
+
+
+def test_statuses_follow_auth_kinds(spec):
+    """Each auth kind's refusals are declared: 403 per kind, 404 for owner routes, 429 on enroll."""
+    ops = operations(spec)
+    for route in ROUTES:
+        op = operation(ops, route)
+        responses = op["responses"]
+        if route.auth in FORBIDDEN_RESPONSE:
+            assert responses["403"] == {"$ref": FORBIDDEN_RESPONSE[route.auth]}, route
+        if route.auth == "owner":
+            # Another deployer's context is answered like a missing one.
+            assert "not_found" in deref(spec, responses["404"])["x-error-codes"], route
+        if route.auth == "join":
+            assert "forbidden" in deref(spec, responses["403"])["x-error-codes"], route
+            limited = deref(spec, responses["429"])
+            assert limited["x-error-codes"] == ["rate_limited"], route
+            assert limited["headers"]["Retry-After"]["required"] is True, route
+        else:
+            assert "429" not in responses, route
+    for handler in ("create_context", "put_data"):
+        op = next(o for o in ops.values() if o["operationId"] == handler)
+        assert "quota_exceeded" in op["responses"]["409"]["x-error-codes"], handler
 
 
 def test_bodies_parameters_and_common_statuses_follow_routes(spec):
@@ -187,10 +250,24 @@ def test_parameter_patterns_are_the_validators(spec):
 
 def test_validator_understands_every_schema_keyword(spec):
     """Every keyword in the spec's schemas is enforced by this file's validator or purely documentary."""
-    used = set()
+    used, formats = set(), set()
     for schema in schemas_in(spec):
         used.update(schema)
+        formats.update([schema["format"]] if "format" in schema else [])
     assert used <= ENFORCED | DOCUMENTARY, sorted(used - ENFORCED - DOCUMENTARY)
+    assert formats <= set(FORMATS) | DOCUMENTARY_FORMATS, sorted(formats - set(FORMATS) - DOCUMENTARY_FORMATS)
+
+
+def test_validator_checks_addresses(spec):
+    """IpAddress is an IPv4 or an IPv6 address as Python's ipaddress reads it, without a scope id."""
+    ip = {"$ref": "#/components/schemas/IpAddress"}
+    v4, v6 = {"$ref": "#/components/schemas/Ipv4Address"}, {"$ref": "#/components/schemas/Ipv6Address"}
+    for good in ("10.0.0.1", "fd00::1", "::ffff:1.2.3.4"):
+        assert not problems(spec, ip, good), good
+    for bad in ("00", "10.0.0.256", "010.0.0.1", "fe80::1%eth0", "::g", ""):
+        assert problems(spec, ip, bad), bad
+    assert not problems(spec, v4, "10.0.0.1") and problems(spec, v4, "fd00::1")
+    assert not problems(spec, v6, "fd00::1") and problems(spec, v6, "10.0.0.1")
 
 
 # -- real responses ---------------------------------------------------------------------
@@ -199,13 +276,15 @@ def test_validator_understands_every_schema_keyword(spec):
 class Api:
     """The real resource over StubTreq; every answer is checked against the spec."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, seen=None, limits=None, **broker_options):
         self.spec = spec
         self.ops = operations(spec)
         self.clock = Clock()
-        self.broker = Broker(Model(), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM)
+        self.broker = Broker(Model(limits), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM,
+                             **broker_options)
         self.stub = StubTreq(BrokerResource(self.broker))
-        self.seen = set()  # (handler, status)
+        self.seen = set() if seen is None else seen  # (handler, status)
+        self.last_headers = None
 
     def call(self, method, path, token=None, body=None, expect=None, raw=None, ctype="application/json"):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -213,24 +292,35 @@ class Api:
         if data is not None and ctype:
             headers["Content-Type"] = ctype
         d = self.stub.request(method, BASE + path, headers=headers, data=data)
-        d.addCallback(lambda r: treq.content(r).addCallback(lambda content: (r.code, content)))
+        d.addCallback(lambda r: treq.content(r).addCallback(lambda content: (r.code, r.headers, content)))
         self.stub.flush()
         results = []
         d.addBoth(results.append)
         assert results, f"{method} {path}: no answer"
         if isinstance(results[0], Failure):
             results[0].raiseException()
-        status, content = results[0]
+        status, response_headers, content = results[0]
         assert expect is None or status == expect, (method, path, status, content[:300])
-        return self.check(method, path, body if raw is None else None, status, content)
+        self.last_headers = response_headers
+        return self.check(method, path, body if raw is None else None, status, content, response_headers)
 
-    def check(self, method, path, sent, status, content):
+    def check(self, method, path, sent, status, content, response_headers=None):
         route, _ = match(method, urlsplit(path).path)
         op = operation(self.ops, route)
         self.seen.add((route.handler, status))
         where = f"{method} {route.template} -> {status}"
         assert str(status) in op["responses"], f"{where}: status not declared in the spec"
         response = deref(self.spec, op["responses"][str(status)])
+        for name, header in response.get("headers", {}).items():
+            values = response_headers.getRawHeaders(name) if response_headers is not None else None
+            if not values:
+                assert not header.get("required"), f"{where}: required header {name} is missing"
+                continue
+            value = values[0]
+            if header["schema"].get("type") == "integer":
+                assert re.fullmatch(r"-?[0-9]+", value), (where, name, value)
+                value = int(value)
+            assert not problems(self.spec, header["schema"], value), (where, name, value)
         if "content" not in response:
             assert content == b"", f"{where}: the spec declares no body"
             return None
@@ -346,12 +436,107 @@ def test_broker_responses_match_declared_schemas(spec):
     api.call("POST", f"{ctx}/{short['context']['id']}/enroll", short["bootstraps"]["head"]["join_token"],
              enrollment(9), expect=410)
 
+    users_and_ownership(api)
     api.call("DELETE", c, ADMIN, expect=200)
     api.call("DELETE", c, ADMIN, expect=404)
     api.call("GET", f"{w}/view", worker_token, expect=401)
+    quotas_and_rate_limits(Api(
+        spec, seen=api.seen, limits=Limits(contexts_per_deployer=1, nodes_per_context=4, data_bytes_per_context=16),
+        enroll_per_source=2,
+    ))
 
     assert {h for h, _ in api.seen} == {r.handler for r in ROUTES}
-    assert {s for _, s in api.seen} >= {200, 201, 304, 400, 401, 403, 404, 409, 410, 413, 415}
+    assert {s for _, s in api.seen} >= {200, 201, 304, 400, 401, 403, 404, 409, 410, 413, 415, 429}
+
+
+def error(api, *args, **kwargs):
+    """The error code of a call that must fail."""
+    return api.call(*args, **kwargs)["error"]
+
+
+def users_and_ownership(api):
+    """Deployers (site admin), ownership of contexts, join-token rotation and node revocation."""
+    ctx, users = "/v1/contexts", "/v1/users"
+    alice = api.call("POST", users, ADMIN, {"name": "alice"}, expect=201)["token"]
+    bob = api.call("POST", users, ADMIN, {"name": "bob"}, expect=201)["token"]
+    assert error(api, "POST", users, ADMIN, {"name": "alice"}, expect=409) == "user_exists"
+    assert error(api, "POST", users, ADMIN, {"name": "-alice"}, expect=400) == "invalid_name"
+    assert error(api, "POST", users, ADMIN, {"name": "carol", "colour": "red"}, expect=400) == "bad_request"
+    assert error(api, "POST", users, alice, {"name": "mallory"}, expect=403) == "forbidden"
+    api.call("GET", users, alice, expect=403)
+    api.call("GET", users, expect=401)
+    listed = api.call("GET", users, ADMIN, expect=200)["users"]
+    assert [(u["name"], u["revoked"]) for u in listed] == [("alice", None), ("bob", None)]
+
+    created = api.call("POST", ctx, alice, cluster(), expect=201)
+    assert created["context"]["owner"] == "alice"
+    cid = created["context"]["id"]
+    m = f"{ctx}/{cid}"
+    assert [s["id"] for s in api.call("GET", ctx, alice, expect=200)["contexts"]] == [cid]
+    assert api.call("GET", ctx, bob, expect=200)["contexts"] == []
+    assert cid in [s["id"] for s in api.call("GET", ctx, ADMIN, expect=200)["contexts"]]
+    # Another deployer's context is answered exactly like a missing one.
+    missing = api.call("GET", f"{ctx}/{'C' * 22}", bob, expect=404)
+    assert api.call("GET", m, bob, expect=404) == missing
+    api.call("PUT", f"{m}/data/gridmap", bob, {"values": [{"b64": "aGk="}]}, expect=404)
+    assert api.call("GET", m, alice, expect=200)["owner"] == "alice"
+
+    old_join = created["bootstraps"]["compute"]["join_token"]
+    rotated = api.call("POST", f"{m}/groups/compute/join-token", alice, expect=200)["bootstrap"]
+    assert (rotated["context_id"], rotated["group"]) == (cid, "compute") and rotated["join_token"] != old_join
+    api.call("POST", f"{m}/enroll", old_join, enrollment(21), expect=401)
+    rotated = api.call("POST", f"{m}/groups/compute/join-token", ADMIN, {}, expect=200)["bootstrap"]
+    api.call("POST", f"{m}/groups/nosuch/join-token", alice, expect=404)
+    assert error(api, "POST", f"{m}/groups/-bad/join-token", alice, expect=400) == "invalid_name"
+    api.call("POST", f"{m}/groups/compute/join-token", alice, {"colour": "red"}, expect=400)
+    api.call("POST", f"{m}/groups/compute/join-token", bob, expect=404)
+    node = api.call("POST", f"{m}/enroll", rotated["join_token"], enrollment(22), expect=201)
+    n = f"{m}/nodes/{node['node_id']}"
+    api.call("GET", f"{n}/view", node["node_token"], expect=200)
+
+    api.call("POST", f"{n}/revoke", bob, expect=404)
+    api.call("POST", f"{n}/revoke", node["node_token"], expect=403)
+    assert api.call("POST", f"{n}/revoke", alice, expect=200) == {"revoked": node["node_id"]}
+    assert error(api, "POST", f"{n}/revoke", alice, {}, expect=409) == "already_revoked"
+    api.call("POST", f"{m}/nodes/{'D' * 22}/revoke", alice, expect=404)
+    api.call("GET", f"{n}/view", node["node_token"], expect=401)
+    # The revoked VM cannot get a new credential with its instance key.
+    assert error(api, "POST", f"{m}/enroll", rotated["join_token"], enrollment(22), expect=403) == "forbidden"
+    status = api.call("GET", m, alice, expect=200)
+    assert [x["revoked"] for x in status["nodes"]] == [True]
+
+    assert api.call("DELETE", f"{users}/bob", ADMIN, expect=200) == {"revoked": "bob"}
+    api.call("DELETE", f"{users}/bob", ADMIN, expect=404)
+    api.call("DELETE", f"{users}/nobody", ADMIN, expect=404)
+    assert error(api, "DELETE", f"{users}/-bob", ADMIN, expect=400) == "invalid_name"
+    api.call("DELETE", f"{users}/alice", alice, expect=403)
+    api.call("GET", ctx, bob, expect=401)
+    listed = api.call("GET", users, ADMIN, expect=200)["users"]
+    assert [u["revoked"] is None for u in listed] == [True, False]
+    api.call("DELETE", m, alice, expect=200)
+
+
+def quotas_and_rate_limits(api):
+    """409 quota_exceeded on create and data put; 429 with Retry-After on enroll."""
+    ctx = "/v1/contexts"
+    dave = api.call("POST", "/v1/users", ADMIN, {"name": "dave"}, expect=201)["token"]
+    created = api.call("POST", ctx, dave, cluster(), expect=201)
+    assert error(api, "POST", ctx, dave, cluster(), expect=409) == "quota_exceeded"  # contexts per deployer
+    big = cluster()
+    big["groups"][1]["quantity"] = 4
+    assert error(api, "POST", ctx, ADMIN, big, expect=409) == "quota_exceeded"  # nodes per context
+    too_much = cluster(data={"gridmap": [{"b64": "A" * 24}]})
+    assert error(api, "POST", ctx, ADMIN, too_much, expect=409) == "quota_exceeded"  # data bytes
+    c = f"{ctx}/{created['context']['id']}"
+    assert error(api, "PUT", f"{c}/data/gridmap", dave, {"values": [{"b64": "A" * 24}]}, expect=409) == "quota_exceeded"
+    api.call("PUT", f"{c}/data/gridmap", dave, {"values": [{"b64": "aGk="}]}, expect=200)
+    join = created["bootstraps"]["compute"]["join_token"]
+    api.call("POST", f"{c}/enroll", join, enrollment(31), expect=201)
+    api.call("POST", f"{c}/enroll", join, enrollment(32), expect=201)
+    assert error(api, "POST", f"{c}/enroll", join, enrollment(33), expect=429) == "rate_limited"
+    assert 1 <= int(api.last_headers.getRawHeaders("retry-after")[0]) <= 60
+    api.clock.advance(61)
+    api.call("POST", f"{c}/enroll", join, enrollment(31), expect=200)
 
 
 def test_unknown_fields_rejected_by_spec_and_server(spec):

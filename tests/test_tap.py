@@ -126,3 +126,15 @@ def test_corrupt_journal_stops_startup_with_one_line(tmp_path):
         tap.makeService(config, MemoryReactorClock())
     message = str(info.value)
     assert message.startswith("ctxd: ") and "offset 11" in message and "\n" not in message
+
+
+def test_limits_from_config_and_command_line(tmp_path):
+    """Limits take the config file's values unless the command line gives one; defaults otherwise."""
+    conf = tmp_path / "ctxd.conf"
+    conf.write_text("[ctxd]\nmax-connections = 50\nrequest-deadline = 5\n")
+    config = options("--config", str(conf), "--max-connections", "70")
+    assert config["max-connections"] == 70
+    assert config["request-deadline"] == 5.0
+    assert config["enroll-rate-per-source"] == 120
+    with pytest.raises(usage.UsageError):
+        options("--max-connections", "-1")

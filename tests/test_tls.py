@@ -6,6 +6,7 @@ import stat
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ctxd import tls
@@ -67,6 +68,9 @@ def test_keys_are_p256_and_private(generated, tmp_path):
     """CA and server keys are ECDSA P-256 and 0600; the CA is a critical-basicConstraints CA."""
     for path in (generated.key, str(tmp_path / "tls" / "ca.key")):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with open(path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
     with open(generated.ca, "rb") as f:
         ca = x509.load_pem_x509_certificate(f.read())
     assert isinstance(ca.public_key().curve, ec.SECP256R1)

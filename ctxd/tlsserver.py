@@ -1,0 +1,236 @@
+"""The broker's server-side TLS policy, in one place, reloadable while serving.
+
+- :func:`server_context` builds the OpenSSL context every listener uses: TLS 1.2
+  minimum (set explicitly: older Twisted releases, e.g. Debian 12's 22.4, default
+  lower), TLS 1.2 suites limited to ECDHE key exchange with AEAD ciphers, the
+  server's cipher order, no compression, no client-initiated renegotiation, no
+  session resumption and, with a client CA, a *requested* (never required) client
+  certificate verified against that CA only.
+- :class:`ServerTLS` holds the current context; listeners ask it for each new
+  connection, so :meth:`ServerTLS.reload` (re-reading the files) affects new
+  connections only and never drops an established one.
+- :class:`ReloadOnSIGHUP` calls a reload function on SIGHUP, chained to any
+  handler installed before it.
+- :func:`client_certificate_name` gives a request's verified client certificate
+  CommonName, for mapping to a deployer.
+"""
+
+import os
+import signal
+from typing import Any, Callable, List, Optional
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.application import service
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+log = Logger()
+
+MINIMUM_TLS_VERSION = SSL.TLS1_2_VERSION
+
+# TLS 1.2 suites, the server's order (Mozilla "intermediate" minus finite-field DHE):
+# forward secrecy through ECDHE only, AEAD ciphers only. ECDSA and RSA certificates
+# both work. TLS 1.3 suites are OpenSSL's (all ephemeral (EC)DHE with AEAD).
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+).encode("ascii")
+
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION  # CRIME
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    # Client-initiated renegotiation is a CPU DoS lever. (OpenSSL's value where an
+    # older pyOpenSSL lacks the name.)
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0x40000000)
+    # No resumption: a resumed session has no verified chain to read the client
+    # certificate's name from, and full ECDSA handshakes are cheap.
+    | SSL.OP_NO_TICKET
+)
+
+
+class TLSConfigError(ValueError):
+    """A certificate, key or CA file could not be used; the message names it."""
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
+        reasons = [r[2] for r in e.args[0] if len(r) == 3 and r[2]]
+        if reasons:
+            return "; ".join(reasons)
+    return str(e) or type(e).__name__
+
+
+def server_context(cert_path: str, key_path: str, client_ca_path: Optional[str] = None) -> SSL.Context:
+    """A server context with ctxd's TLS policy, serving ``cert_path`` (PEM, leaf first, then
+    any intermediates) with ``key_path``; with ``client_ca_path`` clients are asked for a
+    certificate issued by that CA. Raises :class:`TLSConfigError`."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(MINIMUM_TLS_VERSION)
+    ctx.set_options(_OPTIONS)
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # Needed by OpenSSL whenever peers are verified (a resumption attempt fails without it).
+    ctx.set_session_id(b"ctxd")
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        ctx.use_certificate_chain_file(cert_path)
+    except (OSError, SSL.Error) as e:
+        raise TLSConfigError(f"TLS certificate {cert_path}: {_describe(e)}") from None
+    try:
+        ctx.use_privatekey_file(key_path)  # also checks that it matches the certificate
+        ctx.check_privatekey()
+    except (OSError, SSL.Error) as e:
+        raise TLSConfigError(f"TLS private key {key_path} for certificate {cert_path}: {_describe(e)}") from None
+    if client_ca_path:
+        try:
+            # Trust this CA only (no system store): it alone vouches for client names.
+            ctx.load_verify_locations(client_ca_path)
+            ctx.load_client_ca(os.fsencode(client_ca_path))
+        except (OSError, SSL.Error) as e:
+            raise TLSConfigError(f"client CA {client_ca_path}: {_describe(e)}") from None
+        # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a certificate is asked for; a client
+        # without one still connects (and is then just not named by it), a client with a
+        # certificate that does not verify is refused in the handshake.
+        ctx.set_verify(SSL.VERIFY_PEER)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    return ctx
+
+
+def certificate_summary(cert_path: str) -> str:
+    """'subject, serial, expiry' of the first certificate in ``cert_path``, for the log."""
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        return f"(unreadable: {e})"
+    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after  # cryptography < 42
+    return f"{cert.subject.rfc4514_string()}, serial {cert.serial_number:x}, expires {expires:%Y-%m-%d}"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The broker's current server TLS settings; listeners consult it per new connection.
+
+    Built from file paths (the configured --tls-cert/--tls-key or the generated ones,
+    and the optional --client-ca); :meth:`reload` re-reads the same paths.
+    """
+
+    def __init__(self, cert_path: str, key_path: str, client_ca_path: Optional[str] = None) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.client_ca_path = client_ca_path
+        self._context = server_context(cert_path, key_path, client_ca_path)
+
+    @property
+    def requests_client_certificates(self) -> bool:
+        return bool(self.client_ca_path)
+
+    def reload(self) -> bool:
+        """Re-read the certificate, key and client CA; new connections use them.
+
+        On any failure the error is logged and the settings in use are kept.
+        Established connections are never touched.
+        """
+        try:
+            context = server_context(self.cert_path, self.key_path, self.client_ca_path)
+        except TLSConfigError as e:
+            log.error("TLS reload failed, still serving the previous certificate: {error}", error=str(e))
+            return False
+        self._context = context
+        log.info(
+            "TLS reloaded: now serving {summary}", summary=certificate_summary(self.cert_path)
+        )
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """IOpenSSLServerConnectionCreator: a connection with the current context."""
+        return SSL.Connection(self._context, None)
+
+
+def tls_factory(tls: ServerTLS, wrapped: Any) -> TLSMemoryBIOFactory:
+    """``wrapped`` (an IProtocolFactory, e.g. the Site) served over TLS with ``tls``'s current settings."""
+    # mypy cannot see zope's @implementer (no mypy-zope plugin here).
+    return TLSMemoryBIOFactory(tls, False, wrapped)  # type: ignore[arg-type]
+
+
+class ReloadOnSIGHUP(service.Service):
+    """While running, SIGHUP calls ``reload`` in the reactor thread.
+
+    Any handler installed earlier is still called (chained) and is restored on stop.
+    twistd (26) itself uses SIGUSR1, not SIGHUP, to rotate its log file.
+    """
+
+    def __init__(self, reload: Callable[[], Any], reactor: Any) -> None:
+        self._reload = reload
+        self._reactor = reactor
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+        except ValueError:  # not the main thread: an embedding application owns signals
+            log.warn("not in the main thread: SIGHUP will not reload TLS certificates")
+            return
+        self._installed = True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # A signal handler may interrupt the reactor anywhere: only hand the work over.
+        self._reactor.callFromThread(self._reload)
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+
+def _verified_chain(connection: SSL.Connection) -> List[x509.Certificate]:
+    try:
+        chain = connection.get_verified_chain(as_cryptography=True)
+    except TypeError:  # pyOpenSSL < 24.3 (e.g. Debian 12's 23.0)
+        chain = [c.to_cryptography() for c in (connection.get_verified_chain() or [])]
+    return list(chain or [])
+
+
+def client_certificate_name(request: Any) -> Optional[str]:
+    """The subject CommonName of the client certificate verified on ``request``'s
+    connection, or None (no TLS, no client CA configured, no certificate sent, or a
+    name that is not exactly one non-empty CN)."""
+    transport = getattr(request, "transport", None)
+    if transport is None:
+        channel = getattr(request, "channel", None)
+        transport = getattr(channel, "transport", None)
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    connection = get_handle()
+    if not isinstance(connection, SSL.Connection):
+        return None
+    # Only a connection whose policy verified peers has a chain we may believe.
+    if not connection.get_verify_mode() & SSL.VERIFY_PEER:
+        return None
+    chain = _verified_chain(connection)
+    if not chain:
+        return None
+    names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        return None
+    name = names[0].value
+    if not isinstance(name, str) or not name:
+        return None
+    return name
