@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctxd import tokens, validate
+from ctxd import tokens
 from ctxd.audit import AuditLog
 from ctxd.limits import RateLimiter
 from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
