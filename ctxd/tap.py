@@ -6,6 +6,7 @@ CA and server certificate, keeping its state in /var/lib/ctxd (when writable) or
 """
 
 import configparser
+import fcntl
 import ipaddress
 import json
 import os
@@ -196,6 +197,23 @@ def default_public_url(listen: List[str]) -> str:
     return f"https://{host}" + (f":{port}" if port and port != 443 else "")
 
 
+def lock_state_dir(state_dir: str) -> int:
+    """Hold an exclusive lock on STATE_DIR/lock for the life of the process.
+
+    Two brokers appending to one journal would corrupt it; the second stops here.
+    """
+    path = os.path.join(state_dir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"ctxd: another ctxd is using the state directory {state_dir} (it holds {path})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
+
+
 def ensure_admin_token(path: str) -> str:
     """The admin token's hash; the token is created (0600) on first start."""
     if not os.path.exists(path):
@@ -240,8 +258,17 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     os.umask(0o077)
+    make_private_dir(config["state-dir"])
+    state_lock = lock_state_dir(config["state-dir"])
+    try:
+        return _make_service(config, reactor, state_lock)
+    except BaseException:
+        os.close(state_lock)  # start-up failed: let the next attempt have the state directory
+        raise
+
+
+def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> service.MultiService:
     state_dir = config["state-dir"]
-    make_private_dir(state_dir)
     admin_token_path = os.path.join(state_dir, "admin.token")
     admin_hash = ensure_admin_token(admin_token_path)
 
@@ -326,5 +353,7 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
         f"CA certificate {files.ca}, SHA-256 fingerprint {files.ca_fingerprint()}",
         f"admin token: {admin_token_path} (ctxctl --state-dir {state_dir} ...)",
     ]
-    _BrokerLifecycle(broker, banner).setServiceParent(top)
+    lifecycle = _BrokerLifecycle(broker, banner)
+    lifecycle.state_lock = state_lock  # held (open) as long as the service exists
+    lifecycle.setServiceParent(top)
     return top

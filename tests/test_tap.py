@@ -138,3 +138,17 @@ def test_limits_from_config_and_command_line(tmp_path):
     assert config["enroll-rate-per-source"] == 120
     with pytest.raises(usage.UsageError):
         options("--max-connections", "-1")
+
+
+def test_second_broker_on_same_state_dir_refused(tmp_path):
+    """An exclusive lock stops a second ctxd from opening the same state directory, with one clear line."""
+    state = tmp_path / "state"
+    argv = ("--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1", "--public-url", "https://127.0.0.1:1")
+    first = tap.makeService(options(*argv), MemoryReactorClock())
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(options(*argv), MemoryReactorClock())
+    assert "another ctxd" in str(info.value) and str(state) in str(info.value)
+    assert stat.S_IMODE(os.stat(state / "lock").st_mode) == 0o600
+    (holder,) = [s for s in first if hasattr(s, "state_lock")]
+    os.close(holder.state_lock)
+    tap.makeService(options(*argv), MemoryReactorClock())  # free once the first lets go
