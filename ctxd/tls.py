@@ -91,57 +91,11 @@ def make_ca(common_name: str = "ctxd CA"):
     return cert, key
 
 
-def make_server_cert(ca_cert, ca_key, names: Iterable[str]):
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: List[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    first_dns = next((n for n in names if not _is_ip(n)), "localhost")
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first_dns)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(hours=1))
-        .not_valid_after(_now() + datetime.timedelta(days=SERVER_DAYS))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def make_client_cert(ca_cert, ca_key, common_name: str, days: int = SERVER_DAYS):
-    """An ECDSA P-256 client certificate (clientAuth) for mutual TLS, issued by ``ca_cert``.
-
-    The broker takes the subject CommonName as the client's name (see
-    ``ctxd.tlsserver.client_certificate_name``).
-    """
+def _leaf_cert(ca_cert, ca_key, common_name: str, usage, sans: Optional[List[x509.GeneralName]], days: int):
+    """An ECDSA P-256 end-entity certificate issued by ``ca_cert`` for one extended key usage."""
     key = ec.generate_private_key(ec.SECP256R1())
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
@@ -164,12 +118,35 @@ def make_client_cert(ca_cert, ca_key, common_name: str, days: int = SERVER_DAYS)
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
-    return cert, key
+    if sans is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def make_server_cert(ca_cert, ca_key, names: Iterable[str]):
+    """A server certificate whose SANs are ``names`` (host names and IP addresses)."""
+    names = list(names)
+    sans: List[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    first_dns = next((n for n in names if not _is_ip(n)), "localhost")
+    return _leaf_cert(ca_cert, ca_key, first_dns, ExtendedKeyUsageOID.SERVER_AUTH, sans, SERVER_DAYS)
+
+
+def make_client_cert(ca_cert, ca_key, common_name: str, days: int = SERVER_DAYS):
+    """An ECDSA P-256 client certificate (clientAuth) for mutual TLS, issued by ``ca_cert``.
+
+    The broker takes the subject CommonName as the client's name (see
+    ``ctxd.tlsserver.client_certificate_name``).
+    """
+    return _leaf_cert(ca_cert, ca_key, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, None, days)
 
 
 def cert_pem(cert) -> bytes:
