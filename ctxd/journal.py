@@ -1,21 +1,46 @@
 """The journal: every state change, durable before it is acknowledged.
 
-Two implementations of one small interface (``load``, ``append``, ``close``):
+Two implementations of one small interface (``load``, ``append``, ``barrier``,
+``drain``, ``close``):
 
 - :class:`MemoryJournal` for unit tests;
-- :class:`FileJournal`, JSON lines in ``STATE_DIR/journal.jsonl``, with group commit:
-  records appended while a write+fdatasync is in flight go into the next single
-  write+fdatasync, which runs off the reactor thread (at most one in flight).
+- :class:`FileJournal`, framed checksummed records in ``STATE_DIR/journal.log``, with
+  group commit: records appended while a write+fdatasync is in flight go into the next
+  single write+fdatasync, which runs off the reactor thread (at most one in flight).
 
-A torn last line (a crash during a write) is cut off at start-up and kept aside;
-damage anywhere else stops start-up. Checksummed framing and compaction come later;
-callers depend only on this interface.
+On-disk format (all integers big-endian)::
+
+    header  = "CTXDJRNL" | version u32 (1) | file id (16 random bytes) | crc32(previous 28 bytes) u32
+    record  = length u32 | crc32(file id + seq u64 + payload) u32 | seq u64 | payload
+
+The payload is compact UTF-8 JSON of one record (an object with "op"); ``seq`` starts
+at 1 and increases by one per record, continuing after a replay. The file id in every
+checksum means a record from another (old or reused) journal never validates. A record
+is at most :data:`MAX_RECORD` bytes; a larger declared length, or one past the end of
+the file, is damage, found before anything is allocated.
+
+Replay: a torn tail (a partial last record, zeros, or a bad checksum with no valid frame
+anywhere after it) is copied to ``journal.broken.<UTC time>`` (0600), cut off and
+logged, and start-up continues. Damage in the middle (a valid frame after a bad one, a
+sequence gap or repeat, or a valid checksum whose payload is not a record) raises
+:class:`JournalCorrupt` naming the offset and changes nothing, unless the journal is
+opened with ``repair=True``: then everything from that offset is quarantined the same
+way and :attr:`FileJournal.repaired` says what was dropped.
+
+Offline inspection: ``python -m ctxd.journal check|dump STATE_DIR`` (read-only).
 """
 
+import argparse
 import json
+import mmap
 import os
+import re
+import struct
+import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -25,9 +50,19 @@ log = Logger()
 
 Record = Dict[str, Any]
 
+JOURNAL_FILE = "journal.log"  # in STATE_DIR
+MAGIC = b"CTXDJRNL"
+VERSION = 1
+HEADER = struct.Struct(">8sI16sI")  # magic, version, file id, crc32 of the first 28 bytes
+FRAME = struct.Struct(">IIQ")  # payload length, crc32(file id + seq + payload), seq
+SEQ = struct.Struct(">Q")
+MAX_RECORD = 16 * 1024 * 1024
+MIN_PAYLOAD = 2  # "{}": a frame declaring less is never valid (and zero runs are skipped fast)
+_NONZERO = re.compile(rb"[^\x00]")
+
 
 class JournalCorrupt(Exception):
-    """The journal is damaged somewhere other than its tail."""
+    """The journal is damaged somewhere other than its tail (or is not a journal)."""
 
 
 class JournalFailed(Exception):
@@ -39,7 +74,148 @@ class JournalClosed(JournalFailed):
 
 
 def encode(record: Record) -> bytes:
-    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n"
+    """Compact JSON of one record (the payload of a frame)."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def _crc(file_id: bytes, seq: int, payload: Union[bytes, memoryview]) -> int:
+    return zlib.crc32(payload, zlib.crc32(SEQ.pack(seq), zlib.crc32(file_id)))
+
+
+def make_header(file_id: bytes) -> bytes:
+    head = MAGIC + struct.pack(">I", VERSION) + file_id
+    return head + struct.pack(">I", zlib.crc32(head))
+
+
+def make_frame(file_id: bytes, seq: int, payload: bytes) -> bytes:
+    return FRAME.pack(len(payload), _crc(file_id, seq, payload), seq) + payload
+
+
+@dataclass
+class Damage:
+    """Where a journal stops being valid, and what lies beyond."""
+
+    offset: int
+    size: int  # bytes from offset to the end of the file
+    reason: str
+    torn: bool  # True: a torn tail that may be cut off; False: damage in the middle
+    frames: int  # valid-looking frames from offset to the end (records a repair drops)
+
+
+@dataclass
+class Scan:
+    """A read-only pass over a journal file."""
+
+    path: str
+    version: int
+    file_id: bytes
+    size: int
+    records: List[Tuple[int, int, Record]] = field(default_factory=list)  # (seq, offset, record)
+    damage: Optional[Damage] = None
+
+
+def _frame_at(mm: Any, offset: int, size: int, file_id: bytes) -> Union[str, Tuple[int, int, memoryview]]:
+    """(length, seq, payload) of a valid frame at ``offset``, else why not (a string)."""
+    if size - offset < FRAME.size:
+        return f"partial frame header ({size - offset} bytes)"
+    length, crc, seq = FRAME.unpack_from(mm, offset)
+    if length < MIN_PAYLOAD:
+        return f"declared length {length} too small"
+    if length > MAX_RECORD:
+        return f"declared length {length} over the {MAX_RECORD}-byte record cap"
+    if length > size - offset - FRAME.size:
+        return f"declared length {length} past the end of the file"
+    payload = memoryview(mm)[offset + FRAME.size:offset + FRAME.size + length]
+    if _crc(file_id, seq, payload) != crc:
+        payload.release()
+        return "checksum mismatch"
+    return length, seq, payload
+
+
+def _valid_frames(mm: Any, start: int, size: int, file_id: bytes) -> int:
+    """How many valid-looking frames lie in [start, size), searching byte by byte."""
+    count, offset = 0, start
+    while offset <= size - FRAME.size:
+        if mm[offset:offset + 4] == b"\x00\x00\x00\x00":
+            # A valid frame has a non-zero length, so it starts at most 3 bytes before a non-zero byte.
+            found = _NONZERO.search(mm, offset)
+            if found is None:
+                break
+            offset = max(offset + 1, found.start() - 3)
+            continue
+        frame = _frame_at(mm, offset, size, file_id)
+        if isinstance(frame, str):
+            offset += 1
+            continue
+        frame[2].release()
+        count += 1
+        offset += FRAME.size + frame[0]
+    return count
+
+
+def scan(path: str) -> Scan:
+    """Read and check a whole journal file without changing it.
+
+    Raises :class:`JournalCorrupt` if the file is not a journal of this format.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER.size)
+        if len(head) < HEADER.size or head[:len(MAGIC)] != MAGIC:
+            raise JournalCorrupt(f"{path}: not a ctxd journal (no {MAGIC.decode()} header at offset 0); "
+                                 "refusing to start, the file is unchanged")
+        magic, version, file_id, crc = HEADER.unpack(head)
+        if version != VERSION:
+            raise JournalCorrupt(f"{path}: journal format version {version} at offset 8 is not supported "
+                                 f"(this ctxd reads version {VERSION}); the file is unchanged")
+        if zlib.crc32(head[:-4]) != crc:
+            raise JournalCorrupt(f"{path}: damaged journal header (checksum mismatch at offset 0); "
+                                 "refusing to start, the file is unchanged")
+        result = Scan(path, version, file_id, size)
+        if size == HEADER.size:
+            return result
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            offset, expected = HEADER.size, 1
+            while offset < size:
+                frame = _frame_at(mm, offset, size, file_id)
+                if isinstance(frame, str):
+                    later = _valid_frames(mm, offset + 1, size, file_id)
+                    result.damage = Damage(offset, size - offset, frame, later == 0, later)
+                    break
+                length, seq, payload = frame
+                try:
+                    problem = None
+                    if seq != expected:
+                        problem = f"sequence number {seq}, expected {expected}"
+                    else:
+                        record = json.loads(bytes(payload))
+                        if not isinstance(record, dict) or "op" not in record:
+                            problem = "valid checksum but the payload is not a record"
+                except ValueError as e:
+                    problem = f"valid checksum but the payload is not JSON ({e})"
+                finally:
+                    payload.release()
+                if problem is not None:
+                    frames = _valid_frames(mm, offset, size, file_id)
+                    result.damage = Damage(offset, size - offset, problem, False, frames)
+                    break
+                result.records.append((seq, offset, record))
+                offset += FRAME.size + length
+                expected += 1
+    return result
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def broken_name(path: str, stamp: str) -> str:
+    """``journal.broken.<stamp>`` beside ``path`` (``journal.log`` -> ``journal``)."""
+    return f"{os.path.splitext(path)[0]}.broken.{stamp}"
 
 
 class MemoryJournal:
@@ -65,15 +241,21 @@ class MemoryJournal:
 
 
 class FileJournal:
-    """JSON-lines journal file with group commit.
+    """Framed, checksummed journal file with group commit.
 
     ``run_in_thread(f, *args) -> Deferred`` runs the blocking write+sync; tests pass
-    a synchronous stand-in.
+    a synchronous stand-in. ``repair=True`` lets :meth:`load` quarantine damage in the
+    middle instead of refusing; what it dropped is then in :attr:`repaired`.
     """
 
-    def __init__(self, path: str, run_in_thread: Callable[..., Deferred]) -> None:
+    def __init__(self, path: str, run_in_thread: Callable[..., Deferred], repair: bool = False) -> None:
         self.path = path
         self._run_in_thread = run_in_thread
+        self.repair = repair
+        # After a repair: {"offset", "bytes", "records", "reason", "kept_in"}; else None.
+        self.repaired: Optional[Dict[str, Any]] = None
+        self.file_id: Optional[bytes] = None
+        self._next_seq = 1
         self._fd: Optional[int] = None
         self._pending: List[Tuple[bytes, Deferred]] = []
         self._busy = False
@@ -86,78 +268,112 @@ class FileJournal:
         self.records_synced = 0
 
     @classmethod
-    def for_reactor(cls, path: str, reactor: Any) -> "FileJournal":
-        return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
+    def for_reactor(cls, path: str, reactor: Any, repair: bool = False) -> "FileJournal":
+        return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), repair=repair)
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last record loaded or appended (0: none)."""
+        return self._next_seq - 1
 
     def load(self) -> Iterator[Record]:
-        """Read every record; cut off a torn tail; then open for appending."""
-        records = []
-        if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                raw = f.read()
-            good_end = 0
-            lines = raw.split(b"\n")
-            # The last element is b"" when the file ends with a newline.
-            for index, line in enumerate(lines):
-                last = index == len(lines) - 1
-                if last and line == b"":
-                    break
-                try:
-                    if last:
-                        raise ValueError("no newline after the last record")
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or "op" not in record:
-                        raise ValueError("not a record")
-                except ValueError as e:
-                    if last or all(not rest.strip() for rest in lines[index + 1:]):
-                        self._quarantine_tail(raw, good_end, str(e))
-                        break
+        """Check and read every record; cut off a torn tail; then open for appending."""
+        records: List[Record] = []
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            # Absent, or empty (nothing was ever acknowledged in it): start a new journal.
+            self._create()
+        else:
+            result = scan(self.path)
+            damage = result.damage
+            if damage is not None:
+                if not damage.torn and not self.repair:
                     raise JournalCorrupt(
-                        f"{self.path}: damaged record at byte offset {good_end} ({e}); "
-                        "refusing to start, the file is unchanged"
-                    ) from None
-                records.append(record)
-                good_end += len(line) + 1
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                        f"{self.path}: damaged record at byte offset {damage.offset} ({damage.reason}; "
+                        f"{damage.frames} valid-looking records after it); refusing to start, the file is "
+                        "unchanged (--repair quarantines everything from that offset)"
+                    )
+                aside = self._quarantine(damage.offset, damage.size)
+                if damage.torn:
+                    log.warn(
+                        "journal {path}: torn tail of {size} bytes at offset {offset} ({why}) cut off, kept in {aside}",
+                        path=self.path, size=damage.size, offset=damage.offset, why=damage.reason, aside=aside,
+                    )
+                else:
+                    self.repaired = {"offset": damage.offset, "bytes": damage.size, "records": damage.frames,
+                                     "reason": damage.reason, "kept_in": aside}
+                    log.critical(
+                        "journal {path}: REPAIRED: damage at offset {offset} ({why}); dropped {size} bytes holding "
+                        "{frames} valid-looking records, kept in {aside}",
+                        path=self.path, offset=damage.offset, why=damage.reason, size=damage.size,
+                        frames=damage.frames, aside=aside,
+                    )
+            self.file_id = result.file_id
+            records = [record for _, _, record in result.records]
+            self._next_seq = (result.records[-1][0] + 1) if result.records else 1
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        os.fchmod(self._fd, 0o600)
         return iter(records)
 
-    def _quarantine_tail(self, raw: bytes, offset: int, why: str) -> None:
+    def _create(self) -> None:
+        """Write a new header to a temporary file, fsync, rename into place, fsync the directory."""
+        file_id = os.urandom(16)
+        temporary = self.path + ".new"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, make_header(file_id))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self.path)
+        _fsync_dir(self.path)
+        self.file_id = file_id
+        self._next_seq = 1
+
+    def _quarantine(self, offset: int, size: int) -> str:
+        """Copy [offset, end) aside (0600, fsync'd), then truncate the journal there and fsync."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         for attempt in range(1000):
-            aside = f"{self.path}.broken.{stamp}" + (f".{attempt}" if attempt else "")
+            aside = broken_name(self.path, stamp) + (f".{attempt}" if attempt else "")
             try:
                 fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 break
             except FileExistsError:
                 continue
         else:
-            raise JournalCorrupt(f"{self.path}: cannot find a free name to keep a torn tail aside")
+            raise JournalCorrupt(f"{self.path}: cannot find a free name to keep damaged bytes aside")
         try:
-            os.write(fd, raw[offset:])
+            with open(self.path, "rb") as source:
+                source.seek(offset)
+                while True:
+                    chunk = source.read(1 << 20)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
+        _fsync_dir(aside)
         with open(self.path, "r+b") as f:
             f.truncate(offset)
             f.flush()
             os.fsync(f.fileno())
-        log.warn(
-            "journal {path}: torn tail of {size} bytes at offset {offset} ({why}) cut off, kept in {aside}",
-            path=self.path,
-            size=len(raw) - offset,
-            offset=offset,
-            why=why,
-            aside=aside,
-        )
+        return aside
 
     def append(self, record: Record) -> Deferred:
         """Fires once the record is on disk (after fdatasync)."""
         if self._failure is not None:
             return _failed(JournalFailed(str(self._failure)))
-        if self._fd is None:
+        if self._fd is None or self.file_id is None:
             return _failed(JournalClosed("the journal is closed"))
+        payload = encode(record)
+        if len(payload) > MAX_RECORD:
+            return _failed(ValueError(f"a journal record of {len(payload)} bytes is over the {MAX_RECORD}-byte cap"))
+        seq = self._next_seq
+        self._next_seq += 1
         d: Deferred = Deferred()
-        self._pending.append((encode(record), d))
+        self._pending.append((make_frame(self.file_id, seq, payload), d))
         self._appended += 1
         self._kick()
         return d
@@ -238,3 +454,50 @@ def _failed(error: BaseException) -> Deferred:
     d: Deferred = Deferred()
     d.errback(error)
     return d
+
+
+def _journal_path(target: str) -> str:
+    return os.path.join(target, JOURNAL_FILE) if os.path.isdir(target) else target
+
+
+def _describe(damage: Damage) -> str:
+    kind = "torn tail (start-up cuts it off)" if damage.torn else "damage in the middle (start-up refuses; --repair drops it)"
+    return (f"damage at offset {damage.offset}: {damage.reason}; {kind}; {damage.size} bytes from there to the end, "
+            f"{damage.frames} valid-looking records among them")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``check``/``dump`` a journal offline, without changing it. Exit 0 if clean, 1 if damaged."""
+    parser = argparse.ArgumentParser(prog="python -m ctxd.journal", description=main.__doc__)
+    parser.add_argument("command", choices=["check", "dump"],
+                        help="check: header, record count, sequence range, damage; dump: one 'SEQ OFFSET JSON' line per record")
+    parser.add_argument("state_dir", metavar="STATE_DIR", help=f"ctxd state directory (or the {JOURNAL_FILE} file itself)")
+    args = parser.parse_args(argv)
+    path = _journal_path(args.state_dir)
+    try:
+        result = scan(path)
+    except FileNotFoundError:
+        print(f"{path}: no journal", file=sys.stderr)
+        return 2
+    except JournalCorrupt as e:
+        print(str(e), file=sys.stderr if args.command == "dump" else sys.stdout)
+        return 1
+    if args.command == "dump":
+        out = sys.stdout
+        for seq, offset, record in result.records:
+            out.write(f"{seq} {offset} {json.dumps(record, separators=(',', ':'), sort_keys=True)}\n")
+        if result.damage is not None:
+            print(_describe(result.damage), file=sys.stderr)
+    else:
+        print(f"journal {path}")
+        print(f"format version {result.version}, file id {result.file_id.hex()}, {result.size} bytes")
+        if result.records:
+            print(f"{len(result.records)} records, sequence {result.records[0][0]}..{result.records[-1][0]}")
+        else:
+            print("0 records")
+        print(_describe(result.damage) if result.damage is not None else "no damage")
+    return 0 if result.damage is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

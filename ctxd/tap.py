@@ -26,7 +26,7 @@ from ctxd import tls, tlsserver, tokens
 from ctxd.api import DEFAULT_MAX_BODY, make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
-from ctxd.journal import FileJournal, JournalCorrupt
+from ctxd.journal import JOURNAL_FILE, FileJournal, JournalCorrupt
 from ctxd.audit import AuditLog
 from ctxd.limits import ConnectionLimiter
 from ctxd.model import Limits, Model
@@ -90,6 +90,10 @@ class Options(LimitOptions):
         f"[{CONFIG_SECTION}] section of an INI file given with --config (see etc/ctxd.conf); "
         "the command line wins."
     )
+    optFlags = [
+        ["repair", None, "Start even if the journal is damaged in the middle: keep everything from the damage "
+         "aside in STATE_DIR/journal.broken.<time> and drop it (logged: offset, bytes, records)."],
+    ]
     optParameters = [
         ["config", "c", None, "INI configuration file."],
         ["state-dir", "d", None, f"State directory (default {SYSTEM_STATE_DIR} if writable, else ./{LOCAL_STATE_DIR})."],
@@ -294,7 +298,9 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
         reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         reactor.stop()
 
-    journal = FileJournal.for_reactor(os.path.join(state_dir, "journal.jsonl"), reactor)
+    journal = FileJournal.for_reactor(
+        os.path.join(state_dir, JOURNAL_FILE), reactor, repair=bool(config.get("repair"))
+    )
     limits = Limits(
         contexts_per_deployer=config["max-contexts-per-deployer"],
         nodes_per_context=config["max-nodes-per-context"],

@@ -319,7 +319,7 @@ class ManualJournal(FileJournal):
 @pytest.fixture
 def manual(tmp_path):
     client = Client()
-    client.journal = ManualJournal(str(tmp_path / "journal.jsonl"))
+    client.journal = ManualJournal(str(tmp_path / "journal.log"))
     client.journal.load()
     client.broker.journal = client.journal
     fatal = []

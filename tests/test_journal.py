@@ -1,14 +1,31 @@
 """The journal: behaviour shared by both implementations, then the file's own rules."""
 
-import json
+import contextlib
+import io
 import os
 import stat
+import subprocess
+import sys
+import zlib
 
 import pytest
 from support import make_broker, not_fired, result_of, torque_cluster
 from twisted.internet.defer import Deferred, succeed
 
-from ctxd.journal import FileJournal, JournalCorrupt, JournalFailed, MemoryJournal
+import ctxd.journal as journal_module
+from ctxd.journal import (
+    FRAME,
+    HEADER,
+    MAGIC,
+    MAX_RECORD,
+    FileJournal,
+    JournalCorrupt,
+    JournalFailed,
+    MemoryJournal,
+    make_frame,
+    make_header,
+    scan,
+)
 
 
 def sync_thread(f, *args):
@@ -26,7 +43,7 @@ def memory(tmp_path):
 
 
 def file_journal(tmp_path):
-    return FileJournal(str(tmp_path / "journal.jsonl"), sync_thread)
+    return FileJournal(str(tmp_path / "journal.log"), sync_thread)
 
 
 def reopen(journal, tmp_path):
@@ -123,37 +140,246 @@ def test_file_is_private(tmp_path):
     journal = file_journal(tmp_path)
     journal.load()
     result_of(journal.append({"op": "a"}))
-    assert stat.S_IMODE(os.stat(tmp_path / "journal.jsonl").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "journal.log").st_mode) == 0o600
 
 
-@pytest.mark.parametrize("tail", [b'{"op": "tor', b"\x00\x00\x00\x00", b'{"op": "x"}'])
-def test_torn_tail_is_cut_and_kept(tmp_path, tail):
-    """A partial last record is cut off, kept aside 0600, and the good records load."""
-    path = tmp_path / "journal.jsonl"
-    path.write_bytes(b'{"op":"a"}\n{"op":"b"}\n' + tail)
+def write_journal(tmp_path, n):
+    """Append ``n`` records {"op": "r", "i": i} through a FileJournal; return (path, bytes, record offsets)."""
     journal = file_journal(tmp_path)
-    assert [r["op"] for r in journal.load()] == ["a", "b"]
-    assert path.read_bytes() == b'{"op":"a"}\n{"op":"b"}\n'
-    (aside,) = [p for p in tmp_path.iterdir() if ".broken." in p.name]
-    assert aside.read_bytes() == tail
+    journal.load()
+    for i in range(n):
+        result_of(journal.append({"op": "r", "i": i}))
+    journal.close()
+    path = tmp_path / "journal.log"
+    return path, path.read_bytes(), [offset for _, offset, _ in scan(str(path)).records]
+
+
+def broken_files(tmp_path):
+    return sorted(p for p in tmp_path.iterdir() if ".broken." in p.name)
+
+
+def clear_broken(tmp_path):
+    for p in broken_files(tmp_path):
+        p.unlink()
+
+
+def assert_tail_cut(tmp_path, path, content, cut, kept):
+    """Load keeps the first ``kept`` records, cuts the file at ``cut`` and keeps the tail aside 0600."""
+    journal = file_journal(tmp_path)
+    assert [r["i"] for r in journal.load()] == list(range(kept))
+    journal.close()
+    assert path.read_bytes() == content[:cut]
+    aside = broken_files(tmp_path)
+    if cut < len(content):
+        (one,) = aside
+        assert one.name.startswith("journal.broken.")
+        assert one.read_bytes() == content[cut:]
+        assert stat.S_IMODE(os.stat(one).st_mode) == 0o600
+    else:
+        assert aside == []
+    clear_broken(tmp_path)
+
+
+def test_sequence_continues_after_reopen(tmp_path):
+    """Sequence numbers run 1..n and continue after a reopen."""
+    path, _, _ = write_journal(tmp_path, 3)
+    journal = file_journal(tmp_path)
+    assert len(list(journal.load())) == 3 and journal.last_seq == 3
+    result_of(journal.append({"op": "r", "i": 3}))
+    journal.close()
+    assert [seq for seq, _, _ in scan(str(path)).records] == [1, 2, 3, 4]
+
+
+def test_header_is_written_on_creation(tmp_path):
+    """A new journal holds only the magic, version, file id and header checksum, fsync'd before any record."""
+    journal = file_journal(tmp_path)
+    journal.load()
+    content = (tmp_path / "journal.log").read_bytes()
+    assert len(content) == HEADER.size and content.startswith(MAGIC)
+    assert scan(str(tmp_path / "journal.log")).file_id == journal.file_id
+
+
+def test_every_truncation_of_the_last_records_is_a_torn_tail(tmp_path):
+    """Cut anywhere within the last 3 records: the whole records before the cut load, the rest is kept aside."""
+    path, content, offsets = write_journal(tmp_path, 6)
+    for cut in range(offsets[-3], len(content)):
+        path.write_bytes(content[:cut])
+        kept = sum(1 for o in offsets[1:] + [len(content)] if o <= cut)
+        good = ([HEADER.size] + [o for o in offsets[1:] + [len(content)] if o <= cut])[-1]
+        assert_tail_cut(tmp_path, path, content[:cut], good, kept)
+
+
+@pytest.mark.parametrize("zeros", [1, 15, 16, 17, 100, 5000])
+def test_zero_filled_tail_is_cut(tmp_path, zeros):
+    """Zeros after the last record (a file extended but never written) are cut off and kept aside."""
+    path, content, _ = write_journal(tmp_path, 3)
+    path.write_bytes(content + b"\x00" * zeros)
+    assert_tail_cut(tmp_path, path, content + b"\x00" * zeros, len(content), 3)
+
+
+def test_every_bit_flip_in_the_last_record_is_a_torn_tail(tmp_path):
+    """Any single-bit flip in the last record: it is cut off and kept aside, the others load."""
+    path, content, offsets = write_journal(tmp_path, 4)
+    for bit in range(offsets[-1] * 8, len(content) * 8):
+        damaged = bytearray(content)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(damaged))
+        assert_tail_cut(tmp_path, path, bytes(damaged), offsets[-1], 3)
+
+
+def test_bit_flip_in_the_middle_refuses_and_changes_nothing(tmp_path):
+    """A flip in an earlier record with valid ones after it: JournalCorrupt naming the offset, file unchanged."""
+    path, content, offsets = write_journal(tmp_path, 4)
+    for bit in range(offsets[1] * 8, offsets[2] * 8):
+        damaged = bytearray(content)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(JournalCorrupt) as info:
+            file_journal(tmp_path).load()
+        assert f"offset {offsets[1]} " in str(info.value)
+        assert path.read_bytes() == bytes(damaged)
+        assert broken_files(tmp_path) == []
+
+
+def test_repair_quarantines_the_middle_and_reports(tmp_path):
+    """With repair=True, everything from the damage is kept aside and what was dropped is reported."""
+    path, content, offsets = write_journal(tmp_path, 5)
+    damaged = bytearray(content)
+    damaged[offsets[2] + FRAME.size] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    journal = FileJournal(str(path), sync_thread, repair=True)
+    assert [r["i"] for r in journal.load()] == [0, 1]
+    assert journal.repaired["offset"] == offsets[2]
+    assert journal.repaired["bytes"] == len(content) - offsets[2]
+    assert journal.repaired["records"] == 2, "records 3 and 4 were valid but dropped; the damaged one is not counted"
+    (aside,) = broken_files(tmp_path)
+    assert aside.read_bytes() == bytes(damaged[offsets[2]:])
     assert stat.S_IMODE(os.stat(aside).st_mode) == 0o600
+    result_of(journal.append({"op": "r", "i": 2}))
+    journal.close()
+    assert [seq for seq, _, _ in scan(str(path)).records] == [1, 2, 3]
 
 
-def test_damage_in_the_middle_refuses_to_start(tmp_path):
-    """A bad record followed by good ones stops start-up, naming the offset, file unchanged."""
-    path = tmp_path / "journal.jsonl"
-    content = b'{"op":"a"}\n{"op": garbage}\n{"op":"c"}\n'
-    path.write_bytes(content)
+def test_valid_checksum_bad_payload_is_middle_damage(tmp_path):
+    """A frame whose checksum is valid but whose payload is not a record refuses to start, even last."""
+    path, content, _ = write_journal(tmp_path, 2)
+    file_id = scan(str(path)).file_id
+    path.write_bytes(content + make_frame(file_id, 3, b'["no op"]'))
     with pytest.raises(JournalCorrupt) as info:
         file_journal(tmp_path).load()
-    assert "offset 11" in str(info.value)
+    assert f"offset {len(content)} " in str(info.value)
+
+
+def test_sequence_gap_is_middle_damage(tmp_path):
+    """A valid frame whose sequence number skips one is damage, not a torn tail."""
+    path, content, _ = write_journal(tmp_path, 2)
+    file_id = scan(str(path)).file_id
+    path.write_bytes(content + make_frame(file_id, 4, b'{"op":"x"}'))
+    with pytest.raises(JournalCorrupt, match="sequence number 4, expected 3"):
+        file_journal(tmp_path).load()
+
+
+def test_record_from_another_journal_never_validates(tmp_path):
+    """A frame checksummed with another file id is not a valid record."""
+    path, content, _ = write_journal(tmp_path, 2)
+    path.write_bytes(content + make_frame(b"\x01" * 16, 3, b'{"op":"x"}'))
+    assert_tail_cut(tmp_path, path, path.read_bytes(), len(content), 2)
+
+
+@pytest.mark.parametrize("content", [b'{"op":"a"}\n', b"CTXDJRNX" + bytes(24), b"CTXD", None])
+def test_wrong_magic_or_version_refused(tmp_path, content):
+    """A file that is not a journal of this format is refused and never overwritten."""
+    path = tmp_path / "journal.log"
+    if content is None:  # version 2
+        head = MAGIC + (2).to_bytes(4, "big") + bytes(16)
+        content = head + zlib.crc32(head).to_bytes(4, "big")
+        assert len(content) == len(make_header(bytes(16)))
+    path.write_bytes(content)
+    with pytest.raises(JournalCorrupt, match="offset"):
+        file_journal(tmp_path).load()
     assert path.read_bytes() == content
 
 
-def test_journal_lines_are_json(tmp_path):
-    """Each record is one JSON object per line (inspectable with standard tools)."""
+def test_huge_declared_length_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A length over the cap or past the end is damage, found without reading or checksumming it."""
+    path, content, _ = write_journal(tmp_path, 3)
+    checksummed = []
+    real_crc = journal_module._crc
+    monkeypatch.setattr(journal_module, "_crc", lambda *a: checksummed.append(len(a[2])) or real_crc(*a))
+    for length in (0xFFFFFFFF, MAX_RECORD + 1, 1000):
+        path.write_bytes(content + FRAME.pack(length, 0, 4) + b'{"op":"x"}')
+        assert_tail_cut(tmp_path, path, path.read_bytes(), len(content), 3)
+    assert max(checksummed) < 1000
+    # The same frame before valid records is damage in the middle.
+    (tmp_path / "x").mkdir()
+    _, one, offsets = write_journal(tmp_path / "x", 2)
+    damaged = bytearray(one)
+    damaged[offsets[0]:offsets[0] + 4] = (0xFFFFFFFF).to_bytes(4, "big")
+    (tmp_path / "x" / "journal.log").write_bytes(bytes(damaged))
+    with pytest.raises(JournalCorrupt, match="over the"):
+        file_journal(tmp_path / "x").load()
+
+
+def test_record_over_the_cap_is_not_appended(tmp_path, monkeypatch):
+    """append refuses a record over the cap without poisoning the journal."""
+    monkeypatch.setattr(journal_module, "MAX_RECORD", 100)
     journal = file_journal(tmp_path)
     journal.load()
-    result_of(journal.append({"op": "a", "text": "line\nbreak"}))
-    lines = (tmp_path / "journal.jsonl").read_bytes().splitlines()
-    assert [json.loads(line) for line in lines] == [{"op": "a", "text": "line\nbreak"}]
+    with pytest.raises(ValueError):
+        result_of(journal.append({"op": "x", "big": "y" * 200}))
+    result_of(journal.append({"op": "x"}))
+    journal.close()
+    assert [seq for seq, _, _ in scan(str(tmp_path / "journal.log")).records] == [1]
+
+
+def test_empty_file_becomes_a_new_journal(tmp_path):
+    """A zero-byte file (nothing ever acknowledged in it) gets a header."""
+    (tmp_path / "journal.log").write_bytes(b"")
+    journal = file_journal(tmp_path)
+    assert list(journal.load()) == []
+    assert (tmp_path / "journal.log").read_bytes().startswith(MAGIC)
+
+
+def run_cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = journal_module.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_check_and_dump_clean(tmp_path):
+    """check prints the header, the count and the sequence range; dump prints SEQ OFFSET JSON."""
+    path, content, offsets = write_journal(tmp_path, 3)
+    code, out, _ = run_cli("check", str(tmp_path))
+    assert code == 0
+    assert "format version 1, file id " + scan(str(path)).file_id.hex() in out
+    assert "3 records, sequence 1..3" in out and "no damage" in out
+    code, out, _ = run_cli("dump", str(tmp_path))
+    assert code == 0
+    assert out.splitlines() == [f'{i + 1} {offsets[i]} {{"i":{i},"op":"r"}}' for i in range(3)]
+
+
+def test_cli_check_and_dump_damaged(tmp_path):
+    """check and dump report damage with its offset, exit 1, and change nothing."""
+    path, content, offsets = write_journal(tmp_path, 3)
+    damaged = bytearray(content)
+    damaged[offsets[1] + FRAME.size] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    code, out, _ = run_cli("check", str(tmp_path))
+    assert code == 1 and f"damage at offset {offsets[1]}" in out and "in the middle" in out
+    assert "1 records, sequence 1..1" in out
+    code, out, err = run_cli("dump", str(path))
+    assert code == 1 and len(out.splitlines()) == 1 and f"offset {offsets[1]}" in err
+    assert path.read_bytes() == bytes(damaged)
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "journal.log").write_bytes(b"not a journal")
+    code, out, _ = run_cli("check", str(tmp_path / "y"))
+    assert code == 1 and "not a ctxd journal" in out
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    """python -m ctxd.journal check works from the command line."""
+    write_journal(tmp_path, 1)
+    done = subprocess.run([sys.executable, "-m", "ctxd.journal", "check", str(tmp_path)],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0 and "1 records" in done.stdout, done.stderr

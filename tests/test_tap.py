@@ -5,10 +5,12 @@ import os
 import stat
 
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from ctxd import tap
+from ctxd.journal import FileJournal, scan
 
 
 def options(*argv):
@@ -120,12 +122,22 @@ def test_corrupt_journal_stops_startup_with_one_line(tmp_path):
     """Damage in the middle of the journal stops start-up with one line naming the offset."""
     state = tmp_path / "state"
     state.mkdir()
-    (state / "journal.jsonl").write_bytes(b'{"op":"x"}\nnot json\n{"op":"y"}\n')
+    journal = FileJournal(str(state / "journal.log"), lambda f, *a: succeed(f(*a)))
+    journal.load()
+    for i in range(3):
+        journal.append({"op": "x", "i": i})
+    journal.close()
+    offset = scan(str(state / "journal.log")).records[1][1]
+    content = bytearray((state / "journal.log").read_bytes())
+    content[offset + 20] ^= 1
+    (state / "journal.log").write_bytes(bytes(content))
     config = options("--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1")
     with pytest.raises(SystemExit) as info:
         tap.makeService(config, MemoryReactorClock())
     message = str(info.value)
-    assert message.startswith("ctxd: ") and "offset 11" in message and "\n" not in message
+    assert message.startswith("ctxd: ") and f"offset {offset} " in message and "\n" not in message
+    assert (state / "journal.log").read_bytes() == bytes(content)
+    assert options("--state-dir", str(state), "--repair")["repair"] and not config["repair"]
 
 
 def test_limits_from_config_and_command_line(tmp_path):

@@ -37,7 +37,7 @@ def test_no_token_in_any_log_report_journal_or_audit(broker, vms, tmp_path, clus
     assert all(len(s) >= 16 for s in secrets.values())
 
     outputs = {
-        "journal": broker.state_dir / "journal.jsonl",
+        "journal": broker.state_dir / "journal.log",
         "audit log": broker.state_dir / "audit.log",
         "broker log": broker.log_path,
     }
