@@ -5,7 +5,7 @@ RUN_VENV ?= .venv-run
 TEST_VENV ?= .venv-test
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast vermin fuzz clean
+.PHONY: run test test-fast vermin fuzz crash-test bench clean
 
 $(RUN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -33,8 +33,19 @@ fuzz: $(TEST_VENV)/.installed
 	CTXD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH \
 		$(TEST_VENV)/bin/python -m pytest tests/test_fuzz.py -q -s $(PYTEST_ARGS)
 
+# A long kill -9 campaign against a real broker (the bounded one runs in `make test`).
+TRIALS ?= 1000
+crash-test: $(TEST_VENV)/.installed
+	CTXD_CRASH_TRIALS=$(TRIALS) PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH \
+		$(TEST_VENV)/bin/python -m pytest tests/crash -q -s $(PYTEST_ARGS)
+
 vermin: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py
+
+# Figures, not tests: medians of several runs on this machine (see docs/reliability.md).
+bench: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python bench/journal_bench.py throughput --clients 100 --seconds 10 --runs 3
+	$(TEST_VENV)/bin/python bench/journal_bench.py replay --records 1000000 --runs 3
 
 clean:
 	rm -rf $(RUN_VENV) $(TEST_VENV) build *.egg-info ctxd-state
