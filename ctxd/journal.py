@@ -27,7 +27,43 @@ sequence gap or repeat, or a valid checksum whose payload is not a record) raise
 opened with ``repair=True``: then everything from that offset is quarantined the same
 way and :attr:`FileJournal.repaired` says what was dropped.
 
-Offline inspection: ``python -m ctxd.journal check|dump STATE_DIR`` (read-only).
+Compaction: once the live journal is past ``compact_bytes`` (default 64 MiB) AND
+``compact_ratio`` (default 4) times the last snapshot's size, the sync that crossed the
+line is followed by a compaction, using :attr:`FileJournal.snapshot_source` (records
+that rebuild the live state: ``Model.snapshot_records``; the model applies a record in
+the same reactor turn as it is appended, so they are the state of records 1..S, S =
+:attr:`FileJournal.last_seq` at that moment):
+
+(a) off the reactor thread, serialized with the syncs (it takes the sync's place): the
+    records still pending (seq <= S) are written to and fdatasync'd in the old journal,
+    then a new segment ``journal.log.next`` (header only, a new file id) is written to
+    ``journal.log.next.new`` (O_EXCL), fsync'd, renamed, the directory fsync'd. From here
+    on, appends (seq > S) go to the new segment, with the normal group commit.
+(b) in another thread job, concurrently with syncs of the new segment (never of the
+    same file): the snapshot goes to ``snapshot.log.tmp`` (O_EXCL, 0600): a header with
+    the magic ``CTXDSNAP``, a first record ``{"op": "snapshot", "last_seq": S, "records":
+    N}``, then the N records (seq 1..N+1 of its own file id); fsync, rename to
+    ``snapshot.log``, fsync the directory;
+(c) only then the old ``journal.log`` is deleted (fsync dir) and ``journal.log.next`` is
+    renamed to ``journal.log`` (fsync dir). There is thus one journal name; its first
+    record's seq is S+1 (a journal's first record may carry any seq; the rest follow it).
+
+At most one compaction runs at a time. If (a) fails, it is a failed sync (nothing after it
+is acknowledged). If (b) or (c) fails, every acknowledged record is still on disk (old
+journal + new segment): it is logged, compaction is not retried in this run, and the
+next start finishes it.
+
+Replay (:meth:`FileJournal.load`): remove leftover ``*.new``/``*.tmp`` files; read the
+snapshot (any damage in it is corruption: it was fsync'd before its rename). If
+``journal.log.next`` exists, a compaction was interrupted: the old journal's records the
+snapshot does not cover are written into a new snapshot (same protocol), then the old
+journal is deleted and the segment renamed into place (every step idempotent, so a crash
+during recovery is recovered the same way). Then the snapshot's records are returned,
+followed by the journal's records with seq > the snapshot's ``last_seq`` (a gap between
+them is :class:`JournalCorrupt`).
+
+Offline inspection: ``python -m ctxd.journal check|dump STATE_DIR`` (read-only; it also
+checks ``snapshot.log`` and notes an interrupted compaction).
 """
 
 import argparse
@@ -51,7 +87,12 @@ log = Logger()
 Record = Dict[str, Any]
 
 JOURNAL_FILE = "journal.log"  # in STATE_DIR
+SNAPSHOT_FILE = "snapshot.log"  # in STATE_DIR, beside the journal
+NEXT_SUFFIX = ".next"  # journal.log.next: the segment compaction starts
 MAGIC = b"CTXDJRNL"
+SNAP_MAGIC = b"CTXDSNAP"
+DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
+DEFAULT_COMPACT_RATIO = 4.0
 VERSION = 1
 HEADER = struct.Struct(">8sI16sI")  # magic, version, file id, crc32 of the first 28 bytes
 FRAME = struct.Struct(">IIQ")  # payload length, crc32(file id + seq + payload), seq
@@ -82,8 +123,8 @@ def _crc(file_id: bytes, seq: int, payload: Union[bytes, memoryview]) -> int:
     return zlib.crc32(payload, zlib.crc32(SEQ.pack(seq), zlib.crc32(file_id)))
 
 
-def make_header(file_id: bytes) -> bytes:
-    head = MAGIC + struct.pack(">I", VERSION) + file_id
+def make_header(file_id: bytes, magic: bytes = MAGIC) -> bytes:
+    head = magic + struct.pack(">I", VERSION) + file_id
     return head + struct.pack(">I", zlib.crc32(head))
 
 
@@ -153,18 +194,21 @@ def _valid_frames(mm: Any, start: int, size: int, file_id: bytes) -> int:
     return count
 
 
-def scan(path: str) -> Scan:
-    """Read and check a whole journal file without changing it.
+def scan(path: str, magic: bytes = MAGIC) -> Scan:
+    """Read and check a whole journal (or, with ``magic=SNAP_MAGIC``, snapshot) file without changing it.
 
-    Raises :class:`JournalCorrupt` if the file is not a journal of this format.
+    The first record may have any sequence number (a segment started by compaction
+    continues the sequence); every later one must follow it by one. Raises
+    :class:`JournalCorrupt` if the file is not a journal of this format.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER.size)
-        if len(head) < HEADER.size or head[:len(MAGIC)] != MAGIC:
-            raise JournalCorrupt(f"{path}: not a ctxd journal (no {MAGIC.decode()} header at offset 0); "
+        if len(head) < HEADER.size or head[:len(magic)] != magic:
+            raise JournalCorrupt(f"{path}: not a ctxd {'journal' if magic == MAGIC else 'snapshot'} "
+                                 f"(no {magic.decode()} header at offset 0); "
                                  "refusing to start, the file is unchanged")
-        magic, version, file_id, crc = HEADER.unpack(head)
+        _, version, file_id, crc = HEADER.unpack(head)
         if version != VERSION:
             raise JournalCorrupt(f"{path}: journal format version {version} at offset 8 is not supported "
                                  f"(this ctxd reads version {VERSION}); the file is unchanged")
@@ -175,7 +219,7 @@ def scan(path: str) -> Scan:
         if size == HEADER.size:
             return result
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offset, expected = HEADER.size, 1
+            offset, expected = HEADER.size, 0
             while offset < size:
                 frame = _frame_at(mm, offset, size, file_id)
                 if isinstance(frame, str):
@@ -185,6 +229,8 @@ def scan(path: str) -> Scan:
                 length, seq, payload = frame
                 try:
                     problem = None
+                    if expected == 0:
+                        expected = max(seq, 1)
                     if seq != expected:
                         problem = f"sequence number {seq}, expected {expected}"
                     else:
@@ -218,6 +264,75 @@ def broken_name(path: str, stamp: str) -> str:
     return f"{os.path.splitext(path)[0]}.broken.{stamp}"
 
 
+def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_snapshot(path: str, payloads: List[bytes], last_seq: int) -> int:
+    """Write a snapshot crash-safely; return its size in bytes.
+
+    A temporary file (O_EXCL, 0600) gets the header, a first record
+    ``{"op": "snapshot", "last_seq": S, "records": N}`` and the N records; it is
+    fsync'd, renamed over ``path`` and the directory is fsync'd.
+    """
+    temporary = path + ".tmp"
+    file_id = os.urandom(16)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    size = 0
+    try:
+        try:
+            chunk = [make_header(file_id, SNAP_MAGIC),
+                     make_frame(file_id, 1, encode({"op": "snapshot", "last_seq": last_seq, "records": len(payloads)}))]
+            for seq, payload in enumerate(payloads, 2):
+                chunk.append(make_frame(file_id, seq, payload))
+                if len(chunk) >= 4096:
+                    data = b"".join(chunk)
+                    _write_all(fd, data)
+                    size += len(data)
+                    chunk = []
+            data = b"".join(chunk)
+            _write_all(fd, data)
+            size += len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with_suppressed_unlink(temporary)
+        raise
+    os.rename(temporary, path)
+    _fsync_dir(path)
+    return size
+
+
+def with_suppressed_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_snapshot(path: str) -> Tuple[int, List[Record], int]:
+    """(last journal seq it covers, its records, its size) of a snapshot file.
+
+    A snapshot is fsync'd before it is renamed into place, so any damage in it is
+    corruption (never a torn tail): :class:`JournalCorrupt`.
+    """
+    result = scan(path, SNAP_MAGIC)
+    if result.damage is not None:
+        raise JournalCorrupt(f"{path}: damaged snapshot at byte offset {result.damage.offset} "
+                             f"({result.damage.reason}); refusing to start, the file is unchanged")
+    if not result.records or result.records[0][2].get("op") != "snapshot" or result.records[0][0] != 1:
+        raise JournalCorrupt(f"{path}: snapshot has no snapshot record at offset {HEADER.size}; refusing to start")
+    head = result.records[0][2]
+    records = [record for _, _, record in result.records[1:]]
+    if head.get("records") != len(records) or not isinstance(head.get("last_seq"), int):
+        raise JournalCorrupt(f"{path}: snapshot declares {head.get('records')} records but holds {len(records)}; "
+                             "refusing to start")
+    return head["last_seq"], records, result.size
+
+
 class MemoryJournal:
     """A journal that keeps records in a list: for tests of everything above it."""
 
@@ -248,7 +363,8 @@ class FileJournal:
     middle instead of refusing; what it dropped is then in :attr:`repaired`.
     """
 
-    def __init__(self, path: str, run_in_thread: Callable[..., Deferred], repair: bool = False) -> None:
+    def __init__(self, path: str, run_in_thread: Callable[..., Deferred], repair: bool = False,
+                 compact_bytes: int = DEFAULT_COMPACT_BYTES, compact_ratio: float = DEFAULT_COMPACT_RATIO) -> None:
         self.path = path
         self._run_in_thread = run_in_thread
         self.repair = repair
@@ -266,10 +382,27 @@ class FileJournal:
         self._barriers: List[Tuple[int, Deferred]] = []
         self.syncs = 0
         self.records_synced = 0
+        # Compaction (see the module docstring). snapshot_source() returns records that,
+        # applied to an empty model, rebuild the state of every record appended so far.
+        self.snapshot_source: Optional[Callable[[], List[Record]]] = None
+        self.compact_bytes = compact_bytes
+        self.compact_ratio = compact_ratio
+        directory = os.path.dirname(os.path.abspath(path))
+        self.snapshot_path = os.path.join(directory, SNAPSHOT_FILE)
+        self.next_path = path + NEXT_SUFFIX
+        self.compactions = 0
+        self.last_compaction: Optional[Dict[str, int]] = None  # {"journal_bytes", "snapshot_bytes", "last_seq"}
+        self._journal_bytes = 0  # size of the live journal file
+        self._snapshot_bytes = 0
+        self._compacting = False
+        self._compaction_broken = False
+        self._compact_requested = False
+        self._compaction_waiters: List[Deferred] = []
 
     @classmethod
-    def for_reactor(cls, path: str, reactor: Any, repair: bool = False) -> "FileJournal":
-        return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), repair=repair)
+    def for_reactor(cls, path: str, reactor: Any, repair: bool = False, **kwargs: Any) -> "FileJournal":
+        return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), repair=repair,
+                   **kwargs)
 
     @property
     def last_seq(self) -> int:
@@ -279,9 +412,11 @@ class FileJournal:
     def load(self) -> Iterator[Record]:
         """Check and read every record; cut off a torn tail; then open for appending."""
         records: List[Record] = []
+        covered, snapshot = self._recover()
         if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
             # Absent, or empty (nothing was ever acknowledged in it): start a new journal.
             self._create()
+            self._next_seq = covered + 1
         else:
             result = scan(self.path)
             damage = result.damage
@@ -308,24 +443,75 @@ class FileJournal:
                         frames=damage.frames, aside=aside,
                     )
             self.file_id = result.file_id
-            records = [record for _, _, record in result.records]
-            self._next_seq = (result.records[-1][0] + 1) if result.records else 1
+            if result.records and result.records[0][0] > covered + 1:
+                raise JournalCorrupt(
+                    f"{self.path}: the journal starts at sequence {result.records[0][0]} but "
+                    f"{'the snapshot covers up to ' + str(covered) if covered else 'there is no snapshot'}: "
+                    f"records are missing; refusing to start")
+            records = [record for seq, _, record in result.records if seq > covered]
+            self._next_seq = max(result.records[-1][0] if result.records else 0, covered) + 1
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         os.fchmod(self._fd, 0o600)
-        return iter(records)
+        self._journal_bytes = os.fstat(self._fd).st_size
+        return iter(snapshot + records)
+
+    def _recover(self) -> Tuple[int, List[Record]]:
+        """Finish or roll forward an interrupted compaction; return (seq covered, snapshot records).
+
+        Leftover temporary files are removed. If ``journal.log.next`` exists, a
+        compaction stopped before it renamed that segment into place: the old
+        journal's records the snapshot does not cover are first written into a new
+        snapshot (with the same protocol), then the old journal is deleted and the
+        segment becomes ``journal.log``. Every step is idempotent, so a crash during
+        recovery is recovered from the same way.
+        """
+        removed = False
+        for leftover in (self.path + ".new", self.next_path + ".new", self.snapshot_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+                removed = True
+        if removed:
+            _fsync_dir(self.path)
+        covered = 0
+        snapshot: List[Record] = []
+        if os.path.exists(self.snapshot_path):
+            covered, snapshot, self._snapshot_bytes = read_snapshot(self.snapshot_path)
+        if not os.path.exists(self.next_path):
+            return covered, snapshot
+        if os.path.getsize(self.next_path) > 0:
+            damage = scan(self.next_path).damage
+            if damage is not None and not damage.torn and not self.repair:
+                raise JournalCorrupt(
+                    f"{self.next_path}: damaged record at byte offset {damage.offset} ({damage.reason}); "
+                    "refusing to start, the files are unchanged (--repair quarantines everything from that offset)")
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            old = scan(self.path)
+            if old.damage is not None:
+                # It was fdatasync'd in full before the segment was created.
+                raise JournalCorrupt(
+                    f"{self.path}: damaged record at byte offset {old.damage.offset} ({old.damage.reason}) in a "
+                    f"journal that {self.next_path} follows; refusing to start, the files are unchanged")
+            if old.records and old.records[0][0] > covered + 1:
+                raise JournalCorrupt(f"{self.path}: starts at sequence {old.records[0][0]}, after a snapshot "
+                                     f"covering up to {covered}: records are missing; refusing to start")
+            newer = [(seq, record) for seq, _, record in old.records if seq > covered]
+            if newer:
+                snapshot = snapshot + [record for _, record in newer]
+                covered = newer[-1][0]
+                self._snapshot_bytes = write_snapshot(self.snapshot_path, [encode(r) for r in snapshot], covered)
+                log.warn("journal {path}: finished an interrupted compaction (snapshot up to sequence {seq})",
+                         path=self.path, seq=covered)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+            _fsync_dir(self.path)
+        os.rename(self.next_path, self.path)
+        _fsync_dir(self.path)
+        return covered, snapshot
 
     def _create(self) -> None:
         """Write a new header to a temporary file, fsync, rename into place, fsync the directory."""
         file_id = os.urandom(16)
-        temporary = self.path + ".new"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, make_header(file_id))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, self.path)
-        _fsync_dir(self.path)
+        _new_journal_file(self.path, file_id)
         self.file_id = file_id
         self._next_seq = 1
 
@@ -428,13 +614,125 @@ class FileJournal:
                 return None
             self.syncs += 1
             self.records_synced += len(batch)
+            self._journal_bytes += len(data)
+            for _, waiting in batch:
+                waiting.callback(None)
+            self._release_barriers()
+            if not self._busy and (self._compact_requested or self.compaction_due()):
+                self._start_compaction()
+            else:
+                self._kick()
+            return None
+
+        d.addBoth(done)
+
+    # -- compaction ------------------------------------------------------------
+
+    def compaction_due(self) -> bool:
+        """Whether the live journal is past both thresholds (bytes, and ratio to the last snapshot)."""
+        return (self.snapshot_source is not None and not self._compacting and not self._compaction_broken
+                and self._failure is None and self._fd is not None
+                and self._journal_bytes >= self.compact_bytes
+                and self._journal_bytes >= self.compact_ratio * self._snapshot_bytes)
+
+    def compact(self) -> Deferred:
+        """Compact now (or right after the sync in flight); fires when the snapshot is in place."""
+        if self.snapshot_source is None:
+            return _failed(ValueError("no snapshot_source: cannot compact"))
+        if self._failure is not None or self._fd is None:
+            return _failed(JournalFailed("the journal is failed or closed"))
+        d: Deferred = Deferred()
+        self._compaction_waiters.append(d)
+        if not self._compacting:
+            if self._busy:
+                self._compact_requested = True
+            else:
+                self._start_compaction()
+        return d
+
+    def _start_compaction(self) -> None:
+        """Step (a) off the reactor thread, serialized with the syncs; then step (b)+(c)."""
+        assert self.snapshot_source is not None and self._fd is not None
+        self._compact_requested = False
+        self._compacting = True
+        self._busy = True
+        covered = self.last_seq
+        # The model applies a record before it is appended: this is the state of 1..covered.
+        records = list(self.snapshot_source())
+        batch, self._pending = self._pending, []  # all <= covered: they go to the old journal
+        data = b"".join(chunk for chunk, _ in batch)
+        journal_bytes = self._journal_bytes + len(data)
+        old_fd = self._fd
+        new_id = os.urandom(16)
+        self.file_id = new_id  # records appended from now on (> covered) go to the new segment
+        d = self._run_in_thread(self._rotate, old_fd, data, new_id)
+
+        def rotated(new_fd: int) -> None:
+            os.close(old_fd)
+            self._fd = new_fd
+            self._journal_bytes = HEADER.size
+            self._busy = False
+            self.syncs += 1
+            self.records_synced += len(batch)
             for _, waiting in batch:
                 waiting.callback(None)
             self._release_barriers()
             self._kick()
-            return None
+            install = self._run_in_thread(self._install_snapshot, records, covered)
+            install.addCallbacks(installed, install_failed)
 
-        d.addBoth(done)
+        def installed(size: int) -> None:
+            self._snapshot_bytes = size
+            self._compacting = False
+            self.compactions += 1
+            self.last_compaction = {"journal_bytes": journal_bytes, "snapshot_bytes": size, "last_seq": covered}
+            log.info("journal compacted: {before} journal bytes -> {size}-byte snapshot up to sequence {seq}",
+                     before=journal_bytes, size=size, seq=covered)
+            waiters, self._compaction_waiters = self._compaction_waiters, []
+            for w in waiters:
+                w.callback(self.last_compaction)
+
+        def install_failed(failure: Any) -> None:
+            # Acknowledged records are safe (old journal + new segment); load() finishes the job.
+            self._compacting = False
+            self._compaction_broken = True
+            log.critical("journal compaction failed (no data lost; it will be finished at the next start): {error}",
+                         error=failure.value)
+            waiters, self._compaction_waiters = self._compaction_waiters, []
+            for w in waiters:
+                w.errback(failure)
+
+        def rotate_failed(failure: Any) -> None:
+            self._busy = False
+            self._compacting = False
+            self._failure = failure.value
+            log.critical("journal write failed, no further change will be acknowledged: {error}", error=failure.value)
+            waiting_list = ([w for _, w in batch + self._pending] + [w for _, w in self._barriers]
+                            + self._compaction_waiters)
+            self._pending, self._barriers, self._compaction_waiters = [], [], []
+            for waiting in waiting_list:
+                waiting.errback(JournalFailed(str(failure.value)))
+            self._kick()
+
+        d.addCallbacks(rotated, rotate_failed)
+
+    def _rotate(self, old_fd: int, data: bytes, new_id: bytes) -> int:
+        """(thread) Make the old journal's last records durable, then create the new segment."""
+        if data:
+            _write_all(old_fd, data)
+            os.fdatasync(old_fd)
+        _new_journal_file(self.next_path, new_id)
+        fd = os.open(self.next_path, os.O_WRONLY | os.O_APPEND)
+        return fd
+
+    def _install_snapshot(self, records: List[Record], covered: int) -> int:
+        """(thread) Snapshot in place, then drop the old journal, then the segment becomes journal.log."""
+        size = write_snapshot(self.snapshot_path, [encode(r) for r in records], covered)
+        os.unlink(self.path)
+        _fsync_dir(self.path)
+        os.rename(self.next_path, self.path)
+        _fsync_dir(self.path)
+        return size
 
     def _write_and_sync(self, data: bytes) -> None:
         assert self._fd is not None, "load() must be called before append()"
@@ -448,6 +746,19 @@ class FileJournal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _new_journal_file(path: str, file_id: bytes) -> None:
+    """Write a header to ``path.new`` (O_EXCL, 0600), fsync, rename into place, fsync the directory."""
+    temporary = path + ".new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, make_header(file_id))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    _fsync_dir(path)
 
 
 def _failed(error: BaseException) -> Deferred:
@@ -474,9 +785,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("state_dir", metavar="STATE_DIR", help=f"ctxd state directory (or the {JOURNAL_FILE} file itself)")
     args = parser.parse_args(argv)
     path = _journal_path(args.state_dir)
+    snapshot_code = _snapshot_report(os.path.join(os.path.dirname(os.path.abspath(path)), SNAPSHOT_FILE),
+                                     args.command)
+    if snapshot_code == 0 and os.path.exists(path + NEXT_SUFFIX):
+        print(f"{path + NEXT_SUFFIX}: a compaction was interrupted; the next start finishes it",
+              file=sys.stderr if args.command == "dump" else sys.stdout)
     try:
         result = scan(path)
     except FileNotFoundError:
+        if snapshot_code is not None and os.path.exists(path + NEXT_SUFFIX):
+            return snapshot_code
         print(f"{path}: no journal", file=sys.stderr)
         return 2
     except JournalCorrupt as e:
@@ -496,7 +814,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             print("0 records")
         print(_describe(result.damage) if result.damage is not None else "no damage")
-    return 0 if result.damage is None else 1
+    return max(0 if result.damage is None else 1, snapshot_code or 0)
+
+
+def _snapshot_report(path: str, command: str) -> Optional[int]:
+    """check: describe the snapshot; dump: its records as 'SNAPSHOT INDEX JSON' lines. None if there is none."""
+    if not os.path.exists(path):
+        return None
+    out = sys.stderr if command == "dump" else sys.stdout
+    try:
+        covered, records, size = read_snapshot(path)
+    except JournalCorrupt as e:
+        print(str(e), file=out)
+        return 1
+    if command == "dump":
+        head = {"last_seq": covered, "op": "snapshot", "records": len(records)}
+        sys.stdout.write(f"snapshot 0 {json.dumps(head, separators=(',', ':'), sort_keys=True)}\n")
+        for i, record in enumerate(records, 1):
+            sys.stdout.write(f"snapshot {i} {json.dumps(record, separators=(',', ':'), sort_keys=True)}\n")
+    else:
+        print(f"snapshot {path}")
+        print(f"{size} bytes, {len(records)} records, covers journal sequence 1..{covered}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -764,6 +764,99 @@ class Model:
         del self.contexts[ctx.id]
         return touched
 
+    # -- snapshot: the live state as records ---------------------------------
+
+    def snapshot_records(self) -> List[Dict[str, Any]]:
+        """Records that, applied in order to an empty Model, rebuild this state.
+
+        Per deployer a ``user_add`` (and ``user_revoke``); per context a ``create``
+        with its current join hashes and data, per node (in enrollment order) an
+        ``enroll`` and a ``restore_node`` (state, times, error, log tail, revocation,
+        revision), and last a ``restore_context`` (lock, revision counters, join token
+        expiry): long-poll revisions never go backwards across a compaction. The
+        records are fresh objects (safe to encode in another thread).
+        """
+        out: List[Dict[str, Any]] = []
+        for user in self.users.values():
+            out.append({"op": "user_add", "name": user.name, "token_hash": user.token_hash, "at": user.created})
+            if user.revoked_at is not None:
+                out.append({"op": "user_revoke", "name": user.name, "at": user.revoked_at})
+        for ctx in self.contexts.values():
+            first = next(iter(ctx.groups.values()))
+            out.append({
+                "op": "create",
+                "ctx": ctx.id,
+                "at": ctx.created,
+                "name": ctx.name,
+                "open_for_injection": ctx.open_for_injection,
+                "expires": ctx.expires,
+                "join_expires": first.join_expires,
+                "groups": [g.spec() for g in ctx.groups.values()],
+                "data": {k: list(v) for k, v in ctx.data.items()},
+                "join_hashes": {g.name: g.join_hash for g in ctx.groups.values()},
+                "owner": ctx.owner,
+            })
+            for node in ctx.nodes.values():
+                out.append({
+                    "op": "enroll",
+                    "ctx": ctx.id,
+                    "node": node.id,
+                    "group": node.group.name,
+                    "at": node.times["enrolled_at"],
+                    "instance_hash": node.instance_hash,
+                    "token_hash": node.token_hash,
+                    "identity": dict(node.identity),
+                    "source": node.source,
+                })
+                out.append({
+                    "op": "restore_node",
+                    "ctx": ctx.id,
+                    "node": node.id,
+                    "state": node.state,
+                    "times": dict(node.times),
+                    "error": dict(node.error) if node.error is not None else None,
+                    "log_tail": node.log_tail,
+                    "revoked": node.revoked,
+                    "self_rev": node.self_rev,
+                })
+            out.append({
+                "op": "restore_context",
+                "ctx": ctx.id,
+                "revision": ctx.revision,
+                "locked": ctx.locked,
+                "groups": {g.name: {"view_rev": g.view_rev, "join_expires": g.join_expires}
+                           for g in ctx.groups.values()},
+            })
+        return out
+
+    def _apply_restore_node(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        node = ctx.nodes[record["node"]]
+        old, new = node.state, record["state"]
+        if new != old:
+            ctx.counts[old] -= 1
+            ctx.counts[new] += 1
+            if (old == OK) != (new == OK):
+                node.group.ok += 1 if new == OK else -1
+            node.state = new
+        node.times = dict(record["times"])
+        node.error = record["error"]
+        node.log_tail = record["log_tail"]
+        if record["revoked"] and not node.revoked:
+            node.revoked = True
+            self.principals.pop(node.token_hash, None)
+        node.self_rev = record["self_rev"]
+        return Touched(ctx.id)
+
+    def _apply_restore_context(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        ctx.revision = record["revision"]
+        ctx.locked = record["locked"]
+        for name, saved in record["groups"].items():
+            g = ctx.groups[name]
+            g.view_rev = saved["view_rev"]
+            g.join_expires = saved["join_expires"]
+            g.cache = None
+        return Touched(ctx.id)
+
     # -- reads -------------------------------------------------------------
 
     def view_revision(self, node: Node) -> int:
