@@ -188,6 +188,48 @@ def replay_run(records: int) -> float:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def compaction_run(nodes: int) -> tuple:
+    """Journal bytes of a NODES-node contextualization, then after compaction."""
+    from twisted.internet.defer import succeed
+
+    from ctxd.journal import FileJournal
+    from ctxd.model import Model
+
+    directory = tempfile.mkdtemp(prefix="ctxd-compact-")
+    try:
+        journal = FileJournal(os.path.join(directory, "journal.log"), lambda f, *a: succeed(f(*a)),
+                              compact_bytes=1 << 40)
+        journal.load()
+        model = Model()
+        journal.snapshot_source = model.snapshot_records
+
+        def commit(record):
+            model.apply(record)
+            journal.append(record)
+
+        body = {"name": "compact", "groups": [{"name": "c", "quantity": nodes, "provides": ["w"],
+                                               "requires": [{"role": "w"}]}]}
+        record, _ = model.prepare_create(body, 1.0)
+        commit(record)
+        cid = record["ctx"]
+        ids = []
+        for n in range(nodes):
+            rec, _, _ = model.prepare_enroll(
+                cid, "c", {"instance_key": f"compact-instance-{n:09d}", "identity": identity(n)}, "10.0.0.1", 2.0)
+            commit(rec)
+            ids.append(rec["node"])
+        for nid in ids:  # every agent: contextualizing, ok, then a cron re-run's two reports
+            for state in ("contextualizing", "ok", "contextualizing", "ok"):
+                commit(model.prepare_report(cid, nid, {"state": state, "log_tail": "x" * 200}, 3.0))
+        before = os.path.getsize(os.path.join(directory, "journal.log"))
+        journal.compact()
+        after = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+        journal.close()
+        return before, after, journal.records_synced
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -195,6 +237,8 @@ def main() -> None:
     t.add_argument("--clients", type=int, default=100)
     t.add_argument("--seconds", type=float, default=10)
     t.add_argument("--runs", type=int, default=3)
+    c = sub.add_parser("compaction")
+    c.add_argument("--nodes", type=int, default=10_000)
     r = sub.add_parser("replay")
     r.add_argument("--records", type=int, default=1_000_000)
     r.add_argument("--runs", type=int, default=3)
@@ -206,6 +250,10 @@ def main() -> None:
         print(f"| journal throughput, {args.clients} clients, fsync on | "
               f"{statistics.median(r for r, _ in results):.0f} acks/s | "
               f"{statistics.median(p for _, p in results):.1f} records/fdatasync | median of {args.runs} |")
+    elif args.what == "compaction":
+        before, after, records = compaction_run(args.nodes)
+        print(f"| journal size, {args.nodes}-node context ({records} records) | {before / 1e6:.1f} MB before "
+              f"compaction | {after / 1e6:.1f} MB after (snapshot + journal) |")
     else:
         times = [replay_run(args.records) for _ in range(args.runs)]
         print(f"| journal replay, {args.records} records | {statistics.median(times):.2f} s | median of {args.runs} |")

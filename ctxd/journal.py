@@ -75,6 +75,7 @@ import struct
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -130,6 +131,75 @@ def make_header(file_id: bytes, magic: bytes = MAGIC) -> bytes:
 
 def make_frame(file_id: bytes, seq: int, payload: bytes) -> bytes:
     return FRAME.pack(len(payload), _crc(file_id, seq, payload), seq) + payload
+
+
+class OsFiles:
+    """Every file operation the journal makes, as a thin layer over :mod:`os`.
+
+    :class:`FileJournal` (and the module's helpers) take one as ``fs``; tests pass a
+    simulated disk that records writes and syncs (tests/test_powerloss.py). Each method
+    looks ``os.<name>`` up when called, so monkeypatching :mod:`os` still reaches it.
+    """
+
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: Union[bytes, memoryview]) -> int:
+        return os.write(fd, data)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def fchmod(self, fd: int, mode: int) -> None:
+        os.fchmod(fd, mode)
+
+    def fsize(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def rename(self, source: str, target: str) -> None:
+        os.rename(source, target)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def getsize(self, path: str) -> int:
+        return os.path.getsize(path)
+
+    def fsync_dir(self, path: str) -> None:
+        """fsync the directory that holds ``path``."""
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def mapped(self, path: str) -> Iterator[Any]:
+        """The whole file, read-only, as a buffer (an mmap; ``b""`` if empty)."""
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                yield b""
+                return
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                yield mm
+
+
+OS = OsFiles()
 
 
 @dataclass
@@ -194,16 +264,16 @@ def _valid_frames(mm: Any, start: int, size: int, file_id: bytes) -> int:
     return count
 
 
-def scan(path: str, magic: bytes = MAGIC) -> Scan:
+def scan(path: str, magic: bytes = MAGIC, fs: OsFiles = OS) -> Scan:
     """Read and check a whole journal (or, with ``magic=SNAP_MAGIC``, snapshot) file without changing it.
 
     The first record may have any sequence number (a segment started by compaction
     continues the sequence); every later one must follow it by one. Raises
     :class:`JournalCorrupt` if the file is not a journal of this format.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(HEADER.size)
+    with fs.mapped(path) as mm:
+        size = len(mm)
+        head = bytes(mm[:HEADER.size])
         if len(head) < HEADER.size or head[:len(magic)] != magic:
             raise JournalCorrupt(f"{path}: not a ctxd {'journal' if magic == MAGIC else 'snapshot'} "
                                  f"(no {magic.decode()} header at offset 0); "
@@ -218,45 +288,40 @@ def scan(path: str, magic: bytes = MAGIC) -> Scan:
         result = Scan(path, version, file_id, size)
         if size == HEADER.size:
             return result
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offset, expected = HEADER.size, 0
-            while offset < size:
-                frame = _frame_at(mm, offset, size, file_id)
-                if isinstance(frame, str):
-                    later = _valid_frames(mm, offset + 1, size, file_id)
-                    result.damage = Damage(offset, size - offset, frame, later == 0, later)
-                    break
-                length, seq, payload = frame
-                try:
-                    problem = None
-                    if expected == 0:
-                        expected = max(seq, 1)
-                    if seq != expected:
-                        problem = f"sequence number {seq}, expected {expected}"
-                    else:
-                        record = json.loads(bytes(payload))
-                        if not isinstance(record, dict) or "op" not in record:
-                            problem = "valid checksum but the payload is not a record"
-                except ValueError as e:
-                    problem = f"valid checksum but the payload is not JSON ({e})"
-                finally:
-                    payload.release()
-                if problem is not None:
-                    frames = _valid_frames(mm, offset, size, file_id)
-                    result.damage = Damage(offset, size - offset, problem, False, frames)
-                    break
-                result.records.append((seq, offset, record))
-                offset += FRAME.size + length
-                expected += 1
+        offset, expected = HEADER.size, 0
+        while offset < size:
+            frame = _frame_at(mm, offset, size, file_id)
+            if isinstance(frame, str):
+                later = _valid_frames(mm, offset + 1, size, file_id)
+                result.damage = Damage(offset, size - offset, frame, later == 0, later)
+                break
+            length, seq, payload = frame
+            try:
+                problem = None
+                if expected == 0:
+                    expected = max(seq, 1)
+                if seq != expected:
+                    problem = f"sequence number {seq}, expected {expected}"
+                else:
+                    record = json.loads(bytes(payload))
+                    if not isinstance(record, dict) or "op" not in record:
+                        problem = "valid checksum but the payload is not a record"
+            except ValueError as e:
+                problem = f"valid checksum but the payload is not JSON ({e})"
+            finally:
+                payload.release()
+            if problem is not None:
+                frames = _valid_frames(mm, offset, size, file_id)
+                result.damage = Damage(offset, size - offset, problem, False, frames)
+                break
+            result.records.append((seq, offset, record))
+            offset += FRAME.size + length
+            expected += 1
     return result
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync_dir(path: str, fs: OsFiles = OS) -> None:
+    fs.fsync_dir(path)
 
 
 def broken_name(path: str, stamp: str) -> str:
@@ -264,13 +329,13 @@ def broken_name(path: str, stamp: str) -> str:
     return f"{os.path.splitext(path)[0]}.broken.{stamp}"
 
 
-def _write_all(fd: int, data: Union[bytes, memoryview]) -> None:
+def _write_all(fd: int, data: Union[bytes, memoryview], fs: OsFiles = OS) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[fs.write(fd, view):]
 
 
-def write_snapshot(path: str, payloads: List[bytes], last_seq: int) -> int:
+def write_snapshot(path: str, payloads: List[bytes], last_seq: int, fs: OsFiles = OS) -> int:
     """Write a snapshot crash-safely; return its size in bytes.
 
     A temporary file (O_EXCL, 0600) gets the header, a first record
@@ -279,7 +344,7 @@ def write_snapshot(path: str, payloads: List[bytes], last_seq: int) -> int:
     """
     temporary = path + ".tmp"
     file_id = os.urandom(16)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = fs.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     size = 0
     try:
         try:
@@ -289,37 +354,37 @@ def write_snapshot(path: str, payloads: List[bytes], last_seq: int) -> int:
                 chunk.append(make_frame(file_id, seq, payload))
                 if len(chunk) >= 4096:
                     data = b"".join(chunk)
-                    _write_all(fd, data)
+                    _write_all(fd, data, fs)
                     size += len(data)
                     chunk = []
             data = b"".join(chunk)
-            _write_all(fd, data)
+            _write_all(fd, data, fs)
             size += len(data)
-            os.fsync(fd)
+            fs.fsync(fd)
         finally:
-            os.close(fd)
+            fs.close(fd)
     except BaseException:
-        with_suppressed_unlink(temporary)
+        with_suppressed_unlink(temporary, fs)
         raise
-    os.rename(temporary, path)
-    _fsync_dir(path)
+    fs.rename(temporary, path)
+    _fsync_dir(path, fs)
     return size
 
 
-def with_suppressed_unlink(path: str) -> None:
+def with_suppressed_unlink(path: str, fs: OsFiles = OS) -> None:
     try:
-        os.unlink(path)
+        fs.unlink(path)
     except OSError:
         pass
 
 
-def read_snapshot(path: str) -> Tuple[int, List[Record], int]:
+def read_snapshot(path: str, fs: OsFiles = OS) -> Tuple[int, List[Record], int]:
     """(last journal seq it covers, its records, its size) of a snapshot file.
 
     A snapshot is fsync'd before it is renamed into place, so any damage in it is
     corruption (never a torn tail): :class:`JournalCorrupt`.
     """
-    result = scan(path, SNAP_MAGIC)
+    result = scan(path, SNAP_MAGIC, fs)
     if result.damage is not None:
         raise JournalCorrupt(f"{path}: damaged snapshot at byte offset {result.damage.offset} "
                              f"({result.damage.reason}); refusing to start, the file is unchanged")
@@ -360,12 +425,15 @@ class FileJournal:
 
     ``run_in_thread(f, *args) -> Deferred`` runs the blocking write+sync; tests pass
     a synchronous stand-in. ``repair=True`` lets :meth:`load` quarantine damage in the
-    middle instead of refusing; what it dropped is then in :attr:`repaired`.
+    middle instead of refusing; what it dropped is then in :attr:`repaired`. ``fs``
+    (default :data:`OS`) makes every file operation: tests pass a simulated disk.
     """
 
     def __init__(self, path: str, run_in_thread: Callable[..., Deferred], repair: bool = False,
-                 compact_bytes: int = DEFAULT_COMPACT_BYTES, compact_ratio: float = DEFAULT_COMPACT_RATIO) -> None:
+                 compact_bytes: int = DEFAULT_COMPACT_BYTES, compact_ratio: float = DEFAULT_COMPACT_RATIO,
+                 fs: Optional[OsFiles] = None) -> None:
         self.path = path
+        self.fs: OsFiles = fs if fs is not None else OS
         self._run_in_thread = run_in_thread
         self.repair = repair
         # After a repair: {"offset", "bytes", "records", "reason", "kept_in"}; else None.
@@ -413,12 +481,12 @@ class FileJournal:
         """Check and read every record; cut off a torn tail; then open for appending."""
         records: List[Record] = []
         covered, snapshot = self._recover()
-        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+        if not self.fs.exists(self.path) or self.fs.getsize(self.path) == 0:
             # Absent, or empty (nothing was ever acknowledged in it): start a new journal.
             self._create()
             self._next_seq = covered + 1
         else:
-            result = scan(self.path)
+            result = scan(self.path, fs=self.fs)
             damage = result.damage
             if damage is not None:
                 if not damage.torn and not self.repair:
@@ -450,9 +518,9 @@ class FileJournal:
                     f"records are missing; refusing to start")
             records = [record for seq, _, record in result.records if seq > covered]
             self._next_seq = max(result.records[-1][0] if result.records else 0, covered) + 1
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        os.fchmod(self._fd, 0o600)
-        self._journal_bytes = os.fstat(self._fd).st_size
+        self._fd = self.fs.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.fs.fchmod(self._fd, 0o600)
+        self._journal_bytes = self.fs.fsize(self._fd)
         return iter(snapshot + records)
 
     def _recover(self) -> Tuple[int, List[Record]]:
@@ -467,25 +535,25 @@ class FileJournal:
         """
         removed = False
         for leftover in (self.path + ".new", self.next_path + ".new", self.snapshot_path + ".tmp"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+            if self.fs.exists(leftover):
+                self.fs.unlink(leftover)
                 removed = True
         if removed:
-            _fsync_dir(self.path)
+            _fsync_dir(self.path, self.fs)
         covered = 0
         snapshot: List[Record] = []
-        if os.path.exists(self.snapshot_path):
-            covered, snapshot, self._snapshot_bytes = read_snapshot(self.snapshot_path)
-        if not os.path.exists(self.next_path):
+        if self.fs.exists(self.snapshot_path):
+            covered, snapshot, self._snapshot_bytes = read_snapshot(self.snapshot_path, self.fs)
+        if not self.fs.exists(self.next_path):
             return covered, snapshot
-        if os.path.getsize(self.next_path) > 0:
-            damage = scan(self.next_path).damage
+        if self.fs.getsize(self.next_path) > 0:
+            damage = scan(self.next_path, fs=self.fs).damage
             if damage is not None and not damage.torn and not self.repair:
                 raise JournalCorrupt(
                     f"{self.next_path}: damaged record at byte offset {damage.offset} ({damage.reason}); "
                     "refusing to start, the files are unchanged (--repair quarantines everything from that offset)")
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            old = scan(self.path)
+        if self.fs.exists(self.path) and self.fs.getsize(self.path) > 0:
+            old = scan(self.path, fs=self.fs)
             if old.damage is not None:
                 # It was fdatasync'd in full before the segment was created.
                 raise JournalCorrupt(
@@ -498,20 +566,21 @@ class FileJournal:
             if newer:
                 snapshot = snapshot + [record for _, record in newer]
                 covered = newer[-1][0]
-                self._snapshot_bytes = write_snapshot(self.snapshot_path, [encode(r) for r in snapshot], covered)
+                self._snapshot_bytes = write_snapshot(self.snapshot_path, [encode(r) for r in snapshot], covered,
+                                                      fs=self.fs)
                 log.warn("journal {path}: finished an interrupted compaction (snapshot up to sequence {seq})",
                          path=self.path, seq=covered)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-            _fsync_dir(self.path)
-        os.rename(self.next_path, self.path)
-        _fsync_dir(self.path)
+        if self.fs.exists(self.path):
+            self.fs.unlink(self.path)
+            _fsync_dir(self.path, self.fs)
+        self.fs.rename(self.next_path, self.path)
+        _fsync_dir(self.path, self.fs)
         return covered, snapshot
 
     def _create(self) -> None:
         """Write a new header to a temporary file, fsync, rename into place, fsync the directory."""
         file_id = os.urandom(16)
-        _new_journal_file(self.path, file_id)
+        _new_journal_file(self.path, file_id, self.fs)
         self.file_id = file_id
         self._next_seq = 1
 
@@ -521,30 +590,34 @@ class FileJournal:
         for attempt in range(1000):
             aside = broken_name(self.path, stamp) + (f".{attempt}" if attempt else "")
             try:
-                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = self.fs.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 break
             except FileExistsError:
                 continue
         else:
             raise JournalCorrupt(f"{self.path}: cannot find a free name to keep damaged bytes aside")
         try:
-            with open(self.path, "rb") as source:
-                source.seek(offset)
+            source = self.fs.open(self.path, os.O_RDONLY)
+            try:
+                position = offset
                 while True:
-                    chunk = source.read(1 << 20)
+                    chunk = self.fs.pread(source, 1 << 20, position)
                     if not chunk:
                         break
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-            os.fsync(fd)
+                    position += len(chunk)
+                    _write_all(fd, chunk, self.fs)
+            finally:
+                self.fs.close(source)
+            self.fs.fsync(fd)
         finally:
-            os.close(fd)
-        _fsync_dir(aside)
-        with open(self.path, "r+b") as f:
-            f.truncate(offset)
-            f.flush()
-            os.fsync(f.fileno())
+            self.fs.close(fd)
+        _fsync_dir(aside, self.fs)
+        fd = self.fs.open(self.path, os.O_RDWR)
+        try:
+            self.fs.ftruncate(fd, offset)
+            self.fs.fsync(fd)
+        finally:
+            self.fs.close(fd)
         return aside
 
     def append(self, record: Record) -> Deferred:
@@ -668,7 +741,7 @@ class FileJournal:
         d = self._run_in_thread(self._rotate, old_fd, data, new_id)
 
         def rotated(new_fd: int) -> None:
-            os.close(old_fd)
+            self.fs.close(old_fd)
             self._fd = new_fd
             self._journal_bytes = HEADER.size
             self._busy = False
@@ -719,46 +792,46 @@ class FileJournal:
     def _rotate(self, old_fd: int, data: bytes, new_id: bytes) -> int:
         """(thread) Make the old journal's last records durable, then create the new segment."""
         if data:
-            _write_all(old_fd, data)
-            os.fdatasync(old_fd)
-        _new_journal_file(self.next_path, new_id)
-        fd = os.open(self.next_path, os.O_WRONLY | os.O_APPEND)
+            _write_all(old_fd, data, self.fs)
+            self.fs.fdatasync(old_fd)
+        _new_journal_file(self.next_path, new_id, self.fs)
+        fd = self.fs.open(self.next_path, os.O_WRONLY | os.O_APPEND)
         return fd
 
     def _install_snapshot(self, records: List[Record], covered: int) -> int:
         """(thread) Snapshot in place, then drop the old journal, then the segment becomes journal.log."""
-        size = write_snapshot(self.snapshot_path, [encode(r) for r in records], covered)
-        os.unlink(self.path)
-        _fsync_dir(self.path)
-        os.rename(self.next_path, self.path)
-        _fsync_dir(self.path)
+        size = write_snapshot(self.snapshot_path, [encode(r) for r in records], covered, fs=self.fs)
+        self.fs.unlink(self.path)
+        _fsync_dir(self.path, self.fs)
+        self.fs.rename(self.next_path, self.path)
+        _fsync_dir(self.path, self.fs)
         return size
 
     def _write_and_sync(self, data: bytes) -> None:
         assert self._fd is not None, "load() must be called before append()"
         view = memoryview(data)
         while view:
-            written = os.write(self._fd, view)
+            written = self.fs.write(self._fd, view)
             view = view[written:]
-        os.fdatasync(self._fd)
+        self.fs.fdatasync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self.fs.close(self._fd)
             self._fd = None
 
 
-def _new_journal_file(path: str, file_id: bytes) -> None:
+def _new_journal_file(path: str, file_id: bytes, fs: OsFiles = OS) -> None:
     """Write a header to ``path.new`` (O_EXCL, 0600), fsync, rename into place, fsync the directory."""
     temporary = path + ".new"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = fs.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, make_header(file_id))
-        os.fsync(fd)
+        _write_all(fd, make_header(file_id), fs)
+        fs.fsync(fd)
     finally:
-        os.close(fd)
-    os.rename(temporary, path)
-    _fsync_dir(path)
+        fs.close(fd)
+    fs.rename(temporary, path)
+    _fsync_dir(path, fs)
 
 
 def _failed(error: BaseException) -> Deferred:
