@@ -536,13 +536,15 @@ def atomic_write(path, data, mode=0o600, owner=None, in_place_fallback=False, ex
         pass
 
 
-def read_file(path, limit):
-    """The bytes of PATH (no final symlink), at most LIMIT; None if absent."""
+def read_file(path, limit, private=False):
+    """The bytes of PATH (no final symlink), at most LIMIT; None if absent. PRIVATE: made 0600."""
     try:
         fd = os.open(path, os.O_RDONLY | NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
     with os.fdopen(fd, "rb") as stream:
+        if private:
+            os.fchmod(fd, 0o600)
         data = stream.read(limit + 1)
     if len(data) > limit:
         raise InputError("%s: larger than %d bytes" % (path, limit))
@@ -550,10 +552,11 @@ def read_file(path, limit):
 
 
 def make_private_dir(path):
-    """PATH, created if needed, made 0700."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if not os.path.isdir(path):
-        raise ConfigError("%s is not a directory" % path)
+    """PATH, created if needed, made 0700; never through a symlink."""
+    if not os.path.islink(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise ConfigError("%s is a symlink or not a directory" % path)
     os.chmod(path, 0o700)
     return path
 
@@ -971,6 +974,7 @@ class RunLog(logging.Handler):
     def open_file(self, path):
         """Append to PATH (0600, not through a symlink), starting with what is logged so far."""
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
         self.stream = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
         self.stream.write("".join(self.lines))
 
@@ -1011,6 +1015,7 @@ class Agent(object):
             make_private_dir(o.state_dir)
             # One run at a time (boot and cron); not inherited by scripts.
             self.lock = os.open(self.state("lock"), os.O_WRONLY | os.O_CREAT | NOFOLLOW, 0o600)
+            os.fchmod(self.lock, 0o600)
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1093,7 +1098,10 @@ class Agent(object):
             atomic_write(path, secrets.token_urlsafe(32).encode("ascii") + b"\n", exclusive=True)
         except FileExistsError:
             pass
-        key = read_file(path, 1024).decode("ascii", "replace").strip()
+        try:
+            key = read_file(path, 1024, True).decode("ascii", "replace").strip()
+        except OSError:   # a symlink, say
+            key = ""
         if not SECRET.fullmatch(key):
             raise ConfigError("%s is corrupt; remove it to enroll as a new node" % path)
         self.formatter.secrets.add(key)
@@ -1103,7 +1111,7 @@ class Agent(object):
         """The saved node credential, if valid and for this bootstrap's context and group."""
         path, b = self.state("node.json"), self.bootstrap
         try:
-            data = read_file(path, 65536)
+            data = read_file(path, 65536, True)
             if data is None:
                 return None
             node = decode_reply(data, path)
@@ -1111,7 +1119,7 @@ class Agent(object):
             if not (isinstance(token, str) and token.startswith("ctxd_node_")):
                 raise InputError("%s: no node token" % path)
             check_id(node.get("node_id"), path)
-        except InputError as exc:
+        except (InputError, OSError) as exc:   # a symlink: replaced on enrollment
             LOG.warning("ignoring %s", exc)
             return None
         self.formatter.secrets.add(token)
@@ -1122,6 +1130,7 @@ class Agent(object):
 
     def ensure_node(self, identity):
         """Reuse the saved node credential, or (re-)enroll."""
+        key = self.instance_key()   # even when unused: checked, 0600, redacted
         self.node = self.load_node()
         if self.node is not None:
             status, raw = self.call("PUT", self.node_path("identity"), self.node["node_token"], identity)
@@ -1132,7 +1141,7 @@ class Agent(object):
                 raise self.refused("identity update", status, raw)
             LOG.info("saved credential refused (%s): enrolling again", describe_error(status, raw))
         b = self.bootstrap
-        body = {"instance_key": self.instance_key(), "identity": identity}
+        body = {"instance_key": key, "identity": identity}
         status, raw = self.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"], body)
         if status not in (200, 201):
             raise self.refused("enrollment", status, raw)
@@ -1251,9 +1260,10 @@ def parse_args(argv):
     add("-v", "--verbose", action="store_true")
     options = parser.parse_args(argv)
     options.scripts_dir_given = options.scripts_dir is not None
-    # Absolute, so CTX_VIEW and data paths work from a script's cwd.
+    # Absolute, so CTX_VIEW and data paths work from a script's cwd; the state dir
+    # resolved once, as no symlink below it is ever followed (make_private_dir).
     options.scripts_dir = os.path.abspath(options.scripts_dir or "/opt/ctx-scripts")
-    options.state_dir = os.path.abspath(options.state_dir)
+    options.state_dir = os.path.realpath(options.state_dir)
     return options
 
 

@@ -40,6 +40,7 @@ tests replace); it never imports Twisted.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -275,7 +276,7 @@ class _Validator:
     def reject_unknown(self, field: str, table: Mapping[Any, Any], allowed: tuple) -> None:
         for key in table:
             if key not in allowed:
-                path = f"{field}.{key}" if field else str(key)
+                path = f"{field}.{_key(key)}" if field else _key(key)
                 raise self.error(path, f"unknown key (allowed: {', '.join(allowed)})")
 
     def name(self, field: str, value: Any, required: bool = False) -> str:
@@ -353,6 +354,12 @@ def _file_reader(base_dir: str) -> ReadFile:
             raise ValueError(f"larger than {MAX_DATA_FILE} bytes")
         return content
     return read_file
+
+
+def _key(key: Any) -> str:
+    """``key`` as TOML spells it: bare if it can be, else quoted (so "" or "a\\nb" stays visible)."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else json.dumps(text, ensure_ascii=False)
 
 
 def _os_reason(e: BaseException) -> str:

@@ -142,13 +142,19 @@ wrong_type = st.one_of(
     st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.just([]), st.just({}),
     st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 hostile = st.one_of(hostile_text, wrong_type)
+EDGES = ["%eth0", "%1", "\n", "\r", " ", "\x00", ";id", "|", "$(id)", "`id`", "/", "/..", ".", "..", "-",
+         "_", ":", "@", "\u0430", "\uff0e", "\u200b", "a" * 300]
 
 
 def near(valid):
-    """VALID with a hostile fragment inserted, replacing a character or two, or appended."""
-    return st.builds(lambda piece, at, cut: valid[:at] + piece + valid[at + cut:],
-                     st.sampled_from(FRAGMENTS + LOOKALIKES + ["a" * 300, ".."]),
-                     st.integers(0, len(valid)), st.integers(0, 2))
+    """VALID with a hostile fragment prepended or appended (EDGES), or inserted anywhere, replacing
+    up to two characters (FRAGMENTS, LOOKALIKES)."""
+    return st.one_of(
+        st.builds(lambda piece: piece + valid, st.sampled_from(EDGES)),
+        st.builds(lambda piece: valid + piece, st.sampled_from(EDGES)),
+        st.builds(lambda piece, at, cut: valid[:at] + piece + valid[at + cut:],
+                  st.sampled_from(FRAGMENTS + LOOKALIKES), st.integers(0, len(valid)), st.integers(0, 2)))
+
 
 valid_name = st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True),
                        st.sampled_from(["torquemaster", "gridmap", "0", "a..b", "A.", "x" * 64, "a-_."]))
@@ -230,23 +236,21 @@ SENSITIVE = ["roles.<key>", "data.<key>", "data.*[].b64", "revision", "complete"
              "self.hostname", "self.fqdn", "self.primary_ip", "self.ssh_host_keys[]",
              "self.interfaces[].name", "self.interfaces[].ipv4[]", "self.interfaces[].ipv6[]",
              "peer.hostname", "peer.fqdn", "peer.ip", "peer.node_id", "peer.group", "peer.ssh_host_keys[]"]
-KINDS = st.sampled_from(SENSITIVE + ["any"] * 4)
 
 
 @st.composite
-def raw_views(draw):
-    """A valid view, or one with one, a few or many values (or object keys) replaced by hostile ones:
-    a valid string with a fragment inserted, a hostile string, or a value of a wrong JSON type."""
-    mode = draw(st.sampled_from(["valid", "one", "one", "one", "few", "many"]))
-    targets = {"valid": [], "one": [draw(KINDS)], "few": draw(st.lists(KINDS, min_size=2, max_size=4)),
-               "many": ["any"] * draw(st.integers(5, 40))}[mode]
+def raw_views(draw, target):
+    """A valid view ("valid"), or one with hostile values at a location of kind TARGET ("any":
+    anywhere, object keys included), at 2-4 locations of random kinds ("few") or at 5-40
+    locations ("many"). A hostile value is a valid string with a fragment inserted, a hostile
+    string, or a value of a wrong JSON type."""
+    targets = {"valid": [], "few": draw(st.lists(st.sampled_from(SENSITIVE + ["any"]), min_size=2, max_size=4)),
+               "many": ["any"] * draw(st.integers(5, 40))}.get(target, [target])
     view = draw(valid_views(least=1 if targets else 0))
-    for target in targets:
-        places = [p for p in locations(view)[1:] if target in ("any", kind(p))]
+    for wanted in targets:
+        places = [p for p in locations(view)[1:] if wanted in ("any", kind(p))]
         if not places:
             continue
-        if mode == "one":
-            event("hostile " + target)
         path = places[draw(st.integers(0, len(places) - 1))]
         parent = view
         for step in path[:-1]:
@@ -258,7 +262,7 @@ def raw_views(draw):
             value = parent[last]
             near_value = near(value) if isinstance(value, str) else hostile
             parent[last] = draw(st.one_of(near_value, near_value, hostile))
-    if mode != "valid" and draw(st.booleans()):
+    if targets and draw(st.booleans()):
         view[draw(hostile_text)] = draw(hostile)   # an unknown top-level key: ignored
     # What the agent gets: a JSON object as decode_reply returns it.
     return json.loads(json.dumps(view))
@@ -287,9 +291,9 @@ def make_site(top, view=None):
     record = os.path.join(top, "record")
     names = {"role": [], "data": [], "iface": []}
     if isinstance(view, dict):
-        for kind, key in (("role", "roles"), ("data", "data")):
+        for what, key in (("role", "roles"), ("data", "data")):
             if isinstance(view.get(key), dict):
-                names[kind] = list(view[key])
+                names[what] = list(view[key])
         me = view.get("self")
         if isinstance(me, dict) and isinstance(me.get("interfaces"), list):
             names["iface"] = [i.get("name") for i in me["interfaces"] if isinstance(i, dict)]
@@ -423,11 +427,16 @@ def check_writes(top, paths, before, after):
             assert stat.S_IMODE(mode) == (0o700 if stat.S_ISDIR(mode) else 0o600), path
 
 
-@fuzz(1.5)
-@given(raw_views())
-def test_hostile_view_is_refused_whole_or_fully_valid(view):
-    """A view is either refused with InputError (no script run, no byte written) or every string
-    reaching a script argv, a file path or a managed line is valid, and writes stay in the configured files."""
+@pytest.mark.parametrize("target", ["valid", "few", "many", "any"] + SENSITIVE)
+@fuzz(0.1)
+@given(data=st.data())
+def test_hostile_view_is_refused_whole_or_fully_valid(target, data):
+    """A hostile view is refused whole (nothing run or written) or all it passes on is valid and lands in place."""
+    # Refused: InputError, no script ran, the site is byte for byte as before. Accepted: every
+    # name, host name, FQDN and address in it is valid (checked independently), so is every argv
+    # element of every script that ran and every managed line, and only the configured files
+    # changed, the data files as STATE/data/NAME/N.
+    view = data.draw(raw_views(target), label="view")
     with tempfile.TemporaryDirectory() as top:
         paths = make_site(top, view)
         before = snapshot(top)
@@ -449,3 +458,610 @@ def test_hostile_view_is_refused_whole_or_fully_valid(view):
             names, key = line.split(" ", 1)
             fqdn, short, ip = names.split(",")
             assert is_fqdn(fqdn) and is_label(short) and is_ip(ip, True) and is_ssh_key(key), line
+
+
+# ---------------------------------------------------------------------------
+# The cluster-file parser
+
+FIELDS = ["name", "open_for_injection", "expires_in", "join_token_ttl", "group", "data"]
+toml_wrong_type = st.one_of(
+    st.booleans(), st.integers(-2 ** 63, 2 ** 63 - 1), st.floats(), st.text(max_size=5),
+    st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 3), max_size=2),
+    st.datetimes(timezones=st.just(datetime.timezone.utc)), st.dates(), st.times())
+toml_hostile = st.one_of(hostile_text, toml_wrong_type)
+
+
+def toml_string(text):
+    """TEXT as a TOML basic string (control characters escaped, anything else as is)."""
+    escaped = "".join('\\"' if c == '"' else "\\\\" if c == "\\" else
+                      "\\u%04x" % ord(c) if (ord(c) < 0x20 and c != "\t") or c == "\x7f" else c
+                      for c in text)
+    return '"%s"' % escaped
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, (int, datetime.date, datetime.time)):
+        return value.isoformat() if not isinstance(value, int) else str(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return "[%s]" % ", ".join(toml_value(v) for v in value)
+    return "{%s}" % ", ".join("%s = %s" % (toml_string(k), toml_value(v)) for k, v in value.items())
+
+
+def toml_document(doc):
+    """DOC (a dict) as TOML: [[group]] tables for a list of tables, a [data] table for a table."""
+    tables = [k for k in ("group", "data") if k in doc and (
+        isinstance(doc[k], dict) if k == "data" else
+        isinstance(doc[k], list) and doc[k] and all(isinstance(g, dict) for g in doc[k]))]
+    lines = ["%s = %s" % (toml_string(k), toml_value(v)) for k, v in doc.items() if k not in tables]
+    for key in tables:
+        for table in doc[key] if key == "group" else [doc[key]]:
+            lines.append("[[group]]" if key == "group" else "[data]")
+            lines += ["%s = %s" % (toml_string(k), toml_value(v)) for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def valid_cluster_docs(draw):
+    """A cluster document the parser must accept."""
+    roles = draw(st.lists(valid_name, min_size=1, max_size=3, unique=True))
+    data_names = draw(st.lists(valid_name, max_size=2, unique=True))
+    inject = draw(st.booleans())
+
+    def some(items):
+        return draw(st.lists(st.sampled_from(items), unique=True)) if items else []
+    groups = []
+    for name in draw(st.lists(valid_name, min_size=1, max_size=3, unique=True)):
+        groups.append({"name": name, "quantity": draw(st.integers(1, MAX_QUANTITY)),
+                       "provides": roles if not groups else some(roles),
+                       "requires": [{"role": r, "ready": draw(st.booleans())} for r in some(roles)],
+                       "data": some(data_names), "all_identities": draw(st.booleans())})
+    specs = [st.builds(lambda t: {"value": t}, st.text(max_size=20)),
+             st.builds(lambda p: {"file": p}, st.sampled_from(["grid-mapfile", "a/b", "../x"])),
+             st.builds(lambda ps: {"files": ps}, st.lists(st.sampled_from(["f1", "f2"]), min_size=1, max_size=2))]
+    if inject:
+        specs += [st.just({}), st.just({"inject": True})]
+    printable = st.characters(whitelist_categories=("L", "N", "P", "S"), whitelist_characters=" ")
+    doc = {"name": draw(st.text(printable, min_size=1, max_size=128)),
+           "open_for_injection": inject, "group": groups,
+           "data": {n: draw(st.one_of(specs)) for n in data_names}}
+    if draw(st.booleans()):
+        doc["expires_in"] = draw(st.integers(3600, 365 * 24 * 3600))
+        if draw(st.booleans()):
+            doc["join_token_ttl"] = draw(st.integers(60, 3600))
+    return doc
+
+
+@st.composite
+def cluster_docs(draw, mode):
+    """A valid cluster document, or one with one, a few or many values or keys hostile."""
+    doc = draw(valid_cluster_docs())
+    count = {"valid": 0, "one": 1, "few": draw(st.integers(2, 4)), "many": draw(st.integers(5, 20))}[mode]
+    for _ in range(count):
+        places = locations(doc)[1:]
+        path = places[draw(st.integers(0, len(places) - 1))]
+        parent = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        last = path[-1]
+        if isinstance(last, tuple):           # rename a key: unknown, hostile or another valid one
+            new = draw(st.one_of(near(last[1]), hostile_text, st.sampled_from(FIELDS + ["quantity", "role"])))
+            parent[new] = parent.pop(last[1])
+        else:
+            value = parent[last]
+            near_value = near(value) if isinstance(value, str) else toml_hostile
+            parent[last] = draw(st.one_of(near_value, toml_hostile, toml_hostile))
+    return doc
+
+
+def fake_reader(path):
+    """Data files as the parser's read_file sees them: bytes, or the errors open() raises."""
+    if "\x00" in path:
+        raise ValueError("embedded null byte")
+    if len(path) > 4096:
+        raise OSError(36, "File name too long")
+    return ("content of %s" % path).encode("utf-8", "surrogateescape")
+
+
+def one_line(text):
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("mode", ["valid", "one", "few", "many"])
+@fuzz(0.5)
+@given(data=st.data())
+def test_cluster_file_gives_a_valid_body_or_one_line_error_naming_a_field(mode, data):
+    """A hostile cluster file gives a body of valid names and positive quantities, or a one-line error naming a field."""
+    # Hostile values, wrong TOML types, unknown or renamed keys; any exception other than
+    # ClusterFileError fails the test.
+    doc = data.draw(cluster_docs(mode), label="document")
+    text = toml_document(doc)
+    try:
+        body = parse_cluster_text(text, read_file=fake_reader)
+    except ClusterFileError as exc:
+        message = str(exc)
+        event("refused")
+        assert len(message.splitlines()) == 1 and message == one_line(message), message
+        assert message.startswith("cluster.toml: "), message
+        rest = message[len("cluster.toml: "):]
+        try:
+            parsed = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            assert rest.startswith("invalid TOML: ")
+            return
+        fields = FIELDS + [one_line(json.dumps(k, ensure_ascii=False)) for k in parsed] + list(parsed)
+        assert any(rest.startswith(f) and rest[len(f):len(f) + 1] in (":", ".", "[") for f in fields if f), \
+            message
+        return
+    event("accepted")
+    assert mode != "valid" or body["name"] == doc["name"]
+    assert isinstance(body["name"], str) and 1 <= len(body["name"]) <= 128 and body["name"].isprintable()
+    assert isinstance(body["open_for_injection"], bool)
+    for key in ("expires_in", "join_token_ttl"):
+        assert key not in body or type(body[key]) is int and body[key] >= 60
+    assert 1 <= len(body["groups"]) <= 64
+    for group in body["groups"]:
+        assert is_name(group["name"])
+        assert type(group["quantity"]) is int and 1 <= group["quantity"] <= MAX_QUANTITY
+        assert all(is_name(r) for r in group["provides"])
+        assert all(is_name(r["role"]) and type(r["ready"]) is bool for r in group["requires"])
+        assert all(is_name(d) and d in body["data"] for d in group["data"])
+        assert type(group["all_identities"]) is bool
+    for name, values in body["data"].items():
+        assert is_name(name)
+        assert all(set(v) == {"b64"} and base64.b64decode(v["b64"], validate=True) is not None for v in values)
+    json.dumps(body)   # nothing but JSON in it
+
+
+def test_cluster_file_deeply_nested_toml_is_one_line_error():
+    """Deeply nested TOML arrays (a recursion bomb) end as a one-line ClusterFileError, not a crash."""
+    for text in ("name = " + "[" * 100000, "name = " + "[" * 5000 + "]" * 5000, "a = " + "{b = " * 3000):
+        with pytest.raises(ClusterFileError) as info:
+            parse_cluster_text(text, read_file=fake_reader)
+        assert len(str(info.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# The agent's files: a whole run against a fake broker over real TLS
+
+JOIN_TOKEN = "ctxd_join_" + "J0in-t0ken_" * 3
+NODE_TOKEN = "ctxd_node_" + "N0de-t0ken_" * 3
+BROKER_GROUP = "compute"
+
+
+def complete_view():
+    """A complete view with a role, a data item of two values and a peer."""
+    head = {"node_id": HEAD_ID, "group": "head", "hostname": "node-1", "fqdn": "node-1.cluster.example.org",
+            "ip": "10.1.0.1", "ssh_host_keys": [KEY]}
+    return {"context_id": CID, "node_id": NID, "group": BROKER_GROUP, "revision": 2, "complete": True,
+            "waiting_for": [],
+            "self": {"hostname": "node-3", "fqdn": "node-3.cluster.example.org", "primary_ip": "10.1.0.5",
+                     "interfaces": [{"name": "eth0", "ipv4": ["10.1.0.5"], "ipv6": []}],
+                     "ssh_host_keys": [KEY]},
+            "roles": {"torquemaster": {"ready": True, "providers": [head]}},
+            "data": {"gridmap": [{"b64": base64.b64encode(b"/DC=x user1\n").decode()},
+                                 {"b64": base64.b64encode(b"second\n").decode()}]},
+            "all_identities": [head]}
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """(CA PEM, server cert file, server key file) from ctxd's own TLS helpers, for 127.0.0.1."""
+    from ctxd.tls import cert_pem, key_pem, make_ca, make_server_cert
+    ca_cert, ca_key = make_ca()
+    cert, key = make_server_cert(ca_cert, ca_key, ["127.0.0.1", "localhost"])
+    directory = tmp_path_factory.mktemp("tls")
+    (directory / "cert.pem").write_bytes(cert_pem(cert))
+    (directory / "key.pem").write_bytes(key_pem(key))
+    return cert_pem(ca_cert).decode("ascii"), str(directory / "cert.pem"), str(directory / "key.pem")
+
+
+class FakeBroker:
+    """A broker over TLS in a thread: enrolls, serves one view, records every request.
+
+    HOSTILE: it echoes every secret it knows in a 503 to the first report and in the
+    waiting_for of a first, incomplete view (where the agent logs them).
+    """
+
+    def __init__(self, tls, hostile=False):
+        self.requests, self.instance_key, self.hostile = [], None, hostile
+        self.views_served = 0
+        broker = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                broker.handle(self, "GET")
+
+            def do_POST(self):
+                broker.handle(self, "POST")
+
+            def do_PUT(self):
+                broker.handle(self, "PUT")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[1], tls[2])
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = "https://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def secrets(self):
+        return [s for s in (JOIN_TOKEN, NODE_TOKEN, self.instance_key) if s]
+
+    def handle(self, request, method):
+        body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        path = request.path
+        self.requests.append((method, path, body))
+        node = "/v1/contexts/%s/nodes/%s/" % (CID, NID)
+        auth = request.headers.get("Authorization")
+        status, reply = 404, {"error": "not_found", "message": "no route"}
+        if path == "/healthz":
+            status, reply = 200, {"status": "ok"}
+        elif path == "/v1/contexts/%s/enroll" % CID and auth == "Bearer " + JOIN_TOKEN:
+            self.instance_key = json.loads(body)["instance_key"]
+            status, reply = 201, {"context_id": CID, "group": BROKER_GROUP, "node_id": NID,
+                                  "node_token": NODE_TOKEN}
+        elif path.startswith(node) and auth != "Bearer " + NODE_TOKEN:
+            status, reply = 401, {"error": "unauthorized", "message": "bad node token"}
+        elif path == node + "identity":
+            status, reply = 200, {}
+        elif path.startswith(node + "view"):
+            self.views_served += 1
+            reply, status = complete_view(), 200
+            if self.hostile and self.views_served == 1:
+                reply.update(complete=False, revision=1, waiting_for=["group head (%s)" % s for s in self.secrets()])
+        elif path == node + "report":
+            status, reply = 200, {}
+            if self.hostile and len(self.reports()) == 1:
+                status, reply = 503, {"error": "unavailable", "message": " ".join(self.secrets())}
+        data = json.dumps(reply).encode()
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    def reports(self):
+        return [(raw, json.loads(raw)) for method, path, raw in self.requests if path.endswith("/report")]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def broker(tls, monkeypatch):
+    """A FakeBroker; the agent sees one interface and retries after 10 ms, not seconds."""
+    monkeypatch.setattr(ctxagent, "discover_interfaces",
+                        lambda: [{"name": "eth0", "ipv4": ["10.1.0.5"], "ipv6": []}])
+    monkeypatch.setattr(ctxagent.random, "uniform", lambda low, high: 0.01)
+    made = []
+
+    def make(hostile=False):
+        made.append(FakeBroker(tls, hostile))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close()
+
+
+def shell_script(path, body):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Paths of a site: scripts (clean.sh, 3-data/gridmap), state, hosts, known_hosts, and outside/."""
+    paths = make_site(str(tmp_path))
+    shell_script(os.path.join(paths.scripts_dir, "3-data", "gridmap"), "cat \"$1\" > /dev/null\n")
+    return tmp_path, paths
+
+
+def run_agent(tmp_path, paths, broker, tls, *extra):
+    """Run the agent's main() against BROKER; its exit code."""
+    bootstrap = {"ctxd_bootstrap": 1, "url": broker.url, "context_id": CID, "group": BROKER_GROUP,
+                 "join_token": JOIN_TOKEN, "ca_pem": tls[0]}
+    source = tmp_path / "bootstrap.json"
+    source.write_text(json.dumps(bootstrap))
+    ssh_dir = tmp_path / "ssh"
+    ssh_dir.mkdir(exist_ok=True)
+    return ctxagent.main(["--bootstrap", str(source), "--state-dir", paths.state_dir,
+                          "--scripts-dir", paths.scripts_dir, "--hosts-file", paths.hosts_file,
+                          "--known-hosts-file", paths.known_hosts_file, "--ssh-dir", str(ssh_dir),
+                          "--address", "10.1.0.5", "--hostname", "node-3",
+                          "--fqdn", "node-3.cluster.example.org", "--poll-wait", "0", "--timeout", "20",
+                          "--script-timeout", "10"] + list(extra))
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_fake_broker_run_succeeds(site, broker, tls):
+    """The fake TLS broker serves a whole run: exit 0, data files written, reports contextualizing and ok."""
+    tmp_path, paths = site
+    b = broker()
+    assert run_agent(tmp_path, paths, b, tls) == 0
+    assert [body["state"] for _, body in b.reports()] == ["contextualizing", "ok"]
+    with open(os.path.join(paths.state_dir, "data", "gridmap", "1"), "rb") as f:
+        assert f.read() == b"second\n"
+
+
+def test_no_token_in_log_script_output_or_error_report(site, broker, tls, capsys):
+    """No join token, node token or instance key reaches ctxagent.log, script.out, stderr or a report."""
+    # The broker echoes every secret it knows into a 503 and into waiting_for (both logged);
+    # the failing script and problem.sh dump their argv, environment and view.
+    tmp_path, paths = site
+    dump = 'echo "args: $*"; env; cat "$CTX_VIEW"; ls -la "$(dirname "$CTX_VIEW")"\n'
+    shell_script(os.path.join(paths.scripts_dir, "3-data", "gridmap"), dump + "exit 3\n")
+    shell_script(os.path.join(paths.scripts_dir, "problem.sh"), dump)   # its output is script.out's last
+    b = broker(hostile=True)
+    assert run_agent(tmp_path, paths, b, tls) == ctxagent.EXIT_ACTION
+    states = [body["state"] for _, body in b.reports()]
+    assert states[0] == states[1] == "contextualizing" and states[-1] == "error"   # the 503 was retried
+    error = b.reports()[-1][1]
+    assert error["exit_code"] == ctxagent.EXIT_ACTION and "3-data/gridmap exited 3" in error["message"]
+    assert "<redacted>" in error["log_tail"]          # the echoed secrets were logged, redacted
+    out, err = capsys.readouterr()
+    with open(os.path.join(paths.state_dir, "ctxagent.log"), "rb") as f:
+        log = f.read()
+    with open(os.path.join(paths.state_dir, "script.out"), "rb") as f:
+        script_out = f.read()
+    assert b"args: " + paths.state_dir.encode() in log and b"CTX_NODE_ID=" + NID.encode() in log
+    assert b"CTX_EXIT_CODE=4" in script_out and b"CTX_ERROR=script 3-data/gridmap exited 3" in script_out
+    assert b.instance_key and len(b.secrets()) == 3
+    for secret in b.secrets():
+        secret_part = secret.split("_", 2)[-1] if secret.startswith("ctxd_") else secret
+        for where, text in (("ctxagent.log", log), ("script.out", script_out), ("stdout", out.encode()),
+                            ("stderr", err.encode())):
+            assert secret_part.encode() not in text, where
+        for raw, _ in b.reports():
+            assert secret_part.encode() not in raw, "report"
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["enroll", "reuse-credential"])
+def test_state_dir_and_secrets_end_private(site, broker, tls, reuse):
+    """Pre-created with loose modes, the state and data dirs end 0700 and every state file 0600."""
+    tmp_path, paths = site
+    b = broker()
+    state = paths.state_dir
+    os.makedirs(os.path.join(state, "data", "gridmap"))
+    files = {"instance_key": "k" * 43 + "\n", "view.json": "{}", "ctxagent.log": "old\n", "script.out": "",
+             "lock": "", "data/gridmap/0": "old"}
+    if reuse:
+        files["node.json"] = json.dumps({"url": b.url, "context_id": CID, "group": BROKER_GROUP,
+                                         "node_id": NID, "node_token": NODE_TOKEN})
+    for name, content in files.items():
+        with open(os.path.join(state, name), "w") as f:
+            f.write(content)
+        os.chmod(os.path.join(state, name), 0o644)
+    for directory in (state, os.path.join(state, "data"), os.path.join(state, "data", "gridmap")):
+        os.chmod(directory, 0o755)
+    assert run_agent(tmp_path, paths, b, tls) == 0
+    assert ("POST", "/v1/contexts/%s/enroll" % CID) not in [r[:2] for r in b.requests] if reuse else True
+    for directory in (state, os.path.join(state, "data"), os.path.join(state, "data", "gridmap")):
+        assert mode_of(directory) == 0o700, directory
+    for name in list(files) + ["node.json", "data/gridmap/1"]:
+        assert mode_of(os.path.join(state, name)) == 0o600, name
+
+
+# Planted symlinks: (path below STATE, pointing to a file or a directory, the run's exit code:
+# 0 when the agent replaces the link with its own file, else the refusal's).
+PLANTED = [("node.json", "file", 0), ("view.json", "file", 0), ("data/gridmap/0", "file", 0),
+           ("data", "dir", 2), ("data/gridmap", "dir", 2), ("ctxagent.log", "file", 2),
+           ("instance_key", "file", 2), ("lock", "file", 2), ("script.out", "file", 4)]
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-victim", "dangling"])
+@pytest.mark.parametrize("name, kind, expected", PLANTED, ids=[n for n, _, _ in PLANTED])
+def test_planted_symlink_is_never_followed(site, broker, tls, capsys, name, kind, expected, dangling):
+    """A symlink planted in the state or data dir is replaced, or refused naming it; never written through."""
+    tmp_path, paths = site
+    outside = tmp_path / "outside"
+    victim = outside / ("victim" if kind == "file" else "elsewhere")
+    if kind == "dir":
+        victim.mkdir()
+        victim.chmod(0o755)
+    if dangling:
+        victim = outside / "absent"
+    link = os.path.join(paths.state_dir, name)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(str(victim), link)
+    before = snapshot(str(outside))
+    code = run_agent(tmp_path, paths, broker(), tls)
+    err = capsys.readouterr().err
+    assert snapshot(str(outside)) == before
+    assert code == expected, err
+    if code == 0:
+        assert not os.path.islink(link) and stat.S_ISREG(os.lstat(link).st_mode)
+    else:
+        assert "failed (exit %d): " % code in err and link in err, err
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+
+class Crash(BaseException):
+    """Stands for the process dying at that point (a BaseException, like KeyboardInterrupt)."""
+
+
+def fail_on(monkeypatch, name, when=lambda *args: True):
+    """Make os.NAME raise Crash (when WHEN(*args) holds)."""
+    real = getattr(os, name)
+
+    def crashing(*args, **kwargs):
+        if when(*args):
+            raise Crash(name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, name, crashing)
+
+
+class HalfWriter:
+    """A file object that writes half of what it is given, then crashes."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data):
+        self.stream.write(data[:len(data) // 2])
+        self.stream.flush()
+        raise Crash("write")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+@pytest.mark.parametrize("point", ["write", "fsync", "replace"])
+def test_atomic_write_crash_keeps_previous_content(tmp_path, monkeypatch, point):
+    """A crash while writing, syncing or renaming leaves the previous file byte for byte and no temp file."""
+    target = tmp_path / "view.json"
+    target.write_bytes(b"previous")
+    if point == "write":
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    else:
+        fail_on(monkeypatch, point)
+    with pytest.raises(Crash):
+        ctxagent.atomic_write(str(target), b"new content " * 1000)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"previous"
+    assert os.listdir(str(tmp_path)) == ["view.json"]
+
+
+def test_process_killed_before_rename_keeps_previous_content(tmp_path):
+    """An agent killed (SIGKILL) between writing the temp file and renaming it leaves the target intact."""
+    target = tmp_path / "node.json"
+    target.write_bytes(b"previous")
+    code = ("import os, signal, sys; sys.path.insert(0, %r); import ctxagent\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "ctxagent.atomic_write(%r, b'new')\n" % (ROOT, str(target)))
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == -9
+    assert target.read_bytes() == b"previous"
+    leftovers = [n for n in os.listdir(str(tmp_path)) if n != "node.json"]
+    assert all(n.startswith(".node.json.") and n.endswith(".tmp") for n in leftovers), leftovers
+
+
+@pytest.mark.parametrize("victim", ["view.json", "data/gridmap/0", "hosts", "known_hosts"])
+def test_apply_view_crash_keeps_previous_files(site, monkeypatch, victim):
+    """A crash renaming view.json, a data file, hosts or known_hosts leaves that file as the last run left it."""
+    paths = site[1]
+    ctxagent.apply_view(complete_view(), CID, NID, paths, 10)
+    files = {"view.json": os.path.join(paths.state_dir, "view.json"), "hosts": paths.hosts_file,
+             "known_hosts": paths.known_hosts_file,
+             "data/gridmap/0": os.path.join(paths.state_dir, "data", "gridmap", "0")}
+    with open(files[victim], "rb") as f:
+        previous = f.read()
+    changed = complete_view()
+    changed["data"]["gridmap"][0]["b64"] = base64.b64encode(b"changed\n").decode()
+    changed["all_identities"][0].update(ip="10.1.0.9")
+    changed["roles"]["torquemaster"]["providers"][0].update(ip="10.1.0.9")
+    changed["revision"] = 3
+    fail_on(monkeypatch, "replace", lambda src, dst, *rest: dst == files[victim])
+    with pytest.raises(Crash):
+        ctxagent.apply_view(changed, CID, NID, paths, 10)
+    monkeypatch.undo()
+    with open(files[victim], "rb") as f:
+        assert f.read() == previous
+    assert not [n for n in os.listdir(os.path.dirname(files[victim])) if n.endswith(".tmp")]
+
+
+def test_crash_writing_node_credential_keeps_the_previous_one(site, broker, tls, monkeypatch):
+    """A crash renaming a new node.json over the saved one (of another group) leaves the saved one."""
+    tmp_path, paths = site
+    b = broker()
+    node_json = os.path.join(paths.state_dir, "node.json")
+    saved = json.dumps({"url": b.url, "context_id": CID, "group": "head", "node_id": HEAD_ID,
+                        "node_token": "ctxd_node_" + "o" * 43}).encode()
+    with open(node_json, "wb") as f:
+        f.write(saved)
+    fail_on(monkeypatch, "replace", lambda src, dst, *rest: dst == node_json)
+    with pytest.raises(Crash):
+        run_agent(tmp_path, paths, b, tls)
+    monkeypatch.undo()
+    with open(node_json, "rb") as f:
+        assert f.read() == saved
+
+
+def test_crash_creating_instance_key_leaves_none_then_one_is_made(tmp_path, monkeypatch):
+    """A crash creating the instance key leaves no key and no temp file; the next run makes one, never rewritten."""
+    options = ctxagent.parse_args(["--bootstrap", "x", "--state-dir", str(tmp_path)])
+    fail_on(monkeypatch, "link")
+    with pytest.raises(Crash):
+        ctxagent.Agent(options, ctxagent.Redactor(), None).instance_key()
+    monkeypatch.undo()
+    assert os.listdir(str(tmp_path)) == []
+    key = ctxagent.Agent(options, ctxagent.Redactor(), None).instance_key()
+    fail_on(monkeypatch, "replace")
+    assert ctxagent.Agent(options, ctxagent.Redactor(), None).instance_key() == key
+
+
+def test_agent_writes_files_only_through_atomic_write():
+    """Every file-writing call in ctxagent.py is in atomic_write or a documented append/output/lock write."""
+    # atomic_write: temp file in the same directory, fsync, rename (or link, exclusive). The
+    # others never replace content: RunLog.open_file appends the log, run_script truncates
+    # script.out for each script's output, Agent.run opens the empty lock file.
+    import ast
+    with open(os.path.join(ROOT, "ctxagent.py")) as f:
+        tree = ast.parse(f.read())
+    writers = set()
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            text = ast.unparse(node)
+            if name in ("os.open", "open", "os.fdopen", "io.open", "tempfile.mkstemp", "os.mkfifo") and (
+                    re.search(r"O_WRONLY|O_RDWR|O_CREAT|'[wax]b?'|\"[wax]b?\"|mkstemp", text)):
+                writers.add(function.name)
+            if name in ("os.replace", "os.rename", "os.link", "shutil.copy", "shutil.move", "os.truncate"):
+                writers.add(function.name)
+    assert writers == {"atomic_write", "open_file", "run_script", "run"}, writers
+
+
+def test_in_place_rewrite_only_for_a_busy_system_file(site, monkeypatch):
+    """EBUSY on view.json keeps the old file and fails; only a busy (bind-mounted) hosts file is rewritten in place."""
+    import errno
+    paths = site[1]
+    view_json = os.path.join(paths.state_dir, "view.json")
+    with open(view_json, "w") as f:
+        f.write("previous")
+    real_replace = os.replace
+
+    def busy(targets):
+        def replace(src, dst, *rest):
+            if dst in targets:
+                raise OSError(errno.EBUSY, "Device or resource busy")
+            return real_replace(src, dst, *rest)
+        return replace
+    monkeypatch.setattr(os, "replace", busy({view_json}))
+    with pytest.raises(ctxagent.ActionError):
+        ctxagent.apply_view(complete_view(), CID, NID, paths, 10)
+    with open(view_json) as f:
+        assert f.read() == "previous"
+    inode = os.stat(paths.hosts_file).st_ino
+    monkeypatch.setattr(os, "replace", busy({paths.hosts_file}))
+    ctxagent.apply_view(complete_view(), CID, NID, paths, 10)
+    assert os.stat(paths.hosts_file).st_ino == inode
+    with open(paths.hosts_file) as f:
+        assert "10.1.0.1 node-1.cluster.example.org node-1\n" in f.read()
