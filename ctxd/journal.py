@@ -679,8 +679,12 @@ class FileJournal:
                 error = getattr(result, "value", result)
                 self._failure = error
                 log.critical("journal write failed, no further change will be acknowledged: {error}", error=error)
-                waiting_list = [w for _, w in batch + self._pending] + [d for _, d in self._barriers]
-                self._pending, self._barriers = [], []
+                # Everyone waiting on this journal learns of the failure, a compaction
+                # requested behind the failed sync included.
+                waiting_list = ([w for _, w in batch + self._pending] + [d for _, d in self._barriers]
+                                + self._compaction_waiters)
+                self._pending, self._barriers, self._compaction_waiters = [], [], []
+                self._compact_requested = False
                 for waiting in waiting_list:
                     waiting.errback(JournalFailed(str(error)))
                 self._kick()

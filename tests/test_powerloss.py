@@ -561,3 +561,29 @@ def test_fsync_failure_fails_pending_appends_and_every_later_one(fail_at):
     restarted = FileJournal(PATH, sync_thread, fs=SimFS(fs.durable_disk()))
     names = [r["name"] for r in restarted.load() if r.get("op") == "user_add"]
     assert names[:1] == ["u0"] and "late" not in names
+
+
+def test_failed_sync_fails_a_waiting_compaction(tmp_path):
+    """A compaction requested behind a sync that fails is told of the failure (its Deferred does not hang)."""
+    from twisted.internet.defer import Deferred
+
+    from ctxd.journal import FileJournal, JournalFailed
+    from ctxd.model import Model
+
+    calls = []
+
+    def manual(f, *args):
+        d = Deferred()
+        calls.append(d)
+        return d
+
+    journal = FileJournal(str(tmp_path / "journal.log"), manual)
+    journal.load()
+    journal.snapshot_source = Model().snapshot_records
+    appended = journal.append({"op": "x"})
+    compaction = journal.compact()
+    calls.pop(0).errback(OSError(5, "Input/output error"))
+    outcomes = []
+    for d in (appended, compaction):
+        d.addErrback(lambda f: outcomes.append(f.check(JournalFailed)))
+    assert outcomes == [JournalFailed, JournalFailed]
