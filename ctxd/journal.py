@@ -94,9 +94,10 @@ MAGIC = b"CTXDJRNL"
 SNAP_MAGIC = b"CTXDSNAP"
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 DEFAULT_COMPACT_RATIO = 4.0
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">8sI16sI")  # magic, version, file id, crc32 of the first 28 bytes
-FRAME = struct.Struct(">IIQ")  # payload length, crc32(file id + seq + payload), seq
+FRAME = struct.Struct(">IIQQ")  # payload length, crc32(file id + seq + batch + payload), seq, batch
+BATCH = struct.Struct(">QQ")
 SEQ = struct.Struct(">Q")
 MAX_RECORD = 16 * 1024 * 1024
 MIN_PAYLOAD = 2  # "{}": a frame declaring less is never valid (and zero runs are skipped fast)
@@ -120,8 +121,8 @@ def encode(record: Record) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def _crc(file_id: bytes, seq: int, payload: Union[bytes, memoryview]) -> int:
-    return zlib.crc32(payload, zlib.crc32(SEQ.pack(seq), zlib.crc32(file_id)))
+def _crc(file_id: bytes, seq: int, payload: Union[bytes, memoryview], batch: int) -> int:
+    return zlib.crc32(payload, zlib.crc32(BATCH.pack(seq, batch), zlib.crc32(file_id)))
 
 
 def make_header(file_id: bytes, magic: bytes = MAGIC) -> bytes:
@@ -129,8 +130,12 @@ def make_header(file_id: bytes, magic: bytes = MAGIC) -> bytes:
     return head + struct.pack(">I", zlib.crc32(head))
 
 
-def make_frame(file_id: bytes, seq: int, payload: bytes) -> bytes:
-    return FRAME.pack(len(payload), _crc(file_id, seq, payload), seq) + payload
+def make_frame(file_id: bytes, seq: int, payload: bytes, batch: Optional[int] = None) -> bytes:
+    """One record. ``batch`` is the sequence number of the first record of the write it
+    belongs to (default: its own): what lets replay tell a write torn by a crash from
+    damage to records that were already synced."""
+    batch = seq if batch is None else batch
+    return FRAME.pack(len(payload), _crc(file_id, seq, payload, batch), seq, batch) + payload
 
 
 class OsFiles:
@@ -225,11 +230,11 @@ class Scan:
     damage: Optional[Damage] = None
 
 
-def _frame_at(mm: Any, offset: int, size: int, file_id: bytes) -> Union[str, Tuple[int, int, memoryview]]:
-    """(length, seq, payload) of a valid frame at ``offset``, else why not (a string)."""
+def _frame_at(mm: Any, offset: int, size: int, file_id: bytes) -> Union[str, Tuple[int, int, memoryview, int]]:
+    """(length, seq, payload, batch) of a valid frame at ``offset``, else why not (a string)."""
     if size - offset < FRAME.size:
         return f"partial frame header ({size - offset} bytes)"
-    length, crc, seq = FRAME.unpack_from(mm, offset)
+    length, crc, seq, batch = FRAME.unpack_from(mm, offset)
     if length < MIN_PAYLOAD:
         return f"declared length {length} too small"
     if length > MAX_RECORD:
@@ -237,14 +242,17 @@ def _frame_at(mm: Any, offset: int, size: int, file_id: bytes) -> Union[str, Tup
     if length > size - offset - FRAME.size:
         return f"declared length {length} past the end of the file"
     payload = memoryview(mm)[offset + FRAME.size:offset + FRAME.size + length]
-    if _crc(file_id, seq, payload) != crc:
+    if _crc(file_id, seq, payload, batch) != crc:
         payload.release()
         return "checksum mismatch"
-    return length, seq, payload
+    return length, seq, payload, batch
 
 
-def _valid_frames(mm: Any, start: int, size: int, file_id: bytes) -> int:
-    """How many valid-looking frames lie in [start, size), searching byte by byte."""
+def _valid_frames(mm: Any, start: int, size: int, file_id: bytes, batches: Optional[set] = None) -> int:
+    """How many valid-looking frames lie in [start, size), searching byte by byte.
+
+    With ``batches``, the (batch, seq) of those frames are added to it.
+    """
     count, offset = 0, start
     while offset <= size - FRAME.size:
         if mm[offset:offset + 4] == b"\x00\x00\x00\x00":
@@ -259,9 +267,33 @@ def _valid_frames(mm: Any, start: int, size: int, file_id: bytes) -> int:
             offset += 1
             continue
         frame[2].release()
+        if batches is not None:
+            batches.add((frame[3], frame[1]))
         count += 1
         offset += FRAME.size + frame[0]
     return count
+
+
+def _inside_last_write(frames: set, expected: int) -> bool:
+    """Whether the valid frames after a damaged one all belong to the write it was part of.
+
+    Each write (one group-commit batch) starts only after the previous one was
+    synced. A frame of a LATER write after the damage proves the damaged frame was
+    synced: real damage. Frames of the same, last write (batch at or before the
+    damaged frame's sequence number) mean that write was torn by the crash and was
+    never acknowledged: a torn tail.
+    """
+    if not frames:
+        return True
+    batches = {batch for batch, _ in frames}
+    if len(batches) > 1:
+        return False
+    (batch,) = batches
+    if expected:
+        return batch <= expected
+    # The damaged frame was the file's first: the write began before the first
+    # surviving frame only if that frame is not itself the start of its write.
+    return batch < min(seq for _, seq in frames)
 
 
 def scan(path: str, magic: bytes = MAGIC, fs: OsFiles = OS) -> Scan:
@@ -292,10 +324,11 @@ def scan(path: str, magic: bytes = MAGIC, fs: OsFiles = OS) -> Scan:
         while offset < size:
             frame = _frame_at(mm, offset, size, file_id)
             if isinstance(frame, str):
-                later = _valid_frames(mm, offset + 1, size, file_id)
-                result.damage = Damage(offset, size - offset, frame, later == 0, later)
+                batches: set = set()
+                later = _valid_frames(mm, offset + 1, size, file_id, batches)
+                result.damage = Damage(offset, size - offset, frame, _inside_last_write(batches, expected), later)
                 break
-            length, seq, payload = frame
+            length, seq, payload, _ = frame
             try:
                 problem = None
                 if expected == 0:
@@ -442,6 +475,7 @@ class FileJournal:
         self._next_seq = 1
         self._fd: Optional[int] = None
         self._pending: List[Tuple[bytes, Deferred]] = []
+        self._batch_start = 0  # sequence number of the first pending record (its write's batch)
         self._busy = False
         self._failure: Optional[BaseException] = None
         self._idle: List[Deferred] = []
@@ -631,8 +665,11 @@ class FileJournal:
             return _failed(ValueError(f"a journal record of {len(payload)} bytes is over the {MAX_RECORD}-byte cap"))
         seq = self._next_seq
         self._next_seq += 1
+        # Everything pending goes out as one write: its first record names the batch.
+        if not self._pending:
+            self._batch_start = seq
         d: Deferred = Deferred()
-        self._pending.append((make_frame(self.file_id, seq, payload), d))
+        self._pending.append((make_frame(self.file_id, seq, payload, self._batch_start), d))
         self._appended += 1
         self._kick()
         return d

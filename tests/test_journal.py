@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 import ctxd.journal as journal_module
 from ctxd.journal import (
     FRAME,
+    VERSION,
     HEADER,
     MAGIC,
     MAX_RECORD,
@@ -290,8 +291,8 @@ def test_record_from_another_journal_never_validates(tmp_path):
 def test_wrong_magic_or_version_refused(tmp_path, content):
     """A file that is not a journal of this format is refused and never overwritten."""
     path = tmp_path / "journal.log"
-    if content is None:  # version 2
-        head = MAGIC + (2).to_bytes(4, "big") + bytes(16)
+    if content is None:  # a version this ctxd does not read
+        head = MAGIC + (VERSION + 1).to_bytes(4, "big") + bytes(16)
         content = head + zlib.crc32(head).to_bytes(4, "big")
         assert len(content) == len(make_header(bytes(16)))
     path.write_bytes(content)
@@ -307,7 +308,7 @@ def test_huge_declared_length_is_refused_before_allocating(tmp_path, monkeypatch
     real_crc = journal_module._crc
     monkeypatch.setattr(journal_module, "_crc", lambda *a: checksummed.append(len(a[2])) or real_crc(*a))
     for length in (0xFFFFFFFF, MAX_RECORD + 1, 1000):
-        path.write_bytes(content + FRAME.pack(length, 0, 4) + b'{"op":"x"}')
+        path.write_bytes(content + FRAME.pack(length, 0, 4, 4) + b'{"op":"x"}')
         assert_tail_cut(tmp_path, path, path.read_bytes(), len(content), 3)
     assert max(checksummed) < 1000
     # The same frame before valid records is damage in the middle.
@@ -352,7 +353,7 @@ def test_cli_check_and_dump_clean(tmp_path):
     path, content, offsets = write_journal(tmp_path, 3)
     code, out, _ = run_cli("check", str(tmp_path))
     assert code == 0
-    assert "format version 1, file id " + scan(str(path)).file_id.hex() in out
+    assert f"format version {VERSION}, file id " + scan(str(path)).file_id.hex() in out
     assert "3 records, sequence 1..3" in out and "no damage" in out
     code, out, _ = run_cli("dump", str(tmp_path))
     assert code == 0

@@ -492,14 +492,8 @@ def test_every_crash_point_recovers_exactly_an_acknowledged_prefix(capsys):
     assert not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "journal bug (reported): when the head of one unsynced multi-record write is garbled but its later "
-    "frames reached the disk, replay sees 'a valid frame after a bad one' and refuses to start (JournalCorrupt), "
-    "though a power cut can produce exactly this. The format has no batch boundary on disk, so replay cannot "
-    "tell this from real mid-file corruption of acknowledged data; the fix needs a format change "
-    "(e.g. a per-batch commit marker), not a small patch"))
 def test_garbled_head_of_a_multi_frame_batch_is_a_torn_tail():
-    """The variants set aside above: the garbled head of the last unsynced write, the rest intact."""
+    """The garbled head of the last unsynced write, its later frames intact, is a torn tail (frames carry their write's batch)."""
     _, _, known, _ = campaign()
     assert not known, f"{len(known)} cases, e.g.\n" + "\n".join(known[:5])
 
