@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import treq
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -162,3 +162,35 @@ def torque(client):
         assert status == 201, enrolled
         nodes[n] = (enrolled["node_id"], enrolled["node_token"])
     return cid, joins, nodes
+
+
+def sync_thread(f, *args):
+    """A stand-in for running journal work in a thread: run it now (errors become failed Deferreds)."""
+    try:
+        return succeed(f(*args))
+    except Exception as e:
+        d = Deferred()
+        d.errback(e)
+        return d
+
+
+class Queued:
+    """A thread stand-in: jobs run when the test says, in order (so records group into batches)."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_all(self):
+        while self.jobs:
+            f, args, d = self.jobs.pop(0)
+            try:
+                result = f(*args)
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(result)

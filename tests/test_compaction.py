@@ -5,8 +5,7 @@ import io
 import os
 
 import pytest
-from support import b64, identity, instance_key, torque_cluster
-from twisted.internet.defer import Deferred, succeed
+from support import Queued, b64, identity, instance_key, sync_thread, torque_cluster
 
 import ctxd.journal as journal_module
 from ctxd.journal import FileJournal, scan
@@ -15,36 +14,6 @@ from ctxd.model import Model
 NOW = 1_000_000.0
 
 
-def sync_thread(f, *args):
-    """Run the 'threaded' work immediately (errors become failed Deferreds)."""
-    try:
-        return succeed(f(*args))
-    except Exception as e:
-        d = Deferred()
-        d.errback(e)
-        return d
-
-
-class Queued:
-    """A thread stand-in that runs jobs only when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def __call__(self, f, *args):
-        d = Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def run_all(self):
-        while self.jobs:
-            f, args, d = self.jobs.pop(0)
-            try:
-                result = f(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
 
 
 class Writer:

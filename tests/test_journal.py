@@ -9,8 +9,8 @@ import sys
 import zlib
 
 import pytest
-from support import make_broker, not_fired, result_of, torque_cluster
-from twisted.internet.defer import Deferred, succeed
+from support import make_broker, not_fired, result_of, sync_thread, torque_cluster
+from twisted.internet.defer import Deferred
 
 import ctxd.journal as journal_module
 from ctxd.journal import (
@@ -27,16 +27,6 @@ from ctxd.journal import (
     make_header,
     scan,
 )
-
-
-def sync_thread(f, *args):
-    """Run the 'threaded' write immediately: the file journal without a reactor."""
-    try:
-        return succeed(f(*args))
-    except Exception as e:  # pragma: no cover - exercised by the failure test
-        d = Deferred()
-        d.errback(e)
-        return d
 
 
 def memory(tmp_path):

@@ -42,8 +42,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import pytest
-from support import identity, instance_key, torque_cluster
-from twisted.internet.defer import Deferred, succeed
+from support import Queued, identity, instance_key, sync_thread, torque_cluster
+from twisted.internet.defer import Deferred
 
 from ctxd.journal import FRAME, FileJournal, JournalCorrupt, JournalFailed, OsFiles
 from ctxd.model import Model
@@ -297,35 +297,6 @@ def post_crash_disks(captured):
 # -- the workload ----------------------------------------------------------------
 
 
-def sync_thread(f, *args):
-    try:
-        return succeed(f(*args))
-    except Exception as e:
-        d = Deferred()
-        d.errback(e)
-        return d
-
-
-class Queued:
-    """A thread stand-in: jobs run when the test says, in order (so records group into batches)."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def __call__(self, f, *args):
-        d = Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def run_all(self):
-        while self.jobs:
-            f, args, d = self.jobs.pop(0)
-            try:
-                result = f(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
 
 
 def state(model):
@@ -559,7 +530,6 @@ def test_fsync_failure_fails_pending_appends_and_every_later_one(fail_at):
 
 def test_failed_sync_fails_a_waiting_compaction(tmp_path):
     """A compaction requested behind a sync that fails is told of the failure (its Deferred does not hang)."""
-    from twisted.internet.defer import Deferred
 
     from ctxd.journal import FileJournal, JournalFailed
     from ctxd.model import Model
