@@ -46,6 +46,7 @@ vermin: $(TEST_VENV)/.installed
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/journal_bench.py throughput --clients 100 --seconds 10 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py replay --records 1000000 --runs 3
+	$(TEST_VENV)/bin/python bench/journal_bench.py compaction --nodes 10000
 
 clean:
 	rm -rf $(RUN_VENV) $(TEST_VENV) build *.egg-info ctxd-state
