@@ -194,3 +194,23 @@ class Queued:
                 d.errback(e)
             else:
                 d.callback(result)
+
+
+def model_state(model):
+    """Everything observable about a model, for equality."""
+    return {
+        "status": {cid: model.status(ctx) for cid, ctx in model.contexts.items()},
+        "order": list(model.contexts),
+        "principals": dict(model.principals),
+        "users": [(u.name, u.token_hash, u.created, u.revoked_at) for u in model.users.values()],
+        "views": {(cid, nid): model.view(node) for cid, ctx in model.contexts.items()
+                  for nid, node in ctx.nodes.items()},
+    }
+
+
+def replay_records(records):
+    """A fresh Model with ``records`` applied."""
+    model = Model()
+    for record in records:
+        model.apply(record)
+    return model

@@ -5,7 +5,16 @@ import io
 import os
 
 import pytest
-from support import Queued, b64, identity, instance_key, sync_thread, torque_cluster
+from support import (
+    b64,
+    identity,
+    instance_key,
+    model_state as state,
+    Queued,
+    replay_records as replayed,
+    sync_thread,
+    torque_cluster,
+)
 
 import ctxd.journal as journal_module
 from ctxd.journal import FileJournal, scan
@@ -68,25 +77,6 @@ def rich_state(w, now=NOW):
     gone = w.commit(record)["ctx"]
     w.commit(m.prepare_delete(gone, now + 31))
     return cid, open_cid
-
-
-def state(model):
-    """Everything observable about a model, for equality."""
-    return {
-        "status": {cid: model.status(ctx) for cid, ctx in model.contexts.items()},
-        "order": list(model.contexts),
-        "principals": dict(model.principals),
-        "users": [(u.name, u.token_hash, u.created, u.revoked_at) for u in model.users.values()],
-        "views": {(cid, nid): model.view(node) for cid, ctx in model.contexts.items()
-                  for nid, node in ctx.nodes.items()},
-    }
-
-
-def replayed(records):
-    model = Model()
-    for record in records:
-        model.apply(record)
-    return model
 
 
 def test_snapshot_records_rebuild_an_equal_state():

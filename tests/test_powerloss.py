@@ -42,7 +42,15 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import pytest
-from support import Queued, identity, instance_key, sync_thread, torque_cluster
+from support import (
+    identity,
+    instance_key,
+    model_state as state,
+    Queued,
+    replay_records as replayed,
+    sync_thread,
+    torque_cluster,
+)
 from twisted.internet.defer import Deferred
 
 from ctxd.journal import FRAME, FileJournal, JournalCorrupt, JournalFailed, OsFiles
@@ -297,25 +305,6 @@ def post_crash_disks(captured):
 # -- the workload ----------------------------------------------------------------
 
 
-
-
-def state(model):
-    """Everything observable about a model, for equality."""
-    return {
-        "status": {cid: model.status(ctx) for cid, ctx in model.contexts.items()},
-        "order": list(model.contexts),
-        "principals": dict(model.principals),
-        "users": [(u.name, u.token_hash, u.created, u.revoked_at) for u in model.users.values()],
-        "views": {(cid, nid): model.view(node) for cid, ctx in model.contexts.items()
-                  for nid, node in ctx.nodes.items()},
-    }
-
-
-def replayed(records):
-    model = Model()
-    for record in records:
-        model.apply(record)
-    return model
 
 
 def changes(model):
