@@ -67,6 +67,7 @@ checks ``snapshot.log`` and notes an interrupted compaction).
 """
 
 import argparse
+import gc
 import json
 import mmap
 import os
@@ -320,37 +321,112 @@ def scan(path: str, magic: bytes = MAGIC, fs: OsFiles = OS) -> Scan:
         result = Scan(path, version, file_id, size)
         if size == HEADER.size:
             return result
-        offset, expected = HEADER.size, 0
+        _scan_frames(mm, size, file_id, result)
+    return result
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Cyclic garbage collection paused; after, what was allocated meanwhile is in the oldest generation.
+
+    Replay allocates millions of container objects (the decoded records, then the
+    model built from them) and next to no garbage cycles (only a deleted context's).
+    With collection on, each young collection and each full one traverses them again
+    as they accumulate: most of a large replay's time went there. Whatever survives a
+    replay is long-lived state, so it is moved straight to the oldest generation
+    (``gc.freeze`` then ``gc.unfreeze``: documented, and nothing is traversed), where
+    the next full collection looks at it, and frees any cycle, as it would have at
+    some point anyway. Objects the process keeps frozen of its own are left alone.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
+            gc.enable()
+
+
+def _replaying(records: List[Record]) -> Iterator[Record]:
+    """``records``, with collection paused until the last one has been taken (see :func:`_gc_paused`).
+
+    The caller applies each record between two of them: that is the part of replay
+    that builds the long-lived state.
+    """
+    records.reverse()
+    with _gc_paused():
+        while records:
+            # Popped, not iterated: each record is freed once applied, while its memory
+            # is still in the cache, instead of all of them in one cold sweep at the end.
+            yield records.pop()
+
+
+# The default decoder's scanner (the C one), called directly: json.loads minus its
+# per-call Python overhead (encoding detection, whitespace matching). scan_once is
+# an attribute every JSONDecoder sets, undeclared in the stubs.
+_scan_json: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _scan_frames(mm: Any, size: int, file_id: bytes, result: Scan) -> None:
+    """Check and decode every frame after the header into ``result`` (its records, or its damage).
+
+    This is the replay hot loop, so the checks of :func:`_frame_at` are made inline
+    here, in the same order: a declared length is checked against the cap and the
+    file size before the payload is read, and every checksum is verified. A frame
+    that fails them goes to :func:`_frame_at`, which names the reason.
+    """
+    records = result.records
+    unpack = FRAME.unpack_from
+    head_size = FRAME.size
+    cap = MAX_RECORD
+    offset, expected = HEADER.size, 0
+    with _gc_paused():
         while offset < size:
-            frame = _frame_at(mm, offset, size, file_id)
-            if isinstance(frame, str):
+            valid = False
+            if size - offset >= head_size:
+                length, crc, seq, batch = unpack(mm, offset)
+                start = offset + head_size
+                end = start + length
+                if MIN_PAYLOAD <= length <= cap and end <= size:
+                    payload = mm[start:end]
+                    valid = _crc(file_id, seq, payload, batch) == crc
+            if not valid:
+                reason = _frame_at(mm, offset, size, file_id)
+                if not isinstance(reason, str):  # the two sets of checks must agree
+                    raise AssertionError(f"{result.path}: frame at offset {offset} is both valid and not")
                 batches: set = set()
                 later = _valid_frames(mm, offset + 1, size, file_id, batches)
-                result.damage = Damage(offset, size - offset, frame, _inside_last_write(batches, expected), later)
-                break
-            length, seq, payload, _ = frame
-            try:
-                problem = None
-                if expected == 0:
-                    expected = max(seq, 1)
-                if seq != expected:
-                    problem = f"sequence number {seq}, expected {expected}"
-                else:
-                    record = json.loads(bytes(payload))
+                result.damage = Damage(offset, size - offset, reason, _inside_last_write(batches, expected), later)
+                return
+            problem = None
+            if expected == 0:
+                expected = max(seq, 1)
+            if seq != expected:
+                problem = f"sequence number {seq}, expected {expected}"
+            else:
+                try:
+                    try:
+                        text = payload.decode()
+                        record, stop = _scan_json(text, 0)
+                        if stop != len(text):
+                            raise ValueError("not one JSON value")
+                    except (ValueError, StopIteration):
+                        # Surrounding whitespace, another encoding, or not JSON at all:
+                        # json.loads itself decides (and words the error).
+                        record = json.loads(payload)
                     if not isinstance(record, dict) or "op" not in record:
                         problem = "valid checksum but the payload is not a record"
-            except ValueError as e:
-                problem = f"valid checksum but the payload is not JSON ({e})"
-            finally:
-                payload.release()
+                except ValueError as e:
+                    problem = f"valid checksum but the payload is not JSON ({e})"
             if problem is not None:
-                frames = _valid_frames(mm, offset, size, file_id)
-                result.damage = Damage(offset, size - offset, problem, False, frames)
-                break
-            result.records.append((seq, offset, record))
-            offset += FRAME.size + length
+                result.damage = Damage(offset, size - offset, problem, False, _valid_frames(mm, offset, size, file_id))
+                return
+            records.append((seq, offset, record))
+            offset = end
             expected += 1
-    return result
 
 
 def _fsync_dir(path: str, fs: OsFiles = OS) -> None:
@@ -512,7 +588,12 @@ class FileJournal:
         return self._next_seq - 1
 
     def load(self) -> Iterator[Record]:
-        """Check and read every record; cut off a torn tail; then open for appending."""
+        """Check and read every record; cut off a torn tail; then open for appending.
+
+        Everything is checked before this returns. The records come from an iterator
+        that pauses cyclic garbage collection until the last one has been taken (see
+        :func:`_replaying`): take them all, promptly (or drop it).
+        """
         records: List[Record] = []
         covered, snapshot = self._recover()
         if not self.fs.exists(self.path) or self.fs.getsize(self.path) == 0:
@@ -555,7 +636,7 @@ class FileJournal:
         self._fd = self.fs.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.fs.fchmod(self._fd, 0o600)
         self._journal_bytes = self.fs.fsize(self._fd)
-        return iter(snapshot + records)
+        return _replaying(snapshot + records)
 
     def _recover(self) -> Tuple[int, List[Record]]:
         """Finish or roll forward an interrupted compaction; return (seq covered, snapshot records).

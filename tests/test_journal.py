@@ -1,7 +1,9 @@
 """The journal: behaviour shared by both implementations, then the file's own rules."""
 
 import contextlib
+import gc
 import io
+import json
 import os
 import stat
 import subprocess
@@ -259,6 +261,60 @@ def test_valid_checksum_bad_payload_is_middle_damage(tmp_path):
     with pytest.raises(JournalCorrupt) as info:
         file_journal(tmp_path).load()
     assert f"offset {len(content)} " in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [
+    b' {"op":"x","i":2}\n',
+    '{"op":"x","i":2}'.encode("utf-16"),
+    '{"op":"\u00e9\u4e2d","i":2}'.encode(),
+], ids=["whitespace", "utf-16", "non-ascii"])
+def test_payload_loads_exactly_as_json_loads_reads_it(tmp_path, payload):
+    """A checksummed payload json.loads reads as a record is that record, however it is spelled."""
+    path, content, _ = write_journal(tmp_path, 2)
+    path.write_bytes(content + make_frame(scan(str(path)).file_id, 3, payload))
+    journal = file_journal(tmp_path)
+    assert list(journal.load())[2] == json.loads(payload)
+    journal.close()
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"op":"x"}{"op":"y"}', b'{"op":"x"} x', b'{"op":"x"', b'{"op":"x"}\x00', b'\xff{"op":"x"}', b'{"op":"\xff"}',
+])
+def test_payload_json_loads_refuses_is_middle_damage(tmp_path, payload):
+    """Two values, trailing bytes, a cut value or bad UTF-8 in a checksummed payload: refused at its offset."""
+    path, content, _ = write_journal(tmp_path, 2)
+    path.write_bytes(content + make_frame(scan(str(path)).file_id, 3, payload))
+    with pytest.raises(JournalCorrupt, match=rf"offset {len(content)} \(valid checksum but the payload is not JSON"):
+        file_journal(tmp_path).load()
+    assert broken_files(tmp_path) == []
+
+
+def test_replay_leaves_garbage_collection_as_it_was(tmp_path):
+    """Collection is paused while records are taken from load(), and restored after, also when replay stops early."""
+    write_journal(tmp_path, 3)
+    assert gc.isenabled()
+    for taken in (3, 1, 0):
+        journal = file_journal(tmp_path)
+        records = journal.load()
+        assert [r["i"] for _, r in zip(range(taken), records)] == list(range(taken))
+        assert gc.isenabled() is (taken == 0)
+        assert [r["i"] for r in records] == list(range(taken, 3))
+        assert gc.isenabled()
+        journal.close()
+    abandoned = file_journal(tmp_path)
+    records = abandoned.load()
+    next(records)
+    del records
+    assert gc.isenabled()
+    abandoned.close()
+    gc.disable()
+    try:
+        journal = file_journal(tmp_path)
+        assert len(list(journal.load())) == 3
+        journal.close()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_sequence_gap_is_middle_damage(tmp_path):
