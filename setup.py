@@ -12,7 +12,8 @@ setup(
     package_data={"twisted.plugins": ["ctxd_plugin.py"]},
     py_modules=["ctxagent"],
     install_requires=[
-        "twisted>=22.4",
+        # 25.5: Request(parsePOSTFormSubmission=False) - no form parsing of JSON POSTs.
+        "twisted>=25.5",
         "pyopenssl",
         "service-identity",
         "cryptography",

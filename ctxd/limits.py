@@ -37,39 +37,64 @@ class RateLimiter:
         return len(self._windows)
 
 
-class ConnectionLimiter(WrappingFactory):
-    """Refuses connections beyond ``max_total`` open, or ``max_per_peer`` from one address.
+class ConnectionBudget:
+    """Open connections: at most ``max_total`` over all listeners, ``max_per_peer`` from one address."""
 
-    (twisted.protocols.policies.LimitConnectionsByPeer predates address objects:
-    it indexes them like tuples.)
-    """
-
-    def __init__(self, wrapped: Any, max_total: int, max_per_peer: int) -> None:
-        super().__init__(wrapped)
+    def __init__(self, max_total: int, max_per_peer: int) -> None:
         self.max_total = max_total
         self.max_per_peer = max_per_peer
         self.total = 0
         self.per_peer: Dict[str, int] = {}
         self.refused = 0
 
-    def buildProtocol(self, addr: Any) -> Any:
-        host = getattr(addr, "host", str(addr))
+    def acquire(self, host: str) -> bool:
         if self.total >= self.max_total or self.per_peer.get(host, 0) >= self.max_per_peer:
             self.refused += 1
-            return None
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            protocol._ctxd_peer = host
-            self.total += 1
-            self.per_peer[host] = self.per_peer.get(host, 0) + 1
-        return protocol
+            return False
+        self.total += 1
+        self.per_peer[host] = self.per_peer.get(host, 0) + 1
+        return True
 
-    def unregisterProtocol(self, protocol: Any) -> None:
-        super().unregisterProtocol(protocol)
-        host = getattr(protocol, "_ctxd_peer", None)
-        if host is None:
-            return
+    def release(self, host: str) -> None:
         self.total -= 1
         self.per_peer[host] -= 1
         if not self.per_peer[host]:
             del self.per_peer[host]
+
+
+class BudgetedFactory:
+    """Mixin for a WrappingFactory (plain, or TLSMemoryBIOFactory): a connection over the
+    ``budget`` is closed at accept, before its wrapper (e.g. a TLS handshake) costs anything.
+
+    (twisted.protocols.policies.LimitConnectionsByPeer predates address objects:
+    it indexes them like tuples; and as one more wrapper it would cost every
+    connection another protocol layer.)
+    """
+
+    budget: ConnectionBudget
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", str(addr))
+        if not self.budget.acquire(host):
+            return None
+        protocol = super().buildProtocol(addr)  # type: ignore[misc]
+        if protocol is None:
+            self.budget.release(host)
+        else:
+            protocol._ctxd_peer = host
+        return protocol
+
+    def unregisterProtocol(self, protocol: Any) -> None:
+        super().unregisterProtocol(protocol)  # type: ignore[misc]
+        host = getattr(protocol, "_ctxd_peer", None)
+        if host is not None:
+            protocol._ctxd_peer = None
+            self.budget.release(host)
+
+
+class ConnectionLimiter(BudgetedFactory, WrappingFactory):
+    """``wrapped`` (e.g. the Site on a plain tcp: listener) under a connection budget."""
+
+    def __init__(self, wrapped: Any, budget: ConnectionBudget) -> None:
+        super().__init__(wrapped)
+        self.budget = budget

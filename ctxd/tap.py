@@ -22,13 +22,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import ctxd
-from ctxd import tls, tlsserver, tokens
+from ctxd import memory, tls, tlsserver, tokens
 from ctxd.api import DEFAULT_MAX_BODY, make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
 from ctxd.journal import JOURNAL_FILE, FileJournal, JournalCorrupt
 from ctxd.audit import AuditLog
-from ctxd.limits import ConnectionLimiter
+from ctxd.limits import ConnectionBudget, ConnectionLimiter
 from ctxd.model import Limits, Model
 
 log = Logger()
@@ -68,6 +68,9 @@ class LimitOptions(usage.Options):
         "max-contexts-per-deployer": (100, int, "Live contexts one deployer may have."),
         "max-nodes-per-context": (20000, int, "Nodes one context may expect (sum of quantities)."),
         "max-data-bytes": (4 * 1024 * 1024, int, "Bytes of data one context may hold."),
+        "listen-backlog": (4096, int, "Pending TCP connections the kernel queues per listener (capped by "
+                           "net.core.somaxconn); a full queue drops new nodes' SYNs, which cost them a 1 s retry. "
+                           "A listener's own backlog= option wins."),
     }
     optParameters = [[name, None, None, f"{text} Default {default}."] for name, (default, _, text) in LIMITS.items()]
 
@@ -184,6 +187,14 @@ def _listener_host_port(description: str):
     if description.isdigit():
         port = int(description)
     return interface, port
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """The tcp/ssl endpoint description with backlog= added unless it has one."""
+    kind = description.split(":", 1)[0].lower()
+    if kind not in ("tcp", "ssl", "tcp6", "ssl6") or re.search(r"(^|:)backlog=", description, re.I):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def default_public_url(listen: List[str]) -> str:
@@ -347,26 +358,28 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
     )
 
     top = service.MultiService()
-    site = ConnectionLimiter(
-        make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"]),
-        max_total=config["max-connections"],
-        max_per_peer=config["max-connections-per-peer"],
-    )
+    site = make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"])
+    budget = ConnectionBudget(config["max-connections"], config["max-connections-per-peer"])
     tls_options = None
     for description in listen:
-        factory: Any = site
+        description = with_backlog(description, config["listen-backlog"])
+        # Our TLS listeners count connections in their TLS factory (no extra protocol layer);
+        # any other listener (plain tcp:, or ssl: with its own key) behind a counting wrapper.
+        factory: Any = ConnectionLimiter(site, budget)
         if _needs_our_certificate(description):
             if tls_options is None:
                 tls_options = server_tls_options(files, config.get("client-ca"))
                 tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor).setServiceParent(top)
             description = "tcp:" + description.split(":", 1)[1]
-            factory = tlsserver.tls_factory(tls_options, site)
+            factory = tlsserver.tls_factory(tls_options, site, budget)
         elif description.split(":", 1)[0].lower() == "tcp":
             log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
         endpoints.serverFromString(reactor, description)  # fail early on a bad description
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
     TimerService(SWEEP_INTERVAL, broker.sweep_expired).setServiceParent(top)
+    if memory.release_free_memory():
+        TimerService(memory.TRIM_INTERVAL, memory.release_free_memory).setServiceParent(top)
     banner = [
         f"ctxd {ctxd.__version__}: state directory {state_dir} ({replayed} journal records replayed, "
         f"{len(broker.model.contexts)} contexts)",

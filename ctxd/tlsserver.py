@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from ctxd.limits import BudgetedFactory, ConnectionBudget
+
 log = Logger()
 
 MINIMUM_TLS_VERSION = SSL.TLS1_2_VERSION
@@ -158,10 +160,19 @@ class ServerTLS:
         return SSL.Connection(self._context, None)
 
 
-def tls_factory(tls: ServerTLS, wrapped: Any) -> TLSMemoryBIOFactory:
-    """``wrapped`` (an IProtocolFactory, e.g. the Site) served over TLS with ``tls``'s current settings."""
+class _BudgetedTLSFactory(BudgetedFactory, TLSMemoryBIOFactory):
+    pass
+
+
+def tls_factory(tls: ServerTLS, wrapped: Any, budget: Optional[ConnectionBudget] = None) -> TLSMemoryBIOFactory:
+    """``wrapped`` (an IProtocolFactory, e.g. the Site) served over TLS with ``tls``'s current
+    settings; connections over ``budget`` (if any) are closed before their handshake."""
     # mypy cannot see zope's @implementer (no mypy-zope plugin here).
-    return TLSMemoryBIOFactory(tls, False, wrapped)  # type: ignore[arg-type]
+    if budget is None:
+        return TLSMemoryBIOFactory(tls, False, wrapped)  # type: ignore[arg-type]
+    factory = _BudgetedTLSFactory(tls, False, wrapped)  # type: ignore[arg-type]
+    factory.budget = budget
+    return factory
 
 
 class ReloadOnSIGHUP(service.Service):

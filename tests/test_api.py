@@ -121,6 +121,24 @@ def test_bad_bodies_change_nothing(client, kwargs, status, code):
     assert client.journal.records == []
 
 
+def test_form_bodies_are_not_parsed():
+    """The JSON API never runs twisted.web's form/multipart parsers on a POST body."""
+    from twisted.web.test.requesthelper import DummyChannel
+
+    site = make_site(None)
+    channel = DummyChannel()
+    channel.site = site
+    request = site.requestFactory(channel)
+    request.process = lambda: None
+    body = b"b=2"
+    request.requestHeaders.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
+    request.gotLength(len(body))
+    request.handleContentChunk(body)
+    request.requestReceived(b"POST", b"/v1/x?a=1", b"HTTP/1.1")
+    assert request.args == {b"a": [b"1"]}
+    assert request.content.read() == body
+
+
 def test_unknown_route_and_method(client):
     """Unknown paths answer 404 and wrong methods 405, both as JSON."""
     assert client.call("GET", "/v2/nothing", ADMIN_TOKEN)[0] == 404

@@ -8,7 +8,7 @@ from twisted.internet.testing import StringTransport
 
 from ctxd.api import make_site
 from ctxd.audit import AuditLog
-from ctxd.limits import ConnectionLimiter, RateLimiter
+from ctxd.limits import ConnectionBudget, ConnectionLimiter, RateLimiter
 from ctxd.model import Limits, Model
 
 from support import ADMIN_TOKEN, Client, identity, instance_key, make_broker, torque, torque_cluster
@@ -258,7 +258,8 @@ def test_connection_limiter_total_and_per_peer():
     """Connections past the total or per-address cap are refused; closing frees the slot."""
     from twisted.internet.protocol import Factory, Protocol
 
-    limiter = ConnectionLimiter(Factory.forProtocol(Protocol), max_total=3, max_per_peer=2)
+    budget = ConnectionBudget(max_total=3, max_per_peer=2)
+    limiter = ConnectionLimiter(Factory.forProtocol(Protocol), budget)
     a1 = limiter.buildProtocol(_Address("10.0.0.1"))
     a2 = limiter.buildProtocol(_Address("10.0.0.1"))
     assert limiter.buildProtocol(_Address("10.0.0.1")) is None
@@ -268,7 +269,7 @@ def test_connection_limiter_total_and_per_peer():
         p.makeConnection(StringTransport())
     a1.connectionLost(None)
     assert limiter.buildProtocol(_Address("10.0.0.3")) is not None
-    assert limiter.refused == 2
+    assert budget.refused == 2
 
 
 def test_model_limits_default_generous():

@@ -10,6 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from ctxd import tap
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
 from ctxd.journal import FileJournal, scan
 
 
@@ -74,7 +76,9 @@ def test_make_service_listens_and_writes_state(tmp_path):
     svc.startService()
     try:
         assert [(port[0], port[3]) for port in reactor.tcpServers] == [(0, "127.0.0.1"), (0, "::1")]
-        assert type(reactor.tcpServers[0][1]).__name__ == "TLSMemoryBIOFactory"
+        # A join storm opens thousands of connections at once: a deep listen queue by default.
+        assert [port[2] for port in reactor.tcpServers] == [4096, 4096]
+        assert isinstance(reactor.tcpServers[0][1], TLSMemoryBIOFactory)
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state / "admin.token").st_mode) == 0o600
         assert (state / "admin.token").read_text().startswith("ctxd_adm_")
@@ -86,6 +90,23 @@ def test_make_service_listens_and_writes_state(tmp_path):
         }
     finally:
         svc.stopService()
+
+
+def test_listen_backlog_option_and_listener_override(tmp_path):
+    """--listen-backlog sets every listener's queue unless its description names backlog= itself."""
+    config = options(
+        "--state-dir", str(tmp_path / "state"), "--listen-backlog", "300",
+        "--listen", "ssl:0:interface=127.0.0.1", "--listen", "ssl:0:interface=127.0.0.1:backlog=7",
+        "--public-url", "https://127.0.0.1:8443",
+    )
+    reactor = MemoryReactorClock()
+    svc = tap.makeService(config, reactor)
+    svc.startService()
+    try:
+        assert [port[2] for port in reactor.tcpServers] == [300, 7]
+    finally:
+        svc.stopService()
+    assert tap.with_backlog("unix:/run/ctxd.sock", 5) == "unix:/run/ctxd.sock"
 
 
 def test_admin_token_kept_across_starts(tmp_path):

@@ -171,8 +171,9 @@ class Broker:
     """
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: Optional[int] = None,
-                 nshost=None):
+                 nshost=None, extra_args: Sequence[str] = ()):
         self.workdir = Path(workdir)
+        self.extra_args = list(extra_args)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.workdir / "state"
         self.log_path = self.workdir / "broker.log"
@@ -197,7 +198,7 @@ class Broker:
             "--state-dir", str(self.state_dir),
             "--listen", "ssl:%d:interface=%s" % (self.port, self.host),
             "--public-url", self.url,
-        ]
+        ] + self.extra_args
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the broker and wait until /healthz answers over verified TLS."""
