@@ -18,6 +18,7 @@ the ctxd / floor ratio of each column.
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -30,13 +31,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import loadgen  # noqa: E402
 from loadgen import ROOT, Proc, SimAgent, Stats, free_port  # noqa: E402
+from ctxd.tap import LimitOptions  # noqa: E402
+
+DEFAULT_BACKLOG = LimitOptions.LIMITS["listen-backlog"][0]
 
 def serve(port: int, tls_dir: str, blob_size: int, backlog: int) -> None:
     """Run the floor server (blocking) with a fresh P-256 CA and server certificate in TLS_DIR."""
     sys.path.insert(0, ROOT)
     from twisted.internet import reactor
     from twisted.web.resource import Resource
-    from twisted.web.server import Site
+    from twisted.web.server import NOT_DONE_YET, Site
 
     from ctxd import tls, tlsserver
 
@@ -51,10 +55,15 @@ def serve(port: int, tls_dir: str, blob_size: int, backlog: int) -> None:
             f.write(data)
         os.rename(paths[name] + ".tmp", paths[name])
 
+    held = []
+
     class Static(Resource):
         isLeaf = True
 
         def render(self, request):
+            if request.getHeader("x-floor") == "HOLD":   # an idle long-poll: never answered
+                held.append(request)
+                return NOT_DONE_YET
             status, length = (int(v) for v in (request.getHeader("x-floor") or "200 2").split())
             request.setResponseCode(status)
             request.setHeader("cache-control", "no-store")
@@ -104,16 +113,24 @@ async def replay_node(agent: SimAgent, script: List[tuple]) -> None:
     for method, path, token, data, status, raw in script:
         if path.endswith("/enroll") and agent.stats.first_enroll is None:
             agent.stats.first_enroll = time.monotonic()
-        got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
-                                         (("X-Floor", "%d %d" % (status, len(raw))),))
+        delay = 1.0
+        while True:   # connection errors and time-outs retried with the agent's backoff, as in ctxd's run
+            try:
+                got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
+                                                 (("X-Floor", "%d %d" % (status, len(raw))),))
+                break
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                agent.stats.retries += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 60.0)
         if got != status or len(body) != len(raw):
             raise RuntimeError("floor answered %d/%d bytes for %d/%d" % (got, len(body), status, len(raw)))
     agent.stats.last_ok = time.monotonic()
 
 
 def floor_run(n: int, scripts: Dict[int, list], header: bool = False, backlog: Optional[int] = None) -> Dict[str, Any]:
-    # Twisted's listenTCP and ctxd's ssl: endpoint have the same default backlog (50).
-    server = FloorProcess(max(len(r[5]) for script in scripts.values() for r in script), backlog or 50)
+    # The floor listens with ctxd's default backlog (--listen-backlog) unless told otherwise.
+    server = FloorProcess(max(len(r[5]) for script in scripts.values() for r in script), backlog or DEFAULT_BACKLOG)
     try:
         import ctxagent
         tls = ctxagent.make_tls_context(server.ca_pem)
@@ -153,6 +170,67 @@ def compare(n: int, poll_wait: int, header: bool, backlog: Optional[int] = None)
     return not (ctxd["failures"] or floor["failures"]) and ctxd["all_ok"]
 
 
+async def _hold(agent: SimAgent, path: str, token: str, opened: List[Any]) -> None:
+    """One idle long-poll as an agent sends it (same headers), held open by the floor."""
+    head = ["GET %s HTTP/1.1" % path, "Host: " + agent.hostport, "Accept-Encoding: identity",
+            "User-Agent: " + loadgen.USER_AGENT, "Authorization: Bearer " + token, "X-Floor: HOLD"]
+    delay = 0.5
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(agent.host, agent.port, ssl=agent.tls,
+                                                           server_hostname=agent.host)
+            break
+        except OSError:
+            await asyncio.sleep(delay)
+            delay = min(8.0, delay * 2)
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    await writer.drain()
+    opened.append(writer)
+
+
+def idle_floor(n: int, header: bool) -> Dict[str, Any]:
+    """The memory floor of scenario 3: n idle long-polls (TLS connection + request held) on the
+    floor server. Figures: its RSS before and with them, per connection."""
+    server = FloorProcess(1024, DEFAULT_BACKLOG)
+    opened: List[Any] = []
+    try:
+        import ctxagent
+        tls = ctxagent.make_tls_context(server.ca_pem)
+        agent = SimAgent({"url": "https://127.0.0.1:%d" % server.port}, tls, Stats(), 0)
+        rss_empty = server.proc.status_kib("VmRSS")
+        path = "/v1/contexts/%s/nodes/%s/view?since=1&wait=30" % ("c" * 22, "n" * 22)
+        token = "ctxd_node_" + "t" * 43
+
+        async def main() -> int:
+            limit = asyncio.Semaphore(500)
+
+            async def one() -> None:
+                async with limit:
+                    await _hold(agent, path, token, opened)
+            await asyncio.gather(*(one() for _ in range(n)))
+            await asyncio.sleep(3.0)
+            rss = server.proc.status_kib("VmRSS")
+            for w in opened:
+                w.transport.abort()
+            return rss
+        rss_held = asyncio.run(main())
+    finally:
+        server.cleanup()
+    per_node = (rss_held - rss_empty) / float(n)
+    loadgen.print_table([("server", "floor"), ("N", str(n)), ("RSS empty (MiB)", "%.1f" % (rss_empty / 1024.0)),
+                         ("RSS idle (MiB)", "%.1f" % (rss_held / 1024.0)), ("RSS/node (KiB)", "%.2f" % per_node)],
+                        header)
+    return {"rss_empty": rss_empty, "rss_loaded": rss_held, "per_node_kib": per_node}
+
+
+def idle_compare(n: int, window: float, poll_wait: int, header: bool) -> None:
+    ctxd = loadgen.idle(n, window, poll_wait, header=header)
+    floor = idle_floor(n + 1, header)
+    ctxd_node = (ctxd["rss_loaded"] - ctxd["rss_empty"]) / float(n + 1)
+    loadgen.print_table([("server", "ctxd/floor"), ("N", str(n + 1)),
+                         ("RSS/node", "%.2f" % (ctxd_node / floor["per_node_kib"]))], header=False)
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -161,15 +239,26 @@ def main(argv=None) -> int:
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--tls-dir", required=True)
         p.add_argument("--blob-size", type=int, default=1 << 20, help="largest body answered")
-        p.add_argument("--backlog", type=int, default=50)
+        p.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG)
         a = p.parse_args(argv[1:])
         serve(a.port, a.tls_dir, a.blob_size, a.backlog)
+        return 0
+    if argv[:1] == ["idle"]:
+        p = argparse.ArgumentParser(prog="floor.py idle", description="Scenario 3 on ctxd, then its memory floor.")
+        p.add_argument("--nodes", type=int, default=100, help="compute nodes (plus one head)")
+        p.add_argument("--window", type=float, default=60.0)
+        p.add_argument("--runs", type=int, default=1)
+        p.add_argument("--poll-wait", type=int, default=30)
+        a = p.parse_args(argv[1:])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        for run in range(a.runs):
+            idle_compare(a.nodes, a.window, a.poll_wait, header=run == 0)
         return 0
     p = argparse.ArgumentParser(description="Scenario 1 on ctxd and on the floor server, with the ratio.")
     p.add_argument("--nodes", type=int, default=100, help="compute nodes (plus one head)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--poll-wait", type=int, default=30)
-    p.add_argument("--backlog", type=int, help="listen backlog of both servers [Twisted's default, 50]")
+    p.add_argument("--backlog", type=int, help="listen backlog of both servers [ctxd's default, %d]" % DEFAULT_BACKLOG)
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ok = True

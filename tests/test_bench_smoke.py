@@ -1,0 +1,52 @@
+"""The benchmarks' bounded versions: each `make bench` script runs end to end at a tiny
+scale against real processes and prints its table (figures are not checked here: they
+are measured by `make bench`, never in the test suite)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*argv: str, timeout: float = 240) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", argv[0])] + list(argv[1:]),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _rows(out: str, first: str):
+    return [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| " + first)]
+
+
+def test_storm_and_floor_small():
+    out = _bench("floor.py", "--nodes", "20")
+    ctxd, floor, ratio = _rows(out, "ctxd")[0], _rows(out, "floor")[0], _rows(out, "ctxd/floor")[0]
+    assert ctxd[1].strip() == floor[1].strip() == "20"
+    # every node made its 5 or 6 requests (the head may find its view complete at once),
+    # and the floor replayed them one for one
+    assert int(ctxd[3]) >= 5 * 21 and int(floor[3]) == int(ctxd[3])
+    assert float(ratio[2]) > 0
+
+
+def test_all_identities_small_resends_nothing_unchanged():
+    out = _bench("loadgen.py", "allids", "--nodes", "20")
+    row = _rows(out, "20")[0]
+    assert [c.strip() for c in row[2:5]] == ["20", "0", "0"]   # views 200, unchanged resent, re-asked resent
+
+
+def test_idle_small_wakes_only_the_head():
+    out = _bench("floor.py", "idle", "--nodes", "20", "--window", "1")
+    row = _rows(out, "21")[0]
+    assert row[7].strip() == "1"   # woken by the head-only change
+    assert _rows(out, "floor") and _rows(out, "ctxd/floor")
+
+
+@pytest.mark.parametrize("argv", [("journal_bench.py", "replay", "--records", "2000"),
+                                  ("journal_bench.py", "throughput", "--clients", "4", "--seconds", "1"),
+                                  ("agent_bench.py", "--runs", "1")])
+def test_other_benchmarks_run(argv):
+    assert "|" in _bench(*argv)
