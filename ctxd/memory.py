@@ -28,6 +28,7 @@ def _find_malloc_trim() -> Optional[Callable[[int], int]]:
 
 
 _malloc_trim = _find_malloc_trim()
+CAN_RELEASE = _malloc_trim is not None
 
 
 def release_free_memory() -> bool:

@@ -365,20 +365,22 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
         description = with_backlog(description, config["listen-backlog"])
         # Our TLS listeners count connections in their TLS factory (no extra protocol layer);
         # any other listener (plain tcp:, or ssl: with its own key) behind a counting wrapper.
-        factory: Any = ConnectionLimiter(site, budget)
+        factory: Any
         if _needs_our_certificate(description):
             if tls_options is None:
                 tls_options = server_tls_options(files, config.get("client-ca"))
                 tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor).setServiceParent(top)
             description = "tcp:" + description.split(":", 1)[1]
             factory = tlsserver.tls_factory(tls_options, site, budget)
-        elif description.split(":", 1)[0].lower() == "tcp":
-            log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
+        else:
+            factory = ConnectionLimiter(site, budget)
+            if description.split(":", 1)[0].lower() == "tcp":
+                log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
         endpoints.serverFromString(reactor, description)  # fail early on a bad description
         strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
     TimerService(SWEEP_INTERVAL, broker.sweep_expired).setServiceParent(top)
-    if memory.release_free_memory():
+    if memory.CAN_RELEASE:
         TimerService(memory.TRIM_INTERVAL, memory.release_free_memory).setServiceParent(top)
     banner = [
         f"ctxd {ctxd.__version__}: state directory {state_dir} ({replayed} journal records replayed, "
