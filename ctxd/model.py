@@ -244,28 +244,31 @@ def _check_cycle(groups: List[Dict[str, Any]]) -> None:
                 for p in providers[r["role"]]:
                     if p not in edges[g["name"]]:
                         edges[g["name"]].append(p)
-    white, grey, black = 0, 1, 2
-    colour = {name: white for name in edges}
-    stack: List[str] = []
-
-    def visit(name: str) -> None:
-        colour[name] = grey
-        stack.append(name)
-        for nxt in edges[name]:
-            if colour[nxt] == grey:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                raise InvalidCluster(
-                    "ready requirements form a cycle: " + " -> ".join(cycle),
-                    code="ready_cycle",
-                )
-            if colour[nxt] == white:
-                visit(nxt)
-        stack.pop()
-        colour[name] = black
-
+    colour = {name: _WHITE for name in edges}
     for name in edges:
-        if colour[name] == white:
-            visit(name)
+        if colour[name] == _WHITE:
+            _visit(name, edges, colour, [])
+
+
+_WHITE, _GREY, _BLACK = 0, 1, 2
+
+
+def _visit(name: str, edges: Dict[str, List[str]], colour: Dict[str, int], stack: List[str]) -> None:
+    """Depth-first search of :func:`_check_cycle`. (A module function, not a closure that
+    refers to itself: that would leave a reference cycle behind on every create.)"""
+    colour[name] = _GREY
+    stack.append(name)
+    for nxt in edges[name]:
+        if colour[nxt] == _GREY:
+            cycle = stack[stack.index(nxt):] + [nxt]
+            raise InvalidCluster(
+                "ready requirements form a cycle: " + " -> ".join(cycle),
+                code="ready_cycle",
+            )
+        if colour[nxt] == _WHITE:
+            _visit(nxt, edges, colour, stack)
+    stack.pop()
+    colour[name] = _BLACK
 
 
 def parse_cluster(body: Any) -> Dict[str, Any]:
@@ -763,6 +766,11 @@ class Model:
             self.principals.pop(g.join_hash, None)
         for node in ctx.nodes.values():
             self.principals.pop(node.token_hash, None)
+        for g in ctx.groups.values():
+            # Node.group and Group.nodes refer to each other: without the cycle, reference
+            # counting frees the context at once (a frozen start-up heap is never collected).
+            g.nodes.clear()
+            g.by_instance.clear()
         del self.contexts[ctx.id]
         return touched
 

@@ -382,6 +382,7 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
     TimerService(SWEEP_INTERVAL, broker.sweep_expired).setServiceParent(top)
     if memory.CAN_RELEASE:
         TimerService(memory.TRIM_INTERVAL, memory.release_free_memory).setServiceParent(top)
+    reactor.callWhenRunning(memory.settle_heap)
     banner = [
         f"ctxd {ctxd.__version__}: state directory {state_dir} ({replayed} journal records replayed, "
         f"{len(broker.model.contexts)} contexts)",

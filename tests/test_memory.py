@@ -1,6 +1,7 @@
 """Free heap pages go back to the OS (glibc's malloc_trim), on a timer in the daemon."""
 
 import ctypes
+import gc
 import platform
 
 import pytest
@@ -42,3 +43,23 @@ def test_daemon_trims_on_a_timer(tmp_path):
         assert (memory.TRIM_INTERVAL, memory.release_free_memory) in calls
     else:
         assert all(call is not memory.release_free_memory for _, call in calls)
+
+
+def test_settle_heap_freezes_start_up_and_raises_the_young_threshold():
+    before = gc.get_threshold()
+    try:
+        memory.settle_heap()
+        assert gc.get_threshold() == memory.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_daemon_settles_its_heap_once_running(tmp_path):
+    config = tap.Options()
+    config.parseOptions(["--state-dir", str(tmp_path / "s"), "--listen", "ssl:0:interface=127.0.0.1",
+                         "--public-url", "https://127.0.0.1:8443"])
+    reactor = MemoryReactorClock()
+    tap.makeService(config, reactor)
+    assert (memory.settle_heap, (), {}) in reactor.whenRunningHooks
