@@ -31,14 +31,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import loadgen  # noqa: E402
 from loadgen import ROOT, Proc, SimAgent, Stats, free_port  # noqa: E402
+from ctxd import memory  # noqa: E402
 from ctxd.tap import LimitOptions  # noqa: E402
 
 DEFAULT_BACKLOG = LimitOptions.LIMITS["listen-backlog"][0]
 
-def serve(port: int, tls_dir: str, blob_size: int, backlog: int) -> None:
-    """Run the floor server (blocking) with a fresh P-256 CA and server certificate in TLS_DIR."""
+def serve(port: int, tls_dir: str, blob_size: int, backlog: int, plain: bool = False) -> None:
+    """Run the floor server (blocking) with a fresh P-256 CA and server certificate in TLS_DIR
+    (written even when PLAIN: HTTP without TLS, for the memory floor's TLS share)."""
     sys.path.insert(0, ROOT)
-    from twisted.internet import reactor
+    from twisted.internet import reactor, task
     from twisted.web.resource import Resource
     from twisted.web.server import NOT_DONE_YET, Site
 
@@ -75,17 +77,22 @@ def serve(port: int, tls_dir: str, blob_size: int, backlog: int) -> None:
     site = Site(Static())
     site.displayTracebacks = False
     site.noisy = False
-    factory = tlsserver.tls_factory(tlsserver.ServerTLS(paths["server.pem"], paths["server.key"]), site)
+    factory = site if plain else tlsserver.tls_factory(tlsserver.ServerTLS(paths["server.pem"], paths["server.key"]), site)
     reactor.listenTCP(port, factory, backlog=backlog, interface="127.0.0.1")
+    # ctxd's heap hygiene (memory.settle_heap, the periodic trim): a floor, not a handicap.
+    reactor.callWhenRunning(memory.settle_heap)
+    if memory.CAN_RELEASE:
+        task.LoopingCall(memory.release_free_memory).start(memory.TRIM_INTERVAL, now=False)
     reactor.run()
 
 
 class FloorProcess:
-    def __init__(self, blob_size: int, backlog: int) -> None:
+    def __init__(self, blob_size: int, backlog: int, plain: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="ctxd-floor-")
         self.port = free_port()
         self.popen = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--port", str(self.port),
-                                       "--tls-dir", self.dir, "--blob-size", str(blob_size), "--backlog", str(backlog)], cwd=ROOT)
+                                       "--tls-dir", self.dir, "--blob-size", str(blob_size), "--backlog", str(backlog)]
+                                      + (["--plain"] if plain else []), cwd=ROOT)
         self.proc = Proc(self.popen.pid)
         ca = os.path.join(self.dir, "ca.pem")
         deadline = time.monotonic() + 30
@@ -178,7 +185,7 @@ async def _hold(agent: SimAgent, path: str, token: str, opened: List[Any]) -> No
     while True:
         try:
             reader, writer = await asyncio.open_connection(agent.host, agent.port, ssl=agent.tls,
-                                                           server_hostname=agent.host)
+                                                           server_hostname=agent.host if agent.tls else None)
             break
         except OSError:
             await asyncio.sleep(delay)
@@ -188,15 +195,17 @@ async def _hold(agent: SimAgent, path: str, token: str, opened: List[Any]) -> No
     opened.append(writer)
 
 
-def idle_floor(n: int, header: bool) -> Dict[str, Any]:
+def idle_floor(n: int, header: bool, plain: bool = False) -> Dict[str, Any]:
     """The memory floor of scenario 3: n idle long-polls (TLS connection + request held) on the
-    floor server. Figures: its RSS before and with them, per connection."""
-    server = FloorProcess(1024, DEFAULT_BACKLOG)
+    floor server; PLAIN: the same over plain TCP (what TLS adds is the difference). Figures: its
+    RSS before and with them (after the server's periodic trim), per connection."""
+    server = FloorProcess(1024, DEFAULT_BACKLOG, plain)
     opened: List[Any] = []
     try:
         import ctxagent
-        tls = ctxagent.make_tls_context(server.ca_pem)
+        tls = None if plain else ctxagent.make_tls_context(server.ca_pem)
         agent = SimAgent({"url": "https://127.0.0.1:%d" % server.port}, tls, Stats(), 0)
+        time.sleep(memory.TRIM_INTERVAL + 1)   # as ctxd's: the empty server settled and trimmed once
         rss_empty = server.proc.status_kib("VmRSS")
         path = "/v1/contexts/%s/nodes/%s/view?since=1&wait=30" % ("c" * 22, "n" * 22)
         token = "ctxd_node_" + "t" * 43
@@ -208,8 +217,11 @@ def idle_floor(n: int, header: bool) -> Dict[str, Any]:
                 async with limit:
                     await _hold(agent, path, token, opened)
             await asyncio.gather(*(one() for _ in range(n)))
-            await asyncio.sleep(3.0)
-            rss = server.proc.status_kib("VmRSS")
+            samples = []   # as ctxd's figure: the median over a window that includes trims
+            for _ in range(5):
+                await asyncio.sleep(memory.TRIM_INTERVAL / 2)
+                samples.append(server.proc.status_kib("VmRSS"))
+            rss = sorted(samples)[len(samples) // 2]
             for w in opened:
                 w.transport.abort()
             return rss
@@ -217,7 +229,7 @@ def idle_floor(n: int, header: bool) -> Dict[str, Any]:
     finally:
         server.cleanup()
     per_node = (rss_held - rss_empty) / float(n)
-    loadgen.print_table([("server", "floor"), ("N", str(n)), ("RSS empty (MiB)", "%.1f" % (rss_empty / 1024.0)),
+    loadgen.print_table([("server", "floor, plain TCP" if plain else "floor"), ("N", str(n)), ("RSS empty (MiB)", "%.1f" % (rss_empty / 1024.0)),
                          ("RSS idle (MiB)", "%.1f" % (rss_held / 1024.0)), ("RSS/node (KiB)", "%.2f" % per_node)],
                         header)
     return {"rss_empty": rss_empty, "rss_loaded": rss_held, "per_node_kib": per_node}
@@ -226,9 +238,12 @@ def idle_floor(n: int, header: bool) -> Dict[str, Any]:
 def idle_compare(n: int, window: float, poll_wait: int, header: bool) -> None:
     ctxd = loadgen.idle(n, window, poll_wait, header=header)
     floor = idle_floor(n + 1, header)
+    plain = idle_floor(n + 1, False, plain=True)
     ctxd_node = (ctxd["rss_loaded"] - ctxd["rss_empty"]) / float(n + 1)
     loadgen.print_table([("server", "ctxd/floor"), ("N", str(n + 1)),
                          ("RSS/node", "%.2f" % (ctxd_node / floor["per_node_kib"]))], header=False)
+    print("  TLS's share of the floor: %.2f KiB per idle connection (floor %.2f - plain TCP %.2f)"
+          % (floor["per_node_kib"] - plain["per_node_kib"], floor["per_node_kib"], plain["per_node_kib"]))
 
 
 def main(argv=None) -> int:
@@ -240,8 +255,9 @@ def main(argv=None) -> int:
         p.add_argument("--tls-dir", required=True)
         p.add_argument("--blob-size", type=int, default=1 << 20, help="largest body answered")
         p.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG)
+        p.add_argument("--plain", action="store_true", help="HTTP without TLS (the memory floor's TLS share)")
         a = p.parse_args(argv[1:])
-        serve(a.port, a.tls_dir, a.blob_size, a.backlog)
+        serve(a.port, a.tls_dir, a.blob_size, a.backlog, a.plain)
         return 0
     if argv[:1] == ["idle"]:
         p = argparse.ArgumentParser(prog="floor.py idle", description="Scenario 3 on ctxd, then its memory floor.")
