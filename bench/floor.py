@@ -195,17 +195,20 @@ async def _hold(agent: SimAgent, path: str, token: str, opened: List[Any]) -> No
     opened.append(writer)
 
 
-def idle_floor(n: int, header: bool, plain: bool = False) -> Dict[str, Any]:
+def idle_floor(n: int, header: bool, plain: bool = False, window: float = 60.0) -> Dict[str, Any]:
     """The memory floor of scenario 3: n idle long-polls (TLS connection + request held) on the
     floor server; PLAIN: the same over plain TCP (what TLS adds is the difference). Figures: its
-    RSS before and with them (after the server's periodic trim), per connection."""
+    RSS before and with them (after the server's periodic trim), per connection. A WINDOW shorter
+    than the trim interval is a smoke run: one sample, no waiting."""
+    full = window >= memory.TRIM_INTERVAL
     server = FloorProcess(1024, DEFAULT_BACKLOG, plain)
     opened: List[Any] = []
     try:
         import ctxagent
         tls = None if plain else ctxagent.make_tls_context(server.ca_pem)
         agent = SimAgent({"url": "https://127.0.0.1:%d" % server.port}, tls, Stats(), 0)
-        time.sleep(memory.TRIM_INTERVAL + 1)   # as ctxd's: the empty server settled and trimmed once
+        if full:
+            time.sleep(memory.TRIM_INTERVAL + 1)   # as ctxd's: the empty server settled and trimmed once
         rss_empty = server.proc.status_kib("VmRSS")
         path = "/v1/contexts/%s/nodes/%s/view?since=1&wait=30" % ("c" * 22, "n" * 22)
         token = "ctxd_node_" + "t" * 43
@@ -218,8 +221,8 @@ def idle_floor(n: int, header: bool, plain: bool = False) -> Dict[str, Any]:
                     await _hold(agent, path, token, opened)
             await asyncio.gather(*(one() for _ in range(n)))
             samples = []   # as ctxd's figure: the median over a window that includes trims
-            for _ in range(5):
-                await asyncio.sleep(memory.TRIM_INTERVAL / 2)
+            for _ in range(5 if full else 1):
+                await asyncio.sleep(memory.TRIM_INTERVAL / 2 if full else 1.0)
                 samples.append(server.proc.status_kib("VmRSS"))
             rss = sorted(samples)[len(samples) // 2]
             for w in opened:
@@ -237,8 +240,8 @@ def idle_floor(n: int, header: bool, plain: bool = False) -> Dict[str, Any]:
 
 def idle_compare(n: int, window: float, poll_wait: int, header: bool) -> None:
     ctxd = loadgen.idle(n, window, poll_wait, header=header)
-    floor = idle_floor(n + 1, header)
-    plain = idle_floor(n + 1, False, plain=True)
+    floor = idle_floor(n + 1, header, window=window)
+    plain = idle_floor(n + 1, False, plain=True, window=window)
     ctxd_node = (ctxd["rss_loaded"] - ctxd["rss_empty"]) / float(n + 1)
     loadgen.print_table([("server", "ctxd/floor"), ("N", str(n + 1)),
                          ("RSS/node", "%.2f" % (ctxd_node / floor["per_node_kib"]))], header=False)
