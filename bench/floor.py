@@ -269,10 +269,12 @@ def main(argv=None) -> int:
         p.add_argument("--runs", type=int, default=1)
         p.add_argument("--poll-wait", type=int, default=30)
         a = p.parse_args(argv[1:])
+        loadgen.quiet_gc()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         for run in range(a.runs):
             idle_compare(a.nodes, a.window, a.poll_wait, header=run == 0)
         return 0
+    loadgen.quiet_gc()
     p = argparse.ArgumentParser(description="Scenario 1 on ctxd and on the floor server, with the ratio.")
     p.add_argument("--nodes", type=int, default=100, help="compute nodes (plus one head)")
     p.add_argument("--runs", type=int, default=1)

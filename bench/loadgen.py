@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ctxagent  # noqa: E402  (the agent's own TLS context, view parsing and version)
-from ctxd.memory import TRIM_INTERVAL  # noqa: E402
+from ctxd.memory import TRIM_INTERVAL, settle_heap  # noqa: E402
 
 REQUEST_TIMEOUT = ctxagent.REQUEST_TIMEOUT
 USER_AGENT = "ctxagent/" + ctxagent.__version__
@@ -656,6 +656,17 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
     return {"woken": woken, "rss_empty": rss_empty, "rss_loaded": rss_loaded, "samples": samples}
 
 
+def quiet_gc() -> None:
+    """The generator's garbage collection tuned as ctxd's (ctxd.memory.settle_heap).
+
+    One process simulates thousands of machines; with Python's default thresholds its
+    full collections, walking every simulated node's state again and again, grew faster
+    than N and took wall time that the server being measured (sharing the two cores)
+    then appeared to take.
+    """
+    settle_heap()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
@@ -668,6 +679,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name == "idle":
             p.add_argument("--window", type=float, default=60.0, help="idle seconds sampled")
     args = parser.parse_args(argv)
+    quiet_gc()
     # SIGTERM (e.g. from timeout(1)) unwinds, so the broker is stopped and its state removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for run in range(args.runs):

@@ -9,16 +9,19 @@ helper.
 import json
 import re
 from io import BytesIO
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 import ctxd
 from ctxd import tokens, validate
 from ctxd.broker import Broker
+from ctxd.model import JSONChunks, json_bytes
 from ctxd.errors import (
     BadRequest,
     BrokerError,
@@ -149,8 +152,59 @@ def _query_int(request: server.Request, name: str, default: Optional[int]) -> Op
         raise BadRequest(f"{name}: must be an integer") from None
 
 
-def _json_bytes(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+# Bodies larger than this are written as the connection drains (_BodyProducer), not at once.
+STREAM_ABOVE = 64 * 1024
+
+
+@implementer(IPushProducer)
+class _BodyProducer:
+    """Writes a response body a slice at a time, pausing whenever the connection's buffer
+    is full (the transport pauses it) and going on when it drains.
+
+    Written at once, a body is encrypted into the connection's buffer whole: when the
+    last node of a 1,000-node all_identities cluster reported, 1,000 views of 1.9 MB each
+    were held at the same time (2.4 GiB of broker RSS). Streamed, each connection holds
+    what is in flight, and the chunks themselves - the group's shared part above all -
+    exist once.
+    """
+
+    SLICE = STREAM_ABOVE
+
+    def __init__(self, request: server.Request, chunks: Sequence[bytes]) -> None:
+        self.request: Optional[server.Request] = request
+        self.chunks = list(chunks)
+        self.offset = 0
+        self.paused = False
+
+    def start(self) -> None:
+        assert self.request is not None
+        self.request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        # Each write may pause us (synchronously) when the transport's buffer fills up.
+        while self.request is not None and not self.paused:
+            if not self.chunks:
+                request, self.request = self.request, None
+                request.unregisterProducer()
+                request.finish()
+                return
+            chunk = self.chunks[0]
+            piece = chunk if self.offset == 0 and len(chunk) <= self.SLICE else chunk[self.offset:self.offset + self.SLICE]
+            self.offset += len(piece)
+            if self.offset >= len(chunk):
+                self.chunks.pop(0)
+                self.offset = 0
+            self.request.write(piece)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        # The connection went away: notifyFinish's errback does the rest.
+        self.request = None
+        self.chunks = []
 
 
 class BrokerResource(resource.Resource):
@@ -288,8 +342,15 @@ class BrokerResource(resource.Resource):
         request.setResponseCode(status)
         request.setHeader("cache-control", "no-store")
         if body is not None:
+            chunks = body.chunks if isinstance(body, JSONChunks) else (json_bytes(body),)
             request.setHeader("content-type", "application/json")
-            request.write(_json_bytes(body))
+            size = sum(len(c) for c in chunks)
+            request.setHeader("content-length", str(size))
+            if size > STREAM_ABOVE:
+                _BodyProducer(request, chunks).start()
+                return
+            for chunk in chunks:
+                request.write(chunk)
         request.finish()
 
     def _fail(self, failure: Failure, request: server.Request, gone: List[bool]) -> None:
@@ -389,7 +450,7 @@ class CappedRequest(server.Request):
     def _refuse(self) -> None:
         self._refused = True
         self.content = BytesIO()
-        body = _json_bytes(
+        body = json_bytes(
             {"error": TooLarge.code, "message": f"the body is larger than {self.max_body} bytes"}
         )
         transport = self.channel.transport

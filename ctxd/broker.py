@@ -337,7 +337,7 @@ class Broker:
             raise BadRequest(f"wait: must be from 0 to {MAX_WAIT} seconds")
         node = self._own_node(principal, cid, nid)
         if since is None or self.model.view_revision(node) > since:
-            return self._durable((200, self.model.view(node)))
+            return self._durable((200, self.model.view_json(node)))
         if wait == 0:
             return succeed((304, None))
         previous = self._by_node.get((cid, nid))
@@ -399,7 +399,7 @@ class Broker:
                 candidates.add(waiter)
         for waiter in candidates:
             if self.model.view_revision(waiter.node) > waiter.since:
-                self._fire(waiter, (200, self.model.view(waiter.node)))
+                self._fire(waiter, (200, self.model.view_json(waiter.node)))
 
     def waiter_count(self) -> int:
         return len(self._by_node)

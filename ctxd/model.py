@@ -19,7 +19,8 @@ changed, so the caller wakes only the long-poll waiters concerned. The rules:
 - a node's own state or identity touches that node.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import json
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ctxd import tokens, validate
 from ctxd.errors import (
@@ -134,6 +135,30 @@ class Node:
         return True
 
 
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact JSON (ASCII)."""
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+class JSONChunks:
+    """A JSON document already rendered: the byte strings that, concatenated, are it.
+
+    A view is two: its group's shared part, one bytes object for every node of the
+    group (with all_identities, almost all of the view), and the node's own fields.
+    """
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class Group:
     __slots__ = (
         "context_id",
@@ -150,6 +175,7 @@ class Group:
         "ok",
         "view_rev",
         "cache",
+        "rendered",
     )
 
     def __init__(self, context_id: str, spec: Dict[str, Any], join_hash: str, join_expires: float) -> None:
@@ -168,6 +194,8 @@ class Group:
         self.view_rev = 0
         # (view_rev, part): the view shared by all of this group's nodes.
         self.cache: Optional[Tuple[int, Dict[str, Any]]] = None
+        # (view_rev, that part as JSON without its closing brace): rendered once, sent to all.
+        self.rendered: Optional[Tuple[int, bytes]] = None
 
     def spec(self) -> Dict[str, Any]:
         return {
@@ -923,6 +951,23 @@ class Model:
         view["state"] = node.state
         view["self"] = node.identity
         return view
+
+    def view_json(self, node: Node) -> JSONChunks:
+        """:meth:`view` rendered: the group's part as JSON, rendered once per revision of the
+        group's view and shared, then this node's own fields."""
+        ctx = self.contexts[node.group.context_id]
+        g = node.group
+        part = self._group_part(ctx, g)
+        if g.rendered is not None and g.rendered[0] == g.view_rev:
+            shared = g.rendered[1]
+        else:
+            shared = json_bytes(part)[:-1]
+            # Kept only where it is shared: a group of one (a head) would just hold a copy.
+            g.rendered = (g.view_rev, shared) if len(g.nodes) > 1 else None
+        own = json_bytes(
+            {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
+        )
+        return JSONChunks((shared, b"," + own[1:]))
 
     def summary(self, ctx: Context) -> Dict[str, Any]:
         expected = ctx.expected

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import treq
 from support import (
     ADMIN_TOKEN,
+    BASE,
     Client,
     torque,
     identity,
@@ -17,6 +19,7 @@ from support import (
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
+from ctxd import api
 from ctxd.api import make_site
 from ctxd.journal import FileJournal
 
@@ -443,3 +446,49 @@ def test_other_credentials_cannot_probe_node_ids(client):
     for token in (joins["compute"], nodes[3][1]):
         assert client.call("GET", f"/v1/contexts/{cid}/nodes/{nodes[2][0]}/view", token)[0] == 403
         assert client.call("GET", f"/v1/contexts/{cid}/nodes/{'A' * 22}/view", token)[0] == 403
+
+
+def _fat_identities_cluster(n):
+    return {"name": "fat", "groups": [{"name": "all", "quantity": n, "provides": ["member"],
+                                       "requires": [{"role": "member"}], "all_identities": True}]}
+
+
+def test_large_view_is_streamed_whole_and_equal_to_the_model(monkeypatch):
+    """A view above STREAM_ABOVE goes out slice by slice through a producer: the client
+    gets exactly the model's view, with a Content-Length (no chunked framing)."""
+    monkeypatch.setattr(api._BodyProducer, "SLICE", 4096)   # many slices from a small cluster
+    client = Client()
+    n = 12
+    cid, created = client.create(_fat_identities_cluster(n))
+    join = created["bootstraps"]["all"]["join_token"]
+    fat_key = "ssh-rsa " + "A" * 4000
+    nodes = [client.enroll(cid, join, i, ssh_host_keys=[fat_key] * 4)[1] for i in range(1, n + 1)]
+    first = nodes[0]
+    path = f"/v1/contexts/{cid}/nodes/{first['node_id']}/view"
+    d = client.stub.request("GET", BASE + path, headers={"Authorization": f"Bearer {first['node_token']}"})
+    client.stub.flush()
+    response = result_of(d)
+    body = result_of(treq.content(response))
+    assert len(body) > api.STREAM_ABOVE
+    assert response.length == len(body)   # from Content-Length (chunked framing would leave it unknown)
+    node = client.broker.model.contexts[cid].nodes[first["node_id"]]
+    assert json.loads(body) == client.broker.model.view(node)
+    assert len(json.loads(body)["all_identities"]) == n
+
+
+def test_view_json_shares_the_group_part_between_nodes():
+    client = Client()
+    cid, created = client.create(_fat_identities_cluster(4))
+    join = created["bootstraps"]["all"]["join_token"]
+    for i in (1, 2, 3):
+        client.enroll(cid, join, i)
+    model = client.broker.model
+    a, b = list(model.contexts[cid].nodes.values())[:2]
+    va, vb = model.view_json(a), model.view_json(b)
+    assert va.chunks[0] is vb.chunks[0]   # rendered once for the group
+    assert json.loads(bytes(va)) == model.view(a) and json.loads(bytes(vb)) == model.view(b)
+    assert model.view_json(a).chunks[0] is va.chunks[0]   # nothing changed: not rendered again
+    client.enroll(cid, join, 4)
+    after = model.view_json(a)
+    assert after.chunks[0] is not va.chunks[0]
+    assert len(json.loads(bytes(after))["all_identities"]) == 4
