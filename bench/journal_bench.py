@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -172,7 +173,7 @@ def write_replay_journal(path: str, records: int) -> None:
             f.write(make_frame(file_id, seq, encode(rec)))
 
 
-def replay_run(records: int) -> float:
+def replay_run(records: int) -> Tuple[float, float, float, float]:
     import gc
 
     from twisted.internet.defer import succeed

@@ -170,11 +170,17 @@ class _BodyProducer:
 
     SLICE = STREAM_ABOVE
 
-    def __init__(self, request: server.Request, chunks: Sequence[bytes]) -> None:
+    def __init__(self, request: server.Request, chunks: Sequence[bytes], clock: Any, stall_timeout: float) -> None:
         self.request: Optional[server.Request] = request
         self.chunks = list(chunks)
         self.offset = 0
         self.paused = False
+        # The channel's idle timeout is off until the request finishes: a reader that stops
+        # reading (a zero window) would hold the connection, its budget slot and these
+        # chunks for good. Paused longer than this, the connection is cut.
+        self.clock = clock
+        self.stall_timeout = stall_timeout
+        self.stalled: Any = None
 
     def start(self) -> None:
         assert self.request is not None
@@ -183,6 +189,7 @@ class _BodyProducer:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._stop_stall_timer()
         # Each write may pause us (synchronously) when the transport's buffer fills up.
         while self.request is not None and not self.paused:
             if not self.chunks:
@@ -200,11 +207,30 @@ class _BodyProducer:
 
     def pauseProducing(self) -> None:
         self.paused = True
+        if self.stalled is None and self.request is not None:
+            self.stalled = self.clock.callLater(self.stall_timeout, self._stalled)
 
     def stopProducing(self) -> None:
         # The connection went away: notifyFinish's errback does the rest.
+        self._stop_stall_timer()
         self.request = None
         self.chunks = []
+
+    def _stop_stall_timer(self) -> None:
+        if self.stalled is not None:
+            if self.stalled.active():
+                self.stalled.cancel()
+            self.stalled = None
+
+    def _stalled(self) -> None:
+        self.stalled = None
+        request = self.request
+        if request is None or request.channel is None:
+            return
+        log.info("cutting a connection that read nothing of a response for {seconds} s",
+                 seconds=self.stall_timeout)
+        transport = request.channel.transport
+        getattr(transport, "abortConnection", transport.loseConnection)()
 
 
 class BrokerResource(resource.Resource):
@@ -212,10 +238,11 @@ class BrokerResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, broker: Broker, max_body: int = DEFAULT_MAX_BODY, stall_timeout: float = 120.0) -> None:
         super().__init__()
         self.broker = broker
         self.max_body = max_body
+        self.stall_timeout = stall_timeout
 
     def render(self, request: server.Request) -> Any:
         gone: List[bool] = [False]
@@ -347,7 +374,7 @@ class BrokerResource(resource.Resource):
             size = sum(len(c) for c in chunks)
             request.setHeader("content-length", str(size))
             if size > STREAM_ABOVE:
-                _BodyProducer(request, chunks).start()
+                _BodyProducer(request, chunks, self.broker.clock, self.stall_timeout).start()
                 return
             for chunk in chunks:
                 request.write(chunk)
@@ -524,7 +551,7 @@ def make_site(
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
     # email-module parsers were 5% of the broker's CPU in a join storm, and an attack surface.
     site = server.Site(
-        BrokerResource(broker, max_body), requestFactory=request_class, timeout=timeout,
+        BrokerResource(broker, max_body, stall_timeout=timeout), requestFactory=request_class, timeout=timeout,
         parsePOSTFormSubmission=False,
     )
     site.protocol = type("Channel", (DeadlineChannel,), {"request_deadline": request_deadline})

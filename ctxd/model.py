@@ -893,6 +893,7 @@ class Model:
             g.view_rev = saved["view_rev"]
             g.join_expires = saved["join_expires"]
             g.cache = None
+            g.rendered = None
         return Touched(ctx.id)
 
     # -- reads -------------------------------------------------------------

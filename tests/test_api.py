@@ -492,3 +492,77 @@ def test_view_json_shares_the_group_part_between_nodes():
     after = model.view_json(a)
     assert after.chunks[0] is not va.chunks[0]
     assert len(json.loads(bytes(after))["all_identities"]) == 4
+
+
+class _FakeStreamRequest:
+    """What _BodyProducer uses of a request, recording everything."""
+
+    def __init__(self):
+        from twisted.internet.testing import StringTransport
+
+        self.written, self.finished, self.producer = [], False, None
+        self.channel = type("Channel", (), {})()
+        self.channel.transport = StringTransport()
+        self.aborted = []
+        self.channel.transport.abortConnection = lambda: self.aborted.append(True)
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.written.append(data)
+        if len(self.written) == 2:
+            self.producer.pauseProducing()   # the transport's buffer is full
+
+    def finish(self):
+        self.finished = True
+
+
+def _stream(chunks, stall=120.0):
+    from twisted.internet.task import Clock
+
+    clock, request = Clock(), _FakeStreamRequest()
+    producer = api._BodyProducer(request, chunks, clock, stall)
+    producer.SLICE = 10
+    producer.start()
+    return clock, request, producer
+
+
+def test_streamed_body_is_written_in_slices_and_finished():
+    clock, request, producer = _stream([b"a" * 25, b"b" * 5])
+    assert request.written == [b"a" * 10, b"a" * 10] and not request.finished   # paused
+    producer.resumeProducing()
+    assert b"".join(request.written) == b"a" * 25 + b"b" * 5
+    assert request.finished and request.producer is None
+    assert clock.getDelayedCalls() == [] and request.aborted == []
+
+
+def test_reader_that_stops_reading_is_cut_after_the_idle_timeout():
+    """The channel's idle timer is off while a response is unfinished: the producer's own
+    timer cuts a connection paused (nothing read) for the whole timeout."""
+    clock, request, producer = _stream([b"x" * 100], stall=120.0)
+    clock.advance(119)
+    assert request.aborted == []
+    clock.advance(1)
+    assert request.aborted == [True]
+    assert not request.finished
+
+
+def test_a_reader_that_drains_keeps_its_connection():
+    clock, request, producer = _stream([b"x" * 100], stall=120.0)
+    clock.advance(100)
+    producer.resumeProducing()   # the reader took the buffer: the timer restarts from zero
+    clock.advance(100)
+    assert request.aborted == [] and request.finished
+
+
+def test_stop_producing_cancels_the_stall_timer():
+    clock, request, producer = _stream([b"x" * 100])
+    producer.stopProducing()   # the connection went away
+    assert clock.getDelayedCalls() == []
+    producer.resumeProducing()
+    assert not request.finished and len(request.written) == 2
