@@ -106,13 +106,7 @@ class FloorProcess:
         time.sleep(0.3)   # listening right after the certificate is written
 
     def cleanup(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        loadgen.terminate(self.popen, 30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -96,6 +96,17 @@ def listen_overflows() -> int:
         return -1
 
 
+def terminate(popen: "subprocess.Popen[bytes]", timeout: float) -> None:
+    """SIGTERM a server process (it cleans up), SIGKILL it if it is not gone in TIMEOUT s."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
 class Proc:
     """Figures of a server process from /proc."""
 
@@ -396,13 +407,7 @@ class BrokerProcess:
         return created["context"]["id"], created["bootstraps"]
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, 60)
 
     def cleanup(self) -> None:
         self.stop()

@@ -23,8 +23,8 @@ was frozen is still freed by reference counting when it goes.
 """
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 from typing import Any, Callable, Optional
 
 # Seconds between trims: a trim costs a few milliseconds per hundred MiB of heap. Ten

@@ -152,9 +152,6 @@ class JSONChunks:
     def __init__(self, chunks: Sequence[bytes]) -> None:
         self.chunks = chunks
 
-    def __len__(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
     def __bytes__(self) -> bytes:
         return b"".join(self.chunks)
 
@@ -956,13 +953,11 @@ class Model:
     def view_json(self, node: Node) -> JSONChunks:
         """:meth:`view` rendered: the group's part as JSON, rendered once per revision of the
         group's view and shared, then this node's own fields."""
-        ctx = self.contexts[node.group.context_id]
         g = node.group
-        part = self._group_part(ctx, g)
         if g.rendered is not None and g.rendered[0] == g.view_rev:
             shared = g.rendered[1]
         else:
-            shared = json_bytes(part)[:-1]
+            shared = json_bytes(self._group_part(self.contexts[g.context_id], g))[:-1]
             # Kept only where it is shared: a group of one (a head) would just hold a copy.
             g.rendered = (g.view_rev, shared) if len(g.nodes) > 1 else None
         own = json_bytes(

@@ -17,6 +17,7 @@ from support import (
     torque_cluster,
 )
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from ctxd import api
@@ -498,8 +499,6 @@ class _FakeStreamRequest:
     """What _BodyProducer uses of a request, recording everything."""
 
     def __init__(self):
-        from twisted.internet.testing import StringTransport
-
         self.written, self.finished, self.producer = [], False, None
         self.channel = type("Channel", (), {})()
         self.channel.transport = StringTransport()
@@ -523,8 +522,6 @@ class _FakeStreamRequest:
 
 
 def _stream(chunks, stall=120.0):
-    from twisted.internet.task import Clock
-
     clock, request = Clock(), _FakeStreamRequest()
     producer = api._BodyProducer(request, chunks, clock, stall)
     producer.SLICE = 10

@@ -33,11 +33,15 @@ def test_release_returns_fragmented_free_pages():
     del keep
 
 
-def test_daemon_trims_on_a_timer(tmp_path):
+def _daemon(tmp_path, reactor):
     config = tap.Options()
     config.parseOptions(["--state-dir", str(tmp_path / "s"), "--listen", "ssl:0:interface=127.0.0.1",
                          "--public-url", "https://127.0.0.1:8443"])
-    svc = tap.makeService(config, MemoryReactorClock())
+    return tap.makeService(config, reactor)
+
+
+def test_daemon_trims_on_a_timer(tmp_path):
+    svc = _daemon(tmp_path, MemoryReactorClock())
     calls = [(s.step, s.call[0]) for s in svc if isinstance(s, TimerService)]
     if glibc:
         assert (memory.TRIM_INTERVAL, memory.release_free_memory) in calls
@@ -57,9 +61,6 @@ def test_settle_heap_freezes_start_up_and_raises_the_young_threshold():
 
 
 def test_daemon_settles_its_heap_once_running(tmp_path):
-    config = tap.Options()
-    config.parseOptions(["--state-dir", str(tmp_path / "s"), "--listen", "ssl:0:interface=127.0.0.1",
-                         "--public-url", "https://127.0.0.1:8443"])
     reactor = MemoryReactorClock()
-    tap.makeService(config, reactor)
+    _daemon(tmp_path, reactor)
     assert (memory.settle_heap, (), {}) in reactor.whenRunningHooks

@@ -7,11 +7,10 @@ import stat
 import pytest
 from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from ctxd import tap
-from twisted.protocols.tls import TLSMemoryBIOFactory
-
 from ctxd.journal import FileJournal, scan
 
 
