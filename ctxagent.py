@@ -80,7 +80,7 @@ EXIT_ACTION, EXIT_INCOMPLETE, EXIT_REFUSED, EXIT_BUG, EXIT_UNCAUGHT = 4, 5, 6, 4
 
 MAX_BOOTSTRAP = 1 << 20
 MAX_REPLY = 256 << 20
-TAIL = 65536                  # log_tail and captured script output, in characters
+TAIL = 65536                  # captured script output, in characters
 REQUEST_TIMEOUT = 30.0
 ERROR_REPORT_TIMEOUT = 5.0    # an error report is one short attempt
 FINAL_REPORT_BUDGET = 120.0   # the ok report may outlive --timeout by this much
@@ -88,13 +88,22 @@ REFUSED = (401, 403, 404, 409, 410)
 IMDS = "http://169.254.169.254/latest/"
 
 MARKER = re.compile(r"^[ \t]*#[ \t]*ctxd-bootstrap:(.*)$", re.M)
+
+# What the broker accepts (ctxd/rules.py), copied so this file needs nothing else;
+# tests/test_rules.py checks that both say the same. Matched whole (fullmatch).
 # Names start with a letter or digit, so "." and ".." can never match.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ID = re.compile(r"[A-Za-z0-9_-]{22}")
 LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_FQDN = 253
 IFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,15}")
-SSH_KEY = re.compile(r"(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh"
-                     r"\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]{1,4000}={0,2}")
+MAX_INTERFACES, MAX_ADDRESSES = 64, 64
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
+SSH_KEY_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+MAX_SSH_KEY, MAX_SSH_KEYS = 4096, 16
+MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 60
+
 SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
 TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
 
@@ -174,13 +183,16 @@ def check_interface_name(value, what):
 
 def check_ssh_key(value, what):
     """"TYPE BASE64" of a known type, without comment."""
-    return _check(value, SSH_KEY, what, "SSH host key")
+    kind, _, key = value.partition(" ") if isinstance(value, str) and len(value) <= MAX_SSH_KEY else ("", "", "")
+    if kind not in SSH_KEY_TYPES or not SSH_KEY_B64.fullmatch(key):
+        raise InputError("%s: invalid SSH host key %s" % (what, _show(value)))
+    return value
 
 
 def check_fqdn(value, what):
-    """Dotted RFC 1123 labels, at most 253 characters, not an IP address."""
-    if not (isinstance(value, str) and len(value) <= 253 and not _is_ip(value)
-            and all(LABEL.fullmatch(label) for label in value.split("."))):
+    """Dotted RFC 1123 labels, at most 253 characters, the last not all digits (an address)."""
+    labels = value.split(".") if isinstance(value, str) and 0 < len(value) <= MAX_FQDN else ["0"]
+    if labels[-1].isdigit() or not all(LABEL.fullmatch(label) for label in labels):
         raise InputError("%s: invalid FQDN %s" % (what, _show(value)))
     return value
 
@@ -330,7 +342,8 @@ def _items(obj, key, what, check, limit=None):
 def _interface(obj, what):
     _expect(obj, dict, what)
     return Interface(check_interface_name(obj.get("name"), what + ".name"),
-                     _items(obj, "ipv4", what, check_ip, 64), _items(obj, "ipv6", what, check_ip, 64))
+                     _items(obj, "ipv4", what, check_ip, MAX_ADDRESSES),
+                     _items(obj, "ipv6", what, check_ip, MAX_ADDRESSES))
 
 
 def validate_identity(obj, what="identity"):
@@ -339,8 +352,8 @@ def validate_identity(obj, what="identity"):
     return Identity(check_hostname(obj.get("hostname"), what + ".hostname"),
                     check_fqdn(obj.get("fqdn"), what + ".fqdn"),
                     check_ip(obj.get("primary_ip"), what + ".primary_ip"),
-                    _items(obj, "interfaces", what, _interface, 64),
-                    _items(obj, "ssh_host_keys", what, check_ssh_key, 16))
+                    _items(obj, "interfaces", what, _interface, MAX_INTERFACES),
+                    _items(obj, "ssh_host_keys", what, check_ssh_key, MAX_SSH_KEYS))
 
 
 def validate_peer(obj, what):
@@ -352,7 +365,7 @@ def validate_peer(obj, what):
                 check_hostname(obj.get("hostname"), what + ".hostname"),
                 check_fqdn(obj.get("fqdn"), what + ".fqdn"),
                 check_ip(obj.get("ip"), what + ".ip"),
-                _items(obj, "ssh_host_keys", what, check_ssh_key, 16))
+                _items(obj, "ssh_host_keys", what, check_ssh_key, MAX_SSH_KEYS))
 
 
 def view_progress(raw):
@@ -469,22 +482,33 @@ def plan_actions(view, state_dir):
 def replace_managed_block(text, context_id, lines):
     """TEXT with the block of CONTEXT_ID replaced by LINES (none: removed).
 
-    The first block of the context is replaced in place, later copies are
-    dropped, and without one the block is appended; all else is kept as is.
-    ValueError for a BEGIN line without its END line.
+    The block runs from "# BEGIN ctxd (context CID)" to "# END ctxd (context CID)".
+    The first block of the context is replaced in place and any later copy is
+    dropped; without one the block is appended; all else is kept as is.
+    ValueError for a BEGIN without its END or an END without its BEGIN.
+    (ctxctl has the same function; tests/test_managed_block.py checks both.)
     """
-    markers = ["# %s ctxd (context %s)" % (word, context_id) for word in ("BEGIN", "END")]
-    begin, end = (re.escape(marker) for marker in markers)
-    blocks = re.compile(r"^%s\r?\n.*?^%s(?:\r?\n|\Z)" % (begin, end), re.M | re.S)
-    first = blocks.search(text)
-    rest = blocks.sub("", text)
-    if re.search("^%s\r?$" % begin, rest, re.M):
-        raise ValueError("a ctxd BEGIN line without its END line")
-    if first is None:
-        rest += "\n" if rest and not rest.endswith("\n") else ""
-    at = first.start() if first else len(rest)
-    block = "".join(line + "\n" for line in markers[:1] + list(lines) + markers[1:]) if lines else ""
-    return rest[:at] + block + rest[at:]
+    begin, end = ("# %s ctxd (context %s)" % (word, context_id) for word in ("BEGIN", "END"))
+    kept, at, inside = [], None, False
+    for line in text.splitlines(True):
+        marker = line.rstrip("\r\n")
+        if marker == (end if inside else begin):
+            if not inside and at is None:
+                at = len(kept)
+            inside = not inside
+        elif marker in (begin, end):
+            raise ValueError("the %r ... %r lines are damaged (a BEGIN without its END, or an END "
+                             "without its BEGIN)" % (begin, end))
+        elif not inside:
+            kept.append(line)
+    if inside:
+        raise ValueError("the %r line has no %r line after it" % (begin, end))
+    if at is None:
+        at = len(kept)
+        if lines and kept and not kept[-1].endswith("\n"):
+            kept[-1] += "\n"
+    block = [line + "\n" for line in [begin] + list(lines) + [end]] if lines else []
+    return "".join(kept[:at] + block + kept[at:])
 
 
 # ---------------------------------------------------------------------------
@@ -738,9 +762,9 @@ def group_addresses(pairs):
                 address.version == 6 and address.is_link_local):
             family = table.setdefault(name, {"name": name, "ipv4": [], "ipv6": []})[
                 "ipv%d" % address.version]
-            if str(address) not in family and len(family) < 64:
+            if str(address) not in family and len(family) < MAX_ADDRESSES:
                 family.append(str(address))
-    return list(table.values())[:64]
+    return list(table.values())[:MAX_INTERFACES]
 
 
 def parse_ip_addr(text):
@@ -792,7 +816,7 @@ def read_ssh_host_keys(ssh_dir):
         except (OSError, ValueError, InputError) as exc:
             LOG.warning("ignoring %s: %s", path, exc)
             continue
-        if key not in keys and len(keys) < 16:
+        if key not in keys and len(keys) < MAX_SSH_KEYS:
             keys.append(key)
     return keys
 
@@ -979,7 +1003,7 @@ class RunLog(logging.Handler):
         self.stream.write("".join(self.lines))
 
     def tail(self):
-        return "".join(self.lines)[-TAIL:]
+        return "".join(self.lines)[-MAX_LOG_TAIL:]
 
     def close(self):
         if self.stream is not None:
@@ -1195,7 +1219,7 @@ class Agent(object):
         """Report the failure, best effort and briefly, when we hold a credential."""
         if self.node is None or code in (EXIT_ENVIRONMENT, EXIT_REFUSED):
             return
-        body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:4096],
+        body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:MAX_MESSAGE],
                 "log_tail": self.runlog.tail()}
         try:
             status, raw = self.broker.request("POST", self.node_path("report"), self.node["node_token"],
@@ -1253,7 +1277,8 @@ def parse_args(argv):
     add("--hostname", type=_checked(check_hostname), metavar="SHORT", help="to report")
     add("--fqdn", type=_checked(check_fqdn), metavar="FQDN", help="to report")
     add("--network-timeout", type=seconds, default=120.0, metavar="S", help="for a network address [%(default)g]")
-    add("--poll-wait", type=_number(-1, 60, int), default=30, metavar="S", help="0..60 [%(default)d]")
+    add("--poll-wait", type=_number(-1, MAX_WAIT, int), default=30, metavar="S",
+        help="0..%d [%%(default)d]" % MAX_WAIT)
     add("--script-timeout", type=seconds, default=600.0, metavar="S", help="[%(default)s]")
     add("--cloud-init-user-data", metavar="FILE", default="/var/lib/cloud/instance/user-data.txt",
         help="[%(default)s]")

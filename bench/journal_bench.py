@@ -148,7 +148,7 @@ def write_replay_journal(path: str, records: int) -> None:
 
     groups = records // 200_000 + 1  # at most 100,000 nodes per group; two records per node
     model = Model()
-    model.limits.nodes_per_context = groups * 100_000  # what the groups declare (not RECORDS: it may be less)
+    model.quotas.nodes_per_context = groups * 100_000  # what the groups declare (not RECORDS: it may be less)
     body = {"name": "replay", "groups": [
         {"name": f"c{g}", "quantity": 100_000, "provides": ["w"]} for g in range(groups)]}
     record, _ = model.prepare_create(body, 1.0)

@@ -19,22 +19,58 @@ from twisted.web import http, resource, server
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 import ctxd
-from ctxd import tokens, validate
-from ctxd.broker import Broker
-from ctxd.model import JSONChunks, json_bytes
+from ctxd import rules, tokens, validate
+from ctxd.broker import UNCHANGED, Broker, Enrollment
 from ctxd.errors import (
     BadRequest,
-    BrokerError,
+    Conflict,
+    Forbidden,
+    InternalError,
+    InvalidCluster,
+    InvalidName,
+    JoinTokenExpired,
     MethodNotAllowed,
     NotFound,
+    QuotaExceeded,
+    RequestError,
     TooLarge,
     TooManyRequests,
+    Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
 )
+from ctxd.model import JSONChunks, Principal, json_bytes
+from ctxd.tlsserver import client_certificate_name
 
 log = Logger()
 
-DEFAULT_MAX_BODY = 1024 * 1024
+#: The HTTP status answering each domain error (the most specific class listed wins).
+STATUS: Dict[type, int] = {
+    RequestError: 400,
+    BadRequest: 400,
+    InvalidName: 400,
+    InvalidCluster: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    MethodNotAllowed: 405,
+    Conflict: 409,
+    QuotaExceeded: 409,
+    JoinTokenExpired: 410,
+    TooLarge: 413,
+    UnsupportedMediaType: 415,
+    TooManyRequests: 429,
+    InternalError: 500,
+    Unavailable: 503,
+}
+
+
+def status_of(error: RequestError) -> int:
+    """The HTTP status for ``error``: that of its nearest class in :data:`STATUS`."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise AssertionError(f"{type(error).__name__} is not a RequestError")
 
 # Who may call a route:
 #   none        anybody
@@ -53,15 +89,16 @@ class Route(NamedTuple):
     handler: str
     auth: str
     body: str  # "none" | "required" | "optional"
+    status: int = 200  # on success (an enrollment says 201 or 200 itself; an unchanged view is 304)
 
 
 ROUTES: Tuple[Route, ...] = (
     Route("GET", "/healthz", "health", NONE, "none"),
     Route("GET", "/v1/users", "list_users", SITE_ADMIN, "none"),
-    Route("POST", "/v1/users", "add_user", SITE_ADMIN, "required"),
+    Route("POST", "/v1/users", "add_user", SITE_ADMIN, "required", 201),
     Route("DELETE", "/v1/users/{user}", "revoke_user", SITE_ADMIN, "none"),
     Route("GET", "/v1/contexts", "list_contexts", DEPLOYER, "none"),
-    Route("POST", "/v1/contexts", "create_context", DEPLOYER, "required"),
+    Route("POST", "/v1/contexts", "create_context", DEPLOYER, "required", 201),
     Route("GET", "/v1/contexts/{cid}", "get_context", OWNER, "none"),
     Route("DELETE", "/v1/contexts/{cid}", "delete_context", OWNER, "none"),
     Route("PUT", "/v1/contexts/{cid}/data/{name}", "put_data", OWNER, "required"),
@@ -76,8 +113,8 @@ ROUTES: Tuple[Route, ...] = (
 
 _PARAM_CHECKS: Dict[str, Callable[[str], Any]] = {
     # An id of the wrong shape can name nothing: answer as for an unknown one.
-    "cid": lambda v: _must(validate.ID_RE.match(v), "no such context"),
-    "nid": lambda v: _must(validate.ID_RE.match(v), "no such node"),
+    "cid": lambda v: _must(rules.is_id(v), "no such context"),
+    "nid": lambda v: _must(rules.is_id(v), "no such node"),
     "name": lambda v: validate.name(v, "data name"),
     "group": lambda v: validate.name(v, "group name"),
     "user": lambda v: validate.name(v, "deployer name"),
@@ -238,7 +275,7 @@ class BrokerResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, broker: Broker, max_body: int = DEFAULT_MAX_BODY, stall_timeout: float = 120.0) -> None:
+    def __init__(self, broker: Broker, max_body: int = rules.MAX_BODY, stall_timeout: float = 120.0) -> None:
         super().__init__()
         self.broker = broker
         self.max_body = max_body
@@ -280,12 +317,13 @@ class BrokerResource(resource.Resource):
         body = None
         if route.body == "required" or (route.body == "optional" and request.getHeader("content-type")):
             body = read_json(request, self.max_body)
-        return getattr(self, "_" + route.handler)(request, principal, body, **params)
+        d = maybeDeferred(getattr(self, "_" + route.handler), request, principal, body, **params)
+        return d.addCallback(_reply, route)
 
     # -- handlers: unpack, call the broker ---------------------------------------
 
     def _health(self, request, principal, body):
-        return 200, {"status": "ok", "version": ctxd.__version__}
+        return {"status": "ok", "version": ctxd.__version__}
 
     def _list_users(self, request, principal, body):
         return self.broker.list_users()
@@ -383,13 +421,12 @@ class BrokerResource(resource.Resource):
     def _fail(self, failure: Failure, request: server.Request, gone: List[bool]) -> None:
         if failure.check(CancelledError) and gone[0]:
             return
-        if failure.check(BrokerError):
+        if failure.check(RequestError):
             error = failure.value
         else:
             log.failure("unexpected error answering {method} {path}", failure,
                         method=request.method, path=request.path)
-            error = BrokerError("internal error", code="internal_error")
-            error.status = 500
+            error = InternalError("internal error")
         if gone[0]:
             return
         if isinstance(error, TooManyRequests):
@@ -397,7 +434,16 @@ class BrokerResource(resource.Resource):
         if isinstance(error, MethodNotAllowed):
             route_methods = [r.method for r, p in _COMPILED if p.match(request.path.decode("ascii", "replace"))]
             request.setHeader("allow", ", ".join(route_methods))
-        self._respond((error.status, {"error": error.code, "message": error.message}), request, gone)
+        self._respond((status_of(error), {"error": error.code, "message": error.message}), request, gone)
+
+
+def _reply(result: Any, route: Route) -> Tuple[int, Any]:
+    """The HTTP status and body answering a handler's domain result."""
+    if result is UNCHANGED:
+        return 304, None
+    if isinstance(result, Enrollment):
+        return (201 if result.new else 200), result.body
+    return route.status, result
 
 
 def _empty_body(body: Any, what: str) -> None:
@@ -405,15 +451,15 @@ def _empty_body(body: Any, what: str) -> None:
         raise BadRequest(f"{what} takes an empty body")
 
 
-def _principal_name(principal: Optional[Tuple[str, str, str]]) -> str:
+def _principal_name(principal: Optional[Principal]) -> str:
     if principal is None:
         return "anonymous"
-    kind, cid, oid = principal
+    kind, cid, subject = principal
     if kind == "admin":
         return "admin"
     if kind == "deployer":
-        return f"deployer:{oid}"
-    return f"{kind}:{cid}/{oid}"
+        return f"deployer:{subject}"
+    return f"{kind}:{cid}/{subject}"
 
 
 def _credential_kind(token: Optional[str]) -> str:
@@ -424,15 +470,6 @@ def _credential_kind(token: Optional[str]) -> str:
         if token.startswith(prefix) and tokens.well_formed(token):
             return prefix
     return "malformed"
-
-
-def client_certificate_name(request: server.Request) -> Optional[str]:
-    """The common name of a verified client certificate, when mutual TLS is on."""
-    try:
-        from ctxd.tlsserver import client_certificate_name as name_of
-    except ImportError:  # pragma: no cover - tlsserver is part of ctxd
-        return None
-    return name_of(request)
 
 
 def _source(request: server.Request) -> str:
@@ -456,7 +493,7 @@ class CappedRequest(server.Request):
     chunked body is counted as it arrives. Either way nothing goes to disk.
     """
 
-    max_body = DEFAULT_MAX_BODY
+    max_body = rules.MAX_BODY
     _refused = False
     _received = 0
 
@@ -544,7 +581,7 @@ class DeadlineChannel(http.HTTPChannel):
 
 
 def make_site(
-    broker: Broker, max_body: int = DEFAULT_MAX_BODY, timeout: int = 120, request_deadline: float = 30.0
+    broker: Broker, max_body: int = rules.MAX_BODY, timeout: int = 120, request_deadline: float = 30.0
 ) -> server.Site:
     """The twisted.web Site serving the API."""
     request_class = type("Request", (CappedRequest,), {"max_body": max_body})

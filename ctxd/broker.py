@@ -11,24 +11,34 @@ sent after the journal's barrier, when all it shows is on disk. A view revision 
 agent has seen therefore survives a crash with the same content.
 """
 
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctxd import tokens
+from ctxd import rules, tokens
 from ctxd.audit import AuditLog
-from ctxd.limits import RateLimiter
+from ctxd.admission import RateLimiter
 from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
 from ctxd.journal import JournalClosed, JournalFailed
-from ctxd.model import Model, Node, Touched
+from ctxd.model import SITE_ADMIN, Model, Node, Principal, Touched
 
 log = Logger()
 
-MAX_WAIT = 60
 
-Reply = Tuple[int, Optional[Dict[str, Any]]]
+class Enrollment(NamedTuple):
+    """What an enrollment answers: the node's credential, and whether the node is new."""
+
+    body: Dict[str, Any]
+    new: bool
+
+
+class Unchanged:
+    """A node's view did not change within its long-poll's wait."""
+
+
+UNCHANGED = Unchanged()
 
 
 def _deliver(result: Any, d: Deferred) -> None:
@@ -100,8 +110,8 @@ class Broker:
 
     # -- credentials -------------------------------------------------------
 
-    def authenticate(self, token: Optional[str], client_name: Optional[str] = None) -> Tuple[str, str, str]:
-        """The principal holding ``token``: ("admin", "", "") or a model principal.
+    def authenticate(self, token: Optional[str], client_name: Optional[str] = None) -> Principal:
+        """The principal holding ``token``: the site admin or a model principal.
 
         Without a bearer token, a client certificate verified against the
         configured client CA (``client_name``, its common name) authenticates the
@@ -110,7 +120,7 @@ class Broker:
         if token is None and client_name is not None:
             user = self.model.users.get(client_name)
             if user is not None and user.revoked_at is None:
-                return ("deployer", "", user.name)
+                return Principal("deployer", "", user.name)
             raise Unauthorized("the client certificate names no active deployer")
         if token is None:
             raise Unauthorized("a bearer credential is required")
@@ -118,20 +128,20 @@ class Broker:
             raise Unauthorized("malformed credential")
         hashed = tokens.token_hash(token)
         if tokens.same_hash(hashed, self.admin_token_hash):
-            return ("admin", "", "")
+            return SITE_ADMIN
         found = self.model.principal(hashed)
         if found is None:
             raise Unauthorized("unknown or revoked credential")
         return found
 
     @staticmethod
-    def require_admin(principal: Tuple[str, str, str]) -> None:
-        if principal[0] != "admin":
+    def require_admin(principal: Principal) -> None:
+        if not principal.is_admin:
             raise Forbidden("this operation needs the site admin credential")
 
     @staticmethod
-    def require_deployer(principal: Tuple[str, str, str]) -> None:
-        if principal[0] not in ("admin", "deployer"):
+    def require_deployer(principal: Principal) -> None:
+        if not principal.manages_contexts:
             raise Forbidden("this operation needs a deployer or the site admin credential")
 
     def limit_enrollment(self, source: str, token: Optional[str]) -> None:
@@ -179,8 +189,8 @@ class Broker:
         if self.on_fatal is not None:
             self.on_fatal()
 
-    def _durable(self, reply: Reply) -> Deferred:
-        """Send ``reply`` (already rendered) once all it may show is durable."""
+    def _durable(self, reply: Any) -> Deferred:
+        """Answer ``reply`` (already rendered) once all it may show is durable."""
         d = self.journal.barrier()
 
         def failed(failure: Any) -> None:
@@ -200,16 +210,16 @@ class Broker:
 
     # -- admin operations ----------------------------------------------------
 
-    def create_context(self, principal: Tuple[str, str, str], body: Any) -> Deferred:
-        owner = principal[2] if principal[0] == "deployer" else ""
+    def create_context(self, principal: Principal, body: Any) -> Deferred:
+        owner = principal.subject if principal.kind == "deployer" else ""
         record, join_tokens = self.model.prepare_create(body, self.now(), owner)
         cid = record["ctx"]
 
-        def reply() -> Reply:
+        def reply() -> Dict[str, Any]:
             ctx = self.model.contexts[cid]
             bootstraps = {group: self.bootstrap(cid, group, token) for group, token in join_tokens.items()}
             log.info("context {cid} ({name}) created", cid=cid, name=ctx.name)
-            return 201, {"context": self.model.summary(ctx), "bootstraps": bootstraps}
+            return {"context": self.model.summary(ctx), "bootstraps": bootstraps}
 
         return self._commit_then(record, reply)
 
@@ -224,57 +234,57 @@ class Broker:
             "ca_pem": self.ca_pem,
         }
 
-    def list_contexts(self, principal: Tuple[str, str, str]) -> Deferred:
+    def list_contexts(self, principal: Principal) -> Deferred:
         contexts = self.model.visible_contexts(principal, self.now())
-        return self._durable((200, {"contexts": [self.model.summary(c) for c in contexts]}))
+        return self._durable({"contexts": [self.model.summary(c) for c in contexts]})
 
-    def get_context(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
-        return self._durable((200, self.model.status(self.model.owned_context(principal, cid, self.now()))))
+    def get_context(self, principal: Principal, cid: str) -> Deferred:
+        return self._durable(self.model.status(self.model.owned_context(principal, cid, self.now())))
 
-    def delete_context(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
+    def delete_context(self, principal: Principal, cid: str) -> Deferred:
         self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_delete(cid, self.now())
         log.info("context {cid} deleted", cid=cid)
-        return self._commit_then(record, lambda: (200, {"deleted": cid}))
+        return self._commit_then(record, lambda: {"deleted": cid})
 
-    def put_data(self, principal: Tuple[str, str, str], cid: str, name: str, body: Any) -> Deferred:
+    def put_data(self, principal: Principal, cid: str, name: str, body: Any) -> Deferred:
         self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_data(cid, name, body, self.now())
-        return self._commit_then(record, lambda: (200, self.model.summary(self.model.contexts[cid])))
+        return self._commit_then(record, lambda: self.model.summary(self.model.contexts[cid]))
 
-    def lock(self, principal: Tuple[str, str, str], cid: str) -> Deferred:
+    def lock(self, principal: Principal, cid: str) -> Deferred:
         self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_lock(cid, self.now())
-        return self._commit_then(record, lambda: (200, self.model.summary(self.model.contexts[cid])))
+        return self._commit_then(record, lambda: self.model.summary(self.model.contexts[cid]))
 
-    def revoke_node(self, principal: Tuple[str, str, str], cid: str, nid: str) -> Deferred:
+    def revoke_node(self, principal: Principal, cid: str, nid: str) -> Deferred:
         """The node's credential stops working at once; its instance cannot re-enroll."""
         self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_node_revoke(cid, nid, self.now())
         log.info("node {nid} of context {cid}: credential revoked", nid=nid, cid=cid)
-        return self._commit_then(record, lambda: (200, {"revoked": nid}))
+        return self._commit_then(record, lambda: {"revoked": nid})
 
-    def rotate_join_token(self, principal: Tuple[str, str, str], cid: str, group: str) -> Deferred:
+    def rotate_join_token(self, principal: Principal, cid: str, group: str) -> Deferred:
         """A new join token for ``group``; the old one stops working at once."""
         self.model.owned_context(principal, cid, self.now())
         record, token = self.model.prepare_join_rotate(cid, group, self.now())
         log.info("context {cid}: join token of group {group} rotated", cid=cid, group=group)
-        return self._commit_then(record, lambda: (200, {"bootstrap": self.bootstrap(cid, group, token)}))
+        return self._commit_then(record, lambda: {"bootstrap": self.bootstrap(cid, group, token)})
 
     # -- deployers (site admin only) -------------------------------------------
 
     def add_user(self, body: Any) -> Deferred:
         record, token = self.model.prepare_user_add(body, self.now())
         log.info("deployer {name} added", name=record["name"])
-        return self._commit_then(record, lambda: (201, {"name": record["name"], "token": token}))
+        return self._commit_then(record, lambda: {"name": record["name"], "token": token})
 
     def list_users(self) -> Deferred:
-        return self._durable((200, {"users": self.model.user_list()}))
+        return self._durable({"users": self.model.user_list()})
 
     def revoke_user(self, name: str) -> Deferred:
         record = self.model.prepare_user_revoke(name, self.now())
         log.info("deployer {name} revoked", name=name)
-        return self._commit_then(record, lambda: (200, {"revoked": name}))
+        return self._commit_then(record, lambda: {"revoked": name})
 
     def sweep_expired(self) -> None:
         """Delete expired contexts (each deletion is journaled); forget old rate windows."""
@@ -289,7 +299,8 @@ class Broker:
 
     # -- node operations -------------------------------------------------------
 
-    def enroll(self, principal: Tuple[str, str, str], cid: str, body: Any, source: str) -> Deferred:
+    def enroll(self, principal: Principal, cid: str, body: Any, source: str) -> Deferred:
+        """Fires with an :class:`Enrollment`."""
         kind, pcid, group = principal
         if kind != "join" or pcid != cid:
             # A valid credential of another kind or context: the same 403 as
@@ -307,50 +318,49 @@ class Broker:
         )
         return self._commit_then(
             record,
-            lambda: (201 if new else 200, {"node_id": nid, "node_token": node_token, "group": group, "context_id": cid}),
+            lambda: Enrollment({"node_id": nid, "node_token": node_token, "group": group, "context_id": cid}, new),
         )
 
-    def _own_node(self, principal: Tuple[str, str, str], cid: str, nid: str) -> Node:
+    def _own_node(self, principal: Principal, cid: str, nid: str) -> Node:
         # Authorization first: another credential learns nothing of what exists.
         self.model.check_node_principal(principal, cid, nid)
         return self.model.node(cid, nid, self.now())
 
-    def put_identity(self, principal: Tuple[str, str, str], cid: str, nid: str, body: Any, source: str) -> Deferred:
+    def put_identity(self, principal: Principal, cid: str, nid: str, body: Any, source: str) -> Deferred:
         node = self._own_node(principal, cid, nid)
         record = self.model.prepare_identity(cid, nid, body, source, self.now())
-        return self._commit_then(record, lambda: (200, {"revision": self.model.view_revision(node)}))
+        return self._commit_then(record, lambda: {"revision": self.model.view_revision(node)})
 
-    def report(self, principal: Tuple[str, str, str], cid: str, nid: str, body: Any) -> Deferred:
+    def report(self, principal: Principal, cid: str, nid: str, body: Any) -> Deferred:
         node = self._own_node(principal, cid, nid)
         record = self.model.prepare_report(cid, nid, body, self.now())
         if record["state"] == "error":
             log.info("node {nid} of context {cid} reported an error: {message}", nid=nid, cid=cid, message=record["message"])
         return self._commit_then(
-            record, lambda: (200, {"state": node.state, "revision": self.model.view_revision(node)})
+            record, lambda: {"state": node.state, "revision": self.model.view_revision(node)}
         )
 
-    def get_view(
-        self, principal: Tuple[str, str, str], cid: str, nid: str, since: Optional[int], wait: int
-    ) -> Deferred:
-        """The node's view now, or once its revision passes ``since`` (304 after ``wait`` s)."""
-        if not 0 <= wait <= MAX_WAIT:
-            raise BadRequest(f"wait: must be from 0 to {MAX_WAIT} seconds")
+    def get_view(self, principal: Principal, cid: str, nid: str, since: Optional[int], wait: int) -> Deferred:
+        """The node's view (JSONChunks) now, or once its revision passes ``since``;
+        :data:`UNCHANGED` if it does not within ``wait`` seconds."""
+        if not 0 <= wait <= rules.MAX_WAIT:
+            raise BadRequest(f"wait: must be from 0 to {rules.MAX_WAIT} seconds")
         node = self._own_node(principal, cid, nid)
         if since is None or self.model.view_revision(node) > since:
-            return self._durable((200, self.model.view_json(node)))
+            return self._durable(self.model.view_json(node))
         if wait == 0:
-            return succeed((304, None))
+            return succeed(UNCHANGED)
         previous = self._by_node.get((cid, nid))
         if previous is not None:
             # One wait per node: a newer request replaces the older one.
-            self._fire(previous, (304, None))
+            self._fire(previous, UNCHANGED)
 
         def cancel(d: Deferred) -> None:
             self._drop(waiter)
 
         d: Deferred = Deferred(cancel)
         waiter = _Waiter(cid, node, since, d)
-        waiter.timer = self.clock.callLater(wait, self._fire, waiter, (304, None))
+        waiter.timer = self.clock.callLater(wait, self._fire, waiter, UNCHANGED)
         self._waiters.setdefault((cid, node.group.name), set()).add(waiter)
         self._by_node[(cid, nid)] = waiter
         return d
@@ -368,15 +378,16 @@ class Broker:
             waiter.timer.cancel()
 
     def _fire(self, waiter: _Waiter, result: Any) -> None:
+        """Answer ``waiter`` with an exception, :data:`UNCHANGED` or a view (once durable)."""
         self._drop(waiter)
         if waiter.deferred.called:
             return
         if isinstance(result, Exception):
             waiter.deferred.errback(result)
-        elif result[0] == 200:
-            self._durable(result).addBoth(_deliver, waiter.deferred)
-        else:
+        elif result is UNCHANGED:
             waiter.deferred.callback(result)
+        else:
+            self._durable(result).addBoth(_deliver, waiter.deferred)
 
     def _wake(self, touched: Touched) -> None:
         cid = touched.context_id
@@ -399,13 +410,13 @@ class Broker:
                 candidates.add(waiter)
         for waiter in candidates:
             if self.model.view_revision(waiter.node) > waiter.since:
-                self._fire(waiter, (200, self.model.view_json(waiter.node)))
+                self._fire(waiter, self.model.view_json(waiter.node))
 
     def waiter_count(self) -> int:
         return len(self._by_node)
 
     def shutdown(self) -> None:
-        """Answer every waiter with 304 so agents re-poll the next broker."""
+        """Answer every waiter "unchanged" so agents re-poll the next broker."""
         for key in list(self._waiters):
             for waiter in list(self._waiters.get(key, ())):
-                self._fire(waiter, (304, None))
+                self._fire(waiter, UNCHANGED)

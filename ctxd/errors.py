@@ -1,66 +1,73 @@
-"""Domain errors of the broker, each mapped to an HTTP status and a stable code."""
+"""Why the broker refuses a request: domain errors, each with a stable ``code``.
+
+The codes are part of the API (docs/api.md). Which HTTP status answers each error is
+decided in one place, :data:`ctxd.api.STATUS`.
+"""
+
+from typing import Optional
 
 
-class BrokerError(Exception):
-    """A request the broker refuses; ``status``/``code`` go to the client."""
+class RequestError(Exception):
+    """A request the broker refuses; ``code`` and ``message`` go to the client."""
 
-    status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, code: str = None) -> None:
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
 
 
-class BadRequest(BrokerError):
-    status = 400
+class BadRequest(RequestError):
     code = "bad_request"
 
 
-class InvalidName(BrokerError):
-    status = 400
+class InvalidName(RequestError):
     code = "invalid_name"
 
 
-class InvalidCluster(BrokerError):
-    status = 400
+class InvalidCluster(RequestError):
     code = "invalid_cluster"
 
 
-class Unauthorized(BrokerError):
-    status = 401
+class Unauthorized(RequestError):
     code = "unauthorized"
 
 
-class Forbidden(BrokerError):
-    status = 403
+class Forbidden(RequestError):
     code = "forbidden"
 
 
-class NotFound(BrokerError):
-    status = 404
+class NotFound(RequestError):
     code = "not_found"
 
 
-class MethodNotAllowed(BrokerError):
-    status = 405
+class MethodNotAllowed(RequestError):
     code = "method_not_allowed"
 
 
-class Conflict(BrokerError):
-    status = 409
+class Conflict(RequestError):
     code = "conflict"
 
 
-class QuotaExceeded(BrokerError):
-    status = 409
+class QuotaExceeded(RequestError):
     code = "quota_exceeded"
 
 
-class TooManyRequests(BrokerError):
-    status = 429
+class JoinTokenExpired(RequestError):
+    code = "join_token_expired"
+
+
+class TooLarge(RequestError):
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(RequestError):
     code = "rate_limited"
 
     def __init__(self, message: str, retry_after: int) -> None:
@@ -68,21 +75,11 @@ class TooManyRequests(BrokerError):
         self.retry_after = retry_after
 
 
-class Gone(BrokerError):
-    status = 410
-    code = "join_token_expired"
+class InternalError(RequestError):
+    """Anything unexpected: logged with its traceback, answered without one."""
+
+    code = "internal_error"
 
 
-class TooLarge(BrokerError):
-    status = 413
-    code = "body_too_large"
-
-
-class UnsupportedMediaType(BrokerError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class Unavailable(BrokerError):
-    status = 503
+class Unavailable(RequestError):
     code = "unavailable"

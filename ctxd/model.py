@@ -20,32 +20,49 @@ changed, so the caller wakes only the long-poll waiters concerned. The rules:
 """
 
 import json
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from ctxd import tokens, validate
+from ctxd import rules, tokens, validate
 from ctxd.errors import (
     BadRequest,
     QuotaExceeded,
     Conflict,
     Forbidden,
-    Gone,
+    JoinTokenExpired,
     InvalidCluster,
     NotFound,
 )
 
-DAY = 86400
-DEFAULT_EXPIRES_IN = 7 * DAY
-MAX_EXPIRES_IN = 365 * DAY
-DEFAULT_JOIN_TOKEN_TTL = DAY
-MAX_QUANTITY = 100_000
-MAX_GROUPS = 64
-MAX_ROLES = 64
-MAX_DATA_ITEMS = 64
-MAX_CONTEXT_NAME = 128
-MAX_MESSAGE = 4096
-MAX_LOG_TAIL = 65536
+class Principal(NamedTuple):
+    """Who holds a credential.
 
-class Limits:
+    ``kind`` is "admin" (the site admin), "deployer", "join" (a group's join token) or
+    "node"; ``context_id`` is the context of a join token or node credential;
+    ``subject`` is the deployer's name, the join token's group or the node's id.
+    """
+
+    kind: str
+    context_id: str = ""
+    subject: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin"
+
+    @property
+    def manages_contexts(self) -> bool:
+        """The site admin and deployers create and manage contexts."""
+        return self.kind in ("admin", "deployer")
+
+    def may_see(self, ctx: "Context") -> bool:
+        """The site admin sees every context; a deployer its own."""
+        return self.kind != "deployer" or ctx.owner == self.subject
+
+
+SITE_ADMIN = Principal("admin")
+
+
+class Quotas:
     """Quotas enforced by the model (configurable; see ctxd --help)."""
 
     def __init__(
@@ -304,19 +321,22 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
         required=("name", "groups"),
         optional=("open_for_injection", "expires_in", "join_token_ttl", "data"),
     )
-    name = validate.string(body["name"], "name", MAX_CONTEXT_NAME)
-    if not name.strip() or not name.isprintable():
-        raise BadRequest("name: must be a non-empty printable string")
+    name = body["name"]
+    if not rules.is_context_name(name):
+        raise BadRequest(f"name: must be 1-{rules.MAX_CONTEXT_NAME} printable characters, not only spaces")
     open_ = validate.boolean(body.get("open_for_injection", False), "open_for_injection")
-    expires_in = validate.integer(body.get("expires_in", DEFAULT_EXPIRES_IN), "expires_in", 60, MAX_EXPIRES_IN)
+    expires_in = validate.integer(
+        body.get("expires_in", rules.DEFAULT_EXPIRES_IN), "expires_in", rules.MIN_SECONDS, rules.MAX_EXPIRES_IN
+    )
     join_ttl = validate.integer(
-        body.get("join_token_ttl", min(DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl", 60, expires_in
+        body.get("join_token_ttl", min(rules.DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl",
+        rules.MIN_SECONDS, expires_in
     )
     data_in = body.get("data", {})
     if not isinstance(data_in, dict):
         raise BadRequest("data: must be a JSON object")
-    if len(data_in) > MAX_DATA_ITEMS:
-        raise BadRequest(f"data: at most {MAX_DATA_ITEMS} items")
+    if len(data_in) > rules.MAX_DATA_ITEMS:
+        raise BadRequest(f"data: at most {rules.MAX_DATA_ITEMS} items")
     data = {}
     for key, values in data_in.items():
         validate.name(key, f"data name {key!r:.80}")
@@ -328,7 +348,7 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
 
     groups = []
     seen = set()
-    for i, g in enumerate(validate.array(body["groups"], "groups", MAX_GROUPS)):
+    for i, g in enumerate(validate.array(body["groups"], "groups", rules.MAX_GROUPS)):
         where = f"groups[{i}]"
         g = validate.obj(
             g, where, required=("name", "quantity"), optional=("provides", "requires", "data", "all_identities")
@@ -338,7 +358,7 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
             raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
         seen.add(gname)
         requires = []
-        for j, r in enumerate(validate.array(g.get("requires", []), f"{where}.requires", MAX_ROLES)):
+        for j, r in enumerate(validate.array(g.get("requires", []), f"{where}.requires", rules.MAX_ROLES)):
             r = validate.obj(r, f"{where}.requires[{j}]", required=("role",), optional=("ready",))
             requires.append(
                 {
@@ -350,11 +370,11 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
             raise InvalidCluster(f"{where}.requires: a role is listed twice", code="duplicate_role")
         provides = [
             validate.name(p, f"{where}.provides[{j}]")
-            for j, p in enumerate(validate.array(g.get("provides", []), f"{where}.provides", MAX_ROLES))
+            for j, p in enumerate(validate.array(g.get("provides", []), f"{where}.provides", rules.MAX_ROLES))
         ]
         gdata = [
             validate.name(d, f"{where}.data[{j}]")
-            for j, d in enumerate(validate.array(g.get("data", []), f"{where}.data", MAX_DATA_ITEMS))
+            for j, d in enumerate(validate.array(g.get("data", []), f"{where}.data", rules.MAX_DATA_ITEMS))
         ]
         for d in gdata:
             if d not in data:
@@ -362,7 +382,7 @@ def parse_cluster(body: Any) -> Dict[str, Any]:
         groups.append(
             {
                 "name": gname,
-                "quantity": validate.integer(g["quantity"], f"{where}.quantity", 1, MAX_QUANTITY),
+                "quantity": validate.integer(g["quantity"], f"{where}.quantity", 1, rules.MAX_QUANTITY),
                 "provides": sorted(set(provides)),
                 "requires": requires,
                 "data": sorted(set(gdata)),
@@ -407,17 +427,16 @@ GLOBAL_OPS = ("create", "user_add", "user_revoke")
 class Model:
     """All contexts and deployers, plus the index from token hashes to principals."""
 
-    def __init__(self, limits: Optional[Limits] = None) -> None:
-        self.limits = limits or Limits()
+    def __init__(self, quotas: Optional[Quotas] = None) -> None:
+        self.quotas = quotas or Quotas()
         self.contexts: Dict[str, Context] = {}
         self.users: Dict[str, User] = {}
-        # token hash -> ("join", context id, group name) | ("node", context id, node id)
-        #             | ("deployer", "", name)
-        self.principals: Dict[str, Tuple[str, str, str]] = {}
+        # token hash -> the Principal holding that token (never the site admin's)
+        self.principals: Dict[str, Principal] = {}
 
     # -- authentication ----------------------------------------------------
 
-    def principal(self, token_hash: str) -> Optional[Tuple[str, str, str]]:
+    def principal(self, token_hash: str) -> Optional[Principal]:
         """Who holds the token with this hash, if anyone."""
         found = self.principals.get(token_hash)
         if found is None:
@@ -432,22 +451,18 @@ class Model:
             stored = ctx.groups[oid].join_hash if kind == "join" else ctx.nodes[oid].token_hash
         return found if tokens.same_hash(stored, token_hash) else None
 
-    def owned_context(self, principal: Tuple[str, str, str], cid: str, now: float) -> Context:
+    def owned_context(self, principal: Principal, cid: str, now: float) -> Context:
         """The context, if this admin or deployer may manage it; else NotFound.
 
         Another deployer's context answers exactly like one that does not exist.
         """
         ctx = self.context(cid, now)
-        if principal[0] == "deployer" and ctx.owner != principal[2]:
+        if not principal.may_see(ctx):
             raise NotFound("no such context")
         return ctx
 
-    def visible_contexts(self, principal: Tuple[str, str, str], now: float) -> List[Context]:
-        return [
-            c
-            for c in self.contexts.values()
-            if c.expires > now and (principal[0] != "deployer" or c.owner == principal[2])
-        ]
+    def visible_contexts(self, principal: Principal, now: float) -> List[Context]:
+        return [c for c in self.contexts.values() if c.expires > now and principal.may_see(c)]
 
     # -- lookups -------------------------------------------------------------
 
@@ -472,17 +487,17 @@ class Model:
         self, body: Any, now: float, owner: str = ""
     ) -> Tuple[Dict[str, Any], Dict[str, str]]:
         spec = parse_cluster(body)
-        limits = self.limits
+        quotas = self.quotas
         if owner:
             owned = sum(1 for c in self.contexts.values() if c.owner == owner and c.expires > now)
-            if owned >= limits.contexts_per_deployer:
-                raise QuotaExceeded(f"deployer {owner!r} already has {owned} contexts (limit {limits.contexts_per_deployer})")
+            if owned >= quotas.contexts_per_deployer:
+                raise QuotaExceeded(f"deployer {owner!r} already has {owned} contexts (limit {quotas.contexts_per_deployer})")
         expected = sum(g["quantity"] for g in spec["groups"])
-        if expected > limits.nodes_per_context:
-            raise QuotaExceeded(f"the context expects {expected} nodes (limit {limits.nodes_per_context})")
+        if expected > quotas.nodes_per_context:
+            raise QuotaExceeded(f"the context expects {expected} nodes (limit {quotas.nodes_per_context})")
         size = sum(_data_bytes(v) for v in spec["data"].values())
-        if size > limits.data_bytes_per_context:
-            raise QuotaExceeded(f"the context's data is {size} bytes (limit {limits.data_bytes_per_context})")
+        if size > quotas.data_bytes_per_context:
+            raise QuotaExceeded(f"the context's data is {size} bytes (limit {quotas.data_bytes_per_context})")
         cid = tokens.new_id()
         while cid in self.contexts:  # pragma: no cover - 128 random bits
             cid = tokens.new_id()
@@ -510,7 +525,7 @@ class Model:
         g = ctx.groups[group]
         body = validate.obj(body, "body", required=("instance_key", "identity"))
         key = body["instance_key"]
-        if not isinstance(key, str) or not validate.INSTANCE_KEY_RE.match(key):
+        if not isinstance(key, str) or not rules.INSTANCE_KEY_RE.fullmatch(key):
             raise BadRequest("instance_key: must be 16 to 128 characters of [A-Za-z0-9_-]")
         identity = validate.identity(body["identity"])
         instance_hash = tokens.token_hash(key)
@@ -523,7 +538,7 @@ class Model:
             nid, new = existing.id, False
         else:
             if g.join_expires <= now:
-                raise Gone(f"the join token of group {group!r} has expired")
+                raise JoinTokenExpired(f"the join token of group {group!r} has expired")
             if len(g.nodes) >= g.quantity:
                 raise Conflict(
                     f"group {group!r} already has its {g.quantity} node(s) enrolled", code="enrollment_full"
@@ -565,7 +580,7 @@ class Model:
         exit_code = body.get("exit_code")
         if exit_code is not None:
             exit_code = validate.integer(exit_code, "exit_code", -255, 255)
-        message = validate.string(body.get("message", ""), "message", MAX_MESSAGE)
+        message = validate.string(body.get("message", ""), "message", rules.MAX_MESSAGE)
         log_tail = body.get("log_tail", "")
         if not isinstance(log_tail, str):
             raise BadRequest("log_tail: must be a string")
@@ -587,7 +602,7 @@ class Model:
             "state": state,
             "exit_code": exit_code,
             "message": message,
-            "log_tail": log_tail[-MAX_LOG_TAIL:],
+            "log_tail": log_tail[-rules.MAX_LOG_TAIL:],
         }
 
     def prepare_data(self, cid: str, name: str, body: Any, now: float) -> Dict[str, Any]:
@@ -601,9 +616,9 @@ class Model:
         if ctx.locked:
             raise Conflict("the context is locked; data can no longer be injected", code="context_locked")
         size = _data_bytes(values) + sum(_data_bytes(v) for k, v in ctx.data.items() if k != name)
-        if size > self.limits.data_bytes_per_context:
+        if size > self.quotas.data_bytes_per_context:
             raise QuotaExceeded(
-                f"the context's data would be {size} bytes (limit {self.limits.data_bytes_per_context})"
+                f"the context's data would be {size} bytes (limit {self.quotas.data_bytes_per_context})"
             )
         return {"op": "data", "ctx": cid, "at": now, "name": name, "values": values}
 
@@ -680,7 +695,7 @@ class Model:
         ctx = Context(record)
         self.contexts[ctx.id] = ctx
         for g in ctx.groups.values():
-            self.principals[g.join_hash] = ("join", ctx.id, g.name)
+            self.principals[g.join_hash] = Principal("join", ctx.id, g.name)
         return Touched(ctx.id)
 
     def _apply_user_add(self, record: Dict[str, Any]) -> Touched:
@@ -689,7 +704,7 @@ class Model:
             self.principals.pop(old.token_hash, None)
         user = User(record["name"], record["token_hash"], record["at"])
         self.users[user.name] = user
-        self.principals[user.token_hash] = ("deployer", "", user.name)
+        self.principals[user.token_hash] = Principal("deployer", "", user.name)
         return Touched("")
 
     def _apply_user_revoke(self, record: Dict[str, Any]) -> Touched:
@@ -709,7 +724,7 @@ class Model:
         self.principals.pop(g.join_hash, None)
         g.join_hash = record["token_hash"]
         g.join_expires = record["join_expires"]
-        self.principals[g.join_hash] = ("join", ctx.id, g.name)
+        self.principals[g.join_hash] = Principal("join", ctx.id, g.name)
         return Touched(ctx.id)
 
     def _identity_changed(self, ctx: Context, node: Node, touched: Touched) -> None:
@@ -732,7 +747,7 @@ class Model:
             # Re-enrollment: the old credential stops working.
             self.principals.pop(node.token_hash, None)
         node.token_hash = record["token_hash"]
-        self.principals[node.token_hash] = ("node", ctx.id, node.id)
+        self.principals[node.token_hash] = Principal("node", ctx.id, node.id)
         node.source = record["source"]
         if node.set_identity(record["identity"]):
             self._identity_changed(ctx, node, touched)
@@ -1016,8 +1031,7 @@ class Model:
             for u in sorted(self.users.values(), key=lambda u: u.name)
         ]
 
-    def check_node_principal(self, principal: Tuple[str, str, str], cid: str, nid: str) -> None:
+    def check_node_principal(self, principal: Principal, cid: str, nid: str) -> None:
         """A node credential reaches only its own node."""
-        kind, pcid, pnid = principal
-        if kind != "node" or pcid != cid or pnid != nid:
+        if principal != ("node", cid, nid):
             raise Forbidden("this credential may not act for this node")

@@ -22,14 +22,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import ctxd
-from ctxd import memory, tls, tlsserver, tokens
-from ctxd.api import DEFAULT_MAX_BODY, make_site
+from ctxd import memory, rules, tls, tlsserver, tokens
+from ctxd.api import make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
 from ctxd.journal import JOURNAL_FILE, FileJournal, JournalCorrupt
 from ctxd.audit import AuditLog
-from ctxd.limits import ConnectionBudget, ConnectionLimiter
-from ctxd.model import Limits, Model
+from ctxd.admission import ConnectionBudget, ConnectionLimiter
+from ctxd.model import Model, Quotas
 
 log = Logger()
 
@@ -106,7 +106,7 @@ class Options(LimitOptions):
         ["tls-ca", None, None, "CA certificate PEM given to agents to verify the broker (default: the --tls-cert file)."],
         ["client-ca", None, None, "CA certificate PEM: ask TLS clients for a certificate it issued (mutual TLS "
          "for deployers; clients without one still connect). Certificates and keys are re-read on SIGHUP."],
-        ["max-body", None, None, f"Largest accepted request body in bytes (default {DEFAULT_MAX_BODY})."],
+        ["max-body", None, None, f"Largest accepted request body in bytes (default {rules.MAX_BODY})."],
     ]
 
     def __init__(self) -> None:
@@ -137,7 +137,7 @@ class Options(LimitOptions):
             if self[path] and not os.path.isfile(self[path]):
                 raise usage.UsageError(f"--{path}: no such file: {self[path]}")
         if self["max-body"] is None:
-            self["max-body"] = DEFAULT_MAX_BODY
+            self["max-body"] = rules.MAX_BODY
         try:
             self["max-body"] = int(self["max-body"])
             if self["max-body"] < 1024:
@@ -325,14 +325,14 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
     journal = FileJournal.for_reactor(
         os.path.join(state_dir, JOURNAL_FILE), reactor, repair=bool(config.get("repair"))
     )
-    limits = Limits(
+    quotas = Quotas(
         contexts_per_deployer=config["max-contexts-per-deployer"],
         nodes_per_context=config["max-nodes-per-context"],
         data_bytes_per_context=config["max-data-bytes"],
     )
     audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
     broker = Broker(
-        Model(limits),
+        Model(quotas),
         journal,
         reactor,
         admin_hash,

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from ctxd.limits import BudgetedFactory, ConnectionBudget
+from ctxd.admission import BudgetedFactory, ConnectionBudget
 
 log = Logger()
 
@@ -133,10 +133,6 @@ class ServerTLS:
         self.key_path = key_path
         self.client_ca_path = client_ca_path
         self._context = server_context(cert_path, key_path, client_ca_path)
-
-    @property
-    def requests_client_certificates(self) -> bool:
-        return bool(self.client_ca_path)
 
     def reload(self) -> bool:
         """Re-read the certificate, key and client CA; new connections use them.

@@ -4,6 +4,8 @@ import hashlib
 import hmac
 import secrets
 
+from ctxd.rules import MAX_TOKEN
+
 ADMIN = "ctxd_adm_"
 DEPLOYER = "ctxd_dep_"
 JOIN = "ctxd_join_"
@@ -12,7 +14,6 @@ PREFIXES = (ADMIN, DEPLOYER, JOIN, NODE)
 
 # 32 random bytes: 256 bits, far above the 128 bits a guess would need to beat.
 _TOKEN_BYTES = 32
-_MAX_TOKEN_LENGTH = 128
 
 
 def new_id() -> str:
@@ -51,7 +52,7 @@ def well_formed(token: str) -> bool:
     """Whether a presented credential could be one of ours at all."""
     return (
         isinstance(token, str)
-        and 0 < len(token) <= _MAX_TOKEN_LENGTH
+        and 0 < len(token) <= MAX_TOKEN
         and token.startswith(PREFIXES)
         and token.isascii()
         and token.replace("_", "").replace("-", "").isalnum()

@@ -1,75 +1,36 @@
 """Validation of everything that crosses the broker's trust boundary.
 
 Each checker takes decoded JSON, returns a clean copy (only known keys, normalised
-values) and raises :class:`ctxd.errors.BrokerError` subclasses naming the field.
+values) and raises :class:`ctxd.errors.RequestError` subclasses naming the field.
 """
 
 import base64
 import binascii
 import ipaddress
-import re
 from typing import Any, Dict, List
 
+from ctxd import rules
 from ctxd.errors import BadRequest, InvalidName
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-ID_RE = re.compile(r"[A-Za-z0-9_-]{22}\Z")
-LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
-IFACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,15}\Z")
-INSTANCE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
-SSH_KEY_TYPES = frozenset(
-    [
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    ]
-)
-SSH_B64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}\Z")
-
-MAX_INTERFACES = 64
-MAX_ADDRESSES = 64
-MAX_SSH_KEYS = 16
-MAX_SSH_KEY_LEN = 4096
-
 
 def name(value: Any, field: str) -> str:
     """A role, data or group name."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise InvalidName(
-            f"{field}: {value!r:.80} is not a valid name "
-            "([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
-        )
-    return value
-
-
-def object_id(value: Any, field: str) -> str:
-    """A context or node id."""
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise BadRequest(f"{field}: not a valid id")
+    if not rules.is_name(value):
+        raise InvalidName(f"{field}: {value!r:.80} is not a valid name ({rules.NAME_RE.pattern})")
     return value
 
 
 def hostname(value: Any, field: str) -> str:
     """A short host name: one RFC 1123 label."""
-    if not isinstance(value, str) or not LABEL_RE.match(value):
+    if not rules.is_hostname(value):
         raise BadRequest(f"{field}: {value!r:.80} is not a valid host name")
     return value
 
 
 def fqdn(value: Any, field: str) -> str:
-    """A fully qualified name: dotted RFC 1123 labels (a trailing dot is dropped)."""
+    """A fully qualified name (:func:`ctxd.rules.is_fqdn`; a trailing dot is dropped)."""
     if isinstance(value, str) and value.endswith("."):
         value = value[:-1]
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 253
-        or not all(LABEL_RE.match(label) for label in value.split("."))
-    ):
+    if not rules.is_fqdn(value):
         raise BadRequest(f"{field}: {value!r:.80} is not a valid domain name")
     return value
 
@@ -86,16 +47,11 @@ def ip(value: Any, field: str) -> str:
 
 def ssh_key(value: Any, field: str) -> str:
     """An SSH public key ``TYPE BASE64`` (a comment, if any, is dropped)."""
-    if not isinstance(value, str) or len(value) > MAX_SSH_KEY_LEN:
+    parts = value.split() if isinstance(value, str) and len(value) <= rules.MAX_SSH_KEY else []
+    key = " ".join(parts[:2])
+    if not rules.is_ssh_key(key):
         raise BadRequest(f"{field}: not an SSH public key")
-    parts = value.split()
-    if (
-        len(parts) < 2
-        or parts[0] not in SSH_KEY_TYPES
-        or not SSH_B64_RE.match(parts[1])
-    ):
-        raise BadRequest(f"{field}: not an SSH public key")
-    return f"{parts[0]} {parts[1]}"
+    return key
 
 
 def boolean(value: Any, field: str) -> bool:
@@ -135,7 +91,7 @@ def array(value: Any, field: str, max_items: int) -> List[Any]:
     return value
 
 
-def data_values(value: Any, field: str, max_items: int = 1024) -> List[str]:
+def data_values(value: Any, field: str, max_items: int = rules.MAX_VALUES) -> List[str]:
     """A list of ``{"b64": ...}`` data values; returns the canonical base64 strings."""
     out = []
     for i, item in enumerate(array(value, field, max_items)):
@@ -160,13 +116,13 @@ def identity(value: Any, field: str = "identity") -> Dict[str, Any]:
         optional=("interfaces", "ssh_host_keys"),
     )
     interfaces = []
-    for i, iface in enumerate(array(value.get("interfaces", []), f"{field}.interfaces", MAX_INTERFACES)):
+    for i, iface in enumerate(array(value.get("interfaces", []), f"{field}.interfaces", rules.MAX_INTERFACES)):
         where = f"{field}.interfaces[{i}]"
         iface = obj(iface, where, required=("name",), optional=("ipv4", "ipv6"))
-        if not isinstance(iface["name"], str) or not IFACE_RE.match(iface["name"]):
+        if not isinstance(iface["name"], str) or not rules.IFACE_RE.fullmatch(iface["name"]):
             raise BadRequest(f"{where}.name: not a valid interface name")
-        v4 = [ip(a, f"{where}.ipv4") for a in array(iface.get("ipv4", []), f"{where}.ipv4", MAX_ADDRESSES)]
-        v6 = [ip(a, f"{where}.ipv6") for a in array(iface.get("ipv6", []), f"{where}.ipv6", MAX_ADDRESSES)]
+        v4 = [ip(a, f"{where}.ipv4") for a in array(iface.get("ipv4", []), f"{where}.ipv4", rules.MAX_ADDRESSES)]
+        v6 = [ip(a, f"{where}.ipv6") for a in array(iface.get("ipv6", []), f"{where}.ipv6", rules.MAX_ADDRESSES)]
         if any(ipaddress.ip_address(a).version != 4 for a in v4) or any(
             ipaddress.ip_address(a).version != 6 for a in v6
         ):
@@ -174,7 +130,7 @@ def identity(value: Any, field: str = "identity") -> Dict[str, Any]:
         interfaces.append({"name": iface["name"], "ipv4": v4, "ipv6": v6})
     keys = [
         ssh_key(k, f"{field}.ssh_host_keys[{i}]")
-        for i, k in enumerate(array(value.get("ssh_host_keys", []), f"{field}.ssh_host_keys", MAX_SSH_KEYS))
+        for i, k in enumerate(array(value.get("ssh_host_keys", []), f"{field}.ssh_host_keys", rules.MAX_SSH_KEYS))
     ]
     return {
         "hostname": hostname(value["hostname"], f"{field}.hostname"),

@@ -412,42 +412,6 @@ def block(cid, *lines):
                    + ["# END ctxd (context %s)\n" % cid])
 
 
-def test_managed_block_appended_and_content_kept():
-    """A new block is appended; existing text, even without a final newline, is kept."""
-    assert ctxagent.replace_managed_block("a\r\nb", CID, ["x"]) == "a\r\nb\n" + block(CID, "x")
-    assert ctxagent.replace_managed_block("", CID, ["x"]) == block(CID, "x")
-
-
-def test_managed_block_replaced_in_place():
-    """A re-run replaces its block where it was, never appending a second one."""
-    text = "head\n" + block(CID, "old 1", "old 2") + "tail\n"
-    once = ctxagent.replace_managed_block(text, CID, ["new"])
-    assert once == "head\n" + block(CID, "new") + "tail\n"
-    assert ctxagent.replace_managed_block(once, CID, ["new"]) == once
-
-
-def test_two_contexts_coexist():
-    """Blocks of two contexts are independent of each other."""
-    other = "T3RoZXItY29udGV4dC0xMj"
-    text = ctxagent.replace_managed_block("base\n", CID, ["a"])
-    text = ctxagent.replace_managed_block(text, other, ["b"])
-    text = ctxagent.replace_managed_block(text, CID, ["c"])
-    assert text == "base\n" + block(CID, "c") + block(other, "b")
-
-
-def test_managed_block_removed_and_duplicates_dropped():
-    """No lines removes the block; stray duplicate blocks of the context are dropped."""
-    text = "a\n" + block(CID, "x") + "b\n" + block(CID, "y") + "c\n"
-    assert ctxagent.replace_managed_block(text, CID, []) == "a\nb\nc\n"
-    assert ctxagent.replace_managed_block(text, CID, ["z"]) == "a\n" + block(CID, "z") + "b\nc\n"
-
-
-def test_unterminated_block_is_an_error():
-    """A BEGIN line without its END line is refused rather than guessed at."""
-    with pytest.raises(ValueError):
-        ctxagent.replace_managed_block("# BEGIN ctxd (context %s)\nx\n" % CID, CID, ["y"])
-
-
 def test_managed_file_keeps_bytes_and_mode(tmp_path):
     """Updating a managed file keeps non-UTF-8 bytes and the file's mode."""
     hosts = tmp_path / "hosts"

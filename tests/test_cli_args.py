@@ -1,4 +1,4 @@
-"""ctxctl (ctxd/cli.py): settings precedence, one-line errors, and commands against a fake broker.
+"""ctxctl (ctxd/ctxctl/): settings precedence, one-line errors, and commands against a fake broker.
 
 The commands run against treq.testing.StubTreq wrapping FakeBroker, a tiny
 twisted.web resource that answers canned JSON per route; time is a Clock.
@@ -22,19 +22,13 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ctxd import cli
-from ctxd.cli import (
-    Broker,
-    BrokerSettings,
-    CliError,
-    describe_failure,
-    load_credentials,
-    merge_managed_block,
-    parse_args,
-    resolve_settings,
-    run_command,
-)
-from ctxd.userdata import read_bootstrap
+from ctxd.ctxctl import commands, errors
+from ctxd.ctxctl import main as cli
+from ctxd.ctxctl.client import BrokerClient, BrokerSettings, describe_failure, load_credentials, resolve_settings
+from ctxd.ctxctl.cluster import load_cluster_file
+from ctxd.ctxctl.errors import CliError
+from ctxd.ctxctl.main import parse_args, run_command
+from ctxd.ctxctl.userdata import read_bootstrap
 
 CID = "Q2x1c3Rlci1pZC0xMjM0NT"
 TOKEN = "ctxd_adm_" + "a" * 43
@@ -146,7 +140,7 @@ def run(fake, argv, clock=None, err=None):
     """Run one ctxctl command against ``fake``; return (exit code, stdout, stderr)."""
     clock = clock or Clock()
     stub = StubTreq(fake)
-    broker = Broker(stub, URL, TOKEN, ca_file="ca.pem", clock=clock, timeout=None, ca_pem=CA_PEM.encode())
+    broker = BrokerClient(stub, URL, TOKEN, ca_file="ca.pem", clock=clock, timeout=None, ca_pem=CA_PEM.encode())
     out, err = io.StringIO(), err or io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(argv), out, err))
     for _ in range(10000):  # wait's polling: let the fake clock run
@@ -163,7 +157,7 @@ def run(fake, argv, clock=None, err=None):
 @pytest.fixture
 def agent(monkeypatch):
     """A placeholder agent source for create (the real ctxagent.py may not fit or exist)."""
-    monkeypatch.setattr(cli, "load_agent_source", lambda: "print('agent')\n")
+    monkeypatch.setattr(commands, "load_agent_source", lambda: "print('agent')\n")
 
 
 # ------------------------------------------------------------------ settings
@@ -284,6 +278,23 @@ def test_bad_context_id_rejected_before_anything_is_sent(argv, capsys, monkeypat
     assert "is not a context id" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["data", "put", CID, "../x", "f"], "'../x' is not a valid data name"),
+    (["user", "add", "bad name"], "'bad name' is not a valid deployer name"),
+    (["user", "revoke", "x@y"], "'x@y' is not a valid deployer name"),
+    (["join-token", "rotate", CID, "a/b", "--out", "d"], "'a/b' is not a valid group name"),
+    (["node", "revoke", CID, "bad node!"], "'bad node!' is not a node id"),
+])
+def test_bad_names_and_ids_rejected_before_anything_is_sent(argv, message, capsys, monkeypatch):
+    """A malformed name or node id is a usage error (exit 2) naming what it should be, found by
+    argparse before settings or network (node revoke once crashed with an internal error here)."""
+    monkeypatch.setattr(cli, "resolve_settings", lambda *a: pytest.fail("settings were resolved"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "internal error" not in err
+
+
 def test_help_documents_exit_codes(capsys):
     """--help lists the exit codes 0, 1, 2 and 3."""
     with pytest.raises(SystemExit):
@@ -312,7 +323,7 @@ def test_connection_refused_names_the_url():
     """A refused connection says 'cannot connect to URL' and is retryable."""
     e = describe_failure(neterror.ConnectionRefusedError("nope"), URL, "ca.pem")
     assert str(e) == f"cannot connect to {URL}: connection refused"
-    assert isinstance(e, cli.BrokerUnavailable)
+    assert isinstance(e, errors.BrokerUnavailable)
 
 
 def test_broker_error_is_one_line_with_code_and_status():
@@ -326,7 +337,7 @@ def test_wrong_token_hint():
     """A 401 answer adds a hint about the admin token, still on one line."""
     fake = FakeBroker()
     stub = StubTreq(fake)
-    broker = Broker(stub, URL, "ctxd_adm_wrong", clock=Clock(), timeout=None)
+    broker = BrokerClient(stub, URL, "ctxd_adm_wrong", clock=Clock(), timeout=None)
     err = io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
     assert d.called
@@ -344,7 +355,7 @@ class NotJSON(Resource):
 def test_non_json_answer_is_one_line():
     """A 200 answer that is not JSON is an error line, not a traceback."""
     stub = StubTreq(NotJSON())
-    broker = Broker(stub, URL, TOKEN, clock=Clock(), timeout=None)
+    broker = BrokerClient(stub, URL, TOKEN, clock=Clock(), timeout=None)
     err = io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
     assert d.called
@@ -361,7 +372,7 @@ class Hang(Resource):
 def test_request_timeout_is_one_line():
     """A broker that never answers gives 'no answer from URL within N s' when the clock runs out."""
     clock = Clock()
-    broker = Broker(StubTreq(Hang()), URL, TOKEN, clock=clock, timeout=30)
+    broker = BrokerClient(StubTreq(Hang()), URL, TOKEN, clock=clock, timeout=30)
     err = io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
     assert not d.called
@@ -378,7 +389,7 @@ def test_create_writes_bootstraps_and_user_data(tmp_path, agent):
     out_dir = tmp_path / "out"
     code, out, err = run(fake, ["create", EXAMPLE, "--out", str(out_dir)])
     assert (code, out) == (0, CID + "\n")
-    assert fake.created == cli.load_cluster_file(EXAMPLE)
+    assert fake.created == load_cluster_file(EXAMPLE)
     assert fake.requests[0][3] == "application/json"
     assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -405,7 +416,7 @@ def test_create_refuses_oversized_user_data_before_creating(tmp_path, monkeypatc
     """An agent too large for the user-data limit fails before the context is created."""
     fake = FakeBroker()
     agent = "BLOB = '" + base64.b64encode(os.urandom(30000)).decode() + "'\n"
-    monkeypatch.setattr(cli, "load_agent_source", lambda: agent)
+    monkeypatch.setattr(commands, "load_agent_source", lambda: agent)
     code, out, err = run(fake, ["create", EXAMPLE, "--out", str(tmp_path / "o")])
     assert code == 1 and fake.requests == []
     assert err.startswith("ctxctl: error: user-data is ") and err.count("\n") == 1
@@ -586,18 +597,6 @@ def test_known_hosts_write_replaces_the_contexts_block(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["known_hosts"]  # no temp file left
 
 
-def test_merge_appends_after_a_file_without_final_newline():
-    """A new block goes at the end, after a newline the file lacked."""
-    assert merge_managed_block("a b c", CID, ["x"]) == (
-        f"a b c\n# BEGIN ctxd (context {CID})\nx\n# END ctxd (context {CID})\n")
-
-
-def test_merge_refuses_a_damaged_block():
-    """A BEGIN without END is not guessed at: one-line error, nothing written."""
-    with pytest.raises(CliError, match="damaged"):
-        merge_managed_block(f"# BEGIN ctxd (context {CID})\nx\n", CID, ["y"], "kh")
-
-
 def test_data_put_lock_delete_list(tmp_path):
     """data put sends base64 values; lock, delete and list hit their routes; list prints a table."""
     value = tmp_path / "grid"
@@ -615,11 +614,8 @@ def test_data_put_lock_delete_list(tmp_path):
     assert out.splitlines()[1].split()[:6] == [CID, "torque-demo", "4/4", "0", "all", "ok"]
 
 
-def test_data_put_unknown_name_and_bad_name():
-    """A broker 404 for an undeclared item is one line; an invalid name never leaves the machine."""
+def test_data_put_unknown_name():
+    """A broker 404 for an undeclared item is one line."""
     fake = FakeBroker()
     code, _, err = run(fake, ["data", "put", CID, "nope", os.devnull])
     assert (code, err) == (1, "ctxctl: error: broker: no such data item (not_found, HTTP 404)\n")
-    sent = len(fake.requests)
-    code, _, err = run(fake, ["data", "put", CID, "../x", os.devnull])
-    assert code == 2 and len(fake.requests) == sent and "is not valid" in err

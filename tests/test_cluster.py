@@ -1,4 +1,4 @@
-"""Cluster files (ctxd/cluster.py): the issue's example, every kind of bad file, junk."""
+"""Cluster files (ctxd/ctxctl/cluster.py): the issue's example, every kind of bad file, junk."""
 
 import base64
 import datetime
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctxd.cluster import (
+from ctxd.ctxctl.cluster import (
     ClusterFileError,
     build_create_request,
     load_cluster_file,
@@ -106,6 +106,7 @@ BAD_FILES = [
      "cluster.toml: nmae: unknown key (allowed: name, open_for_injection, expires_in, "
      "join_token_ttl, group, data)"),
     (MINIMAL_GROUPS, "cluster.toml: name: is required"),
+    ('name = "   "\n' + MINIMAL_GROUPS, "cluster.toml: name: must be 1-128 printable characters, not only spaces"),
     ('name = "t"\n', "cluster.toml: group: at least one [[group]] is required"),
     ('name = "t"\ngroup = 3\n', "cluster.toml: group: must be an array of tables ([[group]])"),
     ('name = "t"\n[[group]]\nname = "a"\nquantity = 1\nprovide = ["x"]\n',
@@ -142,9 +143,9 @@ BAD_FILES = [
     ('name = "t"\nexpires_in = 600\njoin_token_ttl = 1200\n' + MINIMAL_GROUPS,
      "cluster.toml: join_token_ttl: must not exceed expires_in (600)"),
     ('name = "tab\\there"\n' + MINIMAL_GROUPS,
-     "cluster.toml: name: must be 1-128 printable characters"),
+     "cluster.toml: name: must be 1-128 printable characters, not only spaces"),
     ('name = "' + "n" * 129 + '"\n' + MINIMAL_GROUPS,
-     "cluster.toml: name: must be 1-128 printable characters"),
+     "cluster.toml: name: must be 1-128 printable characters, not only spaces"),
     ('name = "t"\n' + "".join(f'[[group]]\nname = "g{i}"\nquantity = 1\n' for i in range(65)),
      "cluster.toml: group: at most 64 groups (got 65)"),
     ('name = "t"\n[[group]]\nname = "a"\nquantity = 1\nprovides = [' + ", ".join(f'"r{i}"' for i in range(65)) + "]\n",
@@ -258,7 +259,8 @@ def test_arbitrary_documents_raise_only_cluster_file_error(document):
 
 def test_data_file_too_large_is_refused(tmp_path):
     """A data file the broker could never accept is refused without reading it all."""
-    from ctxd.cluster import MAX_DATA_FILE, ClusterFileError, load_cluster_file
+    from ctxd.ctxctl.cluster import ClusterFileError, load_cluster_file
+    from ctxd.rules import MAX_DATA_FILE
 
     (tmp_path / "big").write_bytes(b"x" * (MAX_DATA_FILE + 1))
     (tmp_path / "cluster.toml").write_text(

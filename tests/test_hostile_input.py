@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ctxagent  # noqa: E402
-from ctxd.cluster import MAX_QUANTITY, ClusterFileError, parse_cluster_text  # noqa: E402
+from ctxd.ctxctl.cluster import ClusterFileError, parse_cluster_text  # noqa: E402
+from ctxd.rules import MAX_QUANTITY  # noqa: E402
 
 try:
     import tomllib
@@ -159,7 +160,8 @@ def near(valid):
 valid_name = st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True),
                        st.sampled_from(["torquemaster", "gridmap", "0", "a..b", "A.", "x" * 64, "a-_."]))
 valid_label = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", fullmatch=True)
-valid_fqdn = st.lists(valid_label, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= 253)
+valid_fqdn = st.lists(valid_label, min_size=1, max_size=4).map(".".join).filter(
+    lambda s: len(s) <= 253 and not s.split(".")[-1].isdigit())  # rules.is_fqdn
 valid_ip = st.one_of(st.ip_addresses().map(str),
                      st.sampled_from(["FD00:0:0::0005", "::ffff:10.1.2.3", "10.1.0.5", "0.0.0.0", "::",
                                       "255.255.255.255", "fe80::1"]))

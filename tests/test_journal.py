@@ -14,6 +14,8 @@ import pytest
 from support import make_broker, not_fired, result_of, sync_thread, torque_cluster
 from twisted.internet.defer import Deferred
 
+from ctxd.model import SITE_ADMIN
+
 import ctxd.journal as journal_module
 from ctxd.journal import (
     FRAME,
@@ -66,7 +68,7 @@ def test_broker_state_survives_restart(make, tmp_path):
     journal = make(tmp_path)
     journal.load()
     broker = make_broker(journal)
-    status, created = result_of(broker.create_context(("admin", "", ""), torque_cluster()))
+    created = result_of(broker.create_context(SITE_ADMIN, torque_cluster()))
     cid = created["context"]["id"]
     join = created["bootstraps"]["head"]["join_token"]
     principal = broker.authenticate(join)
@@ -75,8 +77,7 @@ def test_broker_state_survives_restart(make, tmp_path):
     result_of(broker.enroll(principal, cid, {"instance_key": instance_key(1), "identity": identity(1)}, "10.0.0.1"))
     restarted = make_broker(reopen(journal, tmp_path))
     assert restarted.replay() == 2
-    admin = ("admin", "", "")
-    assert result_of(restarted.get_context(admin, cid)) == result_of(broker.get_context(admin, cid))
+    assert result_of(restarted.get_context(SITE_ADMIN, cid)) == result_of(broker.get_context(SITE_ADMIN, cid))
 
 
 def test_group_commit_batches_pending_records(tmp_path):

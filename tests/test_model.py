@@ -10,7 +10,7 @@ from ctxd import tokens
 from ctxd.errors import (
     BadRequest,
     Conflict,
-    Gone,
+    JoinTokenExpired,
     InvalidCluster,
     InvalidName,
     NotFound,
@@ -126,7 +126,7 @@ def test_join_token_expires():
     body = torque_cluster()
     body["join_token_ttl"] = 3600
     cid, _ = create(model, body)
-    with pytest.raises(Gone):
+    with pytest.raises(JoinTokenExpired):
         enroll(model, cid, "head", 1, now=NOW + 3601)
 
 
@@ -260,7 +260,7 @@ def test_known_instance_reenrolls_after_join_expiry():
     later = NOW + 86400 + 1
     again, _, new, _ = enroll(model, cid, "compute", 2, now=later)
     assert (again, new) == (nid, False)
-    with pytest.raises(Gone):
+    with pytest.raises(JoinTokenExpired):
         enroll(model, cid, "compute", 3, now=later)
 
 

@@ -13,11 +13,12 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctxd import tokens, validate
-from ctxd.api import AUTH_KINDS, DEFAULT_MAX_BODY, ROUTES, BrokerResource, match
+from ctxd import rules, tokens
+from ctxd.api import AUTH_KINDS, ROUTES, BrokerResource, match
+from ctxd.rules import MAX_BODY
 from ctxd.broker import Broker
 from ctxd.journal import MemoryJournal
-from ctxd.model import Limits, Model
+from ctxd.model import Model, Quotas
 
 SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -235,17 +236,17 @@ def test_bodies_parameters_and_common_statuses_follow_routes(spec):
 
 
 def test_parameter_patterns_are_the_validators(spec):
-    """The cid/nid and data-name patterns are ctxd.validate's ID_RE and NAME_RE; wait is 0..60."""
+    """The cid/nid and data-name patterns are ctxd.rules' ID_RE and NAME_RE; wait is 0..MAX_WAIT."""
     def pattern(name):
         return deref(spec, deref(spec, spec["components"]["parameters"][name])["schema"])["pattern"]
 
-    as_spec = lambda rx: "^" + rx.pattern.replace(r"\Z", "$")  # noqa: E731
-    assert pattern("cid") == pattern("nid") == as_spec(validate.ID_RE) == "^[A-Za-z0-9_-]{22}$"
-    assert pattern("name") == as_spec(validate.NAME_RE) == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+    as_spec = lambda rx: "^" + rx.pattern + "$"  # noqa: E731
+    assert pattern("cid") == pattern("nid") == as_spec(rules.ID_RE) == "^[A-Za-z0-9_-]{22}$"
+    assert pattern("name") == as_spec(rules.NAME_RE) == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
     view = operations(spec)[("GET", "/v1/contexts/{cid}/nodes/{nid}/view")]
     query = {p["name"]: p["schema"] for p in view["parameters"] if p["in"] == "query"}
     assert query["since"]["type"] == "integer"
-    assert (query["wait"]["type"], query["wait"]["minimum"], query["wait"]["maximum"]) == ("integer", 0, 60)
+    assert (query["wait"]["type"], query["wait"]["minimum"], query["wait"]["maximum"]) == ("integer", 0, rules.MAX_WAIT)
 
 
 def test_validator_understands_every_schema_keyword(spec):
@@ -276,11 +277,11 @@ def test_validator_checks_addresses(spec):
 class Api:
     """The real resource over StubTreq; every answer is checked against the spec."""
 
-    def __init__(self, spec, seen=None, limits=None, **broker_options):
+    def __init__(self, spec, seen=None, quotas=None, **broker_options):
         self.spec = spec
         self.ops = operations(spec)
         self.clock = Clock()
-        self.broker = Broker(Model(limits), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM,
+        self.broker = Broker(Model(quotas), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM,
                              **broker_options)
         self.stub = StubTreq(BrokerResource(self.broker))
         self.seen = set() if seen is None else seen  # (handler, status)
@@ -429,7 +430,7 @@ def test_broker_responses_match_declared_schemas(spec):
     ], data={})
     api.call("POST", ctx, ADMIN, cycle, expect=400)
     api.call("POST", ctx, ADMIN, raw=b"{}", ctype="text/plain", expect=415)
-    api.call("POST", ctx, ADMIN, raw=b" " * (DEFAULT_MAX_BODY + 1), expect=413)
+    api.call("POST", ctx, ADMIN, raw=b" " * (MAX_BODY + 1), expect=413)
 
     short = api.call("POST", ctx, ADMIN, cluster(join_token_ttl=60), expect=201)
     api.clock.advance(61)
@@ -441,7 +442,7 @@ def test_broker_responses_match_declared_schemas(spec):
     api.call("DELETE", c, ADMIN, expect=404)
     api.call("GET", f"{w}/view", worker_token, expect=401)
     quotas_and_rate_limits(Api(
-        spec, seen=api.seen, limits=Limits(contexts_per_deployer=1, nodes_per_context=4, data_bytes_per_context=16),
+        spec, seen=api.seen, quotas=Quotas(contexts_per_deployer=1, nodes_per_context=4, data_bytes_per_context=16),
         enroll_per_source=2,
     ))
 

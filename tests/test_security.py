@@ -8,8 +8,8 @@ from twisted.internet.testing import StringTransport
 
 from ctxd.api import make_site
 from ctxd.audit import AuditLog
-from ctxd.limits import ConnectionBudget, ConnectionLimiter, RateLimiter
-from ctxd.model import Limits, Model
+from ctxd.admission import ConnectionBudget, ConnectionLimiter, RateLimiter
+from ctxd.model import SITE_ADMIN, Model, Quotas
 
 from support import ADMIN_TOKEN, Client, identity, instance_key, make_broker, torque, torque_cluster
 
@@ -105,7 +105,7 @@ def test_join_token_rotation(client):
 def test_quotas():
     """Contexts per deployer, nodes per context and data bytes per context are capped (409)."""
     client = Client()
-    client.broker.model.limits = Limits(contexts_per_deployer=1, nodes_per_context=4, data_bytes_per_context=64)
+    client.broker.model.quotas = Quotas(contexts_per_deployer=1, nodes_per_context=4, data_bytes_per_context=64)
     alice = add_user(client, "alice")
     create_as(client, alice)
     status, body = client.call("POST", "/v1/contexts", alice, torque_cluster())
@@ -150,7 +150,7 @@ def test_flood_from_one_address_does_not_block_others():
     broker.enroll_by_token.per_minute = 20
     from support import result_of
 
-    _, created = result_of(broker.create_context(("admin", "", ""), torque_cluster()))
+    created = result_of(broker.create_context(SITE_ADMIN, torque_cluster()))
     join = created["bootstraps"]["compute"]["join_token"]
     refused = 0
     for _ in range(1000):
@@ -272,9 +272,9 @@ def test_connection_limiter_total_and_per_peer():
     assert budget.refused == 2
 
 
-def test_model_limits_default_generous():
+def test_model_quotas_default_generous():
     """The default quotas fit a 10,000-node cluster."""
-    assert Model().limits.nodes_per_context >= 10_000
+    assert Model().quotas.nodes_per_context >= 10_000
 
 
 def test_client_certificate_names_a_deployer(client, monkeypatch):

@@ -1,4 +1,4 @@
-"""User-data (ctxd/userdata.py): the #cloud-config layout, the bootstrap line, the 16 KB limit."""
+"""User-data (ctxd/ctxctl/userdata.py): the #cloud-config layout, the bootstrap line, the 16 KB limit."""
 
 import argparse
 import ast
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ca_pem
 
-from ctxd import userdata
-from ctxd.userdata import (
+from ctxd.ctxctl import userdata
+from ctxd.ctxctl.userdata import (
     AGENT_PATH,
     BOOTSTRAP_MARKER,
     UNIT_PATH,

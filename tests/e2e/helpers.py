@@ -64,7 +64,7 @@ def components_missing() -> Optional[str]:
         "twistd in the virtualenv (pip install -e .)": TWISTD,
         "ctxctl in the virtualenv (pip install -e .)": CTXCTL,
         "the agent (ctxagent.py)": AGENT,
-        "the CLI (ctxd/cli.py)": REPO / "ctxd" / "cli.py",
+        "the CLI (ctxd/ctxctl/)": REPO / "ctxd" / "ctxctl" / "main.py",
     }
     missing = [what for what, path in needed.items() if not path.exists()]
     return ("not landed yet: " + ", ".join(missing)) if missing else None

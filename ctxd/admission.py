@@ -1,4 +1,4 @@
-"""Resource limits outside the state model: request rates and connections."""
+"""Admission limits outside the state model: request rates and connection budgets."""
 
 import math
 from typing import Any, Dict, List, Optional

@@ -1,33 +1,8 @@
 """Cluster files: the TOML a deployer writes, turned into a ``POST /v1/contexts`` body.
 
-Example (``examples/torque/cluster.toml``)::
-
-    name = "torque-demo"
-    open_for_injection = false
-    [[group]]
-    name = "head"
-    quantity = 1
-    provides = ["torquemaster"]
-    requires = [{ role = "torqueslave" }]
-    data = ["gridmap"]
-    [[group]]
-    name = "compute"
-    quantity = 3
-    provides = ["torqueslave"]
-    requires = [{ role = "torquemaster", ready = true }]
-    all_identities = true
-    [data]
-    gridmap = { file = "grid-mapfile" }
-
-Top level: ``name`` (required, 1-128 printable characters), ``open_for_injection``
-(bool, default false), ``expires_in`` and ``join_token_ttl`` (integer seconds,
-optional, at least 60), ``[[group]]`` (1-64) and ``[data]`` (at most 64 items).
-Group, role and data names match ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``.
-
-A data item is one of ``{ file = "PATH" }`` (relative to the cluster file),
-``{ files = ["A", "B"] }`` (several values), ``{ value = "inline text" }``, or - only
-when ``open_for_injection = true`` - ``{}`` / ``{ inject = true }`` (values come
-later with ``ctxctl data put``).
+docs/cluster-file.md is the reference of the format: every key, its default and every
+error. The rules on names and sizes are ctxd.rules', shared with the broker, which
+checks the body again (and alone checks ready-requirement cycles and quotas).
 
 Every problem is reported as ONE line naming the field, e.g.
 ``cluster.toml: group[1].quantity: must be an integer >= 1``. Group and list
@@ -45,6 +20,9 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ctxd import rules
+from ctxd.rules import MAX_DATA_ITEMS, MAX_GROUPS, MAX_QUANTITY, MAX_ROLES, MAX_VALUES
+
 try:
     import tomllib
 except ImportError:  # Python < 3.11; setup.py installs tomli there.
@@ -52,24 +30,10 @@ except ImportError:  # Python < 3.11; setup.py installs tomli there.
 
 __all__ = [
     "ClusterFileError",
-    "NAME_RE",
-    "MAX_QUANTITY",
     "load_cluster_file",
     "parse_cluster_text",
     "build_create_request",
 ]
-
-#: Role, data and group names (docs/api.md, "Names").
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-MAX_QUANTITY = 100000
-#: The broker's limits (docs/api.md): times in seconds, counts.
-MIN_SECONDS = 60
-MAX_EXPIRES_IN = 365 * 24 * 3600
-MAX_CONTEXT_NAME = 128
-MAX_GROUPS = 64
-MAX_ROLES = 64
-MAX_DATA_ITEMS = 64
-MAX_VALUES = 1024
 
 _TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "group", "data")
 _GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities")
@@ -120,7 +84,8 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
 
     ``read_file(path)`` returns a data file's bytes (``path`` as written in the
     cluster file); it defaults to reading relative to the current directory. The
-    body spells out every default so it is exactly what the broker will store.
+    body spells out every default but ``expires_in`` and ``join_token_ttl``, which
+    the broker fills in (docs/cluster-file.md).
     """
     if read_file is None:
         read_file = _file_reader(os.getcwd())
@@ -135,10 +100,12 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
 
     expires_in = document.get("expires_in")
     if expires_in is not None:
-        body["expires_in"] = v.integer("expires_in", expires_in, MIN_SECONDS, MAX_EXPIRES_IN, unit=" (seconds)")
+        body["expires_in"] = v.integer("expires_in", expires_in, rules.MIN_SECONDS, rules.MAX_EXPIRES_IN,
+                                       unit=" (seconds)")
     ttl = document.get("join_token_ttl")
     if ttl is not None:
-        body["join_token_ttl"] = v.integer("join_token_ttl", ttl, MIN_SECONDS, MAX_EXPIRES_IN, unit=" (seconds)")
+        body["join_token_ttl"] = v.integer("join_token_ttl", ttl, rules.MIN_SECONDS, rules.MAX_EXPIRES_IN,
+                                           unit=" (seconds)")
         if expires_in is not None and body["join_token_ttl"] > body["expires_in"]:
             raise v.error("join_token_ttl", f"must not exceed expires_in ({body['expires_in']})")
 
@@ -192,7 +159,7 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
                 raise v.error(f"group[{i}].requires[{j}].role",
                               f"no group provides role {req['role']!r}")
     # Ready-requirement cycles are left to the broker, which names the cycle
-    # (400 invalid_cluster); one implementation of that rule is enough.
+    # (400 ready_cycle); one implementation of that rule is enough.
     return groups
 
 
@@ -226,8 +193,8 @@ def _data_items(v: "_Validator", raw: Any, open_for_injection: bool,
     out: Dict[str, List[Dict[str, str]]] = {}
     for name, spec in raw.items():
         field = f"data.{name}"
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise v.error(field, f"invalid data name: must match {NAME_RE.pattern[:-2]}")
+        if not rules.is_name(name):
+            raise v.error(field, f"invalid data name: must match {rules.NAME_RE.pattern}")
         if not isinstance(spec, Mapping):
             raise v.error(field, 'must be a table: { file = "PATH" }, { files = [...] }, '
                                  '{ value = "TEXT" } or { inject = true }')
@@ -284,9 +251,8 @@ class _Validator:
             raise self.error(field, "is required")
         if not isinstance(value, str):
             raise self.error(field, "must be a string")
-        if not NAME_RE.match(value):
-            raise self.error(field, f"{_short(value)} is not a valid name: "
-                                    "1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+        if not rules.is_name(value):
+            raise self.error(field, f"{_short(value)} is not a valid name: {rules.NAME_RULE}")
         return value
 
     def context_name(self, field: str, value: Any) -> str:
@@ -294,8 +260,8 @@ class _Validator:
             raise self.error(field, "is required")
         if not isinstance(value, str):
             raise self.error(field, "must be a string")
-        if not value or len(value) > MAX_CONTEXT_NAME or not value.isprintable():
-            raise self.error(field, f"must be 1-{MAX_CONTEXT_NAME} printable characters")
+        if not rules.is_context_name(value):
+            raise self.error(field, f"must be 1-{rules.MAX_CONTEXT_NAME} printable characters, not only spaces")
         return value
 
     def name_list(self, field: str, value: Any, limit: int) -> List[str]:
@@ -340,18 +306,14 @@ def _b64(v: _Validator, field: str, text: str) -> Dict[str, str]:
     return {"b64": base64.b64encode(raw).decode("ascii")}
 
 
-# The broker takes request bodies of at most 1 MiB (base64 makes data 4/3 larger):
-# a larger data file can never be sent, and reading /dev/zero must not eat memory.
-MAX_DATA_FILE = 768 * 1024
-
-
 def _file_reader(base_dir: str) -> ReadFile:
     def read_file(path: str) -> bytes:
         full = os.path.join(base_dir, os.path.expanduser(path))
         with open(full, "rb") as f:
-            content = f.read(MAX_DATA_FILE + 1)
-        if len(content) > MAX_DATA_FILE:
-            raise ValueError(f"larger than {MAX_DATA_FILE} bytes")
+            # A larger file can never be sent; reading /dev/zero must not eat memory.
+            content = f.read(rules.MAX_DATA_FILE + 1)
+        if len(content) > rules.MAX_DATA_FILE:
+            raise ValueError(f"larger than {rules.MAX_DATA_FILE} bytes")
         return content
     return read_file
 

@@ -1,0 +1,5 @@
+"""``python -m ctxd.ctxctl``: the same as ``ctxctl``."""
+
+from ctxd.ctxctl.main import main
+
+main()

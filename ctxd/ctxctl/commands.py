@@ -1,0 +1,361 @@
+"""ctxctl's commands: one coroutine per subcommand, ``(broker, args, out, err) -> exit code``.
+
+Each command calls the broker through a :class:`~ctxd.ctxctl.client.BrokerClient`, prints
+results to ``out`` and messages to ``err`` (through :mod:`ctxd.ctxctl.render`), and raises
+:class:`~ctxd.ctxctl.errors.CliError` for anything that goes wrong. Arguments arrive
+checked (:mod:`ctxd.ctxctl.main`).
+"""
+
+import argparse
+import base64
+import json
+import os
+from typing import IO, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
+
+from twisted.internet import task
+
+from ctxd import rules
+from ctxd.ctxctl import render
+from ctxd.ctxctl.client import BrokerClient, read_small_file
+from ctxd.ctxctl.cluster import ClusterFileError, load_cluster_file
+from ctxd.ctxctl.errors import EXIT_OK, EXIT_TIMEOUT, BrokerUnavailable, CliError, reason
+from ctxd.ctxctl.userdata import (
+    USER_DATA_LIMIT,
+    UserDataError,
+    compact_source,
+    is_gzip,
+    load_agent_source,
+    render_user_data,
+)
+from ctxd.files import write_atomic
+
+Args = argparse.Namespace
+
+
+async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str],
+                     agent_source: Optional[str] = None) -> int:
+    """``create CLUSTER.toml --out DIR``: create the context, write bootstraps and user-data."""
+    try:
+        body = load_cluster_file(args.cluster)
+    except ClusterFileError as e:
+        raise CliError(str(e)) from None
+    if agent_source is None:
+        agent_source = compact_source(_call_user_data(load_agent_source))
+    # Check what can fail locally before the context exists on the broker.
+    sample = {"ctxd_bootstrap": 1, "url": broker.url, "context_id": "x" * 22,
+              "group": max((g["name"] for g in body["groups"]), key=len),
+              "join_token": "ctxd_join_" + "x" * 43,
+              "ca_pem": (broker.ca_pem or b"x" * 1200).decode("ascii", "replace")}
+    limit = getattr(args, "user_data_limit", USER_DATA_LIMIT)
+    _call_user_data(render_user_data, sample, agent_source, limit)
+    out_dir = _prepare_private_dir(args.out)
+
+    answer = await broker.call("POST", "/v1/contexts", body, expect=(201,))
+    context = answer.get("context") if isinstance(answer, dict) else None
+    cid = context.get("id") if isinstance(context, dict) else None
+    if not rules.is_id(cid):
+        raise CliError("broker: the create answer has no valid context id")
+    bootstraps = answer.get("bootstraps")
+    files: List[Tuple[str, bytes]] = []
+    try:
+        for group in body["groups"]:
+            name = group["name"]
+            bootstrap = bootstraps.get(name) if isinstance(bootstraps, dict) else None
+            if not isinstance(bootstrap, dict):
+                raise CliError(f"broker: the create answer has no bootstrap for group {name}")
+            files += _group_files(name, bootstrap, agent_source, limit)
+        for filename, content in files:
+            render.write_private_file(os.path.join(out_dir, filename), content)
+    except CliError as e:
+        raise CliError(f"context {cid} was created but {e} (delete it with: ctxctl delete {cid})") from None
+
+    expected = sum(g["quantity"] for g in body["groups"])
+    _print_written(out_dir, files, err)
+    state = ("open for injection: add data with `ctxctl data put`, then `ctxctl lock`"
+             if body["open_for_injection"] else "locked")
+    print(f"created context {body['name']} ({cid}): {len(body['groups'])} groups, "
+          f"{expected} nodes expected; {state}", file=err)
+    print(cid, file=out)
+    return EXIT_OK
+
+
+def _group_files(group: str, bootstrap: Dict[str, Any], agent_source: str, limit: int) -> List[Tuple[str, bytes]]:
+    """GROUP.bootstrap.json and GROUP.user-data for one group's bootstrap."""
+    return [
+        (f"{group}.bootstrap.json", (json.dumps(bootstrap, indent=2, sort_keys=True) + "\n").encode("utf-8")),
+        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent_source, limit)),
+    ]
+
+
+def _print_written(out_dir: str, files: List[Tuple[str, bytes]], err: IO[str]) -> None:
+    for filename, content in files:
+        if filename.endswith(".user-data"):
+            kind = "gzip" if is_gzip(content) else "cloud-config"
+            print(f"wrote {os.path.join(out_dir, filename)} ({len(content)} bytes, {kind})", file=err)
+        else:
+            print(f"wrote {os.path.join(out_dir, filename)}", file=err)
+
+
+async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], err: IO[str],
+                                agent_source: Optional[str] = None) -> int:
+    """``join-token rotate CTX GROUP --out DIR``: new join token; the old one stops working."""
+    if agent_source is None:
+        agent_source = compact_source(_call_user_data(load_agent_source))
+    out_dir = _prepare_private_dir(args.out)
+    answer = await broker.call("POST", f"/v1/contexts/{args.context}/groups/{args.group}/join-token", {})
+    bootstrap = answer.get("bootstrap") if isinstance(answer, dict) else None
+    if not isinstance(bootstrap, dict):
+        raise CliError("broker: the rotation answer has no bootstrap")
+    files = _group_files(args.group, bootstrap, agent_source, args.user_data_limit)
+    for filename, content in files:
+        render.write_private_file(os.path.join(out_dir, filename), content)
+    _print_written(out_dir, files, err)
+    print(f"join token of group {args.group} rotated: the old one no longer enrolls; "
+          "VMs launched from now on need the new user-data", file=err)
+    return EXIT_OK
+
+
+async def cmd_node_revoke(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``node revoke CTX NODE``: a compromised VM's credential stops working at once."""
+    await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{args.node}/revoke", {})
+    print(f"node {args.node} of context {args.context}: credential revoked", file=err)
+    return EXIT_OK
+
+
+async def cmd_user_add(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``user add NAME``: mint a deployer credential; its token is printed once, on stdout."""
+    answer = await broker.call("POST", "/v1/users", {"name": args.name}, expect=(201,))
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if not isinstance(token, str):
+        raise CliError("broker: the answer has no token")
+    print(token, file=out)
+    print(f"deployer {args.name} added; the token above is shown only once: give it to them "
+          "(they use it with --token-file)", file=err)
+    return EXIT_OK
+
+
+async def cmd_user_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``user list [--json]``: deployers, with when they were added and revoked."""
+    answer = await broker.call("GET", "/v1/users")
+    users = answer.get("users") if isinstance(answer, dict) else None
+    if not isinstance(users, list):
+        raise CliError("broker: the answer has no users array")
+    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else render.user_table(users))
+    return EXIT_OK
+
+
+async def cmd_user_revoke(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``user revoke NAME``: the deployer's credential stops working at once."""
+    await broker.call("DELETE", f"/v1/users/{args.name}")
+    print(f"deployer {args.name} revoked", file=err)
+    return EXIT_OK
+
+
+async def cmd_status(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``status CTX [--json]``: one row per node (and per slot not enrolled), then the counts."""
+    status = await _get_status(broker, args.context)
+    _print_lines(out, [json.dumps(status, indent=2, sort_keys=True)] if args.json else render.status_table(status))
+    return EXIT_OK
+
+
+async def cmd_wait(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``wait CTX``: poll until every expected node is ok (0), one fails (1) or time runs out (3)."""
+    follow = _Follow(broker, args, err)
+    await follow.run()
+    status = follow.status
+    if status is None:
+        raise CliError(f"timed out after {args.timeout:g} s: {follow.unavailable or 'no answer from the broker'}",
+                       EXIT_TIMEOUT)
+    report_dir = render.write_reports(status, os.path.join(args.reports, args.context))
+    failed = render.first_failed_node(status)
+    if failed is not None:
+        _print_lines(err, render.failure_report(failed) + [f"reports in {report_dir}"])
+        raise CliError(render.failure_line(failed))
+    if status.get("all_ok") is True:
+        print(f"all {render.count(status, 'expected')} nodes ok; reports in {report_dir}", file=err)
+        return EXIT_OK
+    print(f"reports in {report_dir}", file=err)
+    raise CliError(f"timed out after {args.timeout:g} s: {render.silent_nodes(status)}"
+                   + (f"; last poll: {follow.unavailable}" if follow.unavailable else ""), EXIT_TIMEOUT)
+
+
+class _Follow:
+    """``wait``'s polling: the last status seen, and the progress line on ``err``
+    (redrawn in place on a terminal). A broker that stops answering after it was
+    reached once (a restart) is retried until the deadline."""
+
+    def __init__(self, broker: BrokerClient, args: Args, err: IO[str]) -> None:
+        self.broker, self.args, self.err = broker, args, err
+        self.tty = isatty(err)
+        self.status: Optional[Mapping[str, Any]] = None
+        self.unavailable: Optional[str] = None
+        self.last_line: Optional[str] = None
+        self.warned_unlocked = False
+
+    async def run(self) -> None:
+        clock = self.broker.clock
+        deadline = clock.seconds() + self.args.timeout
+        try:
+            while not await self._poll(deadline - clock.seconds()) and clock.seconds() < deadline:
+                await task.deferLater(clock, min(self.args.interval, max(0.0, deadline - clock.seconds())))
+        finally:
+            if self.tty and self.last_line is not None:
+                print("", file=self.err)
+
+    async def _poll(self, remaining: float) -> bool:
+        """One poll; whether the wait is over (a node failed, or all are ok)."""
+        timeout = self.broker.timeout or remaining
+        try:
+            self.status = await _get_status(self.broker, self.args.context, timeout=max(1.0, min(remaining, timeout)))
+        except BrokerUnavailable as e:
+            if self.status is None:
+                raise  # never reached it: more likely a wrong --url than a restart
+            if str(e) != self.unavailable:
+                self._say(f"{e}; retrying")
+            self.unavailable = str(e)
+            return False
+        if self.unavailable:
+            self._say("broker reachable again")
+        self.unavailable = None
+        status = self.status
+        if status.get("locked") is False and not self.warned_unlocked:
+            cid = self.args.context
+            print(f"context {cid} is not locked: nodes wait for `ctxctl lock {cid}`", file=self.err)
+            self.warned_unlocked = True
+        line = render.progress_line(status)
+        if self.tty:
+            print("\r" + line + "\x1b[K", end="", file=self.err, flush=True)
+        elif line != self.last_line:
+            print(line, file=self.err)
+        self.last_line = line
+        return render.first_failed_node(status) is not None or status.get("all_ok") is True
+
+    def _say(self, message: str) -> None:
+        """A message on a line of its own (after the progress line, on a terminal)."""
+        print(("\n" if self.tty else "") + message, file=self.err)
+
+
+async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``known-hosts CTX [--write [--file PATH]]``: ``FQDN,SHORT,IP TYPE KEY`` for every node."""
+    status = await _get_status(broker, args.context)
+    lines, problems = render.known_hosts_lines(status)
+    _print_lines(err, [f"ctxctl: warning: {problem}" for problem in problems])
+    if not args.write:
+        _print_lines(out, lines)
+        return EXIT_OK
+    path = os.path.expanduser(args.file)
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {reason(e)}") from None
+    try:
+        merged = render.replace_managed_block(current, args.context, lines)
+    except ValueError as e:
+        raise CliError(f"{path}: {e}; fix the file by hand") from None
+    try:
+        write_atomic(path, merged.encode("utf-8"), 0o600, create_dir=True)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {reason(e)}") from None
+    print(f"wrote {len(lines)} host keys of context {args.context} to {path}", file=err)
+    return EXIT_OK
+
+
+async def cmd_data_put(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``data put CTX NAME FILE...``: replace a data item's values (before the context is locked)."""
+    values = []
+    total = 0
+    for path in args.files:
+        content = read_small_file(path, "data file", rules.MAX_BODY)
+        total += len(content)
+        values.append({"b64": base64.b64encode(content).decode("ascii")})
+    summary = await broker.call("PUT", f"/v1/contexts/{args.context}/data/{args.name}", {"values": values})
+    revision = summary.get("revision") if isinstance(summary, dict) else None
+    print(f"data {args.name} of context {args.context}: {len(values)} value(s), {total} bytes stored"
+          + (f" (revision {revision})" if revision is not None else ""), file=err)
+    return EXIT_OK
+
+
+async def cmd_lock(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``lock CTX``: no more data changes; nodes can now get a complete view."""
+    await broker.call("POST", f"/v1/contexts/{args.context}/lock", {})
+    print(f"context {args.context} locked", file=err)
+    return EXIT_OK
+
+
+async def cmd_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``list [--json]``: every context the broker holds."""
+    answer = await broker.call("GET", "/v1/contexts")
+    contexts = answer.get("contexts") if isinstance(answer, dict) else None
+    if not isinstance(contexts, list):
+        raise CliError("broker: the list answer has no contexts array")
+    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else render.context_table(contexts))
+    return EXIT_OK
+
+
+async def cmd_delete(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``delete CTX``: remove the context; its agents get 404 from then on."""
+    await broker.call("DELETE", f"/v1/contexts/{args.context}")
+    print(f"deleted context {args.context}", file=err)
+    return EXIT_OK
+
+
+Command = Callable[[BrokerClient, Args, IO[str], IO[str]], Awaitable[int]]
+
+
+COMMANDS: Dict[str, Command] = {
+    "create": cmd_create,
+    "status": cmd_status,
+    "wait": cmd_wait,
+    "known-hosts": cmd_known_hosts,
+    "data put": cmd_data_put,
+    "lock": cmd_lock,
+    "list": cmd_list,
+    "delete": cmd_delete,
+    "user add": cmd_user_add,
+    "user list": cmd_user_list,
+    "user revoke": cmd_user_revoke,
+    "node revoke": cmd_node_revoke,
+    "join-token rotate": cmd_join_token_rotate,
+}
+
+
+async def _get_status(broker: BrokerClient, cid: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+    status = await broker.call("GET", f"/v1/contexts/{cid}", timeout=timeout)
+    if not isinstance(status, dict) or not isinstance(status.get("nodes", []), list):
+        raise CliError(f"broker: the status of {cid} is not a status object")
+    return status
+
+
+def _print_lines(stream: IO[str], lines: List[str]) -> None:
+    for line in lines:
+        print(line, file=stream)
+
+
+def isatty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _call_user_data(function: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return function(*args)
+    except UserDataError as e:
+        raise CliError(str(e)) from None
+
+
+def _prepare_private_dir(path: str) -> str:
+    path = os.path.expanduser(path)
+    try:
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o700)
+            os.chmod(path, 0o700)  # makedirs' mode goes through the umask
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise CliError(f"cannot use output directory {path}: {reason(e)}") from None
+    return path

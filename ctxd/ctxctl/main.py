@@ -1,0 +1,248 @@
+"""ctxctl's command line: the argument parser and the top level.
+
+Whatever happens, one ``ctxctl: error: ...`` line and an exit code, never a traceback.
+"""
+
+import argparse
+import os
+import sys
+from typing import IO, Any, Callable, Optional, Sequence
+
+from twisted.internet import defer, task
+
+from ctxd import rules
+from ctxd.ctxctl.client import (
+    ENV_CA,
+    ENV_STATE_DIR,
+    ENV_TOKEN_FILE,
+    ENV_URL,
+    BrokerClient,
+    Credentials,
+    load_credentials,
+    make_client,
+    resolve_settings,
+)
+from ctxd.ctxctl.commands import COMMANDS
+from ctxd.ctxctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from ctxd.ctxctl.render import printable
+from ctxd.ctxctl.userdata import USER_DATA_LIMIT
+
+
+EPILOG = """\
+The broker is found from --url/--token-file/--ca, else CTXCTL_URL/CTXCTL_TOKEN_FILE/CTXCTL_CA,
+else from --state-dir DIR (or CTXCTL_STATE_DIR): the ctxctl.json that ctxd writes there.
+The broker's certificate is always verified against the CA.
+
+Results go to stdout, messages and progress to stderr.
+
+exit codes:
+  0  success (wait: every expected node reported ok)
+  1  error (one 'ctxctl: error: ...' line on stderr; wait: a node reported an error)
+  2  usage error (bad options or arguments, e.g. a malformed context id)
+  3  wait timed out before every expected node reported
+"""
+
+
+def _id_of(kind: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not rules.is_id(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {kind} id ({rules.ID_RULE})")
+        return value
+    return check
+
+
+def _name_of(kind: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not rules.is_name(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a valid {kind} name: {rules.NAME_RULE}")
+        return value
+    return check
+
+
+def _user_data_limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes") from None
+    if limit < 4096:
+        raise argparse.ArgumentTypeError(f"{value!r}: the user-data limit must be at least 4096 bytes")
+    return limit
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ctxctl argument parser (global options first, then a subcommand)."""
+    parser = argparse.ArgumentParser(
+        prog="ctxctl", description="Deployer's client for the ctxd contextualization broker.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help=f"broker URL, https://HOST:PORT (env {ENV_URL})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"file holding your token: the site admin's or a deployer's (env {ENV_TOKEN_FILE})")
+    parser.add_argument("--ca", metavar="FILE", help=f"PEM CA certificate the broker must chain to (env {ENV_CA})")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help=f"ctxd's state directory; supplies whatever the three above do not (env {ENV_STATE_DIR})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _context_commands(sub)
+    _admin_commands(sub)
+    return parser
+
+
+def _ctx_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context", metavar="CTX", type=_id_of("context"), help="context id")
+
+
+def _out_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", metavar="DIR", required=True, help=f"where to write {what}")
+    p.add_argument("--user-data-limit", metavar="BYTES", type=_user_data_limit, default=USER_DATA_LIMIT,
+                   help=f"largest user-data the cloud accepts (default {USER_DATA_LIMIT}, EC2's limit; "
+                        "give your cloud's if it is larger); a larger document is gzip-compressed")
+
+
+def _context_commands(sub: Any) -> None:
+    """create, status, wait, known-hosts, data put, lock, list, delete."""
+    p = sub.add_parser("create", help="create a context from a cluster file; print its id",
+                       description="Create a context; write DIR/GROUP.bootstrap.json and DIR/GROUP.user-data "
+                                   "for every group; print the context id alone on stdout.")
+    p.add_argument("cluster", metavar="CLUSTER.toml", help="cluster file (docs/cluster-file.md)")
+    _out_args(p, "bootstraps and user-data")
+
+    p = sub.add_parser("status", help="per-node state table and counts")
+    _ctx_arg(p)
+    p.add_argument("--json", action="store_true", help="print the broker's JSON")
+
+    p = sub.add_parser("wait", help="wait until every node is ok (exit 0), one fails (1) or timeout (3)",
+                       description="Poll the context until every expected node reported ok (exit 0), a node "
+                                   "reported an error (exit 1) or the timeout passed (exit 3). Writes one "
+                                   "report file per node under REPORTS/CTX/.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _ctx_arg(p)
+    p.add_argument("--timeout", type=_positive_seconds, default=1800.0, metavar="S",
+                   help="give up after S seconds (default 1800)")
+    p.add_argument("--reports", default="ctx-reports", metavar="DIR",
+                   help="report directory (default ./ctx-reports)")
+    p.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="S",
+                   help="seconds between polls (default 1)")
+
+    p = sub.add_parser("known-hosts", help="known_hosts lines for every node")
+    _ctx_arg(p)
+    p.add_argument("--write", action="store_true", help="merge them into FILE as a managed block")
+    p.add_argument("--file", metavar="PATH", help="known_hosts file for --write (default ~/.ssh/known_hosts)")
+
+    p = sub.add_parser("data", help="data items (data put)")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser("put", help="replace a data item's values with the given files")
+    _ctx_arg(p)
+    p.add_argument("name", metavar="NAME", type=_name_of("data"), help="data item name")
+    p.add_argument("files", metavar="FILE", nargs="+", help="one value per file")
+
+    p = sub.add_parser("lock", help="lock a context that was open for injection")
+    _ctx_arg(p)
+    p = sub.add_parser("list", help="table of contexts")
+    p.add_argument("--json", action="store_true", help="print the broker's JSON")
+    p = sub.add_parser("delete", help="delete a context")
+    _ctx_arg(p)
+
+
+def _admin_commands(sub: Any) -> None:
+    """user add|list|revoke, node revoke, join-token rotate."""
+    p = sub.add_parser("user", help="deployer credentials (site admin): user add|list|revoke")
+    user_sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    p = user_sub.add_parser("add", help="mint a deployer credential; print its token once")
+    p.add_argument("name", metavar="NAME", type=_name_of("deployer"), help="deployer name")
+    p = user_sub.add_parser("list", help="table of deployers")
+    p.add_argument("--json", action="store_true", help="print the broker's JSON")
+    p = user_sub.add_parser("revoke", help="revoke a deployer's credential")
+    p.add_argument("name", metavar="NAME", type=_name_of("deployer"), help="deployer name")
+
+    p = sub.add_parser("node", help="node credentials: node revoke")
+    node_sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    p = node_sub.add_parser("revoke", help="revoke one node's credential (a compromised VM)")
+    _ctx_arg(p)
+    p.add_argument("node", metavar="NODE", type=_id_of("node"), help="node id")
+
+    p = sub.add_parser("join-token", help="join tokens: join-token rotate")
+    join_sub = p.add_subparsers(dest="join_command", metavar="ACTION", required=True)
+    p = join_sub.add_parser("rotate", help="new join token for a group; write its bootstrap and user-data")
+    _ctx_arg(p)
+    p.add_argument("group", metavar="GROUP", type=_name_of("group"), help="group name")
+    _out_args(p, "GROUP.bootstrap.json and .user-data")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse ``argv``; exits 2 with argparse's usage message on a usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "known-hosts":
+        if args.file and not args.write:
+            parser.error("known-hosts: --file only makes sense with --write")
+        args.file = args.file or os.path.join("~", ".ssh", "known_hosts")
+    action = {"data": "data_command", "user": "user_command", "node": "node_command",
+              "join-token": "join_command"}.get(args.command)
+    args.command_key = f"{args.command} {getattr(args, action)}" if action else args.command
+    return args
+
+
+async def run_command(broker: BrokerClient, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """Run the chosen command; print ONE ``ctxctl: error:`` line for any failure; return the exit code."""
+    try:
+        return await COMMANDS[args.command_key](broker, args, out, err)
+    except CliError as e:
+        _print_error(err, str(e))
+        return e.exit_code
+    except defer.CancelledError:
+        _print_error(err, "interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout closed early (`ctxctl status --json | head`): stop quietly, as
+        # other command-line tools do, and keep Python from complaining at exit.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except Exception as e:
+        # No log.failure here: before logging starts, Twisted copies critical
+        # events to stderr, and a traceback is exactly what must not appear.
+        _print_error(err, f"internal error: {type(e).__name__}: {e}")
+        return EXIT_ERROR
+
+
+def _print_error(err: IO[str], message: str) -> None:
+    print(f"ctxctl: error: {printable(' '.join(message.split()))}", file=err, flush=True)
+
+
+async def _react_main(reactor: Any, args: argparse.Namespace, creds: Credentials) -> None:
+    broker = BrokerClient(make_client(reactor, creds.ca_pem), creds.url, creds.token,
+                          ca_file=creds.ca_file, clock=reactor, ca_pem=creds.ca_pem)
+    running = defer.Deferred.fromCoroutine(run_command(broker, args, sys.stdout, sys.stderr))
+    # Ctrl-C stops the reactor; cancel the command so the exit code says so.
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", running.cancel)
+    try:
+        code = await running
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or EXIT_ERROR
+    if code:
+        raise SystemExit(code)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point (``ctxctl = ctxd.ctxctl.main:main``)."""
+    args = parse_args(argv)
+    try:
+        creds = load_credentials(resolve_settings(args, os.environ))
+    except CliError as e:
+        _print_error(sys.stderr, str(e))
+        sys.exit(e.exit_code)
+    task.react(_react_main, (args, creds))
