@@ -906,7 +906,7 @@ def is_verification_error(exc):
         isinstance(exc, ssl.SSLError) and getattr(exc, "reason", "") == "CERTIFICATE_VERIFY_FAILED")
 
 
-class Broker(object):
+class BrokerConnection(object):
     """HTTPS requests to the broker of a bootstrap, verified against its CA."""
 
     def __init__(self, bootstrap):
@@ -1052,7 +1052,7 @@ class Agent(object):
                  __version__, b["context_id"], b["group"], b["url"])
         if not o.address:
             wait_for_network(o.network_timeout)
-        self.broker = Broker(b)
+        self.broker = BrokerConnection(b)
         self.deadline = time.monotonic() + o.timeout
         self.call("GET", "/healthz")   # also learns our address
         self.ensure_node(self.local_identity())

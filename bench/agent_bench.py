@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,7 +99,7 @@ def child_env() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CTXCTL_"))}
 
 
-class Broker(loadgen.BrokerProcess):
+class AgentBenchBroker(loadgen.BrokerProcess):
     """loadgen's broker, whose state dir is also removed when it fails to start."""
 
     def __init__(self) -> None:
@@ -177,7 +176,7 @@ class Spawner:
 class Bench:
     """The broker, the context, the providers, and the measured runs in one temp dir."""
 
-    def __init__(self, work: str, broker: Broker, spawner: Spawner, quantity: int) -> None:
+    def __init__(self, work: str, broker: AgentBenchBroker, spawner: Spawner, quantity: int) -> None:
         self.work, self.broker, self.spawner = work, broker, spawner
         self.nodes = 0
         cluster = os.path.join(work, "cluster.toml")
@@ -355,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     spawner = Spawner()
     broker = None
     try:
-        broker = Broker()
+        broker = AgentBenchBroker()
         bench = Bench(work, broker, spawner, quantity=(args.runs + 1) * len(pythons))
         bench.enroll_providers(pythons[0])
         results = {}

@@ -9,7 +9,7 @@ broker acknowledges them. Prints acknowledged changes/s and records per fdatasyn
 (from the broker's shutdown log line), median of RUNS.
 
 replay: writes a journal of RECORDS records (one context, enrollments and reports),
-then times a fresh Broker replaying it (scan + decode + apply), median of RUNS.
+then times a fresh broker (ctxd.broker.Broker) replaying it (scan + decode + apply), median of RUNS.
 """
 
 import argparse
@@ -143,7 +143,7 @@ def throughput_run(clients: int, seconds: float) -> tuple:
 
 def write_replay_journal(path: str, records: int) -> None:
     """A journal of RECORDS records (one context, enrollments and reports), framed as the broker frames them."""
-    from ctxd.journal import encode, make_frame, make_header
+    from ctxd.journal.format import encode, make_frame, make_header
     from ctxd.model import Model
 
     groups = records // 200_000 + 1  # at most 100,000 nodes per group; two records per node

@@ -8,7 +8,7 @@ Each simulated node does exactly what ctxagent.py's Agent.run does (tests/test_b
 compares the two request sequences): GET /healthz, POST enroll (join token, unique instance
 key, identity with a unique 10.x address and hostname), POST report contextualizing, then
 GET view?since=R&wait=W (R=-1 first; repeat on 304 or an incomplete view) until complete,
-then POST report ok with a log tail. Like ctxagent.py's Broker.request, every request opens
+then POST report ok with a log tail. Like ctxagent.py's BrokerConnection.request, every request opens
 its own TLS connection verified against the broker's CA (STATE/tls/ca.pem, with ctxagent's
 own make_tls_context) and closes it after the reply; 5xx and connection errors are retried
 with ctxagent's backoff (1 s doubling to 60 s, jittered).

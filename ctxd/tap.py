@@ -38,6 +38,7 @@ SYSTEM_STATE_DIR = "/var/lib/ctxd"
 LOCAL_STATE_DIR = "ctxd-state"
 CONFIG_SECTION = "ctxd"
 SWEEP_INTERVAL = 60
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 def default_state_dir() -> str:
@@ -224,8 +225,6 @@ def lock_state_dir(state_dir: str) -> int:
     except OSError:
         os.close(fd)
         raise SystemExit(f"ctxd: another ctxd is using the state directory {state_dir} (it holds {path})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     return fd
 
 
@@ -249,14 +248,21 @@ def server_tls_options(files: tls.TLSFiles, client_ca: Optional[str] = None) -> 
 
 
 class _BrokerLifecycle(service.Service):
-    """Says where everything is on start; drains waiters and the journal on stop."""
+    """Says where everything is on start; drains waiters and the journal on stop.
 
-    def __init__(self, broker: Broker, banner: List[str]) -> None:
+    It holds the state directory's lock (an open descriptor) for as long as it exists.
+    """
+
+    def __init__(self, broker: Broker, banner: List[str], state_lock: int) -> None:
         self.broker = broker
         self.banner = banner
+        self.state_lock = state_lock
 
     def startService(self) -> None:
         super().startService()
+        # Now, not when the lock was taken: twistd may have forked into the background since.
+        os.ftruncate(self.state_lock, 0)
+        os.pwrite(self.state_lock, f"{os.getpid()}\n".encode("ascii"), 0)
         for line in self.banner:
             log.info("{line}", line=line)
 
@@ -268,8 +274,7 @@ class _BrokerLifecycle(service.Service):
         d = journal.drain()
 
         def close(_: Any) -> None:
-            syncs = getattr(journal, "syncs", 0)
-            records = getattr(journal, "records_synced", 0)
+            syncs, records = journal.syncs, journal.records_synced
             log.info(
                 "journal: {records} records in {syncs} fdatasyncs this run ({per:.1f} records per sync)",
                 records=records,
@@ -282,40 +287,47 @@ class _BrokerLifecycle(service.Service):
         return d
 
 
+class OpenedState:
+    """The state directory, opened: its lock held, the admin token, TLS files, and a
+    broker whose model was replayed from the journal."""
+
+    def __init__(self, state_dir: str, lock: int, broker: Broker, files: tls.TLSFiles, replayed: int) -> None:
+        self.state_dir = state_dir
+        self.lock = lock
+        self.broker = broker
+        self.files = files
+        self.replayed = replayed
+        self.admin_token_path = os.path.join(state_dir, ADMIN_TOKEN_FILE)
+
+
 def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> service.MultiService:
+    """The broker, its listeners, timers and lifecycle, as one service.
+
+    Everything that can fail on bad state or configuration (the lock, the journal's
+    replay, the certificates, the listeners' descriptions) fails here, before twistd
+    daemonizes, so that the error reaches the terminal that started ctxd.
+    """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     os.umask(0o077)
     make_private_dir(config["state-dir"])
-    state_lock = lock_state_dir(config["state-dir"])
+    lock = lock_state_dir(config["state-dir"])
     try:
-        return _make_service(config, reactor, state_lock)
+        opened = open_state(config, reactor, lock)
+        return _assemble(config, opened, reactor)
     except BaseException:
-        os.close(state_lock)  # start-up failed: let the next attempt have the state directory
+        os.close(lock)  # start-up failed: let the next attempt have the state directory
         raise
 
 
-def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> service.MultiService:
+def open_state(config: Dict[str, Any], reactor: Any, lock: int) -> OpenedState:
+    """Read (or create) the admin token and the TLS files, replay the journal into a broker
+    and write STATE_DIR/ctxctl.json."""
     state_dir = config["state-dir"]
-    admin_token_path = os.path.join(state_dir, "admin.token")
+    admin_token_path = os.path.join(state_dir, ADMIN_TOKEN_FILE)
     admin_hash = ensure_admin_token(admin_token_path)
-
-    listen = config["listen"]
-    public_url = config["public-url"] or default_public_url(listen)
-    if config["tls-cert"]:
-        files = tls.TLSFiles(config["tls-cert"], config["tls-key"], config["tls-ca"] or config["tls-cert"])
-        if not config["tls-ca"] and not tls.is_self_signed(config["tls-cert"]):
-            raise usage.UsageError(
-                "--tls-cert is not self-signed: give --tls-ca, the CA certificate agents must trust"
-            )
-    else:
-        names = tls.host_names()
-        names.add(urlsplit(public_url).hostname)
-        for description in listen:
-            interface, _ = _listener_host_port(description)
-            if interface and interface not in ("0.0.0.0", "::"):
-                names.add(interface)
-        files = tls.ensure_generated(os.path.join(state_dir, "tls"), names)
+    public_url = config["public-url"] or default_public_url(config["listen"])
+    files = _tls_files(config, public_url)
 
     def fatal() -> None:
         # PostgreSQL's lesson: after a failed fsync nothing is trusted; exit non-zero.
@@ -330,7 +342,6 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
         nodes_per_context=config["max-nodes-per-context"],
         data_bytes_per_context=config["max-data-bytes"],
     )
-    audit = AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds)
     broker = Broker(
         Model(quotas),
         journal,
@@ -339,7 +350,7 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
         public_url,
         files.ca_pem(),
         on_fatal=fatal,
-        audit=audit,
+        audit=AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds),
         enroll_per_source=config["enroll-rate-per-source"],
         enroll_per_token=config["enroll-rate-per-token"],
     )
@@ -349,27 +360,74 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
         raise SystemExit(f"ctxd: {e}") from None
     # Compaction (after a sync, past the journal's thresholds) snapshots the live model.
     journal.snapshot_source = broker.model.snapshot_records
-
     write_public(
         os.path.join(state_dir, "ctxctl.json"),
         json.dumps(
             {"url": public_url, "ca": os.path.abspath(files.ca), "token_file": admin_token_path}, indent=2
         ).encode("ascii"),
     )
+    return OpenedState(state_dir, lock, broker, files, replayed)
 
+
+def _tls_files(config: Dict[str, Any], public_url: str) -> tls.TLSFiles:
+    """The configured certificate, key and CA, or ctxd's generated ones for every name it answers to."""
+    if config["tls-cert"]:
+        if not config["tls-ca"] and not tls.is_self_signed(config["tls-cert"]):
+            raise usage.UsageError(
+                "--tls-cert is not self-signed: give --tls-ca, the CA certificate agents must trust"
+            )
+        return tls.TLSFiles(config["tls-cert"], config["tls-key"], config["tls-ca"] or config["tls-cert"])
+    names = tls.host_names()
+    names.add(urlsplit(public_url).hostname)
+    for description in config["listen"]:
+        interface, _ = _listener_host_port(description)
+        if interface and interface not in ("0.0.0.0", "::"):
+            names.add(interface)
+    return tls.ensure_generated(os.path.join(config["state-dir"], "tls"), names)
+
+
+def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> service.MultiService:
+    """The listeners, the timers and the lifecycle around an opened broker."""
+    broker = opened.broker
     top = service.MultiService()
     site = make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"])
+    for listener in _listeners(config, opened.files, site, reactor):
+        listener.setServiceParent(top)
+    timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired)]
+    if memory.CAN_RELEASE:
+        timers.append(TimerService(memory.TRIM_INTERVAL, memory.release_free_memory))
+    for timer in timers:
+        timer.clock = reactor
+        timer.setServiceParent(top)
+    reactor.callWhenRunning(memory.settle_heap)
+    state_dir = opened.state_dir
+    banner = [
+        f"ctxd {ctxd.__version__}: state directory {state_dir} ({opened.replayed} journal records replayed, "
+        f"{len(broker.model.contexts)} contexts)",
+        f"public URL (goes into bootstraps): {broker.public_url}; listening on {', '.join(config['listen'])}",
+        f"CA certificate {opened.files.ca}, SHA-256 fingerprint {opened.files.ca_fingerprint()}",
+        f"admin token: {opened.admin_token_path} (ctxctl --state-dir {state_dir} ...)",
+    ]
+    _BrokerLifecycle(broker, banner, opened.lock).setServiceParent(top)
+    return top
+
+
+def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: Any) -> List[service.Service]:
+    """One service per --listen description, all under one connection budget.
+
+    Our TLS listeners count connections in their TLS factory (no extra protocol layer);
+    any other listener (plain tcp:, or ssl: with its own key) sits behind a counting wrapper.
+    """
     budget = ConnectionBudget(config["max-connections"], config["max-connections-per-peer"])
     tls_options = None
-    for description in listen:
+    services: List[service.Service] = []
+    for description in config["listen"]:
         description = with_backlog(description, config["listen-backlog"])
-        # Our TLS listeners count connections in their TLS factory (no extra protocol layer);
-        # any other listener (plain tcp:, or ssl: with its own key) behind a counting wrapper.
         factory: Any
         if _needs_our_certificate(description):
             if tls_options is None:
                 tls_options = server_tls_options(files, config.get("client-ca"))
-                tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor).setServiceParent(top)
+                services.append(tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor))
             description = "tcp:" + description.split(":", 1)[1]
             factory = tlsserver.tls_factory(tls_options, site, budget)
         else:
@@ -377,20 +435,5 @@ def _make_service(config: Dict[str, Any], reactor: Any, state_lock: int) -> serv
             if description.split(":", 1)[0].lower() == "tcp":
                 log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
         endpoints.serverFromString(reactor, description)  # fail early on a bad description
-        strports.service(description, factory, reactor=reactor).setServiceParent(top)
-
-    TimerService(SWEEP_INTERVAL, broker.sweep_expired).setServiceParent(top)
-    if memory.CAN_RELEASE:
-        TimerService(memory.TRIM_INTERVAL, memory.release_free_memory).setServiceParent(top)
-    reactor.callWhenRunning(memory.settle_heap)
-    banner = [
-        f"ctxd {ctxd.__version__}: state directory {state_dir} ({replayed} journal records replayed, "
-        f"{len(broker.model.contexts)} contexts)",
-        f"public URL (goes into bootstraps): {public_url}; listening on {', '.join(listen)}",
-        f"CA certificate {files.ca}, SHA-256 fingerprint {files.ca_fingerprint()}",
-        f"admin token: {admin_token_path} (ctxctl --state-dir {state_dir} ...)",
-    ]
-    lifecycle = _BrokerLifecycle(broker, banner)
-    lifecycle.state_lock = state_lock  # held (open) as long as the service exists
-    lifecycle.setServiceParent(top)
-    return top
+        services.append(strports.service(description, factory, reactor=reactor))
+    return services

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from ctxd import tokens
 from ctxd.api import BrokerResource
 from ctxd.broker import Broker
-from ctxd.journal import MemoryJournal
+from ctxd.testing import MemoryJournal
 from ctxd.model import Model
 
 ADMIN_TOKEN = tokens.new_token(tokens.ADMIN)

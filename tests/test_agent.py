@@ -746,8 +746,8 @@ def test_instance_key_kept_or_refused_when_corrupt(tmp_path):
 NODE_TOKEN = "ctxd_node_" + "n" * 43
 
 
-class FakeBroker(object):
-    """Stands in for ctxagent.Broker: canned replies, every request recorded."""
+class FakeConnection(object):
+    """Stands in for ctxagent.BrokerConnection: canned replies, every request recorded."""
     calls = []
     ok_reply = (200, b"{}")
 
@@ -772,10 +772,10 @@ class FakeBroker(object):
 
 @pytest.fixture
 def broker(monkeypatch):
-    """ctxagent.Broker replaced by a fresh FakeBroker class; no interface discovery."""
-    class Fake(FakeBroker):
+    """ctxagent.BrokerConnection replaced by a fresh FakeConnection class; no interface discovery."""
+    class Fake(FakeConnection):
         calls = []
-    monkeypatch.setattr(ctxagent, "Broker", Fake)
+    monkeypatch.setattr(ctxagent, "BrokerConnection", Fake)
     monkeypatch.setattr(ctxagent, "discover_interfaces",
                         lambda: [{"name": "eth0", "ipv4": ["10.1.0.5"], "ipv6": []}])
     return Fake

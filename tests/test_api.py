@@ -24,8 +24,6 @@ from ctxd import api
 from ctxd.api import make_site
 from ctxd.journal import FileJournal
 
-BASE = "https://ctxd.test:8443"
-
 
 @pytest.fixture
 def client():

@@ -86,7 +86,7 @@ from twisted.python.failure import Failure
 
 from ctxd import tokens
 from ctxd.api import AUTH_KINDS, DEPLOYER, JOIN, NODE, NONE, OWNER, ROUTES, SITE_ADMIN, BrokerResource
-from ctxd.journal import MemoryJournal
+from ctxd.testing import MemoryJournal
 
 BASE = "https://ctxd.test:8443"
 GHOST_ID = "Z" * 22

@@ -4,7 +4,7 @@ A tiny recording HTTPS server fronts the in-memory broker of tests/support.py. T
 ctxagent.py (a subprocess) and one simulated agent of bench/loadgen.py each contextualize a
 compute node of their own context against it; the ordered lists of (method, path template,
 query keys, since=-1 or not, body keys, identity keys, header names) must be equal, and every
-request must come on its own TLS connection, as ctxagent.py's Broker makes them.
+request must come on its own TLS connection, as ctxagent.py's BrokerConnection makes them.
 
 The scenario exercises every branch of the poll loop: the first view (since=-1) is
 incomplete, the long-poll that follows ends with 304 (the fake clock is advanced), the head
@@ -40,7 +40,7 @@ CLUSTER = {
 }
 
 
-class FakeBroker:
+class InMemoryBroker:
     """The in-memory broker behind a lock, with a hook run when a long-poll times out."""
 
     def __init__(self):
@@ -183,7 +183,7 @@ def recorded(tmp_path):
     """(real agent's shape, simulated agent's shape), each against its own fake broker."""
     shapes = []
     for name, runner in (("real", run_ctxagent), ("sim", None)):
-        fake = FakeBroker()
+        fake = InMemoryBroker()
         (tmp_path / name).mkdir()
         server, ca_pem = serve(fake, tmp_path / name)
         try:
@@ -212,7 +212,7 @@ def test_simulated_agent_makes_the_requests_ctxagent_makes(recorded):
 
 
 def test_every_request_has_its_own_tls_connection(recorded):
-    """ctxagent.py's Broker opens and closes a connection per request; so does the simulation."""
+    """ctxagent.py's BrokerConnection opens and closes a connection per request; so does the simulation."""
     (_, real_conns), (_, sim_conns) = recorded
     assert set(real_conns.values()) == {1} and set(sim_conns.values()) == {1}
     assert len(real_conns) == len(sim_conns) == 7

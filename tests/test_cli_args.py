@@ -1,7 +1,11 @@
-"""ctxctl (ctxd/ctxctl/): settings precedence, one-line errors, and commands against a fake broker.
+"""ctxctl (ctxd/ctxctl/): settings precedence, one-line errors, and every command against the real broker.
 
-The commands run against treq.testing.StubTreq wrapping FakeBroker, a tiny
-twisted.web resource that answers canned JSON per route; time is a Clock.
+The commands run through treq.testing.StubTreq against the real API: ctxd.api.BrokerResource over
+a ctxd.broker.Broker with an in-memory journal (tests/support.py's Client), one task.Clock for the
+broker and ctxctl. Tests reach the states they need as agents do: enroll with a group's join
+token, report with the node token. Canned resources remain only for what the real resource cannot
+produce: an answer that is not JSON, a broker that never answers, 503s and refused connections
+while it restarts, and an answer tampered with on its way (the real broker refuses to store it).
 """
 
 import base64
@@ -9,10 +13,12 @@ import io
 import json
 import os
 import stat
+import time
 
 import pytest
 from OpenSSL import SSL
-from support import ca_pem
+from support import ADMIN_TOKEN, PUBLIC_URL, Client, ca_pem, result_of, torque_cluster
+from support import CA_PEM as BROKER_CA_PEM
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet import error as neterror
@@ -22,6 +28,8 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ctxd import tokens
+from ctxd.api import BrokerResource
 from ctxd.ctxctl import commands, errors
 from ctxd.ctxctl import main as cli
 from ctxd.ctxctl.client import BrokerClient, BrokerSettings, describe_failure, load_credentials, resolve_settings
@@ -30,105 +38,135 @@ from ctxd.ctxctl.errors import CliError
 from ctxd.ctxctl.main import parse_args, run_command
 from ctxd.ctxctl.userdata import read_bootstrap
 
-CID = "Q2x1c3Rlci1pZC0xMjM0NT"
+CID = "Q2x1c3Rlci1pZC0xMjM0NT"  # a well-formed context id, for tests that never reach a broker
 TOKEN = "ctxd_adm_" + "a" * 43
 URL = "https://ctxd.test:8443"
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "torque",
                        "cluster.toml")
+T0 = 1764085000.0  # the broker's clock starts here (2025-11-25 15:36:40 UTC), so times look real
 
 
 CA_PEM = ca_pem()
 
 
-# ------------------------------------------------------------------ fake broker
+# ------------------------------------------------------------------ the real broker
 
-def node(n, group, state, error=None, log_tail="", hostname=None):
-    host = hostname or f"node{n}"
-    return {
-        "id": f"node{n:02d}" + "N" * 16, "group": group, "state": state,
-        "identity": {"hostname": host, "fqdn": f"{host}.cluster.test", "primary_ip": f"10.9.0.{n}",
-                     "interfaces": [], "source_address": f"192.0.2.{n}",
-                     "ssh_host_keys": [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{n:04d}",
-                                       f"ecdsa-sha2-nistp256 AAAAE2VjZHNh{n:04d}"]},
-        "enrolled_at": 1764085010.0 + n, "contextualizing_at": None,
-        "ok_at": 1764085020.0 + n if state == "ok" else None,
-        "error_at": 1764085030.0 + n if state == "error" else None,
-        "error": error, "log_tail": log_tail,
-    }
+def utc(seconds):
+    """A broker time as ctxctl prints it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
-def status(nodes, quantities=(("head", 1), ("compute", 3))):
-    """A GET /v1/contexts/CID answer with counts computed from ``nodes``."""
-    expected = sum(q for _, q in quantities)
-    ok = sum(1 for n in nodes if n["state"] == "ok")
-    errors = sum(1 for n in nodes if n["state"] == "error")
-    return {
-        "id": CID, "name": "torque-demo", "revision": 7, "created": 1764085000.0,
-        "expires": 1764689800.0, "locked": True, "open_for_injection": False,
-        "counts": {"expected": expected, "enrolled": len(nodes),
-                   "contextualizing": sum(1 for n in nodes if n["state"] == "contextualizing"),
-                   "ok": ok, "error": errors},
-        "complete": len(nodes) == expected, "all_ok": ok == expected, "error_present": errors > 0,
-        "groups": [{"name": g, "quantity": q, "provides": [], "requires": [], "data": [],
-                    "all_identities": False, "enrolled": sum(1 for n in nodes if n["group"] == g)}
-                   for g, q in quantities],
-        "data": {},
-        "nodes": nodes,
-    }
+def head_first_cluster():
+    """The torque cluster with a head that requires nothing: it can be ok while compute slots are
+    still empty (in the torque cluster the head waits until every compute node enrolled)."""
+    body = torque_cluster()
+    body["groups"][0]["requires"] = []
+    return body
 
 
-ALL_OK = status([node(1, "head", "ok"), node(2, "compute", "ok"), node(3, "compute", "ok"),
-                 node(4, "compute", "ok", log_tail="fine\n")])
-
-
-class FakeBroker(Resource):
-    """Canned JSON per route; records requests. ``statuses`` are served in turn (the last repeats)."""
+class Spy(Resource):
+    """The real API, recording what ctxctl sends: (method, path, body, content type)."""
 
     isLeaf = True
 
-    def __init__(self, statuses=(ALL_OK,)):
+    def __init__(self, real):
         super().__init__()
-        self.statuses = list(statuses)  # a (code, body) item is answered as an error
+        self.real = real
         self.requests = []
-        self.created = None
 
     def render(self, request):
         body = request.content.read()
+        request.content.seek(0)
         self.requests.append((request.method.decode(), request.path.decode(), body,
                               request.getHeader("content-type")))
-        request.setHeader(b"content-type", b"application/json")
-        if request.getHeader("authorization") != "Bearer " + TOKEN:
-            return self.answer(request, 401, {"error": "unauthorized", "message": "unknown credential"})
-        method, path = request.method, request.path.decode()
-        if method == b"GET" and path == "/v1/contexts":
-            return self.answer(request, 200, {"contexts": [
-                {k: v for k, v in ALL_OK.items() if k not in ("groups", "data", "nodes")}]})
-        if method == b"POST" and path == "/v1/contexts":
-            self.created = json.loads(body)
-            return self.answer(request, 201, {
-                "context": {"id": CID, "name": self.created["name"]},
-                "bootstraps": {g["name"]: {"ctxd_bootstrap": 1, "url": URL, "context_id": CID,
-                                           "group": g["name"], "join_token": "ctxd_join_" + g["name"],
-                                           "ca_pem": CA_PEM}
-                               for g in self.created["groups"]}})
-        if path == f"/v1/contexts/{CID}":
-            if method == b"DELETE":
-                return self.answer(request, 200, {"deleted": CID})
-            current = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-            if isinstance(current, tuple):
-                return self.answer(request, *current)
-            return self.answer(request, 200, current)
-        if method == b"POST" and path == f"/v1/contexts/{CID}/lock":
-            return self.answer(request, 200, {"id": CID, "locked": True, "revision": 8})
-        if method == b"PUT" and path == f"/v1/contexts/{CID}/data/gridmap":
-            return self.answer(request, 200, {"id": CID, "revision": 9})
-        if method == b"PUT" and path.startswith(f"/v1/contexts/{CID}/data/"):
-            return self.answer(request, 404, {"error": "not_found", "message": "no such data item"})
-        return self.answer(request, 404, {"error": "not_found", "message": "no such context"})
+        return self.real.render(request)
 
-    def answer(self, request, code, value):
-        request.setResponseCode(code)
-        return json.dumps(value).encode("utf-8")
+
+class Deployment:
+    """A real broker for ctxctl to talk to, and the agents' side of the API to change its state.
+
+    ``api`` is tests/support.py's Client (its own StubTreq over the broker); ctxctl's requests go
+    through ``spy``, a second resource over the same Broker, so ``spy.requests`` are ctxctl's alone.
+    """
+
+    def __init__(self):
+        self.api = Client()
+        self.clock = self.api.clock
+        self.clock.advance(T0)
+        self.resource = BrokerResource(self.api.broker)
+        self.spy = Spy(self.resource)
+        self.node_tokens = {}
+
+    def call(self, method, path, body=None, token=ADMIN_TOKEN, expect=200):
+        status, answer = self.api.call(method, path, token, body)
+        assert status == expect, answer
+        return answer
+
+    def status(self, cid):
+        """GET /v1/contexts/CID as the site admin."""
+        return self.call("GET", f"/v1/contexts/{cid}")
+
+    def create(self, body=None):
+        """Create a context as the site admin; (context id, {group: join token})."""
+        cid, created = self.api.create(body or torque_cluster())
+        return cid, {group: b["join_token"] for group, b in created["bootstraps"].items()}
+
+    def enroll(self, cid, join_token, n, **identity):
+        """Enroll VM ``n`` (support.identity(n), changed by ``identity``); its node id."""
+        status, enrolled = self.api.enroll(cid, join_token, n, **identity)
+        assert status == 201, enrolled
+        self.node_tokens[enrolled["node_id"]] = enrolled["node_token"]
+        return enrolled["node_id"]
+
+    def report(self, cid, nid, state, **fields):
+        """The node reports ``state`` (with exit_code, message, log_tail) with its own token."""
+        self.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report", dict(fields, state=state),
+                  token=self.node_tokens[nid])
+
+    def head_ok(self, body=None):
+        """A context (head_first_cluster by default) whose head (VM 1) enrolled and is ok:
+        (context id, join tokens, {1: head's node id})."""
+        cid, joins = self.create(body or head_first_cluster())
+        nodes = {1: self.enroll(cid, joins["head"], 1)}
+        self.report(cid, nodes[1], "ok")
+        return cid, joins, nodes
+
+    def computes_ok(self, cid, joins, nodes):
+        """VMs 2-4 enroll in compute and report ok (VM 4 with a log tail), into ``nodes``."""
+        for n in (2, 3, 4):
+            nodes[n] = self.enroll(cid, joins["compute"], n)
+            self.report(cid, nodes[n], "ok", log_tail="fine\n" if n == 4 else "")
+
+    def all_ok(self):
+        """The torque cluster with every node ok, in the order its agents get there: the head
+        once every compute node enrolled, the compute nodes once the head is ok.
+        (context id, {VM number: node id})."""
+        cid, joins = self.create()
+        nodes = {n: self.enroll(cid, joins[group], n)
+                 for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute"))}
+        self.report(cid, nodes[1], "ok")
+        for n in (2, 3, 4):
+            self.report(cid, nodes[n], "ok", log_tail="fine\n" if n == 4 else "")
+        assert self.status(cid)["all_ok"] is True
+        return cid, nodes
+
+    def stub(self, resource=None):
+        """A StubTreq for ctxctl: over ``resource``, by default the real API behind ``spy``."""
+        return StubTreq(resource if resource is not None else self.spy)
+
+    def run(self, argv, client=None, token=ADMIN_TOKEN, err=None):
+        """Run a ctxctl command against this broker (through ``client``, default ``stub()``)."""
+        return run(client if client is not None else self.stub(), argv, self.clock, token=token, err=err)
+
+    def polls(self, cid):
+        """How many times ctxctl asked for the context's status."""
+        return sum(1 for r in self.spy.requests if r[:2] == ("GET", f"/v1/contexts/{cid}"))
+
+
+@pytest.fixture
+def broker():
+    """A fresh real broker, its clock at T0."""
+    return Deployment()
 
 
 class TTY(io.StringIO):
@@ -136,22 +174,22 @@ class TTY(io.StringIO):
         return True
 
 
-def run(fake, argv, clock=None, err=None):
-    """Run one ctxctl command against ``fake``; return (exit code, stdout, stderr)."""
-    clock = clock or Clock()
-    stub = StubTreq(fake)
-    broker = BrokerClient(stub, URL, TOKEN, ca_file="ca.pem", clock=clock, timeout=None, ca_pem=CA_PEM.encode())
+def run(client, argv, clock, token=ADMIN_TOKEN, err=None):
+    """Run one ctxctl command through ``client`` (a StubTreq, or a wrapper with its get/post/put/
+    delete and flush) while ``clock`` runs in 0.5 s steps (wait's polling); return (exit code,
+    stdout, stderr). Fails if the command does not finish or raises, and if it leaves a timer
+    behind (a request timeout not cancelled, or a state change the test scheduled that never came)."""
+    broker = BrokerClient(client, URL, token, ca_file="ca.pem", clock=clock, timeout=None, ca_pem=CA_PEM.encode())
     out, err = io.StringIO(), err or io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(argv), out, err))
-    for _ in range(10000):  # wait's polling: let the fake clock run
+    for _ in range(10000):
+        client.flush()
         if d.called:
             break
-        stub.flush()
         clock.advance(0.5)
-    results = []
-    d.addBoth(results.append)
-    assert results, "the command did not finish"
-    return results[0], out.getvalue(), err.getvalue()
+    code = result_of(d)
+    assert clock.getDelayedCalls() == [], "timers left pending"
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -326,26 +364,25 @@ def test_connection_refused_names_the_url():
     assert isinstance(e, errors.BrokerUnavailable)
 
 
-def test_broker_error_is_one_line_with_code_and_status():
+
+def test_broker_error_is_one_line_with_code_and_status(broker):
     """A JSON error answer becomes 'ctxctl: error: broker: MESSAGE (CODE, HTTP STATUS)', exit 1."""
-    code, out, err = run(FakeBroker(), ["status", "A" * 22])
+    code, out, err = broker.run(["status", "A" * 22])
     assert (code, out) == (1, "")
     assert err == "ctxctl: error: broker: no such context (not_found, HTTP 404)\n"
 
 
-def test_wrong_token_hint():
+def test_wrong_token_hint(broker):
     """A 401 answer adds a hint about the admin token, still on one line."""
-    fake = FakeBroker()
-    stub = StubTreq(fake)
-    broker = BrokerClient(stub, URL, "ctxd_adm_wrong", clock=Clock(), timeout=None)
-    err = io.StringIO()
-    d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
-    assert d.called
-    assert err.getvalue().startswith("ctxctl: error: broker: unknown credential (unauthorized, HTTP 401) - ")
-    assert err.getvalue().count("\n") == 1
+    code, out, err = broker.run(["list"], token=tokens.new_token(tokens.ADMIN))
+    assert (code, out) == (1, "")
+    assert err == ("ctxctl: error: broker: unknown or revoked credential (unauthorized, HTTP 401) - "
+                   "is the admin token in the token file the one this broker created?\n")
 
 
 class NotJSON(Resource):
+    """Canned: a proxy's HTML page where the broker should be (the real API always answers JSON)."""
+
     isLeaf = True
 
     def render(self, request):
@@ -354,15 +391,14 @@ class NotJSON(Resource):
 
 def test_non_json_answer_is_one_line():
     """A 200 answer that is not JSON is an error line, not a traceback."""
-    stub = StubTreq(NotJSON())
-    broker = BrokerClient(stub, URL, TOKEN, clock=Clock(), timeout=None)
-    err = io.StringIO()
-    d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
-    assert d.called
-    assert err.getvalue() == f"ctxctl: error: broker: the answer to {URL}/v1/contexts is not JSON (HTTP 200)\n"
+    code, out, err = run(StubTreq(NotJSON()), ["list"], Clock())
+    assert (code, out) == (1, "")
+    assert err == f"ctxctl: error: broker: the answer to {URL}/v1/contexts is not JSON (HTTP 200)\n"
 
 
 class Hang(Resource):
+    """Canned: a broker that accepts the request and never answers."""
+
     isLeaf = True
 
     def render(self, request):
@@ -375,219 +411,349 @@ def test_request_timeout_is_one_line():
     broker = BrokerClient(StubTreq(Hang()), URL, TOKEN, clock=clock, timeout=30)
     err = io.StringIO()
     d = defer.Deferred.fromCoroutine(run_command(broker, parse_args(["list"]), io.StringIO(), err))
+    clock.advance(29.9)
     assert not d.called
-    clock.advance(30)
-    assert d.called
+    clock.advance(0.1)
+    assert result_of(d) == 1 and clock.getDelayedCalls() == []
     assert err.getvalue() == f"ctxctl: error: no answer from {URL} within 30 s\n"
+
+
+class Outage(Resource):
+    """Canned around the real API: requests number after+1 to after+failures are answered 503,
+    as by a broker that is restarting; the others go to ``real``."""
+
+    isLeaf = True
+
+    def __init__(self, real, after, failures):
+        super().__init__()
+        self.real, self.after, self.failures = real, after, failures
+        self.requests = 0
+
+    def render(self, request):
+        self.requests += 1
+        if self.after < self.requests <= self.after + self.failures:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"error": "internal_error", "message": "starting"}).encode("utf-8")
+        return self.real.render(request)
+
+
+class Refusing:
+    """Canned around a StubTreq: GETs number after+1 to after+failures fail to connect (the broker's
+    process is down); the others go to ``stub``."""
+
+    def __init__(self, stub, after, failures):
+        self.stub, self.after, self.failures = stub, after, failures
+        self.requests = 0
+
+    def get(self, *args, **kwargs):
+        self.requests += 1
+        if self.after < self.requests <= self.after + self.failures:
+            return defer.fail(neterror.ConnectionRefusedError("Connection refused"))
+        return self.stub.get(*args, **kwargs)
+
+    def flush(self):
+        self.stub.flush()
+
+
+class Tampered(Resource):
+    """The real API's answers changed by ``edit`` on their way to ctxctl: what a compromised
+    broker could send (the real one validates what it stores and never answers such values)."""
+
+    isLeaf = True
+
+    def __init__(self, deployment, edit):
+        super().__init__()
+        self.deployment, self.edit = deployment, edit
+
+    def render(self, request):
+        token = (request.getHeader("authorization") or "").partition(" ")[2]
+        status, answer = self.deployment.api.call(request.method.decode(), request.path.decode(), token)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.edit(answer)).encode("utf-8")
 
 
 # ------------------------------------------------------------------ commands
 
-def test_create_writes_bootstraps_and_user_data(tmp_path, agent):
-    """create posts the cluster body, writes 0600 files in a 0700 dir, prints only the id on stdout."""
-    fake = FakeBroker()
+def test_create_writes_bootstraps_and_user_data(broker, tmp_path, agent):
+    """create posts the cluster body, writes 0600 files in a 0700 dir, prints only the id on stdout;
+    the bootstraps are the broker's: their join tokens enroll VMs in their groups."""
     out_dir = tmp_path / "out"
-    code, out, err = run(fake, ["create", EXAMPLE, "--out", str(out_dir)])
-    assert (code, out) == (0, CID + "\n")
-    assert fake.created == load_cluster_file(EXAMPLE)
-    assert fake.requests[0][3] == "application/json"
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(out_dir)])
+    [context] = broker.call("GET", "/v1/contexts")["contexts"]
+    cid = context["id"]
+    assert (code, out) == (0, cid + "\n")
+    assert [r[:2] for r in broker.spy.requests] == [("POST", "/v1/contexts")]
+    assert json.loads(broker.spy.requests[0][2]) == load_cluster_file(EXAMPLE)
+    assert broker.spy.requests[0][3] == "application/json"
+    assert (context["name"], context["counts"]["expected"], context["locked"]) == ("torque-demo", 4, True)
     assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "compute.bootstrap.json", "compute.user-data", "head.bootstrap.json", "head.user-data"]
     for p in out_dir.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    head = json.loads((out_dir / "head.bootstrap.json").read_text())
-    assert head["group"] == "head" and head["join_token"] == "ctxd_join_head"
-    assert read_bootstrap((out_dir / "head.user-data").read_bytes()) == head
-    assert "created context torque-demo" in err and "4 nodes expected" in err
+    for n, group in ((1, "head"), (2, "compute")):
+        bootstrap = json.loads((out_dir / f"{group}.bootstrap.json").read_text())
+        assert bootstrap == {"ctxd_bootstrap": 1, "url": PUBLIC_URL, "context_id": cid, "group": group,
+                             "join_token": bootstrap["join_token"], "ca_pem": BROKER_CA_PEM}
+        assert read_bootstrap((out_dir / f"{group}.user-data").read_bytes()) == bootstrap
+        status, enrolled = broker.api.enroll(cid, bootstrap["join_token"], n)
+        assert (status, enrolled["group"]) == (201, group)
+    assert err.splitlines()[-1] == f"created context torque-demo ({cid}): 2 groups, 4 nodes expected; locked"
 
 
-def test_create_bad_cluster_file_sends_nothing(tmp_path, agent):
+def test_create_bad_cluster_file_sends_nothing(broker, tmp_path, agent):
     """A bad cluster file is one line naming the field, and no request reaches the broker."""
     bad = tmp_path / "cluster.toml"
     bad.write_text('name = "t"\n[[group]]\nname = "a"\nquantity = 0\n')
-    fake = FakeBroker()
-    code, out, err = run(fake, ["create", str(bad), "--out", str(tmp_path / "o")])
-    assert code == 1 and fake.requests == []
+    code, out, err = broker.run(["create", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 1 and broker.spy.requests == [] and broker.api.journal.records == []
     assert err == f"ctxctl: error: {bad}: group[0].quantity: must be an integer >= 1\n"
 
 
-def test_create_refuses_oversized_user_data_before_creating(tmp_path, monkeypatch):
+def test_create_refuses_oversized_user_data_before_creating(broker, tmp_path, monkeypatch):
     """An agent too large for the user-data limit fails before the context is created."""
-    fake = FakeBroker()
     agent = "BLOB = '" + base64.b64encode(os.urandom(30000)).decode() + "'\n"
     monkeypatch.setattr(commands, "load_agent_source", lambda: agent)
-    code, out, err = run(fake, ["create", EXAMPLE, "--out", str(tmp_path / "o")])
-    assert code == 1 and fake.requests == []
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path / "o")])
+    assert code == 1 and broker.spy.requests == [] and broker.api.journal.records == []
+    assert broker.call("GET", "/v1/contexts") == {"contexts": []}
     assert err.startswith("ctxctl: error: user-data is ") and err.count("\n") == 1
 
 
-def test_status_table():
+def test_status_table(broker):
     """status prints a header, one row per node and per missing slot (with error messages), and counts."""
-    doc = status([node(1, "head", "ok"), node(2, "compute", "error",
-                                              error={"exit_code": 4, "message": "script 1-ipandhost/x exited 3",
-                                                     "log_tail": "boom\n"}),
-                  node(3, "compute", "contextualizing")])
-    code, out, err = run(FakeBroker([doc]), ["status", CID])
-    assert code == 0
+    cid, joins, nodes = broker.head_ok()
+    nodes[2] = broker.enroll(cid, joins["compute"], 2)
+    broker.report(cid, nodes[2], "error", exit_code=4, message="script 1-ipandhost/x exited 3", log_tail="boom\n")
+    nodes[3] = broker.enroll(cid, joins["compute"], 3)
+    broker.report(cid, nodes[3], "contextualizing")
+    code, out, err = broker.run(["status", cid])
+    assert (code, err) == (0, "")
+    state = broker.status(cid)
     lines = out.splitlines()
-    assert lines[0].startswith(f"context torque-demo ({CID}), revision 7, locked, expires 2025-")
+    assert lines[0] == (f"context torque-demo ({cid}), revision {state['revision']}, locked, "
+                        f"expires {utc(state['expires'])}")
+    assert lines[0].endswith("expires 2025-12-02 15:36:40 UTC")
     assert lines[1].split() == ["GROUP", "NODE", "HOSTNAME", "IP", "STATE", "MESSAGE"]
-    assert lines[2].split() == ["head", "node01" + "N" * 16, "node1", "10.9.0.1", "ok"]
-    assert lines[3].split()[:5] == ["compute", "node02" + "N" * 16, "node2", "10.9.0.2", "error"]
+    assert lines[2].split() == ["head", nodes[1], "node1", "10.9.0.1", "ok"]
+    assert lines[3].split()[:5] == ["compute", nodes[2], "node2", "10.9.0.2", "error"]
     assert lines[3].endswith("script 1-ipandhost/x exited 3")
-    assert lines[4].split() == ["compute", "node03" + "N" * 16, "node3", "10.9.0.3", "contextualizing"]
+    assert lines[4].split() == ["compute", nodes[3], "node3", "10.9.0.3", "contextualizing"]
     assert lines[5].split() == ["compute", "-", "-", "-", "not", "enrolled"]
     assert lines[6] == ("4 expected, 3 enrolled, 1 contextualizing, 1 ok, 1 error; "
                         "complete: no, all_ok: no")
     assert len(lines) == 7
 
 
-def test_status_json_is_the_brokers_json():
+def test_status_json_is_the_brokers_json(broker):
     """status --json prints exactly the broker's object."""
-    code, out, err = run(FakeBroker(), ["status", CID, "--json"])
-    assert code == 0 and json.loads(out) == ALL_OK
+    cid, nodes = broker.all_ok()
+    code, out, err = broker.run(["status", cid, "--json"])
+    assert code == 0 and json.loads(out) == broker.status(cid)
 
 
-def test_status_escapes_terminal_control_characters():
+def test_status_escapes_terminal_control_characters(broker):
     """A hostile error message cannot send escape sequences to the terminal."""
-    doc = status([node(1, "head", "error", error={"exit_code": 1, "message": "\x1b]0;pwned\x07oops\nx"})])
-    code, out, err = run(FakeBroker([doc]), ["status", CID])
+    cid, joins = broker.create()
+    nid = broker.enroll(cid, joins["head"], 1)
+    broker.report(cid, nid, "error", exit_code=1, message="\x1b]0;pwned\x07oops\nx")
+    code, out, err = broker.run(["status", cid])
+    assert code == 0
     assert "\x1b" not in out and "\x07" not in out and "?]0;pwned?oops x" in out
 
 
-def test_wait_all_ok_exits_0_with_ok_reports(tmp_path):
+def test_wait_all_ok_exits_0_with_ok_reports(broker, tmp_path):
     """wait polls until all_ok, prints progress lines only when counts change, writes .ok reports."""
-    first = status([node(1, "head", "ok")])
-    fake = FakeBroker([first, first, first, ALL_OK])
-    code, out, err = run(fake, ["wait", CID, "--reports", str(tmp_path), "--interval", "1"])
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(2.5, broker.computes_ok, cid, joins, nodes)  # after the third poll
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path), "--interval", "1"])
     assert (code, out) == (0, "")
     progress = [line for line in err.splitlines() if line.startswith("[")]
     assert progress == ["[##........] 1/4 ok, 0 error, 1/4 enrolled",
                         "[##########] 4/4 ok, 0 error, 4/4 enrolled"]
-    assert len([r for r in fake.requests if r[0] == "GET"]) == 4
-    reports = sorted(p.name for p in (tmp_path / CID).iterdir())
-    assert reports == [f"compute-node{n}-node0{n}{'N' * 16}.ok" for n in (2, 3, 4)] + [
-        f"head-node1-node01{'N' * 16}.ok"]
-    text = (tmp_path / CID / f"compute-node4-node04{'N' * 16}.ok").read_text()
-    assert "state: ok\n" in text and text.endswith("--- log tail ---\nfine\n")
+    assert err.splitlines()[-1] == f"all 4 nodes ok; reports in {tmp_path / cid}"
+    assert broker.polls(cid) == 4
+    reports = sorted(p.name for p in (tmp_path / cid).iterdir())
+    assert reports == sorted([f"compute-node{n}-{nodes[n]}.ok" for n in (2, 3, 4)] + [
+        f"head-node1-{nodes[1]}.ok"])
+    text = (tmp_path / cid / f"compute-node4-{nodes[4]}.ok").read_text()
+    assert f"node: {nodes[4]}\nstate: ok\n" in text and text.endswith("--- log tail ---\nfine\n")
 
 
-def test_wait_progress_redraws_on_a_tty(tmp_path):
+def test_wait_progress_redraws_on_a_tty(broker, tmp_path):
     """On a TTY the progress bar is redrawn in place with carriage returns."""
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(0.5, broker.computes_ok, cid, joins, nodes)
     err = TTY()
-    code, _, _ = run(FakeBroker([status([node(1, "head", "ok")]), ALL_OK]),
-                     ["wait", CID, "--reports", str(tmp_path)], err=err)
+    code, _, _ = broker.run(["wait", cid, "--reports", str(tmp_path)], err=err)
     assert code == 0
     assert err.getvalue().startswith("\r[##........] 1/4 ok") and "\r[##########] 4/4 ok" in err.getvalue()
 
 
-def test_wait_first_error_exits_1_with_log_tail_and_reports(tmp_path):
+def test_wait_first_error_exits_1_with_log_tail_and_reports(broker, tmp_path):
     """On a node error wait exits 1, shows its group/id/hostname, message and log tail; writes every report."""
-    failed = node(2, "compute", "error", hostname="c2",
-                  error={"exit_code": 4, "message": "script 1-ipandhost/torquemaster exited 3",
-                         "log_tail": "line one\nline two\n"})
-    doc = status([node(1, "head", "ok"), failed, node(3, "compute", "contextualizing")])
-    code, out, err = run(FakeBroker([doc]), ["wait", CID, "--reports", str(tmp_path)])
+    cid, joins, nodes = broker.head_ok()
+    nodes[2] = broker.enroll(cid, joins["compute"], 2, hostname="c2")
+    broker.report(cid, nodes[2], "error", exit_code=4, message="script 1-ipandhost/torquemaster exited 3",
+                  log_tail="line one\nline two\n")
+    nodes[3] = broker.enroll(cid, joins["compute"], 3)
+    broker.report(cid, nodes[3], "contextualizing")
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
     assert (code, out) == (1, "")
-    assert f"node compute/node02{'N' * 16} (c2) failed: exit code 4: script 1-ipandhost/torquemaster exited 3" in err
+    assert f"node compute/{nodes[2]} (c2) failed: exit code 4: script 1-ipandhost/torquemaster exited 3" in err
     assert "line one\nline two\n" in err
-    assert err.splitlines()[-1] == (f"ctxctl: error: node compute/node02{'N' * 16} (c2) reported an error: "
+    assert err.splitlines()[-1] == (f"ctxctl: error: node compute/{nodes[2]} (c2) reported an error: "
                                     "script 1-ipandhost/torquemaster exited 3")
-    reports = sorted(p.name for p in (tmp_path / CID).iterdir())
-    assert reports == [f"compute-c2-node02{'N' * 16}.error", "compute-missing-1.did-not-report",
-                       f"compute-node3-node03{'N' * 16}.pending", f"head-node1-node01{'N' * 16}.ok"]
-    text = (tmp_path / CID / f"compute-c2-node02{'N' * 16}.error").read_text()
+    reports = sorted(p.name for p in (tmp_path / cid).iterdir())
+    assert reports == sorted([f"compute-c2-{nodes[2]}.error", "compute-missing-1.did-not-report",
+                              f"compute-node3-{nodes[3]}.pending", f"head-node1-{nodes[1]}.ok"])
+    text = (tmp_path / cid / f"compute-c2-{nodes[2]}.error").read_text()
     assert "state: error\nhostname: c2\n" in text and "exit_code: 4\n" in text
     assert "message: script 1-ipandhost/torquemaster exited 3\n" in text
     assert text.endswith("--- log tail ---\nline one\nline two\n")
 
 
-def test_wait_timeout_exits_3_naming_the_silent_nodes(tmp_path):
+def test_wait_timeout_exits_3_naming_the_silent_nodes(broker, tmp_path):
     """When time runs out wait exits 3, says how many did not report, and writes did-not-report files."""
-    doc = status([node(1, "head", "ok"), node(2, "compute", "enrolled")])
-    (tmp_path / CID).mkdir()
-    (tmp_path / CID / "stale.ok").write_text("from an earlier run")
-    code, out, err = run(FakeBroker([doc]), ["wait", CID, "--reports", str(tmp_path), "--timeout", "5"])
+    cid, joins, nodes = broker.head_ok()
+    nodes[2] = broker.enroll(cid, joins["compute"], 2)
+    (tmp_path / cid).mkdir()
+    (tmp_path / cid / "stale.ok").write_text("from an earlier run")
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path), "--timeout", "5"])
     assert code == 3
+    assert broker.clock.seconds() == T0 + 5
     assert err.splitlines()[-1] == ("ctxctl: error: timed out after 5 s: 3 of 4 nodes did not report "
                                     "(2 never enrolled, 1 enrolled but not finished)")
-    reports = sorted(p.name for p in (tmp_path / CID).iterdir())
-    assert reports == ["compute-missing-1.did-not-report", "compute-missing-2.did-not-report",
-                       f"compute-node2-node02{'N' * 16}.pending", f"head-node1-node01{'N' * 16}.ok"]
+    reports = sorted(p.name for p in (tmp_path / cid).iterdir())
+    assert reports == sorted(["compute-missing-1.did-not-report", "compute-missing-2.did-not-report",
+                              f"compute-node2-{nodes[2]}.pending", f"head-node1-{nodes[1]}.ok"])
 
 
-def test_wait_rides_out_a_broker_restart(tmp_path):
+def test_wait_rides_out_a_broker_restart(broker, tmp_path):
     """After a first good poll, 503 answers (a broker restarting) are retried; wait still ends 0."""
-    unavailable = (503, {"error": "internal_error", "message": "starting"})
-    fake = FakeBroker([status([node(1, "head", "ok")])] + [unavailable] * 3 + [ALL_OK])
-    code, out, err = run(fake, ["wait", CID, "--reports", str(tmp_path)])
-    assert code == 0
-    assert err.count("broker: starting (internal_error, HTTP 503); retrying") == 1
-    assert "broker reachable again" in err
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(1.5, broker.computes_ok, cid, joins, nodes)  # while the broker is away
+    outage = Outage(broker.resource, after=1, failures=3)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=broker.stub(outage))
+    assert code == 0 and outage.requests == 5
+    assert err.splitlines() == [
+        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
+        "broker: starting (internal_error, HTTP 503); retrying",
+        "broker reachable again",
+        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+        f"all 4 nodes ok; reports in {tmp_path / cid}",
+    ]
 
 
-def test_wait_fails_at_once_if_the_broker_was_never_reached(tmp_path):
+def test_wait_rides_out_refused_connections(broker, tmp_path):
+    """After a first good poll, refused connections (the broker's process is down) are retried."""
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(1.5, broker.computes_ok, cid, joins, nodes)
+    refusing = Refusing(broker.stub(), after=1, failures=2)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=refusing)
+    assert code == 0 and refusing.requests == 4 and broker.polls(cid) == 2
+    assert err.splitlines() == [
+        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
+        f"cannot connect to {URL}: connection refused; retrying",
+        "broker reachable again",
+        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+        f"all 4 nodes ok; reports in {tmp_path / cid}",
+    ]
+
+
+def test_wait_fails_at_once_if_the_broker_was_never_reached(broker, tmp_path):
     """A broker unreachable at the first poll (likely a wrong URL) is an error, not a 30-minute wait."""
-    fake = FakeBroker([(503, {"error": "internal_error", "message": "starting"})])
-    code, out, err = run(fake, ["wait", CID, "--reports", str(tmp_path)])
+    cid, joins, nodes = broker.head_ok()
+    outage = Outage(broker.resource, after=0, failures=1000)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=broker.stub(outage))
     assert code == 1 and err == "ctxctl: error: broker: starting (internal_error, HTTP 503)\n"
-    assert len(fake.requests) == 1
+    assert outage.requests == 1 and broker.clock.seconds() == T0
 
 
-def test_wait_warns_when_the_context_is_not_locked(tmp_path):
-    """An open context makes wait say that nodes wait for `ctxctl lock`."""
-    doc = dict(ALL_OK, locked=False, all_ok=False)
-    code, out, err = run(FakeBroker([doc, ALL_OK]), ["wait", CID, "--reports", str(tmp_path)])
-    assert code == 0 and err.count(f"nodes wait for `ctxctl lock {CID}`") == 1
+def test_wait_warns_when_the_context_is_not_locked(broker, tmp_path):
+    """An open context makes wait say (once, over several polls) that nodes wait for `ctxctl lock`."""
+    cid, joins = broker.create(torque_cluster(open_for_injection=True))
+    nodes = {n: broker.enroll(cid, joins[group], n)
+             for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute"))}
+
+    def deployer_locks_and_nodes_finish():
+        gridmap = base64.b64encode(b"/CN=alice alice\n").decode()
+        broker.call("PUT", f"/v1/contexts/{cid}/data/gridmap", {"values": [{"b64": gridmap}]})
+        broker.call("POST", f"/v1/contexts/{cid}/lock")
+        for n in (1, 2, 3, 4):
+            broker.report(cid, nodes[n], "ok")
+
+    broker.clock.callLater(2.5, deployer_locks_and_nodes_finish)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
+    assert code == 0 and broker.polls(cid) == 4
+    assert err.count(f"nodes wait for `ctxctl lock {cid}`") == 1
 
 
-def test_wait_gives_up_on_a_4xx(tmp_path):
+def test_wait_gives_up_on_a_4xx(broker, tmp_path):
     """A 404 during wait (context deleted) ends it at once with exit 1."""
-    code, out, err = run(FakeBroker(), ["wait", "B" * 22, "--reports", str(tmp_path)])
-    assert code == 1 and err == "ctxctl: error: broker: no such context (not_found, HTTP 404)\n"
+    cid, joins = broker.create()
+    broker.clock.callLater(0.5, broker.call, "DELETE", f"/v1/contexts/{cid}")
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
+    assert code == 1 and broker.polls(cid) == 2
+    assert err == ("[..........] 0/4 ok, 0 error, 0/4 enrolled\n"
+                   "ctxctl: error: broker: no such context (not_found, HTTP 404)\n")
 
 
-def test_known_hosts_prints_lines():
+def test_known_hosts_prints_lines(broker):
     """known-hosts prints 'FQDN,SHORT,IP TYPE KEY' for every key of every node, nothing invalid."""
-    hostile = node(5, "compute", "ok", hostname="evil")
-    hostile["identity"]["fqdn"] = "evil.test,*"
-    code, out, err = run(FakeBroker([status([node(1, "head", "ok"), hostile])]), ["known-hosts", CID])
+    cid, joins = broker.create()
+    keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI0001", "ecdsa-sha2-nistp256 AAAAE2VjZHNh0001"]
+    head = broker.enroll(cid, joins["head"], 1, ssh_host_keys=keys)
+    evil = broker.enroll(cid, joins["compute"], 5, hostname="evil")
+
+    def hostile(status):
+        for node in status["nodes"]:
+            if node["id"] == evil:
+                node["identity"]["fqdn"] = "evil.test,*"
+            else:
+                node["identity"]["ssh_host_keys"].append("ssh-rsa AAAA\n* ssh-rsa AAAAinjected")
+        return status
+
+    code, out, err = broker.run(["known-hosts", cid], client=broker.stub(Tampered(broker, hostile)))
     assert code == 0
     assert out.splitlines() == [
         "node1.cluster.test,node1,10.9.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI0001",
         "node1.cluster.test,node1,10.9.0.1 ecdsa-sha2-nistp256 AAAAE2VjZHNh0001",
     ]
-    assert "warning: node node05" in err
+    assert err.splitlines() == [f"ctxctl: warning: node {head}: skipped an invalid host key",
+                                f"ctxctl: warning: node {evil}: skipped, its hostname/fqdn/ip are not valid"]
 
 
-def test_known_hosts_write_replaces_the_contexts_block(tmp_path):
+def test_known_hosts_write_replaces_the_contexts_block(broker, tmp_path):
     """--write replaces this context's earlier block in place, keeps everything else, file 0600, dir 0700."""
+    cid, joins = broker.create()
+    broker.enroll(cid, joins["head"], 1, ssh_host_keys=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI0001",
+                                                        "ecdsa-sha2-nistp256 AAAAE2VjZHNh0001"])
     path = tmp_path / "new-dir" / "known_hosts"
     before = "\n".join([
         "github.com ssh-ed25519 AAAAgithub",
-        f"# BEGIN ctxd (context {CID})",
+        f"# BEGIN ctxd (context {cid})",
         "old.example,old,10.0.0.9 ssh-ed25519 AAAAold",
-        f"# END ctxd (context {CID})",
+        f"# END ctxd (context {cid})",
         "# BEGIN ctxd (context OtherContextxxxxxxxxxx)",
         "other ssh-rsa AAAAother",
         "# END ctxd (context OtherContextxxxxxxxxxx)",
         "last.example ssh-rsa AAAAlast",
     ]) + "\n"
-    code, _, _ = run(FakeBroker([status([node(1, "head", "ok")])]),
-                     ["known-hosts", CID, "--write", "--file", str(path)])
+    code, _, _ = broker.run(["known-hosts", cid, "--write", "--file", str(path)])
     assert code == 0
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     path.write_text(before)
-    code, out, err = run(FakeBroker([status([node(1, "head", "ok")])]),
-                         ["known-hosts", CID, "--write", "--file", str(path)])
+    code, out, err = broker.run(["known-hosts", cid, "--write", "--file", str(path)])
     assert (code, out) == (0, "")
     assert path.read_text() == "\n".join([
         "github.com ssh-ed25519 AAAAgithub",
-        f"# BEGIN ctxd (context {CID})",
+        f"# BEGIN ctxd (context {cid})",
         "node1.cluster.test,node1,10.9.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI0001",
         "node1.cluster.test,node1,10.9.0.1 ecdsa-sha2-nistp256 AAAAE2VjZHNh0001",
-        f"# END ctxd (context {CID})",
+        f"# END ctxd (context {cid})",
         "# BEGIN ctxd (context OtherContextxxxxxxxxxx)",
         "other ssh-rsa AAAAother",
         "# END ctxd (context OtherContextxxxxxxxxxx)",
@@ -597,25 +763,115 @@ def test_known_hosts_write_replaces_the_contexts_block(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["known_hosts"]  # no temp file left
 
 
-def test_data_put_lock_delete_list(tmp_path):
+def test_data_put_lock_delete_list(broker, tmp_path):
     """data put sends base64 values; lock, delete and list hit their routes; list prints a table."""
+    done, _ = broker.all_ok()
+    cid, _ = broker.create(torque_cluster(open_for_injection=True))
     value = tmp_path / "grid"
     value.write_bytes(b"\x00gridmap\n")
-    fake = FakeBroker()
-    assert run(fake, ["data", "put", CID, "gridmap", str(value), str(value)])[0] == 0
-    method, path, body, ctype = fake.requests[-1]
-    assert (method, path, ctype) == ("PUT", f"/v1/contexts/{CID}/data/gridmap", "application/json")
+    code, out, err = broker.run(["data", "put", cid, "gridmap", str(value), str(value)])
+    assert code == 0
+    method, path, body, ctype = broker.spy.requests[-1]
+    assert (method, path, ctype) == ("PUT", f"/v1/contexts/{cid}/data/gridmap", "application/json")
     assert json.loads(body) == {"values": [{"b64": base64.b64encode(b"\x00gridmap\n").decode()}] * 2}
-    assert run(fake, ["lock", CID])[0] == 0 and fake.requests[-1][:3] == ("POST", f"/v1/contexts/{CID}/lock", b"{}")
-    code, out, err = run(fake, ["delete", CID])
-    assert (code, out, err) == (0, "", f"deleted context {CID}\n")
-    code, out, err = run(fake, ["list"])
-    assert code == 0 and out.splitlines()[0].split() == ["ID", "NAME", "OK", "ERRORS", "STATE", "DATA", "EXPIRES"]
-    assert out.splitlines()[1].split()[:6] == [CID, "torque-demo", "4/4", "0", "all", "ok"]
+    state = broker.status(cid)
+    assert state["data"] == {"gridmap": {"values": 2, "bytes": 18}}
+    assert err == f"data gridmap of context {cid}: 2 value(s), 18 bytes stored (revision {state['revision']})\n"
+    code, out, err = broker.run(["lock", cid])
+    assert (code, err) == (0, f"context {cid} locked\n")
+    assert broker.spy.requests[-1][:3] == ("POST", f"/v1/contexts/{cid}/lock", b"{}")
+    assert broker.status(cid)["locked"] is True
+    code, out, err = broker.run(["data", "put", cid, "gridmap", str(value)])
+    assert (code, err) == (1, "ctxctl: error: broker: the context is locked; data can no longer be "
+                              "injected (context_locked, HTTP 409)\n")
+    code, out, err = broker.run(["list"])
+    expires = {c: utc(broker.status(c)["expires"]).split() for c in (done, cid)}
+    assert code == 0 and [line.split() for line in out.splitlines()] == [
+        ["ID", "NAME", "OK", "ERRORS", "STATE", "DATA", "EXPIRES"],
+        [done, "torque-demo", "4/4", "0", "all", "ok", "locked", *expires[done]],
+        [cid, "torque-demo", "0/4", "0", "pending", "locked", *expires[cid]],
+    ]
+    code, out, err = broker.run(["delete", cid])
+    assert (code, out, err) == (0, "", f"deleted context {cid}\n")
+    assert broker.spy.requests[-1][:2] == ("DELETE", f"/v1/contexts/{cid}")
+    broker.call("GET", f"/v1/contexts/{cid}", expect=404)
+    code, out, err = broker.run(["list"])
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["ID", done]
 
 
-def test_data_put_unknown_name():
+def test_data_put_unknown_name(broker):
     """A broker 404 for an undeclared item is one line."""
-    fake = FakeBroker()
-    code, _, err = run(fake, ["data", "put", CID, "nope", os.devnull])
-    assert (code, err) == (1, "ctxctl: error: broker: no such data item (not_found, HTTP 404)\n")
+    cid, _ = broker.create(torque_cluster(open_for_injection=True))
+    code, _, err = broker.run(["data", "put", cid, "nope", os.devnull])
+    assert (code, err) == (1, "ctxctl: error: broker: data item 'nope' is not declared in this context "
+                              "(not_found, HTTP 404)\n")
+
+
+def test_user_add_list_revoke(broker):
+    """user add prints a deployer token that ctxctl can use (it sees only the deployer's own
+    contexts); user list shows the deployer; after user revoke the token is refused."""
+    theirs, _ = broker.create()  # the site admin's context
+    code, out, err = broker.run(["user", "add", "alice"])
+    token = out.strip()
+    assert (code, out) == (0, token + "\n") and token.startswith(tokens.DEPLOYER)
+    assert err.startswith("deployer alice added; the token above is shown only once")
+    status, created = broker.api.call("POST", "/v1/contexts", token, torque_cluster())
+    assert status == 201, created
+    mine = created["context"]["id"]
+    code, out, err = broker.run(["list"], token=token)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["ID", mine]
+    code, out, err = broker.run(["status", theirs], token=token)
+    assert (code, err) == (1, "ctxctl: error: broker: no such context (not_found, HTTP 404)\n")
+    code, out, err = broker.run(["user", "list"])
+    assert code == 0 and [line.split() for line in out.splitlines()] == [
+        ["NAME", "ADDED", "REVOKED"], ["alice", *utc(T0).split(), "-"]]
+    broker.clock.advance(60)
+    code, out, err = broker.run(["user", "revoke", "alice"])
+    assert (code, out, err) == (0, "", "deployer alice revoked\n")
+    code, out, err = broker.run(["list"], token=token)
+    assert code == 1 and err.startswith(
+        "ctxctl: error: broker: unknown or revoked credential (unauthorized, HTTP 401)")
+    code, out, err = broker.run(["user", "list"])
+    assert out.splitlines()[1].split() == ["alice", *utc(T0).split(), *utc(T0 + 60).split()]
+
+
+def test_user_commands_need_the_site_admin(broker):
+    """A deployer's token cannot add deployers: one line with the broker's 403."""
+    token = broker.call("POST", "/v1/users", {"name": "bob"}, expect=201)["token"]
+    code, out, err = broker.run(["user", "add", "mallory"], token=token)
+    assert (code, out) == (1, "")
+    assert err == ("ctxctl: error: broker: this operation needs the site admin credential "
+                   "(forbidden, HTTP 403)\n")
+    assert [u["name"] for u in broker.call("GET", "/v1/users")["users"]] == ["bob"]
+
+
+def test_join_token_rotate_writes_new_bootstrap(broker, tmp_path, agent):
+    """join-token rotate writes the group's new bootstrap and user-data; the old join token no
+    longer enrolls, the new one does."""
+    cid, joins = broker.create()
+    out_dir = tmp_path / "rotated"
+    code, out, err = broker.run(["join-token", "rotate", cid, "compute", "--out", str(out_dir)])
+    assert (code, out) == (0, "")
+    assert err.splitlines()[-1].startswith("join token of group compute rotated: the old one no longer enrolls")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["compute.bootstrap.json", "compute.user-data"]
+    bootstrap = json.loads((out_dir / "compute.bootstrap.json").read_text())
+    assert read_bootstrap((out_dir / "compute.user-data").read_bytes()) == bootstrap
+    assert (bootstrap["context_id"], bootstrap["group"]) == (cid, "compute")
+    assert bootstrap["join_token"] != joins["compute"]
+    assert broker.api.enroll(cid, joins["compute"], 2)[0] == 401
+    assert broker.api.enroll(cid, bootstrap["join_token"], 2)[0] == 201
+
+
+def test_node_revoke_stops_the_node(broker):
+    """node revoke: the node's credential is refused from then on and status shows it revoked."""
+    cid, joins = broker.create()
+    nid = broker.enroll(cid, joins["compute"], 2)
+    code, out, err = broker.run(["node", "revoke", cid, nid])
+    assert (code, out, err) == (0, "", f"node {nid} of context {cid}: credential revoked\n")
+    status, answer = broker.api.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report",
+                                     broker.node_tokens[nid], {"state": "contextualizing"})
+    assert status == 401, answer
+    assert [n["revoked"] for n in broker.status(cid)["nodes"]] == [True]
+    code, out, err = broker.run(["node", "revoke", cid, nid])
+    assert (code, err) == (1, "ctxctl: error: broker: this node's credential is already revoked "
+                              "(already_revoked, HTTP 409)\n")

@@ -16,8 +16,10 @@ from support import (
     torque_cluster,
 )
 
-import ctxd.journal as journal_module
-from ctxd.journal import FileJournal, scan
+import ctxd.journal.filejournal as filejournal_module
+from ctxd.journal import FileJournal
+from ctxd.journal.__main__ import main as journal_tool
+from ctxd.journal.format import scan
 from ctxd.model import Model
 
 NOW = 1_000_000.0
@@ -255,7 +257,7 @@ def test_crash_during_recovery_is_recovered_too(tmp_path, monkeypatch):
     rich_state(w)
     real_rename = os.rename
     # Stop the compaction right after the new segment exists (before the snapshot).
-    monkeypatch.setattr(journal_module, "write_snapshot",
+    monkeypatch.setattr(filejournal_module, "write_snapshot",
                         lambda *a: (_ for _ in ()).throw(OSError(5, "injected")))
     journal.compact().addErrback(lambda f: None)
     monkeypatch.undo()
@@ -280,7 +282,7 @@ def test_crash_during_recovery_is_recovered_too(tmp_path, monkeypatch):
 def run_cli(*args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = journal_module.main(list(args))
+        code = journal_tool(list(args))
     return code, out.getvalue(), err.getvalue()
 
 

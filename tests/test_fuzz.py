@@ -1,7 +1,7 @@
 """OpenAPI-driven fuzzing of a real broker: schemathesis against docs/openapi.yaml.
 
 A real ``twistd -n --pidfile= ctxd`` serves HTTPS on loopback (tests/e2e/helpers.py
-Broker); every request is verified against its generated CA. For every operation of
+BrokerProcess); every request is verified against its generated CA. For every operation of
 the spec, three campaigns of generated requests, each with the credential the
 operation needs (the site admin, the owning deployer, the join or the node token):
 
@@ -64,7 +64,7 @@ TRACE = bool(os.environ.get("CTXD_FUZZ_TRACE"))  # print every request and its a
 LOG_ALARMS = ("Traceback", "Unhandled Error", "unexpected error", "#critical]", "#error]")
 
 
-class FuzzBroker(helpers.Broker):
+class FuzzBroker(helpers.BrokerProcess):
     """The e2e broker, with the enrollment rate limit raised so enroll is fuzzed, not throttled."""
 
     def argv(self) -> List[str]:
@@ -86,7 +86,7 @@ def broker(tmp_path_factory):
 class Live:
     """Plain requests to the broker, to build the objects the campaigns aim at."""
 
-    def __init__(self, broker: helpers.Broker) -> None:
+    def __init__(self, broker: helpers.BrokerProcess) -> None:
         self.url = broker.url
         self.ca = str(broker.ca_path)
         self.admin = (broker.state_dir / "admin.token").read_text().strip()

@@ -663,7 +663,7 @@ def tls(tmp_path_factory):
     return cert_pem(ca_cert).decode("ascii"), str(directory / "cert.pem"), str(directory / "key.pem")
 
 
-class FakeBroker:
+class ScriptedBroker:
     """A broker over TLS in a thread: enrolls, serves one view, records every request.
 
     HOSTILE: it echoes every secret it knows in a 503 to the first report and in the
@@ -743,14 +743,14 @@ class FakeBroker:
 
 @pytest.fixture
 def broker(tls, monkeypatch):
-    """A FakeBroker; the agent sees one interface and retries after 10 ms, not seconds."""
+    """A ScriptedBroker; the agent sees one interface and retries after 10 ms, not seconds."""
     monkeypatch.setattr(ctxagent, "discover_interfaces",
                         lambda: [{"name": "eth0", "ipv4": ["10.1.0.5"], "ipv6": []}])
     monkeypatch.setattr(ctxagent.random, "uniform", lambda low, high: 0.01)
     made = []
 
     def make(hostile=False):
-        made.append(FakeBroker(tls, hostile))
+        made.append(ScriptedBroker(tls, hostile))
         return made[-1]
     yield make
     for b in made:

@@ -1,4 +1,4 @@
-"""The journal: behaviour shared by both implementations, then the file's own rules."""
+"""The journal: behaviour shared by both implementations (IJournal), then the file's own rules."""
 
 import contextlib
 import gc
@@ -11,73 +11,146 @@ import sys
 import zlib
 
 import pytest
-from support import make_broker, not_fired, result_of, sync_thread, torque_cluster
+from support import identity, instance_key, make_broker, not_fired, result_of, sync_thread, torque_cluster
 from twisted.internet.defer import Deferred
+from zope.interface.verify import verifyObject
 
+import ctxd.journal.filejournal as filejournal_module
+import ctxd.journal.format as format_module
+from ctxd.interfaces import IJournal
+from ctxd.journal import FileJournal, JournalClosed, JournalCorrupt, JournalFailed
+from ctxd.journal.__main__ import main as journal_tool
+from ctxd.journal.format import FRAME, HEADER, MAGIC, MAX_RECORD, VERSION, make_frame, make_header, scan
 from ctxd.model import SITE_ADMIN
-
-import ctxd.journal as journal_module
-from ctxd.journal import (
-    FRAME,
-    VERSION,
-    HEADER,
-    MAGIC,
-    MAX_RECORD,
-    FileJournal,
-    JournalCorrupt,
-    JournalFailed,
-    MemoryJournal,
-    make_frame,
-    make_header,
-    scan,
-)
-
-
-def memory(tmp_path):
-    return MemoryJournal()
+from ctxd.testing import MemoryJournal
 
 
 def file_journal(tmp_path):
     return FileJournal(str(tmp_path / "journal.log"), sync_thread)
 
 
-def reopen(journal, tmp_path):
-    if isinstance(journal, MemoryJournal):
+class JournalBehaviour:
+    """What every IJournal does, whatever keeps the records: one test set, subclassed per
+    implementation (as txacme's store tests are). ``make`` opens a journal,
+    ``reopen`` closes it and opens what a restart would find, ``break_disk`` makes its
+    storage fail from now on."""
+
+    def make(self, tmp_path):
+        raise NotImplementedError
+
+    def reopen(self, journal, tmp_path):
+        raise NotImplementedError
+
+    def break_disk(self, journal):
+        raise NotImplementedError
+
+    def test_provides_the_interface(self, tmp_path):
+        """It provides IJournal, with every method and attribute the broker may use."""
+        journal = self.make(tmp_path)
+        assert verifyObject(IJournal, journal)
+        assert journal.snapshot_source is None and journal.syncs == journal.records_synced == 0
+
+    def test_records_round_trip(self, tmp_path):
+        """What is appended is loaded back, in order, by a new instance."""
+        journal = self.make(tmp_path)
+        assert list(journal.load()) == []
+        for i in range(5):
+            result_of(journal.append({"op": "x", "i": i}))
+        again = self.reopen(journal, tmp_path)
+        assert [r["i"] for r in again.load()] == [0, 1, 2, 3, 4]
+
+    def test_a_record_is_stored_as_it_was_appended(self, tmp_path):
+        """The journal keeps what the record was when appended (its JSON), not a live reference."""
+        journal = self.make(tmp_path)
+        journal.load()
+        record = {"op": "x", "values": [1, 2], "t": (3, 4)}
+        result_of(journal.append(record))
+        record["values"].append(5)
+        assert list(self.reopen(journal, tmp_path).load()) == [{"op": "x", "values": [1, 2], "t": [3, 4]}]
+
+    def test_durability_is_counted_and_barriers_pass(self, tmp_path):
+        """Once appends fired, a barrier and a drain fire at once; the counters say what was synced."""
+        journal = self.make(tmp_path)
+        journal.load()
+        for i in range(3):
+            result_of(journal.append({"op": "x", "i": i}))
+        result_of(journal.barrier())
+        result_of(journal.drain())
+        assert journal.records_synced == 3 and 1 <= journal.syncs <= 3
+
+    def test_closed_journal_refuses_appends(self, tmp_path):
+        """After close (a shutdown), an append fails with JournalClosed: nothing is acknowledged."""
+        journal = self.make(tmp_path)
+        journal.load()
+        journal.close()
+        with pytest.raises(JournalClosed):
+            result_of(journal.append({"op": "x"}))
+
+    def test_failed_storage_acknowledges_nothing_after(self, tmp_path):
+        """Once a write fails, every append and every barrier fails with JournalFailed."""
+        journal = self.make(tmp_path)
+        journal.load()
+        result_of(journal.append({"op": "before"}))
+        self.break_disk(journal)
+        with pytest.raises(JournalFailed):
+            result_of(journal.append({"op": "lost"}))
+        for d in (journal.append({"op": "after"}), journal.barrier()):
+            with pytest.raises(JournalFailed):
+                result_of(d)
+
+    def test_broker_state_survives_restart(self, tmp_path):
+        """A broker replaying the journal of another sees the same contexts and nodes."""
+        journal = self.make(tmp_path)
+        journal.load()
+        broker = make_broker(journal)
+        created = result_of(broker.create_context(SITE_ADMIN, torque_cluster()))
+        cid = created["context"]["id"]
+        principal = broker.authenticate(created["bootstraps"]["head"]["join_token"])
+        body = {"instance_key": instance_key(1), "identity": identity(1)}
+        result_of(broker.enroll(principal, cid, body, "10.0.0.1"))
+        restarted = make_broker(self.reopen(journal, tmp_path))
+        assert restarted.replay() == 2
+        assert result_of(restarted.get_context(SITE_ADMIN, cid)) == result_of(broker.get_context(SITE_ADMIN, cid))
+
+
+class TestMemoryJournal(JournalBehaviour):
+    def make(self, tmp_path):
+        return MemoryJournal()
+
+    def reopen(self, journal, tmp_path):
         return MemoryJournal(journal.records)
-    journal.close()
-    return file_journal(tmp_path)
+
+    def break_disk(self, journal):
+        journal.fail(OSError(5, "Input/output error"))
 
 
-@pytest.fixture(params=[memory, file_journal], ids=["memory", "file"])
-def make(request):
-    return request.param
+class _BreakableThread:
+    """A synchronous stand-in for the journal's thread whose disk can fail."""
+
+    def __init__(self):
+        self.broken = False
+
+    def __call__(self, f, *args):
+        if self.broken:
+            return sync_thread(_raise_eio)
+        return sync_thread(f, *args)
 
 
-def test_records_round_trip(make, tmp_path):
-    """What is appended is loaded back, in order, by a new instance."""
-    journal = make(tmp_path)
-    assert list(journal.load()) == []
-    for i in range(5):
-        result_of(journal.append({"op": "x", "i": i}))
-    again = reopen(journal, tmp_path)
-    assert [r["i"] for r in again.load()] == [0, 1, 2, 3, 4]
+def _raise_eio():
+    raise OSError(5, "Input/output error")
 
 
-def test_broker_state_survives_restart(make, tmp_path):
-    """A broker replaying the journal of another sees the same contexts and nodes."""
-    journal = make(tmp_path)
-    journal.load()
-    broker = make_broker(journal)
-    created = result_of(broker.create_context(SITE_ADMIN, torque_cluster()))
-    cid = created["context"]["id"]
-    join = created["bootstraps"]["head"]["join_token"]
-    principal = broker.authenticate(join)
-    from support import identity, instance_key
+class TestFileJournal(JournalBehaviour):
+    def make(self, tmp_path):
+        self.thread = _BreakableThread()
+        return FileJournal(str(tmp_path / "journal.log"), self.thread)
 
-    result_of(broker.enroll(principal, cid, {"instance_key": instance_key(1), "identity": identity(1)}, "10.0.0.1"))
-    restarted = make_broker(reopen(journal, tmp_path))
-    assert restarted.replay() == 2
-    assert result_of(restarted.get_context(SITE_ADMIN, cid)) == result_of(broker.get_context(SITE_ADMIN, cid))
+    def reopen(self, journal, tmp_path):
+        journal.close()
+        return self.make(tmp_path)
+
+    def break_disk(self, journal):
+        self.thread.broken = True
 
 
 def test_group_commit_batches_pending_records(tmp_path):
@@ -352,8 +425,8 @@ def test_huge_declared_length_is_refused_before_allocating(tmp_path, monkeypatch
     """A length over the cap or past the end is damage, found without reading or checksumming it."""
     path, content, _ = write_journal(tmp_path, 3)
     checksummed = []
-    real_crc = journal_module._crc
-    monkeypatch.setattr(journal_module, "_crc", lambda *a: checksummed.append(len(a[2])) or real_crc(*a))
+    real_crc = format_module._crc
+    monkeypatch.setattr(format_module, "_crc", lambda *a: checksummed.append(len(a[2])) or real_crc(*a))
     for length in (0xFFFFFFFF, MAX_RECORD + 1, 1000):
         path.write_bytes(content + FRAME.pack(length, 0, 4, 4) + b'{"op":"x"}')
         assert_tail_cut(tmp_path, path, path.read_bytes(), len(content), 3)
@@ -370,7 +443,7 @@ def test_huge_declared_length_is_refused_before_allocating(tmp_path, monkeypatch
 
 def test_record_over_the_cap_is_not_appended(tmp_path, monkeypatch):
     """append refuses a record over the cap without poisoning the journal."""
-    monkeypatch.setattr(journal_module, "MAX_RECORD", 100)
+    monkeypatch.setattr(filejournal_module, "MAX_RECORD", 100)
     journal = file_journal(tmp_path)
     journal.load()
     with pytest.raises(ValueError):
@@ -391,7 +464,7 @@ def test_empty_file_becomes_a_new_journal(tmp_path):
 def run_cli(*args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = journal_module.main(list(args))
+        code = journal_tool(list(args))
     return code, out.getvalue(), err.getvalue()
 
 

@@ -17,7 +17,7 @@ from ctxd import rules, tokens
 from ctxd.api import AUTH_KINDS, ROUTES, BrokerResource, match
 from ctxd.rules import MAX_BODY
 from ctxd.broker import Broker
-from ctxd.journal import MemoryJournal
+from ctxd.testing import MemoryJournal
 from ctxd.model import Model, Quotas
 
 SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")

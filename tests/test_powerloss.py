@@ -1,6 +1,6 @@
 """Simulated power loss, in the style of SQLite's crash tests.
 
-The journal makes every file operation through ``fs`` (``ctxd.journal.OsFiles``).
+The journal makes every file operation through ``fs`` (``ctxd.journal.format.OsFiles``).
 Here ``SimFS`` stands in for the disk and records, per file, the durable content and
 the writes/truncates made since that file's last fsync/fdatasync, and, for the state
 directory, the durable names and the name operations (create, rename, unlink) made
@@ -53,7 +53,8 @@ from support import (
 )
 from twisted.internet.defer import Deferred
 
-from ctxd.journal import FRAME, FileJournal, JournalCorrupt, JournalFailed, OsFiles
+from ctxd.journal import FileJournal, JournalCorrupt, JournalFailed
+from ctxd.journal.format import FRAME, OsFiles
 from ctxd.model import Model
 
 NOW = 1_000_000.0

@@ -11,7 +11,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from ctxd import tap
-from ctxd.journal import FileJournal, scan
+from ctxd.journal import FileJournal
+from ctxd.journal.format import scan
 
 
 def options(*argv):
@@ -87,6 +88,23 @@ def test_make_service_listens_and_writes_state(tmp_path):
             "ca": str(state / "tls" / "ca.pem"),
             "token_file": str(state / "admin.token"),
         }
+    finally:
+        svc.stopService()
+
+
+def test_started_service_writes_its_pid_and_runs_timers_on_the_given_reactor(tmp_path):
+    """The lock file names the process that runs the service (written on start, after any fork of
+    twistd's), and the periodic sweep is scheduled on the reactor makeService was given."""
+    state = tmp_path / "state"
+    config = options("--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1",
+                     "--public-url", "https://127.0.0.1:8443")
+    reactor = MemoryReactorClock()
+    svc = tap.makeService(config, reactor)
+    assert (state / "lock").read_text() == ""
+    svc.startService()
+    try:
+        assert (state / "lock").read_text() == f"{os.getpid()}\n"
+        assert tap.SWEEP_INTERVAL in [call.getTime() for call in reactor.getDelayedCalls()]
     finally:
         svc.stopService()
 

@@ -181,7 +181,7 @@ MinProtocol = TLSv1
 """
 
 
-class TLSBroker(helpers.Broker):
+class TLSBroker(helpers.BrokerProcess):
     """The e2e broker with configured certificate files, a client CA and permissive OpenSSL defaults."""
 
     def __init__(self, workdir: Path, certs: Certs) -> None:

@@ -1,6 +1,6 @@
 """A kill -9 harness for ctxd (issue 4, "Proof (tests)").
 
-A real ``twistd -n ctxd`` subprocess (tests/e2e/helpers.py ``Broker``) takes
+A real ``twistd -n ctxd`` subprocess (tests/e2e/helpers.py ``BrokerProcess``) takes
 acknowledged changes from many concurrent clients - enrollments, node reports
 and data puts - and is killed with SIGKILL at a random moment. It is restarted
 on the same state directory and port, and the state it recovered is checked
@@ -40,15 +40,15 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:  # so that `e2e.helpers` imports when run directly
     sys.path.insert(0, str(_TESTS))
 
-from e2e.helpers import Broker, components_missing, tail
+from e2e.helpers import BrokerProcess, components_missing, tail
 
 GROUP = "compute"
 QUANTITY = 5000
 REPORT_STATES = ("contextualizing", "error")
 
 
-class CrashBroker(Broker):
-    """The e2e Broker with the enrollment rate limits out of the way."""
+class CrashBroker(BrokerProcess):
+    """The e2e BrokerProcess with the enrollment rate limits out of the way."""
 
     def argv(self) -> List[str]:
         return super().argv() + [
@@ -94,7 +94,7 @@ class RequestFailed(Exception):
 class HTTP:
     """One keep-alive HTTPS connection verifying the broker's CA."""
 
-    def __init__(self, broker: Broker, timeout: float = 15.0):
+    def __init__(self, broker: BrokerProcess, timeout: float = 15.0):
         self.host, self.port = broker.host, broker.port
         self.ctx = ssl.create_default_context(cafile=str(broker.ca_path))
         self.timeout = timeout
@@ -157,7 +157,7 @@ class ClientLog:
 class Client(threading.Thread):
     """A sequential client: enrolls its nodes, reports for them, puts its data item."""
 
-    def __init__(self, broker: Broker, trial: int, index: int, cid: str, join_token: str,
+    def __init__(self, broker: BrokerProcess, trial: int, index: int, cid: str, join_token: str,
                  admin_token: str, data_name: str, stop: threading.Event, seed: int):
         super().__init__(name="crash-client-%d" % index, daemon=True)
         self.http = HTTP(broker)
@@ -249,7 +249,7 @@ class Outcome:
     unexpected: List[str] = field(default_factory=list)
 
 
-def _admin(broker: Broker, admin_token: str, method: str, path: str, body=None) -> dict:
+def _admin(broker: BrokerProcess, admin_token: str, method: str, path: str, body=None) -> dict:
     http = HTTP(broker)
     try:
         status, reply = http.call(method, path, admin_token, body)

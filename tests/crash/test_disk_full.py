@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.helpers import Broker
+from tests.e2e.helpers import BrokerProcess
 
 
 def _mount_tmpfs(path, size):
@@ -20,7 +20,7 @@ def test_failed_journal_write_is_unacknowledged_and_fatal(tmp_path):
     """With the state directory's disk full, a change gets 503, ctxd exits 1, and after a restart it is absent."""
     state = tmp_path / "broker" / "state"
     _mount_tmpfs(state, "4m")
-    broker = Broker(tmp_path / "broker")
+    broker = BrokerProcess(tmp_path / "broker")
     try:
         broker.start()
         first = broker.ctxctl("create", _cluster(tmp_path), "--out", tmp_path / "out1")

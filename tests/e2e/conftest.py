@@ -53,7 +53,7 @@ def timing(request):
 @pytest.fixture
 def broker(tmp_path, diag):
     """A real ``twistd -n ctxd`` on a free loopback port, killed at teardown."""
-    b = helpers.Broker(tmp_path / "broker")
+    b = helpers.BrokerProcess(tmp_path / "broker")
     diag.add_file("broker log", b.log_path, lines=200)
     try:
         b.start()

@@ -1,6 +1,6 @@
 """Shared helpers of the end-to-end tests: real processes, nothing mocked.
 
-- :class:`Broker` runs ``twistd -n ctxd`` (in the root namespace on loopback,
+- :class:`BrokerProcess` runs ``twistd -n ctxd`` (in the root namespace on loopback,
   or inside a namespace host) and drives the real ``ctxctl`` against it.
 - :class:`VM` is one simulated machine: its own agent state dir, scripts dir
   of recording scripts, hosts and known_hosts files and SSH host keys; it
@@ -162,7 +162,7 @@ _HEALTHZ = textwrap.dedent(r"""
 """)
 
 
-class Broker:
+class BrokerProcess:
     """A real ``twistd -n ctxd`` subprocess with its own state directory.
 
     ``host`` is the address it listens on and puts in its public URL; with

@@ -5,16 +5,16 @@ from __future__ import annotations
 import socket
 import ssl
 
-from .helpers import Broker
+from .helpers import BrokerProcess
 
 
-def _tls(broker: Broker) -> ssl.SSLSocket:
+def _tls(broker: BrokerProcess) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(broker.ca_path))
     raw = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
     return context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def _refused(broker: Broker) -> bool:
+def _refused(broker: BrokerProcess) -> bool:
     """True if the broker closes a new connection without a TLS handshake."""
     try:
         conn = _tls(broker)
@@ -27,7 +27,7 @@ def _refused(broker: Broker) -> bool:
 def test_per_address_budget_is_enforced_and_freed(tmp_path, diag):
     """With --max-connections-per-peer 2, a third connection from the address is closed at
     once; closing one of the two lets the next in. (Each is a full verified TLS session.)"""
-    broker = Broker(tmp_path / "broker", extra_args=["--max-connections-per-peer", "2"])
+    broker = BrokerProcess(tmp_path / "broker", extra_args=["--max-connections-per-peer", "2"])
     diag.add_file("broker log", broker.log_path, lines=100)
     try:
         broker.start()

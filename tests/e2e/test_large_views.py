@@ -8,13 +8,13 @@ import socket
 import ssl
 import time
 
-from .helpers import Broker
+from .helpers import BrokerProcess
 
 NODES = 30
 FAT_KEY = "ssh-rsa " + "A" * 4000   # 4 per node: each view lists ~0.5 MB of identities
 
 
-def _connect(broker: Broker, rcvbuf: int = 0) -> ssl.SSLSocket:
+def _connect(broker: BrokerProcess, rcvbuf: int = 0) -> ssl.SSLSocket:
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)   # before connect: a small window
@@ -62,7 +62,7 @@ def _call(broker, method, path, token, body=None):
 
 
 def test_large_views_stream_whole_to_slow_readers_and_survive_early_close(tmp_path, diag):
-    broker = Broker(tmp_path / "broker")
+    broker = BrokerProcess(tmp_path / "broker")
     diag.add_file("broker log", broker.log_path, lines=80)
     try:
         broker.start()

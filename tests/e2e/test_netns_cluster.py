@@ -9,7 +9,7 @@ import time
 from .helpers import (
     INITIAL_HOSTS,
     INITIAL_KNOWN_HOSTS,
-    Broker,
+    BrokerProcess,
     Ident,
     calls,
     expected_calls,
@@ -32,7 +32,7 @@ def test_four_nodes_in_namespaces(netlab, tmp_path, diag, timing, cluster):
     t_test = time.monotonic()
     hub = netlab.add_host("hub")
     hosts = {label: netlab.add_host(label) for label in LABELS}
-    broker = Broker(tmp_path / "broker", host=hub.ip, port=free_port(), nshost=hub)
+    broker = BrokerProcess(tmp_path / "broker", host=hub.ip, port=free_port(), nshost=hub)
     diag.add_file("broker log", broker.log_path, lines=200)
     vms = {}
     try:

@@ -29,7 +29,7 @@ from .helpers import (
     AGENT,
     AGENT_PYTHON,
     REPO,
-    Broker,
+    BrokerProcess,
     finish,
     free_port,
     make_host_keys,
@@ -71,7 +71,7 @@ class SlurmLab:
         self.base = base
         self.diag = diag
         self.hub = netlab.add_host("hub")
-        self.broker = Broker(base / "broker", host=self.hub.ip, port=free_port(), nshost=self.hub)
+        self.broker = BrokerProcess(base / "broker", host=self.hub.ip, port=free_port(), nshost=self.hub)
         diag.add_file("broker log", self.broker.log_path, lines=100)
         self.hosts: List[hosts.PersistentHost] = []
         self.cid: Optional[str] = None

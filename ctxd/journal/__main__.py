@@ -1,0 +1,85 @@
+"""``python -m ctxd.journal check|dump STATE_DIR``: inspect a journal offline, read-only."""
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from ctxd.journal.errors import JournalCorrupt
+from ctxd.journal.format import JOURNAL_FILE, NEXT_SUFFIX, SNAPSHOT_FILE, Damage, read_snapshot, scan
+
+
+def _journal_path(target: str) -> str:
+    return os.path.join(target, JOURNAL_FILE) if os.path.isdir(target) else target
+
+
+def _describe(damage: Damage) -> str:
+    kind = "torn tail (start-up cuts it off)" if damage.torn else "damage in the middle (start-up refuses; --repair drops it)"
+    return (f"damage at offset {damage.offset}: {damage.reason}; {kind}; {damage.size} bytes from there to the end, "
+            f"{damage.frames} valid-looking records among them")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``check``/``dump`` a journal offline, without changing it. Exit 0 if clean, 1 if damaged."""
+    parser = argparse.ArgumentParser(prog="python -m ctxd.journal", description=main.__doc__)
+    parser.add_argument("command", choices=["check", "dump"],
+                        help="check: header, record count, sequence range, damage; dump: one 'SEQ OFFSET JSON' line per record")
+    parser.add_argument("state_dir", metavar="STATE_DIR", help=f"ctxd state directory (or the {JOURNAL_FILE} file itself)")
+    args = parser.parse_args(argv)
+    path = _journal_path(args.state_dir)
+    snapshot_code = _snapshot_report(os.path.join(os.path.dirname(os.path.abspath(path)), SNAPSHOT_FILE),
+                                     args.command)
+    if snapshot_code == 0 and os.path.exists(path + NEXT_SUFFIX):
+        print(f"{path + NEXT_SUFFIX}: a compaction was interrupted; the next start finishes it",
+              file=sys.stderr if args.command == "dump" else sys.stdout)
+    try:
+        result = scan(path)
+    except FileNotFoundError:
+        if snapshot_code is not None and os.path.exists(path + NEXT_SUFFIX):
+            return snapshot_code
+        print(f"{path}: no journal", file=sys.stderr)
+        return 2
+    except JournalCorrupt as e:
+        print(str(e), file=sys.stderr if args.command == "dump" else sys.stdout)
+        return 1
+    if args.command == "dump":
+        out = sys.stdout
+        for seq, offset, record in result.records:
+            out.write(f"{seq} {offset} {json.dumps(record, separators=(',', ':'), sort_keys=True)}\n")
+        if result.damage is not None:
+            print(_describe(result.damage), file=sys.stderr)
+    else:
+        print(f"journal {path}")
+        print(f"format version {result.version}, file id {result.file_id.hex()}, {result.size} bytes")
+        if result.records:
+            print(f"{len(result.records)} records, sequence {result.records[0][0]}..{result.records[-1][0]}")
+        else:
+            print("0 records")
+        print(_describe(result.damage) if result.damage is not None else "no damage")
+    return max(0 if result.damage is None else 1, snapshot_code or 0)
+
+
+def _snapshot_report(path: str, command: str) -> Optional[int]:
+    """check: describe the snapshot; dump: its records as 'SNAPSHOT INDEX JSON' lines. None if there is none."""
+    if not os.path.exists(path):
+        return None
+    out = sys.stderr if command == "dump" else sys.stdout
+    try:
+        covered, records, size = read_snapshot(path)
+    except JournalCorrupt as e:
+        print(str(e), file=out)
+        return 1
+    if command == "dump":
+        head = {"last_seq": covered, "op": "snapshot", "records": len(records)}
+        sys.stdout.write(f"snapshot 0 {json.dumps(head, separators=(',', ':'), sort_keys=True)}\n")
+        for i, record in enumerate(records, 1):
+            sys.stdout.write(f"snapshot {i} {json.dumps(record, separators=(',', ':'), sort_keys=True)}\n")
+    else:
+        print(f"snapshot {path}")
+        print(f"{size} bytes, {len(records)} records, covers journal sequence 1..{covered}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
