@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["ctxd", "ctxd.ctxctl", "twisted.plugins"],
+    packages=["ctxd", "ctxd.ctxctl", "ctxd.journal", "twisted.plugins"],
     package_data={"twisted.plugins": ["ctxd_plugin.py"]},
     py_modules=["ctxagent"],
     install_requires=[

@@ -199,10 +199,9 @@ class _BodyProducer:
     is full (the transport pauses it) and going on when it drains.
 
     Written at once, a body is encrypted into the connection's buffer whole: when the
-    last node of a 1,000-node all_identities cluster reported, 1,000 views of 1.9 MB each
-    were held at the same time (2.4 GiB of broker RSS). Streamed, each connection holds
-    what is in flight, and the chunks themselves - the group's shared part above all -
-    exist once.
+    last node of a large all_identities cluster reports, every node's view would be held
+    at the same time. Streamed, each connection holds what is in flight, and the chunks
+    themselves - the group's shared part above all - exist once.
     """
 
     SLICE = STREAM_ABOVE
@@ -586,7 +585,7 @@ def make_site(
     """The twisted.web Site serving the API."""
     request_class = type("Request", (CappedRequest,), {"max_body": max_body})
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
-    # email-module parsers were 5% of the broker's CPU in a join storm, and an attack surface.
+    # email-module parsers cost CPU on every POST, and are an attack surface.
     site = server.Site(
         BrokerResource(broker, max_body, stall_timeout=timeout), requestFactory=request_class, timeout=timeout,
         parsePOSTFormSubmission=False,

@@ -2,24 +2,21 @@
 
 A join storm allocates and frees the buffers of thousands of TLS handshakes and
 requests between the long-lived objects of enrolled nodes. glibc's malloc returns
-only the top of its heap on its own; the free pages in between stay in the
-broker's RSS (measured: about 22 KiB per node after a 2,000-node storm, a third
-of the idle broker's memory). ``malloc_trim(0)`` hands every free page back.
-Elsewhere than glibc this is a no-op.
+only the top of its heap on its own; the free pages in between would stay in the
+broker's RSS. ``malloc_trim(0)`` hands every free page back. Elsewhere than glibc
+this is a no-op.
 
-Python's cyclic garbage collector, left at its defaults, cost a sixth of the
-broker's CPU in a join storm, more than linearly in N (measured: 5.3 s of 26.7 s
-at 5,000 nodes, 31 full collections). Two reasons: every full collection walks
-the whole heap, including everything built at start-up (modules, and the state
-replayed from the journal: 3.4 s per full collection after a replay of 1,000,000
-records); and the objects of connections in flight lived just long enough to be
-promoted to the oldest generation, whose growth then triggered the next full
-collection. :func:`settle_heap`, once the broker runs, moves the start-up heap
-out of the collector's sight (``gc.freeze``) and raises the youngest generation's
-threshold so that a request's objects die before their first collection
-(measured: 1.8 s of GC at 5,000 nodes, one full collection). The model breaks its
-own reference cycles when it drops state (see ``Model._apply_delete``), so what
-was frozen is still freed by reference counting when it goes.
+Python's cyclic garbage collector, left at its defaults, costs a join storm more than
+linearly in N, for two reasons: every full collection walks the whole heap, including
+everything built at start-up (modules, and the state replayed from the journal); and
+the objects of connections in flight live just long enough to be promoted to the
+oldest generation, whose growth then triggers the next full collection.
+:func:`settle_heap`, once the broker runs, moves the start-up heap out of the
+collector's sight (``gc.freeze``) and raises the youngest generation's threshold so
+that a request's objects die before their first collection. The model breaks its own
+reference cycles when it drops state (see ``Model._apply_delete``), so what was
+frozen is still freed by reference counting when it goes. docs/benchmarks.md has
+the figures.
 """
 
 import ctypes
@@ -62,9 +59,9 @@ def settle_heap() -> None:
     """Once start-up is done: collect the young generations, freeze everything (never
     traversed again) and raise the young generation's threshold to :data:`GC_THRESHOLDS`.
 
-    No full collection: after a large replay it alone would stall the reactor for seconds
-    (3.4 s at 1,000,000 records), and a replay leaves no garbage cycles to find (it runs
-    with collection paused and the model breaks its own cycles).
+    No full collection: after a large replay it alone would stall the reactor for seconds,
+    and a replay leaves no garbage cycles to find (it runs with collection paused and
+    the model breaks its own cycles).
     """
     gc.collect(1)
     gc.freeze()

@@ -29,7 +29,6 @@ from ctxd.errors import (
     Conflict,
     Forbidden,
     JoinTokenExpired,
-    InvalidCluster,
     NotFound,
 )
 
@@ -273,140 +272,53 @@ class Context:
         touched.nodes.add(node.id)
 
 
-def _check_cycle(groups: List[Dict[str, Any]]) -> None:
-    """Reject ready-requirements that form a cycle (they would deadlock)."""
-    providers: Dict[str, List[str]] = {}
-    for g in groups:
-        for role in g["provides"]:
-            providers.setdefault(role, []).append(g["name"])
-    edges: Dict[str, List[str]] = {g["name"]: [] for g in groups}
-    for g in groups:
-        for r in g["requires"]:
-            if r["ready"]:
-                for p in providers[r["role"]]:
-                    if p not in edges[g["name"]]:
-                        edges[g["name"]].append(p)
-    colour = {name: _WHITE for name in edges}
-    for name in edges:
-        if colour[name] == _WHITE:
-            _visit(name, edges, colour, [])
-
-
-_WHITE, _GREY, _BLACK = 0, 1, 2
-
-
-def _visit(name: str, edges: Dict[str, List[str]], colour: Dict[str, int], stack: List[str]) -> None:
-    """Depth-first search of :func:`_check_cycle`. (A module function, not a closure that
-    refers to itself: that would leave a reference cycle behind on every create.)"""
-    colour[name] = _GREY
-    stack.append(name)
-    for nxt in edges[name]:
-        if colour[nxt] == _GREY:
-            cycle = stack[stack.index(nxt):] + [nxt]
-            raise InvalidCluster(
-                "ready requirements form a cycle: " + " -> ".join(cycle),
-                code="ready_cycle",
-            )
-        if colour[nxt] == _WHITE:
-            _visit(nxt, edges, colour, stack)
-    stack.pop()
-    colour[name] = _BLACK
-
-
-def parse_cluster(body: Any) -> Dict[str, Any]:
-    """Validate a create-context request body; return its clean form."""
-    body = validate.obj(
-        body,
-        "body",
-        required=("name", "groups"),
-        optional=("open_for_injection", "expires_in", "join_token_ttl", "data"),
-    )
-    name = body["name"]
-    if not rules.is_context_name(name):
-        raise BadRequest(f"name: must be 1-{rules.MAX_CONTEXT_NAME} printable characters, not only spaces")
-    open_ = validate.boolean(body.get("open_for_injection", False), "open_for_injection")
-    expires_in = validate.integer(
-        body.get("expires_in", rules.DEFAULT_EXPIRES_IN), "expires_in", rules.MIN_SECONDS, rules.MAX_EXPIRES_IN
-    )
-    join_ttl = validate.integer(
-        body.get("join_token_ttl", min(rules.DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl",
-        rules.MIN_SECONDS, expires_in
-    )
-    data_in = body.get("data", {})
-    if not isinstance(data_in, dict):
-        raise BadRequest("data: must be a JSON object")
-    if len(data_in) > rules.MAX_DATA_ITEMS:
-        raise BadRequest(f"data: at most {rules.MAX_DATA_ITEMS} items")
-    data = {}
-    for key, values in data_in.items():
-        validate.name(key, f"data name {key!r:.80}")
-        data[key] = validate.data_values(values, f"data.{key}")
-        if not data[key] and not open_:
-            raise InvalidCluster(
-                f"data.{key}: has no value, and the context is not open for injection", code="missing_data"
-            )
-
-    groups = []
-    seen = set()
-    for i, g in enumerate(validate.array(body["groups"], "groups", rules.MAX_GROUPS)):
-        where = f"groups[{i}]"
-        g = validate.obj(
-            g, where, required=("name", "quantity"), optional=("provides", "requires", "data", "all_identities")
-        )
-        gname = validate.name(g["name"], f"{where}.name")
-        if gname in seen:
-            raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
-        seen.add(gname)
-        requires = []
-        for j, r in enumerate(validate.array(g.get("requires", []), f"{where}.requires", rules.MAX_ROLES)):
-            r = validate.obj(r, f"{where}.requires[{j}]", required=("role",), optional=("ready",))
-            requires.append(
-                {
-                    "role": validate.name(r["role"], f"{where}.requires[{j}].role"),
-                    "ready": validate.boolean(r.get("ready", False), f"{where}.requires[{j}].ready"),
-                }
-            )
-        if len({r["role"] for r in requires}) != len(requires):
-            raise InvalidCluster(f"{where}.requires: a role is listed twice", code="duplicate_role")
-        provides = [
-            validate.name(p, f"{where}.provides[{j}]")
-            for j, p in enumerate(validate.array(g.get("provides", []), f"{where}.provides", rules.MAX_ROLES))
-        ]
-        gdata = [
-            validate.name(d, f"{where}.data[{j}]")
-            for j, d in enumerate(validate.array(g.get("data", []), f"{where}.data", rules.MAX_DATA_ITEMS))
-        ]
-        for d in gdata:
-            if d not in data:
-                raise InvalidCluster(f"{where}.data: {d!r} is not declared in data", code="unknown_data")
-        groups.append(
-            {
-                "name": gname,
-                "quantity": validate.integer(g["quantity"], f"{where}.quantity", 1, rules.MAX_QUANTITY),
-                "provides": sorted(set(provides)),
-                "requires": requires,
-                "data": sorted(set(gdata)),
-                "all_identities": validate.boolean(g.get("all_identities", False), f"{where}.all_identities"),
-            }
-        )
-    if not groups:
-        raise InvalidCluster("groups: at least one group is needed", code="no_groups")
-    provided = {role for g in groups for role in g["provides"]}
-    for i, g in enumerate(groups):
-        for r in g["requires"]:
-            if r["role"] not in provided:
-                raise InvalidCluster(
-                    f"groups[{i}].requires: no group provides role {r['role']!r}", code="unknown_role"
-                )
-    _check_cycle(groups)
-    return {
-        "name": name,
-        "open_for_injection": open_,
-        "expires_in": expires_in,
-        "join_token_ttl": join_ttl,
-        "groups": groups,
-        "data": data,
-    }
+def _context_records(ctx: Context) -> List[Dict[str, Any]]:
+    """The records that rebuild one context (see :meth:`Model.snapshot_records`)."""
+    first = next(iter(ctx.groups.values()))
+    out: List[Dict[str, Any]] = [{
+        "op": "create",
+        "ctx": ctx.id,
+        "at": ctx.created,
+        "name": ctx.name,
+        "open_for_injection": ctx.open_for_injection,
+        "expires": ctx.expires,
+        "join_expires": first.join_expires,
+        "groups": [g.spec() for g in ctx.groups.values()],
+        "data": {k: list(v) for k, v in ctx.data.items()},
+        "join_hashes": {g.name: g.join_hash for g in ctx.groups.values()},
+        "owner": ctx.owner,
+    }]
+    for node in ctx.nodes.values():
+        out.append({
+            "op": "enroll",
+            "ctx": ctx.id,
+            "node": node.id,
+            "group": node.group.name,
+            "at": node.times["enrolled_at"],
+            "instance_hash": node.instance_hash,
+            "token_hash": node.token_hash,
+            "identity": dict(node.identity),
+            "source": node.source,
+        })
+        out.append({
+            "op": "restore_node",
+            "ctx": ctx.id,
+            "node": node.id,
+            "state": node.state,
+            "times": dict(node.times),
+            "error": dict(node.error) if node.error is not None else None,
+            "log_tail": node.log_tail,
+            "revoked": node.revoked,
+            "self_rev": node.self_rev,
+        })
+    out.append({
+        "op": "restore_context",
+        "ctx": ctx.id,
+        "revision": ctx.revision,
+        "locked": ctx.locked,
+        "groups": {g.name: {"view_rev": g.view_rev, "join_expires": g.join_expires} for g in ctx.groups.values()},
+    })
+    return out
 
 
 class User:
@@ -486,7 +398,7 @@ class Model:
     def prepare_create(
         self, body: Any, now: float, owner: str = ""
     ) -> Tuple[Dict[str, Any], Dict[str, str]]:
-        spec = parse_cluster(body)
+        spec = validate.cluster(body)
         quotas = self.quotas
         if owner:
             owned = sum(1 for c in self.contexts.values() if c.owner == owner and c.expires > now)
@@ -727,10 +639,6 @@ class Model:
         self.principals[g.join_hash] = Principal("join", ctx.id, g.name)
         return Touched(ctx.id)
 
-    def _identity_changed(self, ctx: Context, node: Node, touched: Touched) -> None:
-        ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
-        ctx.touch_node(node, touched)
-
     def _apply_enroll(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
         g = ctx.groups[record["group"]]
@@ -748,18 +656,20 @@ class Model:
             self.principals.pop(node.token_hash, None)
         node.token_hash = record["token_hash"]
         self.principals[node.token_hash] = Principal("node", ctx.id, node.id)
-        node.source = record["source"]
-        if node.set_identity(record["identity"]):
-            self._identity_changed(ctx, node, touched)
+        self._set_identity(ctx, node, record, touched)
         return touched
 
     def _apply_identity(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
-        node = ctx.nodes[record["node"]]
+        self._set_identity(ctx, ctx.nodes[record["node"]], record, touched)
+        return touched
+
+    def _set_identity(self, ctx: Context, node: Node, record: Dict[str, Any], touched: Touched) -> None:
+        """The identity (and source address) of an enroll or identity record."""
         node.source = record["source"]
         if node.set_identity(record["identity"]):
-            self._identity_changed(ctx, node, touched)
-        return touched
+            ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
+            ctx.touch_node(node, touched)
 
     def _apply_report(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
@@ -832,51 +742,7 @@ class Model:
             if user.revoked_at is not None:
                 out.append({"op": "user_revoke", "name": user.name, "at": user.revoked_at})
         for ctx in self.contexts.values():
-            first = next(iter(ctx.groups.values()))
-            out.append({
-                "op": "create",
-                "ctx": ctx.id,
-                "at": ctx.created,
-                "name": ctx.name,
-                "open_for_injection": ctx.open_for_injection,
-                "expires": ctx.expires,
-                "join_expires": first.join_expires,
-                "groups": [g.spec() for g in ctx.groups.values()],
-                "data": {k: list(v) for k, v in ctx.data.items()},
-                "join_hashes": {g.name: g.join_hash for g in ctx.groups.values()},
-                "owner": ctx.owner,
-            })
-            for node in ctx.nodes.values():
-                out.append({
-                    "op": "enroll",
-                    "ctx": ctx.id,
-                    "node": node.id,
-                    "group": node.group.name,
-                    "at": node.times["enrolled_at"],
-                    "instance_hash": node.instance_hash,
-                    "token_hash": node.token_hash,
-                    "identity": dict(node.identity),
-                    "source": node.source,
-                })
-                out.append({
-                    "op": "restore_node",
-                    "ctx": ctx.id,
-                    "node": node.id,
-                    "state": node.state,
-                    "times": dict(node.times),
-                    "error": dict(node.error) if node.error is not None else None,
-                    "log_tail": node.log_tail,
-                    "revoked": node.revoked,
-                    "self_rev": node.self_rev,
-                })
-            out.append({
-                "op": "restore_context",
-                "ctx": ctx.id,
-                "revision": ctx.revision,
-                "locked": ctx.locked,
-                "groups": {g.name: {"view_rev": g.view_rev, "join_expires": g.join_expires}
-                           for g in ctx.groups.values()},
-            })
+            out += _context_records(ctx)
         return out
 
     def _apply_restore_node(self, ctx: Context, record: Dict[str, Any]) -> Touched:

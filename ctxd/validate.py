@@ -7,10 +7,10 @@ values) and raises :class:`ctxd.errors.RequestError` subclasses naming the field
 import base64
 import binascii
 import ipaddress
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 from ctxd import rules
-from ctxd.errors import BadRequest, InvalidName
+from ctxd.errors import BadRequest, InvalidCluster, InvalidName
 
 def name(value: Any, field: str) -> str:
     """A role, data or group name."""
@@ -139,3 +139,140 @@ def identity(value: Any, field: str = "identity") -> Dict[str, Any]:
         "interfaces": interfaces,
         "ssh_host_keys": keys,
     }
+
+
+def cluster(body: Any) -> Dict[str, Any]:
+    """A create-context request body (docs/cluster-file.md), validated; its clean form."""
+    body = obj(
+        body,
+        "body",
+        required=("name", "groups"),
+        optional=("open_for_injection", "expires_in", "join_token_ttl", "data"),
+    )
+    context_name = body["name"]
+    if not rules.is_context_name(context_name):
+        raise BadRequest(f"name: must be 1-{rules.MAX_CONTEXT_NAME} printable characters, not only spaces")
+    open_ = boolean(body.get("open_for_injection", False), "open_for_injection")
+    expires_in = integer(
+        body.get("expires_in", rules.DEFAULT_EXPIRES_IN), "expires_in", rules.MIN_SECONDS, rules.MAX_EXPIRES_IN
+    )
+    join_ttl = integer(
+        body.get("join_token_ttl", min(rules.DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl",
+        rules.MIN_SECONDS, expires_in
+    )
+    data = _cluster_data(body.get("data", {}), open_)
+    groups = []
+    seen: Set[str] = set()
+    for i, g in enumerate(array(body["groups"], "groups", rules.MAX_GROUPS)):
+        groups.append(_cluster_group(g, f"groups[{i}]", data, seen))
+    if not groups:
+        raise InvalidCluster("groups: at least one group is needed", code="no_groups")
+    provided = {role for g in groups for role in g["provides"]}
+    for i, g in enumerate(groups):
+        for r in g["requires"]:
+            if r["role"] not in provided:
+                raise InvalidCluster(
+                    f"groups[{i}].requires: no group provides role {r['role']!r}", code="unknown_role"
+                )
+    _check_cycle(groups)
+    return {
+        "name": context_name,
+        "open_for_injection": open_,
+        "expires_in": expires_in,
+        "join_token_ttl": join_ttl,
+        "groups": groups,
+        "data": data,
+    }
+
+
+def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]]:
+    if not isinstance(data_in, dict):
+        raise BadRequest("data: must be a JSON object")
+    if len(data_in) > rules.MAX_DATA_ITEMS:
+        raise BadRequest(f"data: at most {rules.MAX_DATA_ITEMS} items")
+    data = {}
+    for key, values in data_in.items():
+        name(key, f"data name {key!r:.80}")
+        data[key] = data_values(values, f"data.{key}")
+        if not data[key] and not open_for_injection:
+            raise InvalidCluster(
+                f"data.{key}: has no value, and the context is not open for injection", code="missing_data"
+            )
+    return data
+
+
+def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str]) -> Dict[str, Any]:
+    """One group of a create request; ``seen`` collects the group names so far."""
+    g = obj(g, where, required=("name", "quantity"), optional=("provides", "requires", "data", "all_identities"))
+    gname = name(g["name"], f"{where}.name")
+    if gname in seen:
+        raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
+    seen.add(gname)
+    requires = []
+    for j, r in enumerate(array(g.get("requires", []), f"{where}.requires", rules.MAX_ROLES)):
+        r = obj(r, f"{where}.requires[{j}]", required=("role",), optional=("ready",))
+        requires.append(
+            {
+                "role": name(r["role"], f"{where}.requires[{j}].role"),
+                "ready": boolean(r.get("ready", False), f"{where}.requires[{j}].ready"),
+            }
+        )
+    if len({r["role"] for r in requires}) != len(requires):
+        raise InvalidCluster(f"{where}.requires: a role is listed twice", code="duplicate_role")
+    provides = _names(g.get("provides", []), f"{where}.provides", rules.MAX_ROLES)
+    gdata = _names(g.get("data", []), f"{where}.data", rules.MAX_DATA_ITEMS)
+    for d in gdata:
+        if d not in data:
+            raise InvalidCluster(f"{where}.data: {d!r} is not declared in data", code="unknown_data")
+    return {
+        "name": gname,
+        "quantity": integer(g["quantity"], f"{where}.quantity", 1, rules.MAX_QUANTITY),
+        "provides": sorted(set(provides)),
+        "requires": requires,
+        "data": sorted(set(gdata)),
+        "all_identities": boolean(g.get("all_identities", False), f"{where}.all_identities"),
+    }
+
+
+def _names(value: Any, field: str, max_items: int) -> List[str]:
+    return [name(item, f"{field}[{j}]") for j, item in enumerate(array(value, field, max_items))]
+
+
+def _check_cycle(groups: List[Dict[str, Any]]) -> None:
+    """Reject ready-requirements that form a cycle (they would deadlock)."""
+    providers: Dict[str, List[str]] = {}
+    for g in groups:
+        for role in g["provides"]:
+            providers.setdefault(role, []).append(g["name"])
+    edges: Dict[str, List[str]] = {g["name"]: [] for g in groups}
+    for g in groups:
+        for r in g["requires"]:
+            if r["ready"]:
+                for p in providers[r["role"]]:
+                    if p not in edges[g["name"]]:
+                        edges[g["name"]].append(p)
+    colour = {name: _WHITE for name in edges}
+    for name in edges:
+        if colour[name] == _WHITE:
+            _visit(name, edges, colour, [])
+
+
+_WHITE, _GREY, _BLACK = 0, 1, 2
+
+
+def _visit(name: str, edges: Dict[str, List[str]], colour: Dict[str, int], stack: List[str]) -> None:
+    """Depth-first search of :func:`_check_cycle`. (A module function, not a closure that
+    refers to itself: that would leave a reference cycle behind on every create.)"""
+    colour[name] = _GREY
+    stack.append(name)
+    for nxt in edges[name]:
+        if colour[nxt] == _GREY:
+            cycle = stack[stack.index(nxt):] + [nxt]
+            raise InvalidCluster(
+                "ready requirements form a cycle: " + " -> ".join(cycle),
+                code="ready_cycle",
+            )
+        if colour[nxt] == _WHITE:
+            _visit(nxt, edges, colour, stack)
+    stack.pop()
+    colour[name] = _BLACK

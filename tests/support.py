@@ -185,15 +185,20 @@ class Queued:
         self.jobs.append((f, args, d))
         return d
 
+    def run_next(self):
+        """Run the oldest job (whatever it queues meanwhile waits)."""
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
     def run_all(self):
+        """Run jobs, those they queue included, until none is left."""
         while self.jobs:
-            f, args, d = self.jobs.pop(0)
-            try:
-                result = f(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
+            self.run_next()
 
 
 def model_state(model):

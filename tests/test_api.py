@@ -168,14 +168,20 @@ def test_long_poll_waits_and_wakes(client):
     assert client.broker.waiter_count() == 0
 
 
-def test_long_poll_times_out_with_304(client):
-    """With no change, a waiting view request ends with 304 after `wait` seconds."""
-    cid, joins, nodes = torque(client)
-    nid, token = nodes[2]
+def long_poll(client, cid, node):
+    """``node`` (id, token) asks for its view past the revision it has; the request, unanswered."""
+    nid, token = node
     path = f"/v1/contexts/{cid}/nodes/{nid}/view"
     _, view = client.call("GET", path, token)
     pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
     client.stub.flush()
+    return pending
+
+
+def test_long_poll_times_out_with_304(client):
+    """With no change, a waiting view request ends with 304 after `wait` seconds."""
+    cid, joins, nodes = torque(client)
+    pending = long_poll(client, cid, nodes[2])
     client.clock.advance(29)
     client.stub.flush()
     assert not_fired(pending)
@@ -187,13 +193,7 @@ def test_long_poll_times_out_with_304(client):
 def test_unrelated_change_does_not_wake(client):
     """A compute reporting progress does not wake the other computes' waiters."""
     cid, joins, nodes = torque(client)
-    waits = []
-    for n in (3, 4):
-        nid, token = nodes[n]
-        path = f"/v1/contexts/{cid}/nodes/{nid}/view"
-        _, view = client.call("GET", path, token)
-        waits.append(client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token))
-    client.stub.flush()
+    waits = [long_poll(client, cid, nodes[n]) for n in (3, 4)]
     nid, token = nodes[2]
     assert client.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/report", token, {"state": "contextualizing"})[0] == 200
     assert all(not_fired(d) for d in waits)
@@ -208,11 +208,7 @@ def test_unrelated_change_does_not_wake(client):
 def test_delete_ends_waits_with_404(client):
     """Deleting a context answers its waiting agents with 404."""
     cid, joins, nodes = torque(client)
-    nid, token = nodes[2]
-    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
-    _, view = client.call("GET", path, token)
-    pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
-    client.stub.flush()
+    pending = long_poll(client, cid, nodes[2])
     assert client.call("DELETE", f"/v1/contexts/{cid}", ADMIN_TOKEN) == (200, {"deleted": cid})
     assert result_of(pending)[0] == 404
 
@@ -386,11 +382,7 @@ def test_reads_wait_until_what_they_show_is_durable(manual):
 def test_cancelled_commit_still_wakes_waiters(client):
     """When the client whose report woke others goes away, the others still wake."""
     cid, joins, nodes = torque(client)
-    nid, token = nodes[2]
-    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
-    _, view = client.call("GET", path, token)
-    waiting = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
-    client.stub.flush()
+    waiting = long_poll(client, cid, nodes[2])
     hid, htoken = nodes[1]
     record = client.broker.model.prepare_report(cid, hid, {"state": "ok"}, client.broker.now())
     commit = client.broker._commit(record)
@@ -416,13 +408,8 @@ def test_journal_failure_is_fatal_and_unacknowledged(manual):
 def test_one_wait_per_node(client):
     """A node's second long-poll ends its first with 304: a node cannot pile up waits."""
     cid, joins, nodes = torque(client)
-    nid, token = nodes[2]
-    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
-    _, view = client.call("GET", path, token)
-    first = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
-    client.stub.flush()
-    second = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", token)
-    client.stub.flush()
+    first = long_poll(client, cid, nodes[2])
+    second = long_poll(client, cid, nodes[2])
     assert result_of(first) == (304, None)
     assert not_fired(second)
     assert client.broker.waiter_count() == 1
@@ -561,3 +548,15 @@ def test_stop_producing_cancels_the_stall_timer():
     assert clock.getDelayedCalls() == []
     producer.resumeProducing()
     assert not request.finished and len(request.written) == 2
+
+
+def test_every_domain_error_has_its_status():
+    """api.STATUS answers every RequestError subclass with a 4xx or 5xx, and nothing else sets one."""
+    from ctxd import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RequestError)]
+    assert set(classes) == set(api.STATUS), "a domain error without its own status (or a status for nothing)"
+    for cls in classes:
+        error = cls("x", 1) if cls is errors.TooManyRequests else cls("x")
+        assert 400 <= api.status_of(error) < 600 and not hasattr(error, "status")
+    assert api.status_of(errors.JoinTokenExpired("x")) == 410 and api.status_of(errors.InternalError("x")) == 500

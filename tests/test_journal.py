@@ -11,8 +11,7 @@ import sys
 import zlib
 
 import pytest
-from support import identity, instance_key, make_broker, not_fired, result_of, sync_thread, torque_cluster
-from twisted.internet.defer import Deferred
+from support import Queued, identity, instance_key, make_broker, not_fired, result_of, sync_thread, torque_cluster
 from zope.interface.verify import verifyObject
 
 import ctxd.journal.filejournal as filejournal_module
@@ -155,28 +154,20 @@ class TestFileJournal(JournalBehaviour):
 
 def test_group_commit_batches_pending_records(tmp_path):
     """Records appended during a sync go into ONE next write+sync, acknowledged in order."""
-    calls = []
-
-    def manual_thread(f, *args):
-        d = Deferred()
-        calls.append((f, args, d))
-        return d
-
-    journal = FileJournal(str(tmp_path / "j"), manual_thread)
+    thread = Queued()
+    journal = FileJournal(str(tmp_path / "j"), thread)
     journal.load()
     first = journal.append({"op": "a"})
     rest = [journal.append({"op": "b", "i": i}) for i in range(10)]
-    assert len(calls) == 1, "only one sync may be in flight"
+    assert len(thread.jobs) == 1, "only one sync may be in flight"
     assert not_fired(first)
-    f, args, d = calls[0]
-    d.callback(f(*args))
+    thread.run_next()
     result_of(first)
     assert all(not_fired(r) for r in rest)
-    assert len(calls) == 2, "the ten pending records go out as one batch"
+    assert len(thread.jobs) == 1, "the ten pending records go out as one batch"
     drained = journal.drain()
     assert not_fired(drained), "drain waits for the sync in flight"
-    f, args, d = calls[1]
-    d.callback(f(*args))
+    thread.run_next()
     for r in rest:
         result_of(r)
     result_of(drained)
@@ -185,18 +176,12 @@ def test_group_commit_batches_pending_records(tmp_path):
 
 def test_failed_sync_acknowledges_nothing_after(tmp_path):
     """A failed write+sync fails its records and every later append."""
-    calls = []
-
-    def manual_thread(f, *args):
-        d = Deferred()
-        calls.append(d)
-        return d
-
-    journal = FileJournal(str(tmp_path / "j"), manual_thread)
+    thread = Queued()
+    journal = FileJournal(str(tmp_path / "j"), thread)
     journal.load()
     first = journal.append({"op": "a"})
     queued = journal.append({"op": "b"})
-    calls[0].errback(OSError(5, "Input/output error"))
+    thread.jobs[0][2].errback(OSError(5, "Input/output error"))
     for d in (first, queued, journal.append({"op": "c"})):
         with pytest.raises(JournalFailed):
             result_of(d)

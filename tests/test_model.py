@@ -15,7 +15,8 @@ from ctxd.errors import (
     InvalidName,
     NotFound,
 )
-from ctxd.model import Model, parse_cluster
+from ctxd.model import Model
+from ctxd.validate import cluster as parse_cluster
 
 NOW = 1_000_000.0
 

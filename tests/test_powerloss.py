@@ -51,7 +51,6 @@ from support import (
     sync_thread,
     torque_cluster,
 )
-from twisted.internet.defer import Deferred
 
 from ctxd.journal import FileJournal, JournalCorrupt, JournalFailed
 from ctxd.journal.format import FRAME, OsFiles
@@ -520,23 +519,13 @@ def test_fsync_failure_fails_pending_appends_and_every_later_one(fail_at):
 
 def test_failed_sync_fails_a_waiting_compaction(tmp_path):
     """A compaction requested behind a sync that fails is told of the failure (its Deferred does not hang)."""
-
-    from ctxd.journal import FileJournal, JournalFailed
-    from ctxd.model import Model
-
-    calls = []
-
-    def manual(f, *args):
-        d = Deferred()
-        calls.append(d)
-        return d
-
-    journal = FileJournal(str(tmp_path / "journal.log"), manual)
+    thread = Queued()
+    journal = FileJournal(str(tmp_path / "journal.log"), thread)
     journal.load()
     journal.snapshot_source = Model().snapshot_records
     appended = journal.append({"op": "x"})
     compaction = journal.compact()
-    calls.pop(0).errback(OSError(5, "Input/output error"))
+    thread.jobs.pop(0)[2].errback(OSError(5, "Input/output error"))
     outcomes = []
     for d in (appended, compaction):
         d.addErrback(lambda f: outcomes.append(f.check(JournalFailed)))

@@ -136,12 +136,7 @@ async def cmd_user_add(broker: BrokerClient, args: Args, out: IO[str], err: IO[s
 
 async def cmd_user_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``user list [--json]``: deployers, with when they were added and revoked."""
-    answer = await broker.call("GET", "/v1/users")
-    users = answer.get("users") if isinstance(answer, dict) else None
-    if not isinstance(users, list):
-        raise CliError("broker: the answer has no users array")
-    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else render.user_table(users))
-    return EXIT_OK
+    return await _list(broker, "/v1/users", "users", render.user_table, args, out)
 
 
 async def cmd_user_revoke(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
@@ -286,12 +281,18 @@ async def cmd_lock(broker: BrokerClient, args: Args, out: IO[str], err: IO[str])
 
 
 async def cmd_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``list [--json]``: every context the broker holds."""
-    answer = await broker.call("GET", "/v1/contexts")
-    contexts = answer.get("contexts") if isinstance(answer, dict) else None
-    if not isinstance(contexts, list):
-        raise CliError("broker: the list answer has no contexts array")
-    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else render.context_table(contexts))
+    """``list [--json]``: every context the broker holds (that this deployer created)."""
+    return await _list(broker, "/v1/contexts", "contexts", render.context_table, args, out)
+
+
+async def _list(broker: BrokerClient, path: str, key: str, table: Callable[[List[Any]], List[str]],
+                args: Args, out: IO[str]) -> int:
+    """GET ``path``, whose answer holds a list under ``key``: its JSON with --json, else ``table``."""
+    answer = await broker.call("GET", path)
+    items = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(items, list):
+        raise CliError(f"broker: the answer has no {key} array")
+    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else table(items))
     return EXIT_OK
 
 

@@ -43,20 +43,21 @@ exit codes:
 """
 
 
-def _id_of(kind: str) -> Callable[[str], str]:
+def _checked(valid: Callable[[str], bool], what: str) -> Callable[[str], str]:
+    """An argparse type that accepts what ``valid`` accepts, else says it is not ``what``."""
     def check(value: str) -> str:
-        if not rules.is_id(value):
-            raise argparse.ArgumentTypeError(f"{value!r} is not a {kind} id ({rules.ID_RULE})")
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
         return value
     return check
+
+
+def _id_of(kind: str) -> Callable[[str], str]:
+    return _checked(rules.is_id, f"a {kind} id ({rules.ID_RULE})")
 
 
 def _name_of(kind: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if not rules.is_name(value):
-            raise argparse.ArgumentTypeError(f"{value!r} is not a valid {kind} name: {rules.NAME_RULE}")
-        return value
-    return check
+    return _checked(rules.is_name, f"a valid {kind} name: {rules.NAME_RULE}")
 
 
 def _user_data_limit(value: str) -> int:

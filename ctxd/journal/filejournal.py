@@ -24,6 +24,7 @@ from ctxd.journal.format import (
     NEXT_SUFFIX,
     OS,
     SNAPSHOT_FILE,
+    Damage,
     OsFiles,
     Record,
     broken_name,
@@ -120,29 +121,8 @@ class FileJournal:
             self._next_seq = covered + 1
         else:
             result = scan(self.path, fs=self.fs)
-            damage = result.damage
-            if damage is not None:
-                if not damage.torn and not self.repair:
-                    raise JournalCorrupt(
-                        f"{self.path}: damaged record at byte offset {damage.offset} ({damage.reason}; "
-                        f"{damage.frames} valid-looking records after it); refusing to start, the file is "
-                        "unchanged (--repair quarantines everything from that offset)"
-                    )
-                aside = self._quarantine(damage.offset, damage.size)
-                if damage.torn:
-                    log.warn(
-                        "journal {path}: torn tail of {size} bytes at offset {offset} ({why}) cut off, kept in {aside}",
-                        path=self.path, size=damage.size, offset=damage.offset, why=damage.reason, aside=aside,
-                    )
-                else:
-                    self.repaired = {"offset": damage.offset, "bytes": damage.size, "records": damage.frames,
-                                     "reason": damage.reason, "kept_in": aside}
-                    log.critical(
-                        "journal {path}: REPAIRED: damage at offset {offset} ({why}); dropped {size} bytes holding "
-                        "{frames} valid-looking records, kept in {aside}",
-                        path=self.path, offset=damage.offset, why=damage.reason, size=damage.size,
-                        frames=damage.frames, aside=aside,
-                    )
+            if result.damage is not None:
+                self._cut_off(result.damage)
             self.file_id = result.file_id
             if result.records and result.records[0][0] > covered + 1:
                 raise JournalCorrupt(
@@ -155,6 +135,31 @@ class FileJournal:
         self.fs.fchmod(self._fd, 0o600)
         self._journal_bytes = self.fs.fsize(self._fd)
         return replaying(snapshot + records)
+
+    def _cut_off(self, damage: Damage) -> None:
+        """Keep a torn tail (or, with ``repair``, damage in the middle) aside and cut the journal
+        there; refuse damage in the middle otherwise."""
+        if not damage.torn and not self.repair:
+            raise JournalCorrupt(
+                f"{self.path}: damaged record at byte offset {damage.offset} ({damage.reason}; "
+                f"{damage.frames} valid-looking records after it); refusing to start, the file is "
+                "unchanged (--repair quarantines everything from that offset)"
+            )
+        aside = self._quarantine(damage.offset, damage.size)
+        if damage.torn:
+            log.warn(
+                "journal {path}: torn tail of {size} bytes at offset {offset} ({why}) cut off, kept in {aside}",
+                path=self.path, size=damage.size, offset=damage.offset, why=damage.reason, aside=aside,
+            )
+            return
+        self.repaired = {"offset": damage.offset, "bytes": damage.size, "records": damage.frames,
+                         "reason": damage.reason, "kept_in": aside}
+        log.critical(
+            "journal {path}: REPAIRED: damage at offset {offset} ({why}); dropped {size} bytes holding "
+            "{frames} valid-looking records, kept in {aside}",
+            path=self.path, offset=damage.offset, why=damage.reason, size=damage.size,
+            frames=damage.frames, aside=aside,
+        )
 
     def _recover(self) -> Tuple[int, List[Record]]:
         """Finish or roll forward an interrupted compaction; return (seq covered, snapshot records).
@@ -308,36 +313,39 @@ class FileJournal:
         self._busy = True
         data = b"".join(chunk for chunk, _ in batch)
         d = self._run_in_thread(self._write_and_sync, data)
+        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(batch, len(data)), errbackArgs=(batch,))
 
-        def done(result: Any) -> Any:
-            self._busy = False
-            if isinstance(result, BaseException) or hasattr(result, "value"):
-                error = getattr(result, "value", result)
-                self._failure = error
-                log.critical("journal write failed, no further change will be acknowledged: {error}", error=error)
-                # Everyone waiting on this journal learns of the failure, a compaction
-                # requested behind the failed sync included.
-                waiting_list = ([w for _, w in batch + self._pending] + [d for _, d in self._barriers]
-                                + self._compaction_waiters)
-                self._pending, self._barriers, self._compaction_waiters = [], [], []
-                self._compact_requested = False
-                for waiting in waiting_list:
-                    waiting.errback(JournalFailed(str(error)))
-                self._kick()
-                return None
-            self.syncs += 1
-            self.records_synced += len(batch)
-            self._journal_bytes += len(data)
-            for _, waiting in batch:
-                waiting.callback(None)
-            self._release_barriers()
-            if not self._busy and (self._compact_requested or self.compaction_due()):
-                self._start_compaction()
-            else:
-                self._kick()
-            return None
+    def _synced(self, _: Any, batch: List[Tuple[bytes, Deferred]], size: int) -> None:
+        self._busy = False
+        self._journal_bytes += size
+        self._acknowledge(batch)
+        if self._compact_requested or self.compaction_due():
+            self._start_compaction()
+        else:
+            self._kick()
 
-        d.addBoth(done)
+    def _acknowledge(self, batch: List[Tuple[bytes, Deferred]]) -> None:
+        """``batch`` is durable: its appends and the barriers it completes fire."""
+        self.syncs += 1
+        self.records_synced += len(batch)
+        for _, waiting in batch:
+            waiting.callback(None)
+        self._release_barriers()
+
+    def _sync_failed(self, failure: Any, batch: List[Tuple[bytes, Deferred]]) -> None:
+        """A write or sync failed: nothing may be acknowledged from now on. Everyone waiting
+        on this journal learns of it, a compaction requested behind the failed sync included."""
+        self._busy = False
+        error = failure.value
+        self._failure = error
+        log.critical("journal write failed, no further change will be acknowledged: {error}", error=error)
+        waiting_list = ([w for _, w in batch + self._pending] + [d for _, d in self._barriers]
+                        + self._compaction_waiters)
+        self._pending, self._barriers, self._compaction_waiters = [], [], []
+        self._compact_requested = False
+        for waiting in waiting_list:
+            waiting.errback(JournalFailed(str(error)))
+        self._kick()
 
     # -- compaction ------------------------------------------------------------
 
@@ -379,55 +387,45 @@ class FileJournal:
         new_id = os.urandom(16)
         self.file_id = new_id  # records appended from now on (> covered) go to the new segment
         d = self._run_in_thread(self._rotate, old_fd, data, new_id)
+        d.addCallbacks(self._rotated, self._rotate_failed,
+                       callbackArgs=(old_fd, batch, records, covered, journal_bytes), errbackArgs=(batch,))
 
-        def rotated(new_fd: int) -> None:
-            self.fs.close(old_fd)
-            self._fd = new_fd
-            self._journal_bytes = HEADER.size
-            self._busy = False
-            self.syncs += 1
-            self.records_synced += len(batch)
-            for _, waiting in batch:
-                waiting.callback(None)
-            self._release_barriers()
-            self._kick()
-            install = self._run_in_thread(self._install_snapshot, records, covered)
-            install.addCallbacks(installed, install_failed)
+    def _rotated(self, new_fd: int, old_fd: int, batch: List[Tuple[bytes, Deferred]], records: List[Record],
+                 covered: int, journal_bytes: int) -> None:
+        """Step (a) done: the old journal is durable and appends go to the new segment."""
+        self.fs.close(old_fd)
+        self._fd = new_fd
+        self._journal_bytes = HEADER.size
+        self._busy = False
+        self._acknowledge(batch)
+        self._kick()
+        install = self._run_in_thread(self._install_snapshot, records, covered)
+        install.addCallbacks(self._installed, self._install_failed, callbackArgs=(journal_bytes, covered))
 
-        def installed(size: int) -> None:
-            self._snapshot_bytes = size
-            self._compacting = False
-            self.compactions += 1
-            self.last_compaction = {"journal_bytes": journal_bytes, "snapshot_bytes": size, "last_seq": covered}
-            log.info("journal compacted: {before} journal bytes -> {size}-byte snapshot up to sequence {seq}",
-                     before=journal_bytes, size=size, seq=covered)
-            waiters, self._compaction_waiters = self._compaction_waiters, []
-            for w in waiters:
-                w.callback(self.last_compaction)
+    def _rotate_failed(self, failure: Any, batch: List[Tuple[bytes, Deferred]]) -> None:
+        self._compacting = False
+        self._sync_failed(failure, batch)
 
-        def install_failed(failure: Any) -> None:
-            # Acknowledged records are safe (old journal + new segment); load() finishes the job.
-            self._compacting = False
-            self._compaction_broken = True
-            log.critical("journal compaction failed (no data lost; it will be finished at the next start): {error}",
-                         error=failure.value)
-            waiters, self._compaction_waiters = self._compaction_waiters, []
-            for w in waiters:
-                w.errback(failure)
+    def _installed(self, size: int, journal_bytes: int, covered: int) -> None:
+        self._snapshot_bytes = size
+        self._compacting = False
+        self.compactions += 1
+        self.last_compaction = {"journal_bytes": journal_bytes, "snapshot_bytes": size, "last_seq": covered}
+        log.info("journal compacted: {before} journal bytes -> {size}-byte snapshot up to sequence {seq}",
+                 before=journal_bytes, size=size, seq=covered)
+        waiters, self._compaction_waiters = self._compaction_waiters, []
+        for w in waiters:
+            w.callback(self.last_compaction)
 
-        def rotate_failed(failure: Any) -> None:
-            self._busy = False
-            self._compacting = False
-            self._failure = failure.value
-            log.critical("journal write failed, no further change will be acknowledged: {error}", error=failure.value)
-            waiting_list = ([w for _, w in batch + self._pending] + [w for _, w in self._barriers]
-                            + self._compaction_waiters)
-            self._pending, self._barriers, self._compaction_waiters = [], [], []
-            for waiting in waiting_list:
-                waiting.errback(JournalFailed(str(failure.value)))
-            self._kick()
-
-        d.addCallbacks(rotated, rotate_failed)
+    def _install_failed(self, failure: Any) -> None:
+        # Acknowledged records are safe (old journal + new segment); load() finishes the job.
+        self._compacting = False
+        self._compaction_broken = True
+        log.critical("journal compaction failed (no data lost; it will be finished at the next start): {error}",
+                     error=failure.value)
+        waiters, self._compaction_waiters = self._compaction_waiters, []
+        for w in waiters:
+            w.errback(failure)
 
     def _rotate(self, old_fd: int, data: bytes, new_id: bytes) -> int:
         """(thread) Make the old journal's last records durable, then create the new segment."""

@@ -40,7 +40,7 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:  # so that `e2e.helpers` imports when run directly
     sys.path.insert(0, str(_TESTS))
 
-from e2e.helpers import BrokerProcess, components_missing, tail
+from e2e.helpers import BrokerProcess, components_missing
 
 GROUP = "compute"
 QUANTITY = 5000
@@ -56,35 +56,25 @@ class CrashBroker(BrokerProcess):
             "--enroll-rate-per-token", "100000",
         ]
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Poll /healthz in-process (verified TLS) rather than via a subprocess."""
-        deadline = time.monotonic() + timeout
-        last = "no attempt yet"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("broker exited with %s before it was ready\n%s"
-                                     % (self.proc.returncode, tail(self.log())))
-            if self.ca_path.exists():
-                try:
-                    conn = http.client.HTTPSConnection(
-                        self.host, self.port, timeout=2,
-                        context=ssl.create_default_context(cafile=str(self.ca_path)))
-                    try:
-                        conn.request("GET", "/healthz")
-                        resp = conn.getresponse()
-                        body = resp.read()
-                        if resp.status == 200 and json.loads(body).get("status") == "ok":
-                            return
-                        last = "healthz answered %s" % resp.status
-                    finally:
-                        conn.close()
-                except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as e:
-                    last = repr(e)
-            else:
-                last = "no CA at %s yet" % self.ca_path
-            time.sleep(0.05)
-        raise AssertionError("broker not ready at %s/healthz after %.0fs (last: %s)\n%s"
-                             % (self.url, timeout, last, tail(self.log())))
+    def wait_ready(self, timeout: float = 20.0, pause: float = 0.05) -> None:
+        super().wait_ready(timeout, pause)
+
+    def health_problem(self) -> Optional[str]:
+        """Probe /healthz in-process (verified TLS) rather than via a subprocess."""
+        try:
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=2, context=ssl.create_default_context(cafile=str(self.ca_path)))
+            try:
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status == 200 and json.loads(body).get("status") == "ok":
+                    return None
+                return "healthz answered %s" % resp.status
+            finally:
+                conn.close()
+        except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as e:
+            return repr(e)
 
 
 class RequestFailed(Exception):

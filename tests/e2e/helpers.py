@@ -214,28 +214,30 @@ class BrokerProcess:
                 start_new_session=True, preexec_fn=die_with_parent)
         self.wait_ready(timeout)
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 15.0, pause: float = 0.1) -> None:
+        """Until /healthz answers ok over verified TLS; AssertionError (with the log) if it never does."""
         deadline = time.monotonic() + timeout
-        last = "no attempt yet"
+        last: Optional[str] = "no attempt yet"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError("broker exited with %s before it was ready\n%s"
                                      % (self.proc.returncode, tail(self.log())))
-            if self.ca_path.exists():
-                try:
-                    probe = subprocess.run(
-                        self._wrap([sys.executable, "-c", _HEALTHZ, self.url, str(self.ca_path)]),
-                        capture_output=True, text=True, timeout=5)
-                    if probe.returncode == 0:
-                        return
-                    last = tail(probe.stderr, 3)
-                except subprocess.TimeoutExpired:
-                    last = "health probe timed out"
-            else:
-                last = "no CA at %s yet" % self.ca_path
-            time.sleep(0.1)
+            last = self.health_problem() if self.ca_path.exists() else "no CA at %s yet" % self.ca_path
+            if last is None:
+                return
+            time.sleep(pause)
         raise AssertionError("broker not ready at %s/healthz after %.0fs (last: %s)\n%s"
                              % (self.url, timeout, last, tail(self.log())))
+
+    def health_problem(self) -> Optional[str]:
+        """None if /healthz answers ok (probed from the broker's namespace), else why not."""
+        try:
+            probe = subprocess.run(
+                self._wrap([sys.executable, "-c", _HEALTHZ, self.url, str(self.ca_path)]),
+                capture_output=True, text=True, timeout=5)
+        except subprocess.TimeoutExpired:
+            return "health probe timed out"
+        return None if probe.returncode == 0 else tail(probe.stderr, 3)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Send SIG and wait for the broker to exit; returns its exit status."""
