@@ -547,6 +547,84 @@ def allids(n: int, poll_wait: int = 30, deadline: float = 1800.0, backlog: Optio
     return {"views_unchanged": stats.views_unchanged, "resent_after": resent_after, "failures": failures}
 
 
+class _IdleRun:
+    """The idle scenario's nodes and its measurement (see :func:`idle`)."""
+
+    def __init__(self, broker: "BrokerProcess", cid: str, agents: List["SimAgent"], window: float,
+                 settle: float) -> None:
+        self.broker, self.cid, self.agents, self.window, self.settle = broker, cid, agents, window, settle
+        self.woken: List[int] = []
+        self.seen: set = set()
+        self.changed: Optional[float] = None
+        self.samples: List[Tuple[float, float, int]] = []
+
+    async def node(self, a: "SimAgent") -> None:
+        """One node as ctxagent runs, noting which views arrive after the change."""
+        await a.call("GET", "/healthz")
+        b = a.bootstrap
+        status, raw = await a.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"],
+                                   {"instance_key": instance_key(a.n), "identity": identity(a.n)})
+        reply = json.loads(raw)
+        a.node = {"context_id": b["context_id"], "node_id": reply["node_id"], "node_token": reply["node_token"]}
+        await a.report("contextualizing")
+        since = -1
+        while True:
+            status, raw = await a.call("GET", a.node_path("view?since=%d&wait=%d" % (since, a.poll_wait)),
+                                       a.node["node_token"], timeout=a.poll_wait + REQUEST_TIMEOUT)
+            if status == 304:
+                continue
+            if self.changed is not None:
+                self.woken.append(a.n)
+            self.seen.add(a.n)
+            since = json.loads(raw)["revision"]
+
+    async def main(self) -> int:
+        """Start the nodes, measure the idle window, make the head-only change; the idle RSS."""
+        tasks = [asyncio.create_task(self.node(a)) for a in self.agents]
+        await self._all_waiting(tasks)
+        await asyncio.sleep(min(2.0, self.window / 4))
+        rss_loaded = self.broker.proc.status_kib("VmRSS")
+        proc = self.broker.proc
+        t0, cpu0 = time.monotonic(), proc.cpu_seconds()
+        end = t0 + self.window
+        while time.monotonic() < end:
+            await asyncio.sleep(min(10.0, max(0.0, end - time.monotonic())))
+            self.samples.append((time.monotonic() - t0, proc.cpu_seconds() - cpu0, proc.status_kib("VmRSS")))
+        self.changed = time.monotonic()
+        status, _ = await asyncio.to_thread(self.broker.admin, "PUT", "/v1/contexts/%s/data/headonly" % self.cid,
+                                            {"values": [{"b64": "aGVhZAo="}]})
+        assert status == 200, status
+        await asyncio.sleep(self.settle)
+        for t in tasks:
+            t.cancel()
+        # Python 3.11's asyncio can leave a task cancelled in the middle of a TLS handshake
+        # pending for good (seen at 10,000 nodes: the run never ended): wait a bounded time.
+        _, pending = await asyncio.wait(tasks, timeout=15)
+        if pending:
+            print("  idle: %d simulated nodes did not stop when cancelled (dropped)" % len(pending),
+                  file=sys.stderr)
+        return rss_loaded
+
+    async def _all_waiting(self, tasks: List["asyncio.Task[None]"]) -> None:
+        """Until every node enrolled and received its first view (the broker's summary says so)."""
+        total = len(self.agents)
+        started, last_said = time.monotonic(), 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            dead = [t for t in tasks if t.done()]
+            if dead:   # a node gave up (e.g. out of time): the idle figures would be wrong
+                raise RuntimeError("%d simulated node(s) stopped: %r" % (len(dead), dead[0].exception()))
+            if len(self.seen) < total:
+                if time.monotonic() - last_said >= 10:
+                    last_said = time.monotonic()
+                    print("  idle: %d of %d nodes have their first view after %.0f s"
+                          % (len(self.seen), total, last_said - started), file=sys.stderr)
+                continue
+            s = await asyncio.to_thread(self.broker.admin, "GET", "/v1/contexts/" + self.cid)
+            if s[1]["counts"]["contextualizing"] == total:
+                return
+
+
 def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
          backlog: Optional[int] = None, header: bool = True) -> Dict[str, Any]:
     """Scenario 3: 1 head + N compute enrolled and long-polling an incomplete context.
@@ -571,82 +649,20 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
                  "requires": [{"role": "head", "ready": True}]}]})
         tls = ctxagent.make_tls_context(broker.ca_pem)
         stats = Stats()
-        agents = [SimAgent(b, tls, stats, i, poll_wait) for i, b in node_plan(bootstraps, n)]
-        woken: List[int] = []
-        seen: set = set()
-        phase = {"changed": None}
-        samples: List[Tuple[float, float, int]] = []
-
-        async def node(a: SimAgent) -> None:
-            await a.call("GET", "/healthz")
-            b = a.bootstrap
-            status, raw = await a.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"],
-                                       {"instance_key": instance_key(a.n), "identity": identity(a.n)})
-            reply = json.loads(raw)
-            a.node = {"context_id": b["context_id"], "node_id": reply["node_id"], "node_token": reply["node_token"]}
-            await a.report("contextualizing")
-            since = -1
-            while True:   # ctxagent's poll loop, noting which views arrive after the change
-                status, raw = await a.call("GET", a.node_path("view?since=%d&wait=%d" % (since, a.poll_wait)),
-                                           a.node["node_token"], timeout=a.poll_wait + REQUEST_TIMEOUT)
-                if status == 304:
-                    continue
-                if phase["changed"] is not None:
-                    woken.append(a.n)
-                seen.add(a.n)
-                since = json.loads(raw)["revision"]
-
-        async def main() -> Tuple[int, int]:
-            tasks = [asyncio.create_task(node(a)) for a in agents]
-            # all enrolled and each one's first view received: the broker summary says so
-            started, last_said = time.monotonic(), 0.0
-            while True:
-                await asyncio.sleep(0.5)
-                dead = [t for t in tasks if t.done()]
-                if dead:   # a node gave up (e.g. out of time): the idle figures would be wrong
-                    raise RuntimeError("%d simulated node(s) stopped: %r" % (len(dead), dead[0].exception()))
-                if len(seen) < n + 1:
-                    if time.monotonic() - last_said >= 10:
-                        last_said = time.monotonic()
-                        print("  idle: %d of %d nodes have their first view after %.0f s"
-                              % (len(seen), n + 1, last_said - started), file=sys.stderr)
-                    continue
-                s = await asyncio.to_thread(broker.admin, "GET", "/v1/contexts/" + cid)
-                if s[1]["counts"]["contextualizing"] == n + 1:
-                    break
-            await asyncio.sleep(min(2.0, window / 4))
-            rss_loaded = broker.proc.status_kib("VmRSS")
-            t0, cpu0 = time.monotonic(), broker.proc.cpu_seconds()
-            end = t0 + window
-            while time.monotonic() < end:
-                await asyncio.sleep(min(10.0, max(0.0, end - time.monotonic())))
-                samples.append((time.monotonic() - t0, broker.proc.cpu_seconds() - cpu0, broker.proc.status_kib("VmRSS")))
-            phase["changed"] = time.monotonic()
-            status, _ = await asyncio.to_thread(broker.admin, "PUT", "/v1/contexts/%s/data/headonly" % cid,
-                                                {"values": [{"b64": "aGVhZAo="}]})
-            assert status == 200, status
-            await asyncio.sleep(settle)
-            for t in tasks:
-                t.cancel()
-            # Python 3.11's asyncio can leave a task cancelled in the middle of a TLS handshake
-            # pending for good (seen at 10,000 nodes: the run never ended): wait a bounded time.
-            _, pending = await asyncio.wait(tasks, timeout=15)
-            if pending:
-                print("  idle: %d simulated nodes did not stop when cancelled (dropped)" % len(pending),
-                      file=sys.stderr)
-            return rss_loaded, status
-
+        run = _IdleRun(broker, cid, [SimAgent(b, tls, stats, i, poll_wait) for i, b in node_plan(bootstraps, n)],
+                       window, settle)
         loop = asyncio.new_event_loop()
         try:
-            rss_loaded, _ = loop.run_until_complete(main())
+            rss_loaded = loop.run_until_complete(run.main())
         finally:
             loop.set_exception_handler(lambda loop, context: None)   # no "destroyed but pending" noise
             loop.close()
         hwm = broker.proc.status_kib("VmHWM")
     finally:
         broker.cleanup()
+    samples, woken = run.samples, run.woken
     span, cpu_idle, _ = samples[-1] if samples else (window, float("nan"), 0)
-    if samples:   # the broker returns freed heap pages every 30 s: the window's median
+    if samples:   # the broker returns freed heap pages now and then: the window's median
         rss_loaded = sorted(rss for _, _, rss in samples)[len(samples) // 2]
     per_node = (rss_loaded - rss_empty) * 1024.0 / (n + 1)
     cols = [("N", str(n + 1)), ("RSS empty (MiB)", "%.1f" % (rss_empty / 1024.0)),
