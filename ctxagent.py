@@ -104,7 +104,7 @@ SSH_KEY_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 MAX_SSH_KEY, MAX_SSH_KEYS = 4096, 16
 MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 60
 
-SECRET = re.compile(r"[A-Za-z0-9_-]{16,256}")
+SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")   # tokens and the instance key
 TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
 
 LOG = logging.getLogger("ctxagent")
@@ -191,7 +191,9 @@ def check_ssh_key(value, what):
 
 def check_fqdn(value, what):
     """Dotted RFC 1123 labels, at most 253 characters, the last not all digits (an address)."""
-    labels = value.split(".") if isinstance(value, str) and 0 < len(value) <= MAX_FQDN else ["0"]
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_FQDN):
+        raise InputError("%s: invalid FQDN %s" % (what, _show(value)))
+    labels = value.split(".")
     if labels[-1].isdigit() or not all(LABEL.fullmatch(label) for label in labels):
         raise InputError("%s: invalid FQDN %s" % (what, _show(value)))
     return value

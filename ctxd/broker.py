@@ -21,7 +21,7 @@ from ctxd import rules, tokens
 from ctxd.audit import AuditLog
 from ctxd.admission import RateLimiter
 from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
-from ctxd.journal import JournalClosed, JournalFailed
+from ctxd.journal.errors import JournalClosed, JournalFailed
 from ctxd.model import SITE_ADMIN, Model, Node, Principal, Touched
 
 log = Logger()

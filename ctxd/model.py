@@ -54,8 +54,8 @@ class Principal(NamedTuple):
         return self.kind in ("admin", "deployer")
 
     def may_see(self, ctx: "Context") -> bool:
-        """The site admin sees every context; a deployer its own."""
-        return self.kind != "deployer" or ctx.owner == self.subject
+        """The site admin sees every context; a deployer its own; nobody else any."""
+        return self.is_admin or (self.kind == "deployer" and ctx.owner == self.subject)
 
 
 SITE_ADMIN = Principal("admin")

@@ -66,9 +66,9 @@ DEFAULT_JOIN_TOKEN_TTL = DAY
 
 #: The largest request body, unless the site sets --max-body.
 MAX_BODY = 1024 * 1024
-#: The largest data file ctxctl reads: base64 makes it 4/3 larger, so a larger one could
-#: never fit in a request of :data:`MAX_BODY` (and reading /dev/zero must not eat memory).
-#: A request that is still too large with the rest of it is refused before it is sent.
+#: The largest data file a cluster file may name: base64 makes it 4/3 larger, so a larger
+#: one could never fit in a request of :data:`MAX_BODY` (and reading /dev/zero must not eat
+#: memory). A request still too large with the rest of it is refused before it is sent.
 MAX_DATA_FILE = 768 * 1024
 #: The longest long-poll a node may ask for, in seconds.
 MAX_WAIT = 60

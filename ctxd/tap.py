@@ -291,13 +291,14 @@ class OpenedState:
     """The state directory, opened: its lock held, the admin token, TLS files, and a
     broker whose model was replayed from the journal."""
 
-    def __init__(self, state_dir: str, lock: int, broker: Broker, files: tls.TLSFiles, replayed: int) -> None:
+    def __init__(self, state_dir: str, lock: int, broker: Broker, files: tls.TLSFiles, replayed: int,
+                 admin_token_path: str) -> None:
         self.state_dir = state_dir
         self.lock = lock
         self.broker = broker
         self.files = files
         self.replayed = replayed
-        self.admin_token_path = os.path.join(state_dir, ADMIN_TOKEN_FILE)
+        self.admin_token_path = admin_token_path
 
 
 def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> service.MultiService:
@@ -366,7 +367,7 @@ def open_state(config: Dict[str, Any], reactor: Any, lock: int) -> OpenedState:
             {"url": public_url, "ca": os.path.abspath(files.ca), "token_file": admin_token_path}, indent=2
         ).encode("ascii"),
     )
-    return OpenedState(state_dir, lock, broker, files, replayed)
+    return OpenedState(state_dir, lock, broker, files, replayed, admin_token_path)
 
 
 def _tls_files(config: Dict[str, Any], public_url: str) -> tls.TLSFiles:

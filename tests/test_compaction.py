@@ -306,3 +306,29 @@ def test_cli_check_reports_the_snapshot(tmp_path):
     path.write_bytes(bytes(content))
     code, out, _ = run_cli("check", str(tmp_path))
     assert code == 1 and "snapshot" in out
+
+
+def test_compaction_due_after_a_sync_waits_for_the_sync_an_acknowledgement_started(tmp_path):
+    """An append made while a sync is being acknowledged (a pipelined request) starts the next
+    sync; a compaction that became due then waits behind it: one job in flight, never two, and
+    every acknowledged record is there after a restart."""
+    thread = Queued()
+    journal = FileJournal(str(tmp_path / "journal.log"), thread, compact_bytes=1, compact_ratio=0.0)
+    journal.load()
+    model = Model()
+    journal.snapshot_source = model.snapshot_records
+
+    def change(name):  # as the broker does: apply, then append
+        record = {"op": "user_add", "name": name, "token_hash": name * 32, "at": NOW}
+        model.apply(record)
+        return journal.append(record)
+
+    acked = []
+    change("u1").addCallback(lambda _: change("u2").addCallback(acked.append))
+    thread.run_next()
+    assert [f.__name__ for f, _, _ in thread.jobs] == ["_write_and_sync"], "a compaction ran beside a sync"
+    thread.run_all()
+    assert acked == [None] and journal.compactions >= 1
+    journal.close()
+    names = [r["name"] for r in FileJournal(str(tmp_path / "journal.log"), sync_thread).load()]
+    assert names == ["u1", "u2"]

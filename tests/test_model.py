@@ -16,7 +16,7 @@ from ctxd.errors import (
     NotFound,
 )
 from ctxd.model import Model
-from ctxd.validate import cluster as parse_cluster
+from ctxd import validate
 
 NOW = 1_000_000.0
 
@@ -41,7 +41,7 @@ def report(model, cid, nid, state, now=NOW, **extra):
 
 def test_issue_example_parses():
     """The issue's torque cluster is accepted with defaults filled in."""
-    spec = parse_cluster(torque_cluster())
+    spec = validate.cluster(torque_cluster())
     assert [g["name"] for g in spec["groups"]] == ["head", "compute"]
     assert spec["groups"][0]["requires"] == [{"role": "torqueslave", "ready": False}]
     assert spec["groups"][1]["all_identities"] is True
@@ -70,7 +70,7 @@ def test_bad_cluster_rejected(mutate, error, text):
     body = torque_cluster()
     mutate(body)
     with pytest.raises(error) as info:
-        parse_cluster(body)
+        validate.cluster(body)
     assert text in info.value.message
 
 
@@ -79,14 +79,14 @@ def test_ready_cycle_named():
     body = torque_cluster()
     body["groups"][0]["requires"] = [{"role": "torqueslave", "ready": True}]
     with pytest.raises(InvalidCluster) as info:
-        parse_cluster(body)
+        validate.cluster(body)
     assert info.value.code == "ready_cycle"
     assert "head -> compute -> head" in info.value.message or "compute -> head -> compute" in info.value.message
 
 
 def test_plain_requirements_may_be_mutual():
     """A mutual requirement without ready is not a cycle (it cannot deadlock)."""
-    parse_cluster(torque_cluster())
+    validate.cluster(torque_cluster())
 
 
 def test_prepare_changes_nothing():

@@ -16,6 +16,7 @@ def test_agent_patterns_are_the_brokers():
     assert ctxagent.IFACE.pattern == rules.IFACE_RE.pattern
     assert ctxagent.SSH_KEY_B64.pattern == rules.SSH_KEY_B64_RE.pattern
     assert ctxagent.SSH_KEY_TYPES == rules.SSH_KEY_TYPES
+    assert ctxagent.SECRET.pattern == rules.INSTANCE_KEY_RE.pattern and rules.MAX_TOKEN == 128
     assert (ctxagent.MAX_FQDN, ctxagent.MAX_INTERFACES, ctxagent.MAX_ADDRESSES, ctxagent.MAX_SSH_KEY,
             ctxagent.MAX_SSH_KEYS) == (rules.MAX_FQDN, rules.MAX_INTERFACES, rules.MAX_ADDRESSES,
                                        rules.MAX_SSH_KEY, rules.MAX_SSH_KEYS)

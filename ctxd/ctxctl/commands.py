@@ -208,10 +208,10 @@ class _Follow:
             if str(e) != self.unavailable:
                 self._say(f"{e}; retrying")
             self.unavailable = str(e)
-            return False
-        if self.unavailable:
-            self._say("broker reachable again")
-        self.unavailable = None
+        else:
+            if self.unavailable:
+                self._say("broker reachable again")
+            self.unavailable = None
         status = self.status
         if status.get("locked") is False and not self.warned_unlocked:
             cid = self.args.context

@@ -42,8 +42,6 @@ from ctxd.journal.format import (
 log = Logger()
 
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
-
-
 DEFAULT_COMPACT_RATIO = 4.0
 
 
@@ -319,7 +317,9 @@ class FileJournal:
         self._busy = False
         self._journal_bytes += size
         self._acknowledge(batch)
-        if self._compact_requested or self.compaction_due():
+        # An acknowledged request may have appended again (and started the next sync): a
+        # compaction waits for that sync, since it takes a sync's place.
+        if not self._busy and (self._compact_requested or self.compaction_due()):
             self._start_compaction()
         else:
             self._kick()

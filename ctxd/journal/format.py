@@ -21,43 +21,18 @@ from ctxd.journal.errors import JournalCorrupt
 
 Record = Dict[str, Any]
 
-
 JOURNAL_FILE = "journal.log"  # in STATE_DIR
-
-
 SNAPSHOT_FILE = "snapshot.log"  # in STATE_DIR, beside the journal
-
-
 NEXT_SUFFIX = ".next"  # journal.log.next: the segment compaction starts
-
-
 MAGIC = b"CTXDJRNL"
-
-
 SNAP_MAGIC = b"CTXDSNAP"
-
-
 VERSION = 2
-
-
 HEADER = struct.Struct(">8sI16sI")  # magic, version, file id, crc32 of the first 28 bytes
-
-
 FRAME = struct.Struct(">IIQQ")  # payload length, crc32(file id + seq + batch + payload), seq, batch
-
-
 BATCH = struct.Struct(">QQ")
-
-
 SEQ = struct.Struct(">Q")
-
-
 MAX_RECORD = 16 * 1024 * 1024
-
-
 MIN_PAYLOAD = 2  # "{}": a frame declaring less is never valid (and zero runs are skipped fast)
-
-
 _NONZERO = re.compile(rb"[^\x00]")
 
 
