@@ -34,6 +34,7 @@ class RateLimiter:
             del self._windows[key]
 
     def __len__(self) -> int:
+        """Keys with a window: what :meth:`prune` keeps bounded."""
         return len(self._windows)
 
 
