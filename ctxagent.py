@@ -407,10 +407,29 @@ def validate_view(raw, context_id, node_id):
         if raw.get(key) != expected:
             raise InputError("view.%s: %s is not ours" % (key, _show(raw.get(key))))
     everyone = {"all_identities": raw.get("all_identities") or []}
-    return NodeView(context_id, node_id, revision, complete,
+    view = NodeView(context_id, node_id, revision, complete,
                     validate_identity(raw.get("self"), "view.self"),
                     _by_name(raw, "roles", _providers), _by_name(raw, "data", _values),
                     _items(everyone, "all_identities", "view", validate_peer))
+    check_no_conflicts(view)
+    return view
+
+
+def check_no_conflicts(view):
+    """InputError when two nodes of VIEW claim the same name, primary address or host key.
+
+    The broker refuses such claims; this is defense in depth, so that a broker bug or an
+    old journal never makes us trust one node's key for another's name.
+    """
+    me = view.identity
+    owners = {}
+    for peer in (Peer(view.node_id, me.hostname, me.fqdn, me.primary_ip, me.ssh_host_keys),) + _others(view):
+        claims = [("name", peer.hostname.lower()), ("name", peer.fqdn.lower()), ("primary address", peer.ip)]
+        for kind, value in claims + [("ssh host key", key) for key in peer.ssh_host_keys]:
+            holder = owners.setdefault((kind, value), peer.node_id)
+            if holder != peer.node_id:
+                raise InputError("view: nodes %s and %s both claim the %s %s"
+                                 % (holder, peer.node_id, kind, _show(value, 60)))
 
 
 # ---------------------------------------------------------------------------
@@ -911,12 +930,29 @@ def is_verification_error(exc):
 class BrokerConnection(object):
     """HTTPS requests to the broker of a bootstrap, verified against its CA."""
 
-    def __init__(self, bootstrap):
+    def __init__(self, bootstrap, source=None):
         parts = urllib.parse.urlsplit(bootstrap["url"])
         self.host, self.port, self.prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
         self.tls = make_tls_context(bootstrap["ca_pem"])
         self.local_address = None   # our end of the first connection
         self.reached = False        # whether any reply came back
+        # The address we claim (--address): the broker checks that requests come from it,
+        # so connect from it when it is one of ours (else, behind NAT, from any).
+        self.source = source
+
+    def _connect(self, timeout):
+        if self.source is not None:
+            connection = http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=timeout,
+                                                     source_address=(self.source, 0))
+            try:
+                connection.connect()
+                return connection
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+                    raise
+                LOG.info("cannot connect from %s (%s): connecting from any address", self.source, exc)
+                self.source = None
+        return http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=timeout)
 
     def request(self, method, path, token=None, body=None, timeout=REQUEST_TIMEOUT):
         """(status, raw body); socket and TLS errors propagate."""
@@ -926,8 +962,7 @@ class BrokerConnection(object):
             headers["Content-Type"] = "application/json"
         if token is not None:
             headers["Authorization"] = "Bearer " + token
-        connection = http.client.HTTPSConnection(self.host, self.port, context=self.tls,
-                                                 timeout=timeout)
+        connection = self._connect(timeout)
         try:
             connection.request(method, self.prefix + path, body, headers)
             if self.local_address is None:
@@ -1054,7 +1089,7 @@ class Agent(object):
                  __version__, b["context_id"], b["group"], b["url"])
         if not o.address:
             wait_for_network(o.network_timeout)
-        self.broker = BrokerConnection(b)
+        self.broker = BrokerConnection(b, o.address)
         self.deadline = time.monotonic() + o.timeout
         self.call("GET", "/healthz")   # also learns our address
         self.ensure_node(self.local_identity())

@@ -94,7 +94,7 @@ def throughput_run(clients: int, seconds: float) -> tuple:
     try:
         admin = open(os.path.join(state, "admin.token")).read().strip()
         api = Api(state, port, admin)
-        cluster = {"name": "bench", "groups": [{"name": "c", "quantity": clients, "provides": ["w"]}]}
+        cluster = {"name": "bench", "groups": [{"name": "c", "quantity": clients, "source_check": False, "provides": ["w"]}]}
         status, created = api.call("POST", "/v1/contexts", cluster)
         cid, join = created["context"]["id"], created["bootstraps"]["c"]["join_token"]
         nodes = []
@@ -150,7 +150,7 @@ def write_replay_journal(path: str, records: int) -> None:
     model = Model()
     model.quotas.nodes_per_context = groups * 100_000  # what the groups declare (not RECORDS: it may be less)
     body = {"name": "replay", "groups": [
-        {"name": f"c{g}", "quantity": 100_000, "provides": ["w"]} for g in range(groups)]}
+        {"name": f"c{g}", "quantity": 100_000, "source_check": False, "provides": ["w"]} for g in range(groups)]}
     record, _ = model.prepare_create(body, 1.0)
     batch = [record]
     model.apply(record)
@@ -239,7 +239,7 @@ def compaction_run(nodes: int) -> tuple:
             model.apply(record)
             journal.append(record)
 
-        body = {"name": "compact", "groups": [{"name": "c", "quantity": nodes, "provides": ["w"],
+        body = {"name": "compact", "groups": [{"name": "c", "quantity": nodes, "source_check": False, "provides": ["w"],
                                                "requires": [{"role": "w"}]}]}
         record, _ = model.prepare_create(body, 1.0)
         commit(record)

@@ -423,8 +423,8 @@ class BrokerProcess:
 
 def storm_cluster(n: int) -> Dict[str, Any]:
     return {"name": "storm", "groups": [
-        {"name": "head", "quantity": 1, "provides": ["head"], "requires": [{"role": "compute"}]},
-        {"name": "compute", "quantity": n, "provides": ["compute"], "requires": [{"role": "head", "ready": True}]},
+        {"name": "head", "quantity": 1, "source_check": False, "provides": ["head"], "requires": [{"role": "compute"}]},
+        {"name": "compute", "quantity": n, "source_check": False, "provides": ["compute"], "requires": [{"role": "head", "ready": True}]},
     ]}
 
 
@@ -512,7 +512,7 @@ def allids(n: int, poll_wait: int = 30, deadline: float = 1800.0, backlog: Optio
     broker = BrokerProcess(backlog=backlog)
     try:
         cid, bootstraps = broker.create({"name": "allids", "groups": [
-            {"name": "all", "quantity": n, "provides": ["peer"], "requires": [{"role": "peer"}],
+            {"name": "all", "quantity": n, "source_check": False, "provides": ["peer"], "requires": [{"role": "peer"}],
              "all_identities": True}]})
         tls = ctxagent.make_tls_context(broker.ca_pem)
         stats = Stats()
@@ -643,9 +643,9 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
         cid, bootstraps = broker.create({
             "name": "idle", "open_for_injection": True, "data": {"headonly": []},
             "groups": [
-                {"name": "head", "quantity": 1, "provides": ["head"], "requires": [{"role": "compute"}],
+                {"name": "head", "quantity": 1, "source_check": False, "provides": ["head"], "requires": [{"role": "compute"}],
                  "data": ["headonly"]},
-                {"name": "compute", "quantity": n, "provides": ["compute"],
+                {"name": "compute", "quantity": n, "source_check": False, "provides": ["compute"],
                  "requires": [{"role": "head", "ready": True}]}]})
         tls = ctxagent.make_tls_context(broker.ca_pem)
         stats = Stats()

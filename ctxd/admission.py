@@ -1,7 +1,8 @@
 """Admission limits outside the state model: request rates and connection budgets."""
 
 import math
-from typing import Any, Dict, List, Optional
+import resource
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from twisted.protocols.policies import WrappingFactory
 
@@ -99,3 +100,47 @@ class ConnectionLimiter(BudgetedFactory, WrappingFactory):
     def __init__(self, wrapped: Any, budget: ConnectionBudget) -> None:
         super().__init__(wrapped)
         self.budget = budget
+
+
+#: Open files the broker needs besides its connections: the journal and its snapshot,
+#: the audit log, TLS files, the log, the thread pool's, a few more being opened.
+RESERVED_FILES = 64
+
+
+class OpenFileLimits(NamedTuple):
+    soft_before: int  # the soft open-file limit ctxd started with
+    soft: int         # ... after raising it to the hard limit
+    hard: int
+    total: int        # connections at most, over all listeners
+    per_peer: int     # connections at most from one address
+
+
+def fit_to_open_files(max_total: int, max_per_peer: int, reserve: int = RESERVED_FILES) -> OpenFileLimits:
+    """Raise the soft open-file limit to the hard one, then fit the connection limits under it.
+
+    At most ``soft - reserve`` connections in all, so the broker never runs out of file
+    descriptors for its own files; and at most half of them from one address, so that one
+    address cannot take what every other client (a health check) needs.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_max_open()
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        target = soft
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    usable = soft if soft != resource.RLIM_INFINITY else _kernel_max_open()
+    total = max(1, min(max_total, usable - reserve))
+    return OpenFileLimits(before, soft, hard, total, max(1, min(max_per_peer, total // 2)))
+
+
+def _kernel_max_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20

@@ -25,6 +25,8 @@ from ctxd.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    IdentityConflict,
+    IdentityRefused,
     InternalError,
     InvalidCluster,
     InvalidName,
@@ -56,6 +58,8 @@ STATUS: Dict[type, int] = {
     MethodNotAllowed: 405,
     Conflict: 409,
     QuotaExceeded: 409,
+    IdentityConflict: 409,
+    IdentityRefused: 403,
     JoinTokenExpired: 410,
     TooLarge: 413,
     UnsupportedMediaType: 415,
@@ -80,6 +84,9 @@ def status_of(error: RequestError) -> int:
 #   join        a join token of the context {cid}
 #   node        the node credential of the node {nid}
 NONE, SITE_ADMIN, DEPLOYER, OWNER, JOIN, NODE = "none", "site-admin", "deployer", "owner", "join", "node"
+# Refusals of a request from no one, or from a VM (a join or node credential): counted in the
+# audit log rather than written one by one (ctxd.audit).
+REFUSALS = (401, 403, 409, 429)
 AUTH_KINDS = (NONE, SITE_ADMIN, DEPLOYER, OWNER, JOIN, NODE)
 
 
@@ -148,10 +155,16 @@ def match(method: str, path: str) -> Tuple[Route, Dict[str, str]]:
 
 
 def _bearer(request: server.Request) -> Optional[str]:
-    header = request.getHeader("authorization")
+    """The bearer token of the Authorization header: None without one, "" for one that cannot
+    be ours (another scheme, or bytes that are not ASCII)."""
+    header = request.getHeader(b"authorization")
     if header is None:
         return None
-    scheme, _, value = header.partition(" ")
+    try:
+        text = header.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+    scheme, _, value = text.partition(" ")
     if scheme.lower() != "bearer":
         return ""
     return value.strip()
@@ -385,16 +398,37 @@ class BrokerResource(resource.Resource):
         principal = getattr(request, "ctxd_principal", None)
         if route is None:
             return
-        if route.auth in (NONE, NODE) and status not in (401, 403, 429):
+        refused = status in REFUSALS and (principal is None or principal.kind in ("join", "node"))
+        if route.auth in (NONE, NODE) and not refused:
             return  # routine agent traffic: not an action worth an audit line
-        extra = {}
-        if principal is None and status in (401, 403, 429):
-            extra["credential"] = _credential_kind(_bearer(request))
         try:
-            self.broker.audit.write(
-                _principal_name(principal), route.handler, request.path.decode("ascii", "replace"),
-                _source(request), status, **extra
-            )
+            if refused:
+                # Counted, not written one by one: refusals are what a flood is made of.
+                credential = _credential_kind(_bearer(request)) if principal is None else ""
+                self.broker.audit.refused(_source(request), _principal_name(principal), credential,
+                                          route.handler, status)
+            else:
+                self.broker.audit.write(_principal_name(principal), route.handler,
+                                        request.path.decode("ascii", "replace"), _source(request), status)
+        except OSError as e:
+            log.error("cannot write the audit log: {error}", error=e)
+
+    def credential_known(self, request: server.Request) -> bool:
+        """Whether the request's credential (bearer token, or a verified client certificate)
+        belongs to someone; checked when the headers are in, before any body is read."""
+        token = _bearer(request)
+        try:
+            self.broker.authenticate(token, self.client_name(request) if token is None else None)
+        except RequestError:
+            return False
+        return True
+
+    def refused_early(self, request: server.Request, status: int) -> None:
+        """Audit a request answered before it was routed (no credential, a body too large)."""
+        token = _bearer(request) if status == 401 else None
+        try:
+            self.broker.audit.refused(_source(request), "anonymous", _credential_kind(token) if status == 401
+                                      else "", "before_body", status)
         except OSError as e:
             log.error("cannot write the audit log: {error}", error=e)
 
@@ -476,8 +510,8 @@ def _source(request: server.Request) -> str:
     return getattr(address, "host", "") or ""
 
 
-_TOO_LARGE_REPLY = (
-    b"HTTP/1.1 413 Payload Too Large\r\n"
+_EARLY_REPLY = (
+    b"HTTP/1.1 %d %s\r\n"
     b"Content-Type: application/json\r\n"
     b"Connection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s"
@@ -485,39 +519,48 @@ _TOO_LARGE_REPLY = (
 
 
 class CappedRequest(server.Request):
-    """A request whose body may not exceed ``max_body`` bytes.
+    """A request whose body may not exceed ``max_body`` bytes, and is read only for a
+    credential the broker knows.
 
     twisted.web has no body limit and spools large bodies to temporary files; here
     an over-long declared length is refused before any of the body is read, and a
-    chunked body is counted as it arrives. Either way nothing goes to disk.
+    chunked body is counted as it arrives. Either way nothing goes to disk. A body
+    sent without a known credential is refused (401) as soon as the headers are in,
+    so anonymous clients cannot make the broker hold their bodies.
     """
 
     max_body = rules.MAX_BODY
+    # The site's BrokerResource (make_site): credential_known and refused_early.
+    broker_resource: Any = None
     _refused = False
     _received = 0
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
         if length is not None and length > self.max_body:
-            self._refuse()
+            self._refuse(413, b"Payload Too Large", TooLarge.code, f"the body is larger than {self.max_body} bytes")
+        elif length != 0 and self.broker_resource is not None and not self.broker_resource.credential_known(self):
+            self._refuse(401, b"Unauthorized", Unauthorized.code,
+                         "a known credential is required to send a body (none, or an unknown one, was given)")
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
         if self._received > self.max_body:
-            self._refuse()
+            self._refuse(413, b"Payload Too Large", TooLarge.code, f"the body is larger than {self.max_body} bytes")
             return
         self.content.write(data)
 
-    def _refuse(self) -> None:
+    def _refuse(self, status: int, phrase: bytes, code: str, message: str) -> None:
+        """Answer at once, before (the rest of) the body, and close the connection."""
         self._refused = True
         self.content = BytesIO()
-        body = json_bytes(
-            {"error": TooLarge.code, "message": f"the body is larger than {self.max_body} bytes"}
-        )
+        if self.broker_resource is not None:
+            self.broker_resource.refused_early(self, status)
+        body = json_bytes({"error": code, "message": message})
         transport = self.channel.transport
-        transport.write(_TOO_LARGE_REPLY % (len(body), body))
+        transport.write(_EARLY_REPLY % (status, phrase, len(body), body))
         transport.loseConnection()
         # A TLS close waits for the peer's close_notify; a client still sending
         # its body may never send it. Cut the connection if it lingers.
@@ -583,13 +626,11 @@ def make_site(
     broker: Broker, max_body: int = rules.MAX_BODY, timeout: int = 120, request_deadline: float = 30.0
 ) -> server.Site:
     """The twisted.web Site serving the API."""
-    request_class = type("Request", (CappedRequest,), {"max_body": max_body})
+    resource = BrokerResource(broker, max_body, stall_timeout=timeout)
+    request_class = type("Request", (CappedRequest,), {"max_body": max_body, "broker_resource": resource})
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
     # email-module parsers cost CPU on every POST, and are an attack surface.
-    site = server.Site(
-        BrokerResource(broker, max_body, stall_timeout=timeout), requestFactory=request_class, timeout=timeout,
-        parsePOSTFormSubmission=False,
-    )
+    site = server.Site(resource, requestFactory=request_class, timeout=timeout, parsePOSTFormSubmission=False)
     site.protocol = type("Channel", (DeadlineChannel,), {"request_deadline": request_deadline})
     site.displayTracebacks = False
     return site

@@ -41,6 +41,13 @@ class Unchanged:
 UNCHANGED = Unchanged()
 
 
+def loggable(text: str, limit: int = 500) -> str:
+    """Text a node sent, fit for the broker's log: control characters (escape sequences for
+    the operator's terminal, forged log lines) written as escapes, at most ``limit`` characters."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _deliver(result: Any, d: Deferred) -> None:
     """Fire ``d`` with ``result`` unless its caller went away meanwhile."""
     if d.called:
@@ -335,7 +342,8 @@ class Broker:
         node = self._own_node(principal, cid, nid)
         record = self.model.prepare_report(cid, nid, body, self.now())
         if record["state"] == "error":
-            log.info("node {nid} of context {cid} reported an error: {message}", nid=nid, cid=cid, message=record["message"])
+            log.info("node {nid} of context {cid} reported an error: {message}", nid=nid, cid=cid,
+                     message=loggable(record["message"]))
         return self._commit_then(
             record, lambda: {"state": node.state, "revision": self.model.view_revision(node)}
         )

@@ -55,6 +55,18 @@ class QuotaExceeded(RequestError):
     code = "quota_exceeded"
 
 
+class IdentityConflict(RequestError):
+    """A node claims a name, address or key that another node of its context holds."""
+
+    code = "identity_conflict"
+
+
+class IdentityRefused(RequestError):
+    """A node claims what it may not: an address it does not speak from, a name outside the domain."""
+
+    code = "identity_refused"
+
+
 class JoinTokenExpired(RequestError):
     code = "join_token_expired"
 

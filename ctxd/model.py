@@ -19,6 +19,7 @@ changed, so the caller wakes only the long-poll waiters concerned. The rules:
 - a node's own state or identity touches that node.
 """
 
+import ipaddress
 import json
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -28,6 +29,8 @@ from ctxd.errors import (
     QuotaExceeded,
     Conflict,
     Forbidden,
+    IdentityConflict,
+    IdentityRefused,
     JoinTokenExpired,
     NotFound,
 )
@@ -181,6 +184,7 @@ class Group:
         "requires",
         "data",
         "all_identities",
+        "source_check",
         "join_hash",
         "join_expires",
         "nodes",
@@ -199,6 +203,8 @@ class Group:
         self.requires: List[Tuple[str, bool]] = [(r["role"], r["ready"]) for r in spec["requires"]]
         self.data: List[str] = spec["data"]
         self.all_identities: bool = spec["all_identities"]
+        # Contexts created before the check existed keep working as they did.
+        self.source_check: bool = spec.get("source_check", False)
         self.join_hash = join_hash
         self.join_expires = join_expires
         self.nodes: List[Node] = []
@@ -218,6 +224,7 @@ class Group:
             "requires": [{"role": r, "ready": ready} for r, ready in self.requires],
             "data": list(self.data),
             "all_identities": self.all_identities,
+            "source_check": self.source_check,
         }
 
 
@@ -231,6 +238,8 @@ class Context:
         self.locked = not self.open_for_injection
         self.created: float = record["at"]
         self.expires: float = record["expires"]
+        # Every fqdn must lie in it ("": any).
+        self.domain: str = record.get("domain", "")
         self.revision = 1
         self.groups: Dict[str, Group] = {}
         for spec in record["groups"]:
@@ -239,8 +248,18 @@ class Context:
                 spec, record["join_hashes"][spec["name"]], record["join_expires"]
             )
         self.data: Dict[str, List[str]] = {k: list(v) for k, v in record["data"].items()}
+        # Every node ever enrolled, revoked ones included (for status); a group's
+        # ``nodes`` are its members.
         self.nodes: Dict[str, Node] = {}
         self.counts = {s: 0 for s in STATES}
+        # Who holds what: a node speaks only for itself (docs/security.md). Names (short
+        # and fully qualified, lower case), primary addresses and SSH host keys belong
+        # to one node each; interface addresses may repeat (a container bridge on every
+        # VM) but never be another node's primary address.
+        self.name_owner: Dict[str, str] = {}
+        self.ip_owner: Dict[str, str] = {}
+        self.key_owner: Dict[str, str] = {}
+        self.iface_owners: Dict[str, Any] = {}  # address -> a node id, or a set of them
         # Dependency indexes, fixed at creation.
         self.providers_of: Dict[str, List[Group]] = {}
         for g in self.groups.values():
@@ -262,6 +281,91 @@ class Context:
     def expected(self) -> int:
         return sum(g.quantity for g in self.groups.values())
 
+    @property
+    def members(self) -> int:
+        """Nodes enrolled and not revoked."""
+        return sum(len(g.nodes) for g in self.groups.values())
+
+    def conflict(self, node_id: str, identity: Dict[str, Any]) -> Optional[str]:
+        """What of ``identity`` another node than ``node_id`` holds, described; None if nothing."""
+        return self.conflicting(node_id, _claims(identity))
+
+    def conflicting(self, node_id: str, claims: "Claims") -> Optional[str]:
+        names, primary, addresses, keys = claims
+        owner = self.name_owner.get
+        for name in names:
+            if owner(name, node_id) != node_id:
+                return f"name {name!r} (hostname or fqdn)"
+        if self.ip_owner.get(primary, node_id) != node_id or self._listed_by_another(primary, node_id):
+            return f"primary_ip {primary}"
+        owner = self.ip_owner.get
+        for address in addresses:
+            if owner(address, node_id) != node_id:
+                return f"interface address {address} (another node's primary_ip)"
+        owner = self.key_owner.get
+        for key in keys:
+            if owner(key, node_id) != node_id:
+                return f"ssh host key {key.split()[0]} ...{key[-12:]}"
+        return None
+
+    def _listed_by_another(self, address: str, node_id: str) -> bool:
+        listed = self.iface_owners.get(address)
+        if listed is None:
+            return False
+        if isinstance(listed, str):
+            return listed != node_id
+        return len(listed) > 1 or node_id not in listed
+
+    def take(self, node: Node, identity: Dict[str, Any]) -> bool:
+        """Give ``node`` what ``identity`` claims, in place of what it held, unless another
+        node holds part of it; whether it did. (Replay's hot path: one pass over the claims.)"""
+        claims = _claims(identity)
+        if self.conflicting(node.id, claims) is not None:
+            return False
+        if node.identity:
+            self.release(node)
+        self.claim(node.id, claims)
+        return True
+
+    def claim(self, nid: str, claims: "Claims") -> None:
+        names, primary, addresses, keys = claims
+        for name in names:
+            self.name_owner[name] = nid
+        self.ip_owner[primary] = nid
+        for key in keys:
+            self.key_owner[key] = nid
+        listed = self.iface_owners
+        for address in addresses:
+            # One owner is kept as its id, several as a set: a set per address would cost
+            # every node a few hundred bytes.
+            current = listed.get(address)
+            if current is None:
+                listed[address] = nid
+            elif isinstance(current, str):
+                if current != nid:
+                    listed[address] = {current, nid}
+            else:
+                current.add(nid)
+
+    def release(self, node: Node) -> None:
+        if not node.identity:
+            return
+        names, primary, addresses, keys = _claims(node.identity)
+        nid = node.id
+        for table, values in ((self.name_owner, names), (self.ip_owner, (primary,)), (self.key_owner, keys)):
+            for value in values:
+                if table.get(value) == nid:
+                    del table[value]
+        listed = self.iface_owners
+        for address in addresses:
+            current = listed.get(address)
+            if current == nid:
+                del listed[address]
+            elif isinstance(current, set):
+                current.discard(nid)
+                if len(current) == 1:
+                    listed[address] = next(iter(current))
+
     def touch_groups(self, names: Iterable[str], touched: Touched) -> None:
         for name in names:
             self.groups[name].view_rev = self.revision
@@ -270,6 +374,35 @@ class Context:
     def touch_node(self, node: Node, touched: Touched) -> None:
         node.self_rev = self.revision
         touched.nodes.add(node.id)
+
+
+def _plain_address(source: str) -> str:
+    """A client address as identities spell it: canonical, an IPv4-mapped IPv6 address as IPv4."""
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+Claims = Tuple[Tuple[str, ...], str, List[str], List[str]]
+
+
+def _lower(name: str) -> str:
+    # The name itself when it is lower case already (most are): no copy kept per node.
+    return name if name.islower() else name.lower()
+
+
+def _claims(identity: Dict[str, Any]) -> Claims:
+    """What an identity claims: its names (short and full, lower case: how hosts files
+    compare them), its primary address, its interface addresses, its SSH host keys."""
+    short, full = _lower(identity["hostname"]), _lower(identity["fqdn"])
+    addresses: List[str] = []
+    for iface in identity["interfaces"]:
+        addresses += iface["ipv4"]
+        addresses += iface["ipv6"]
+    return (short,) if short == full else (short, full), identity["primary_ip"], addresses, identity["ssh_host_keys"]
 
 
 def _context_records(ctx: Context) -> List[Dict[str, Any]]:
@@ -287,6 +420,7 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
         "data": {k: list(v) for k, v in ctx.data.items()},
         "join_hashes": {g.name: g.join_hash for g in ctx.groups.values()},
         "owner": ctx.owner,
+        "domain": ctx.domain,
     }]
     for node in ctx.nodes.values():
         out.append({
@@ -426,6 +560,7 @@ class Model:
             "data": spec["data"],
             "join_hashes": {g: tokens.token_hash(t) for g, t in join_tokens.items()},
             "owner": owner,
+            "domain": spec["domain"],
         }
         return record, join_tokens
 
@@ -439,7 +574,6 @@ class Model:
         key = body["instance_key"]
         if not isinstance(key, str) or not rules.INSTANCE_KEY_RE.fullmatch(key):
             raise BadRequest("instance_key: must be 16 to 128 characters of [A-Za-z0-9_-]")
-        identity = validate.identity(body["identity"])
         instance_hash = tokens.token_hash(key)
         existing = g.by_instance.get(instance_hash)
         if existing is not None:
@@ -458,6 +592,8 @@ class Model:
             nid, new = tokens.new_id(), True
             while nid in ctx.nodes:  # pragma: no cover
                 nid = tokens.new_id()
+        # Only now, with a slot for it, the identity (the costly part) is read.
+        identity = self._own_identity(ctx, g, nid, body["identity"], source)
         node_token = tokens.new_token(tokens.NODE)
         record = {
             "op": "enroll",
@@ -473,15 +609,35 @@ class Model:
         return record, node_token, new
 
     def prepare_identity(self, cid: str, nid: str, body: Any, source: str, now: float) -> Dict[str, Any]:
-        self.node(cid, nid, now)
+        node = self.node(cid, nid, now)
         return {
             "op": "identity",
             "ctx": cid,
             "node": nid,
             "at": now,
-            "identity": validate.identity(body),
+            "identity": self._own_identity(self.contexts[cid], node.group, nid, body, source),
             "source": source,
         }
+
+    @staticmethod
+    def _own_identity(ctx: Context, g: Group, nid: str, value: Any, source: str) -> Dict[str, Any]:
+        """``value`` as an identity node ``nid`` may claim: valid, its own address (unless the
+        group turned the source check off), in the context's domain, and nothing another node
+        of the context holds."""
+        identity = validate.identity(value)
+        primary = identity["primary_ip"]
+        if g.source_check and primary != _plain_address(source):
+            raise IdentityRefused(
+                f"primary_ip {primary} is not the address this request came from ({source or 'unknown'}); "
+                f"if group {g.name!r} reaches the broker through NAT, set source_check = false for it "
+                "in the cluster file"
+            )
+        if ctx.domain and not rules.in_domain(identity["fqdn"], ctx.domain):
+            raise IdentityRefused(f"fqdn {identity['fqdn']!r} is not in this context's domain {ctx.domain!r}")
+        taken = ctx.conflict(nid, identity)
+        if taken is not None:
+            raise IdentityConflict(f"{taken} is already claimed by another node of this context")
+        return identity
 
     def prepare_report(self, cid: str, nid: str, body: Any, now: float) -> Dict[str, Any]:
         node = self.node(cid, nid, now)
@@ -626,10 +782,26 @@ class Model:
         return Touched("")
 
     def _apply_node_revoke(self, ctx: Context, record: Dict[str, Any]) -> Touched:
-        node = ctx.nodes[record["node"]]
+        touched = Touched(ctx.id)
+        self._revoke(ctx, ctx.nodes[record["node"]], touched)
+        return touched
+
+    def _revoke(self, ctx: Context, node: Node, touched: Touched) -> None:
+        """The node's credential stops working, it leaves every view and frees its slot; it
+        stays in the status (revoked) and its instance cannot enroll again."""
         node.revoked = True
         self.principals.pop(node.token_hash, None)
-        return Touched(ctx.id)
+        g = node.group
+        g.nodes.remove(node)
+        ctx.counts[node.state] -= 1
+        if node.state == OK:
+            g.ok -= 1
+            ctx.touch_groups(ctx.ready_dependents[g.name], touched)
+        ctx.release(node)
+        if node.public:
+            node.public = {}
+            ctx.touch_groups(ctx.dependents[g.name] | ctx.all_identity_groups, touched)
+        ctx.touch_node(node, touched)
 
     def _apply_join_rotate(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         g = ctx.groups[record["group"]]
@@ -665,11 +837,19 @@ class Model:
         return touched
 
     def _set_identity(self, ctx: Context, node: Node, record: Dict[str, Any], touched: Touched) -> None:
-        """The identity (and source address) of an enroll or identity record."""
+        """The identity (and source address) of an enroll or identity record.
+
+        A record written before identities were checked may claim what another node
+        holds: replayed, it changes nothing but the source address, as the request
+        would be refused today.
+        """
         node.source = record["source"]
-        if node.set_identity(record["identity"]):
-            ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
-            ctx.touch_node(node, touched)
+        identity = record["identity"]
+        if identity == node.identity or not ctx.take(node, identity):
+            return
+        node.set_identity(identity)
+        ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
+        ctx.touch_node(node, touched)
 
     def _apply_report(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
@@ -758,8 +938,7 @@ class Model:
         node.error = record["error"]
         node.log_tail = record["log_tail"]
         if record["revoked"] and not node.revoked:
-            node.revoked = True
-            self.principals.pop(node.token_hash, None)
+            self._revoke(ctx, node, Touched(ctx.id))
         node.self_rev = record["self_rev"]
         return Touched(ctx.id)
 
@@ -793,7 +972,7 @@ class Model:
                 "ready": ready,
                 "satisfied": satisfied,
                 "expected": expected,
-                "providers": [n.public for p in providers for n in p.nodes],
+                "providers": [n.public for p in providers for n in p.nodes if n.public],
             }
             if not satisfied:
                 waiting.append(f"role {role}: {have} of {expected} providers {'ok' if ready else 'enrolled'}")
@@ -817,7 +996,7 @@ class Model:
             "data": data,
         }
         if g.all_identities:
-            part["all_identities"] = [n.public for n in ctx.nodes.values()]
+            part["all_identities"] = [n.public for n in ctx.nodes.values() if n.public]
         g.cache = (g.view_rev, part)
         return part
 
@@ -848,7 +1027,8 @@ class Model:
 
     def summary(self, ctx: Context) -> Dict[str, Any]:
         expected = ctx.expected
-        counts = {"expected": expected, "enrolled": len(ctx.nodes)}
+        members = ctx.members
+        counts = {"expected": expected, "enrolled": members}
         counts.update({s: ctx.counts[s] for s in (CONTEXTUALIZING, OK, ERROR)})
         return {
             "id": ctx.id,
@@ -859,8 +1039,9 @@ class Model:
             "locked": ctx.locked,
             "open_for_injection": ctx.open_for_injection,
             "owner": ctx.owner or None,
+            "domain": ctx.domain or None,
             "counts": counts,
-            "complete": len(ctx.nodes) == expected,
+            "complete": members == expected,
             "all_ok": ctx.counts[OK] == expected,
             "error_present": ctx.counts[ERROR] > 0,
         }

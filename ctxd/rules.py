@@ -47,6 +47,8 @@ SSH_KEY_TYPES = (
 SSH_KEY_B64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 MAX_SSH_KEY = 4096  # "TYPE BASE64", as stored
 MAX_SSH_KEYS = 16
+#: What one node may store about itself: its identity as compact JSON, in bytes.
+MAX_IDENTITY = 16 * 1024
 
 # -- contexts ----------------------------------------------------------------
 
@@ -105,6 +107,12 @@ def is_ssh_key(value: object) -> bool:
         return False
     kind, _, key = value.partition(" ")
     return kind in SSH_KEY_TYPES and SSH_KEY_B64_RE.fullmatch(key) is not None
+
+
+def in_domain(fqdn: str, domain: str) -> bool:
+    """Whether ``fqdn`` is ``domain`` or a name below it (names compare case-insensitively)."""
+    fqdn, domain = fqdn.lower(), domain.lower()
+    return fqdn == domain or fqdn.endswith("." + domain)
 
 
 def is_context_name(value: object) -> bool:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import socket
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
@@ -28,7 +28,7 @@ from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
 from ctxd.journal import JOURNAL_FILE, FileJournal, JournalCorrupt
 from ctxd.audit import AuditLog
-from ctxd.admission import ConnectionBudget, ConnectionLimiter
+from ctxd.admission import ConnectionBudget, ConnectionLimiter, fit_to_open_files
 from ctxd.model import Model, Quotas
 
 log = Logger()
@@ -38,6 +38,7 @@ SYSTEM_STATE_DIR = "/var/lib/ctxd"
 LOCAL_STATE_DIR = "ctxd-state"
 CONFIG_SECTION = "ctxd"
 SWEEP_INTERVAL = 60
+AUDIT_INTERVAL = 60  # seconds between the audit log's lines of counted refusals
 ADMIN_TOKEN_FILE = "admin.token"
 
 
@@ -269,6 +270,7 @@ class _BrokerLifecycle(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         self.broker.shutdown()
+        self.broker.audit.close()
         # Let an fdatasync in flight finish (and its replies go out) before closing.
         journal = self.broker.journal
         d = journal.drain()
@@ -392,9 +394,12 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
     broker = opened.broker
     top = service.MultiService()
     site = make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"])
-    for listener in _listeners(config, opened.files, site, reactor):
+    reloads: List[Callable[[], Any]] = [broker.audit.reopen]
+    for listener in _listeners(config, opened.files, site, reactor, reloads):
         listener.setServiceParent(top)
-    timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired)]
+    # SIGHUP: the audit log is reopened (logrotate) and certificates re-read.
+    tlsserver.ReloadOnSIGHUP(lambda: [reload() for reload in reloads], reactor).setServiceParent(top)
+    timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired), TimerService(AUDIT_INTERVAL, broker.audit.flush)]
     if memory.CAN_RELEASE:
         timers.append(TimerService(memory.TRIM_INTERVAL, memory.release_free_memory))
     for timer in timers:
@@ -413,13 +418,22 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
     return top
 
 
-def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: Any) -> List[service.Service]:
-    """One service per --listen description, all under one connection budget.
+def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: Any,
+               reloads: List[Callable[[], Any]]) -> List[service.Service]:
+    """One service per --listen description, all under one connection budget (which fits the
+    process's open-file limit: :func:`ctxd.admission.fit_to_open_files`).
 
     Our TLS listeners count connections in their TLS factory (no extra protocol layer);
     any other listener (plain tcp:, or ssl: with its own key) sits behind a counting wrapper.
+    The TLS settings' reload is added to ``reloads`` (run on SIGHUP).
     """
-    budget = ConnectionBudget(config["max-connections"], config["max-connections-per-peer"])
+    limits = fit_to_open_files(config["max-connections"], config["max-connections-per-peer"])
+    log.info("open files: limit {before} -> {soft} (hard {hard}); connections at most {total} "
+             "(configured {want_total}), {per_peer} per address (configured {want_peer})",
+             before=limits.soft_before, soft=limits.soft, hard=limits.hard, total=limits.total,
+             want_total=config["max-connections"], per_peer=limits.per_peer,
+             want_peer=config["max-connections-per-peer"])
+    budget = ConnectionBudget(limits.total, limits.per_peer)
     tls_options = None
     services: List[service.Service] = []
     for description in config["listen"]:
@@ -428,7 +442,7 @@ def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: 
         if _needs_our_certificate(description):
             if tls_options is None:
                 tls_options = server_tls_options(files, config.get("client-ca"))
-                services.append(tlsserver.ReloadOnSIGHUP(tls_options.reload, reactor))
+                reloads.append(tls_options.reload)
             description = "tcp:" + description.split(":", 1)[1]
             factory = tlsserver.tls_factory(tls_options, site, budget)
         else:

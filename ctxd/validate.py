@@ -7,6 +7,7 @@ values) and raises :class:`ctxd.errors.RequestError` subclasses naming the field
 import base64
 import binascii
 import ipaddress
+import json
 from typing import Any, Dict, List, Set
 
 from ctxd import rules
@@ -132,13 +133,27 @@ def identity(value: Any, field: str = "identity") -> Dict[str, Any]:
         ssh_key(k, f"{field}.ssh_host_keys[{i}]")
         for i, k in enumerate(array(value.get("ssh_host_keys", []), f"{field}.ssh_host_keys", rules.MAX_SSH_KEYS))
     ]
-    return {
+    clean = {
         "hostname": hostname(value["hostname"], f"{field}.hostname"),
         "fqdn": fqdn(value["fqdn"], f"{field}.fqdn"),
-        "primary_ip": ip(value["primary_ip"], f"{field}.primary_ip"),
+        "primary_ip": peer_address(value["primary_ip"], f"{field}.primary_ip"),
         "interfaces": interfaces,
         "ssh_host_keys": keys,
     }
+    size = len(json.dumps(clean, separators=(",", ":")))
+    if size > rules.MAX_IDENTITY:
+        raise BadRequest(f"{field}: {size} bytes of JSON, more than the {rules.MAX_IDENTITY} a node may store")
+    return clean
+
+
+def peer_address(value: Any, field: str) -> str:
+    """An address peers can reach a node at: not link-local (the same on every VM, and
+    useless without an interface), unspecified or multicast."""
+    address = ip(value, field)
+    parsed = ipaddress.ip_address(address)
+    if parsed.is_link_local or parsed.is_unspecified or parsed.is_multicast:
+        raise BadRequest(f"{field}: {address} cannot be a peer's address (link-local, unspecified or multicast)")
+    return address
 
 
 def cluster(body: Any) -> Dict[str, Any]:
@@ -147,7 +162,7 @@ def cluster(body: Any) -> Dict[str, Any]:
         body,
         "body",
         required=("name", "groups"),
-        optional=("open_for_injection", "expires_in", "join_token_ttl", "data"),
+        optional=("open_for_injection", "expires_in", "join_token_ttl", "data", "domain"),
     )
     context_name = body["name"]
     if not rules.is_context_name(context_name):
@@ -160,6 +175,7 @@ def cluster(body: Any) -> Dict[str, Any]:
         body.get("join_token_ttl", min(rules.DEFAULT_JOIN_TOKEN_TTL, expires_in)), "join_token_ttl",
         rules.MIN_SECONDS, expires_in
     )
+    domain = fqdn(body["domain"], "domain").lower() if "domain" in body else ""
     data = _cluster_data(body.get("data", {}), open_)
     groups = []
     seen: Set[str] = set()
@@ -182,6 +198,7 @@ def cluster(body: Any) -> Dict[str, Any]:
         "join_token_ttl": join_ttl,
         "groups": groups,
         "data": data,
+        "domain": domain,
     }
 
 
@@ -203,7 +220,8 @@ def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]
 
 def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str]) -> Dict[str, Any]:
     """One group of a create request; ``seen`` collects the group names so far."""
-    g = obj(g, where, required=("name", "quantity"), optional=("provides", "requires", "data", "all_identities"))
+    g = obj(g, where, required=("name", "quantity"),
+            optional=("provides", "requires", "data", "all_identities", "source_check"))
     gname = name(g["name"], f"{where}.name")
     if gname in seen:
         raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
@@ -231,6 +249,7 @@ def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str
         "requires": requires,
         "data": sorted(set(gdata)),
         "all_identities": boolean(g.get("all_identities", False), f"{where}.all_identities"),
+        "source_check": boolean(g.get("source_check", True), f"{where}.source_check"),
     }
 
 

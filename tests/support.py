@@ -6,9 +6,11 @@ from typing import Any, Dict, Optional
 
 import treq
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from ctxd import tokens
 from ctxd.api import BrokerResource
@@ -31,7 +33,7 @@ def ca_pem() -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
-def torque_cluster(open_for_injection: bool = False) -> Dict[str, Any]:
+def torque_cluster(open_for_injection: bool = False, source_check: bool = True) -> Dict[str, Any]:
     """The create request the issue's example cluster file turns into."""
     return {
         "name": "torque-demo",
@@ -43,6 +45,7 @@ def torque_cluster(open_for_injection: bool = False) -> Dict[str, Any]:
                 "provides": ["torquemaster"],
                 "requires": [{"role": "torqueslave"}],
                 "data": ["gridmap"],
+                "source_check": source_check,
             },
             {
                 "name": "compute",
@@ -50,6 +53,7 @@ def torque_cluster(open_for_injection: bool = False) -> Dict[str, Any]:
                 "provides": ["torqueslave"],
                 "requires": [{"role": "torquemaster", "ready": True}],
                 "all_identities": True,
+                "source_check": source_check,
             },
         ],
         "data": {"gridmap": [] if open_for_injection else [{"b64": b64(b"/CN=alice alice\n")}]},
@@ -109,17 +113,40 @@ def json_body(data: Any) -> bytes:
 BASE = "https://ctxd.test:8443"
 
 
+class FromAddress(Resource):
+    """The broker's resource behind a network the test chooses: a request's X-Test-Source header
+    is the address it comes from (StubTreq's requests all come from 127.0.0.1)."""
+
+    isLeaf = True
+
+    def __init__(self, resource):
+        super().__init__()
+        self.resource = resource
+
+    def render(self, request):
+        source = request.getHeader("x-test-source")
+        if source is not None:
+            request.client = (IPv6Address if ":" in source else IPv4Address)("TCP", source, 40000)
+        return self.resource.render(request)
+
+
 class Client:
-    """A StubTreq client with JSON helpers; every call returns (status, json-or-None)."""
+    """A StubTreq client with JSON helpers; every call returns (status, json-or-None).
+
+    ``source`` is the address a request comes from (default 127.0.0.1); an enrollment
+    comes from the address its identity claims.
+    """
 
     def __init__(self):
         self.clock = Clock()
         self.journal = MemoryJournal()
         self.broker = make_broker(self.journal, self.clock)
-        self.stub = StubTreq(BrokerResource(self.broker))
+        self.stub = StubTreq(FromAddress(BrokerResource(self.broker)))
 
-    def call_deferred(self, method, path, token=None, body=None, ctype="application/json", raw=None):
+    def call_deferred(self, method, path, token=None, body=None, ctype="application/json", raw=None, source=None):
         headers = {}
+        if source is not None:
+            headers["X-Test-Source"] = source
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         data = raw if raw is not None else (json_body(body) if body is not None else None)
@@ -144,12 +171,14 @@ class Client:
         assert status == 201, created
         return created["context"]["id"], created
 
-    def enroll(self, cid, join_token, n, **ident):
+    def enroll(self, cid, join_token, n, source=None, **ident):
+        claimed = dict(identity(n), **ident)
         return self.call(
             "POST",
             f"/v1/contexts/{cid}/enroll",
             join_token,
-            {"instance_key": instance_key(n), "identity": dict(identity(n), **ident)},
+            {"instance_key": instance_key(n), "identity": claimed},
+            source=source or claimed["primary_ip"],
         )
 
 

@@ -25,6 +25,11 @@ COMPUTE_ID = "Q29tcHV0ZS1ub2RlLTAwMD"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZ0ZXN0a2V5"
 
 
+def key_of(n):
+    """Node N's own host key (every node of a context has its own)."""
+    return KEY[:-4] + "%04d" % n
+
+
 @pytest.fixture(scope="module")
 def ca_pem():
     """A real self-signed CA certificate, so the TLS context can load it."""
@@ -212,7 +217,7 @@ def test_ssh_host_keys_read_without_comments(tmp_path):
 def peer(nid, n, group="compute", **changes):
     obj = {"node_id": nid, "group": group, "hostname": "node-%d" % n,
            "fqdn": "node-%d.cluster.example.org" % n, "ip": "10.1.0.%d" % n,
-           "ssh_host_keys": [KEY]}
+           "ssh_host_keys": [KEY if nid == NID else key_of(n)]}
     obj.update(changes)
     return obj
 
@@ -268,8 +273,8 @@ def test_plan_for_sample_view():
                                "10.1.0.1 node-1.cluster.example.org node-1",
                                "10.1.0.2 node-2.cluster.example.org node-2")
     assert blocks["known_hosts"] == (
-        "node-1.cluster.example.org,node-1,10.1.0.1 " + KEY,
-        "node-2.cluster.example.org,node-2,10.1.0.2 " + KEY,
+        "node-1.cluster.example.org,node-1,10.1.0.1 " + key_of(1),
+        "node-2.cluster.example.org,node-2,10.1.0.2 " + key_of(2),
         "node-3.cluster.example.org,node-3,10.1.0.5 " + KEY)
 
 
@@ -495,7 +500,7 @@ def test_apply_view_runs_scripts_and_writes_files(site):
     hosts = (tmp_path / "hosts").read_text()
     assert hosts.startswith("127.0.0.1 localhost\n# BEGIN ctxd (context %s)\n" % CID)
     assert "10.1.0.1 node-1.cluster.example.org node-1\n" in hosts
-    assert "node-2.cluster.example.org,node-2,10.1.0.2 %s\n" % KEY in (
+    assert "node-2.cluster.example.org,node-2,10.1.0.2 %s\n" % key_of(2) in (
         tmp_path / "known_hosts").read_text()
 
 
@@ -751,7 +756,7 @@ class FakeConnection(object):
     calls = []
     ok_reply = (200, b"{}")
 
-    def __init__(self, bootstrap):
+    def __init__(self, bootstrap, source=None):
         self.local_address, self.reached = "10.1.0.5", True
 
     def request(self, method, path, token=None, body=None, timeout=None):

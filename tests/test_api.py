@@ -127,13 +127,14 @@ def test_form_bodies_are_not_parsed():
     """The JSON API never runs twisted.web's form/multipart parsers on a POST body."""
     from twisted.web.test.requesthelper import DummyChannel
 
-    site = make_site(None)
+    site = make_site(make_broker())
     channel = DummyChannel()
     channel.site = site
     request = site.requestFactory(channel)
     request.process = lambda: None
     body = b"b=2"
     request.requestHeaders.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
+    request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + ADMIN_TOKEN.encode()])
     request.gotLength(len(body))
     request.handleContentChunk(body)
     request.requestReceived(b"POST", b"/v1/x?a=1", b"HTTP/1.1")
@@ -288,12 +289,44 @@ def test_oversize_chunked_body_refused():
     channel, transport = _channel(max_body=2048)
     channel.dataReceived(
         b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     for _ in range(3):
         channel.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize("authorization", [None, b"Bearer ctxd_dep_" + b"x" * 43, b"Bearer \xff\xfe", b"Basic abc"])
+def test_a_body_without_a_known_credential_is_refused_before_it_is_read(authorization):
+    """A body from no one (no, an unknown, an undecodable or a foreign credential) is answered 401 as
+    soon as the headers are in: nothing of it is buffered, the connection closes, the refusal is counted."""
+    channel, transport = _channel(max_body=1024 * 1024)
+    broker = channel.site.resource.broker
+    header = b"Authorization: " + authorization + b"\r\n" if authorization else b""
+    channel.dataReceived(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + header + b"Content-Length: 1000000\r\n\r\n" + b"x" * 5000)
+    assert transport.value().startswith(b"HTTP/1.1 401 ") and b'"unauthorized"' in transport.value()
+    assert transport.disconnecting
+    assert channel.requests[0].content.getvalue() == b""
+    assert [count for count, _, _ in broker.audit._refusals.values()] == [1]
+
+
+def test_a_known_credential_may_send_its_body():
+    """The admin's body is read and answered by the route (201 here)."""
+    channel, transport = _channel(max_body=1024 * 1024)
+    body = json.dumps(torque_cluster()).encode()
+    channel.dataReceived(b"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert transport.value().startswith(b"HTTP/1.1 201 ")
+
+
+def test_an_undecodable_authorization_header_is_a_401(client):
+    """Bytes that are not ASCII in the Authorization header are a bad credential (401), not a 500."""
+    d = client.stub.request("GET", BASE + "/v1/contexts", headers={b"Authorization": [b"Bearer \xff\xfe\xe9"]})
+    client.stub.flush()
+    assert result_of(d).code == 401
 
 
 def test_expired_context_is_swept_and_journaled(client):
@@ -359,7 +392,7 @@ def test_reads_wait_until_what_they_show_is_durable(manual):
     joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
     d = manual.call_deferred(
         "POST", f"/v1/contexts/{cid}/enroll", joins["compute"],
-        {"instance_key": instance_key(2), "identity": identity(2)},
+        {"instance_key": instance_key(2), "identity": identity(2)}, source="10.9.0.2",
     )
     settle(manual)
     node = result_of(d)[1]
@@ -367,7 +400,7 @@ def test_reads_wait_until_what_they_show_is_durable(manual):
     # The head enrolls: applied at once, but its fsync has not returned.
     head = manual.call_deferred(
         "POST", f"/v1/contexts/{cid}/enroll", joins["head"],
-        {"instance_key": instance_key(1), "identity": identity(1)},
+        {"instance_key": instance_key(1), "identity": identity(1)}, source="10.9.0.1",
     )
     manual.stub.flush()
     assert not_fired(head)
@@ -435,7 +468,7 @@ def test_other_credentials_cannot_probe_node_ids(client):
 
 
 def _fat_identities_cluster(n):
-    return {"name": "fat", "groups": [{"name": "all", "quantity": n, "provides": ["member"],
+    return {"name": "fat", "groups": [{"name": "all", "quantity": n, "source_check": False, "provides": ["member"],
                                        "requires": [{"role": "member"}], "all_identities": True}]}
 
 
@@ -447,8 +480,10 @@ def test_large_view_is_streamed_whole_and_equal_to_the_model(monkeypatch):
     n = 12
     cid, created = client.create(_fat_identities_cluster(n))
     join = created["bootstraps"]["all"]["join_token"]
-    fat_key = "ssh-rsa " + "A" * 4000
-    nodes = [client.enroll(cid, join, i, ssh_host_keys=[fat_key] * 4)[1] for i in range(1, n + 1)]
+    def fat_keys(i):  # every node's own: SSH host keys are unique in a context
+        return [f"ssh-rsa {i:04d}{k:04d}" + "A" * 3992 for k in range(3)]
+
+    nodes = [client.enroll(cid, join, i, ssh_host_keys=fat_keys(i))[1] for i in range(1, n + 1)]
     first = nodes[0]
     path = f"/v1/contexts/{cid}/nodes/{first['node_id']}/view"
     d = client.stub.request("GET", BASE + path, headers={"Authorization": f"Bearer {first['node_token']}"})
@@ -561,6 +596,6 @@ def test_every_domain_error_has_its_status():
         assert 400 <= api.status_of(error) < 600 and not hasattr(error, "status")
     expected = {"RequestError": 400, "BadRequest": 400, "InvalidName": 400, "InvalidCluster": 400,
                 "Unauthorized": 401, "Forbidden": 403, "NotFound": 404, "MethodNotAllowed": 405, "Conflict": 409,
-                "QuotaExceeded": 409, "JoinTokenExpired": 410, "TooLarge": 413, "UnsupportedMediaType": 415,
+                "QuotaExceeded": 409, "IdentityConflict": 409, "IdentityRefused": 403, "JoinTokenExpired": 410, "TooLarge": 413, "UnsupportedMediaType": 415,
                 "TooManyRequests": 429, "InternalError": 500, "Unavailable": 503}
     assert {cls.__name__: status for cls, status in api.STATUS.items()} == expected

@@ -99,7 +99,7 @@ CREDENTIALS = INVALID + JOINS + NODES + ("other-deployer", "deployer", "admin")
 # Valid bodies, success statuses, path parameters: keyed by what the route table names.
 BODIES: Dict[str, Any] = {
     "add_user": {"name": "erin"},
-    "create_context": {"name": "matrix-new", "groups": [{"name": "solo", "quantity": 1}]},
+    "create_context": {"name": "matrix-new", "groups": [{"name": "solo", "quantity": 1, "source_check": False}]},
     "put_data": {"values": [{"b64": "bmV3IHZhbHVlCg=="}]},
     "enroll": {"instance_key": instance_key(90), "identity": identity(90)},
     "put_identity": identity(2, "n2-renamed"),
@@ -211,11 +211,11 @@ class World:
             "expires_in": 3600,
             "join_token_ttl": 60,
             "groups": [
-                {"name": "head", "quantity": 1, "provides": ["master"], "requires": [{"role": "worker"}],
+                {"name": "head", "quantity": 1, "source_check": False, "provides": ["master"], "requires": [{"role": "worker"}],
                  "data": ["gridmap"]},
-                {"name": "compute", "quantity": 3, "provides": ["worker"],
+                {"name": "compute", "quantity": 3, "source_check": False, "provides": ["worker"],
                  "requires": [{"role": "master", "ready": True}]},
-                {"name": "spare", "quantity": 2},
+                {"name": "spare", "quantity": 2, "source_check": False},
             ],
             "data": {"gridmap": [{"b64": "aGVsbG8K"}]},
         }, expect=201)[1]
@@ -230,7 +230,7 @@ class World:
         n1, n2, n3 = enrolled(joins["head"], 1), enrolled(joins["compute"], 2), enrolled(joins["compute"], 3)
         self.nid = n2["node_id"]
 
-        b = api.call("POST", "/v1/contexts", bob, {"name": "bob-b", "groups": [{"name": "all", "quantity": 2}]},
+        b = api.call("POST", "/v1/contexts", bob, {"name": "bob-b", "groups": [{"name": "all", "quantity": 2, "source_check": False}]},
                      expect=201)[1]
         self.other_cid = b["context"]["id"]
         b_join = b["bootstraps"]["all"]["join_token"]

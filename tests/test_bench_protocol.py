@@ -34,8 +34,8 @@ POLL_WAIT = 5
 CLUSTER = {
     "name": "protocol",
     "groups": [
-        {"name": "head", "quantity": 1, "provides": ["m"], "requires": [{"role": "w"}]},
-        {"name": "compute", "quantity": 1, "provides": ["w"], "requires": [{"role": "m", "ready": True}]},
+        {"name": "head", "quantity": 1, "source_check": False, "provides": ["m"], "requires": [{"role": "w"}]},
+        {"name": "compute", "quantity": 1, "source_check": False, "provides": ["w"], "requires": [{"role": "m", "ready": True}]},
     ],
 }
 

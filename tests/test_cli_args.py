@@ -547,6 +547,24 @@ def test_status_table(broker):
     assert len(lines) == 7
 
 
+def test_status_shows_nat_sources_and_revoked_nodes_and_known_hosts_skips_them(broker):
+    """A node whose requests came from another address than it claims shows both; a revoked node
+    shows as revoked, frees its slot in the counts, and its keys leave known-hosts."""
+    body = torque_cluster(source_check=False)
+    cid, joins = broker.create(body)
+    head = broker.enroll(cid, joins["head"], 1)
+    nat = broker.api.enroll(cid, joins["compute"], 2, source="198.51.100.7")[1]["node_id"]
+    broker.call("POST", f"/v1/contexts/{cid}/nodes/{head}/revoke", {})
+    code, out, _ = broker.run(["status", cid])
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[2:-1] if line.split()[1] != "-"}
+    assert rows[nat][2:5] == ["node2", "10.9.0.2", "(from"] and rows[nat][5] == "198.51.100.7)"
+    assert rows[head][4] == "revoked"
+    assert out.splitlines()[-1].startswith("4 expected, 1 enrolled,")
+    assert sum(1 for line in out.splitlines() if line.split()[-2:] == ["not", "enrolled"]) == 3
+    code, out, _ = broker.run(["known-hosts", cid])
+    assert code == 0 and "node1" not in out and "node2.cluster.test,node2,10.9.0.2 ssh-ed25519" in out
+
+
 def test_status_json_is_the_brokers_json(broker):
     """status --json prints exactly the broker's object."""
     cid, nodes = broker.all_ok()

@@ -50,10 +50,10 @@ def test_issue_example_gives_the_exact_request_body():
         "groups": [
             {"name": "head", "quantity": 1, "provides": ["torquemaster"],
              "requires": [{"role": "torqueslave", "ready": False}], "data": ["gridmap"],
-             "all_identities": False},
+             "all_identities": False, "source_check": True},
             {"name": "compute", "quantity": 3, "provides": ["torqueslave"],
              "requires": [{"role": "torquemaster", "ready": True}], "data": [],
-             "all_identities": True},
+             "all_identities": True, "source_check": True},
         ],
         "data": {"gridmap": [{"b64": b64(gridmap)}]},
     }
@@ -104,14 +104,18 @@ BAD_FILES = [
      "cluster.toml: group[0].quantity: is required (an integer 1..100000)"),
     ('nmae = "t"\n' + MINIMAL_GROUPS,
      "cluster.toml: nmae: unknown key (allowed: name, open_for_injection, expires_in, "
-     "join_token_ttl, group, data)"),
+     "join_token_ttl, domain, group, data)"),
     (MINIMAL_GROUPS, "cluster.toml: name: is required"),
     ('name = "   "\n' + MINIMAL_GROUPS, "cluster.toml: name: must be 1-128 printable characters, not only spaces"),
     ('name = "t"\n', "cluster.toml: group: at least one [[group]] is required"),
     ('name = "t"\ngroup = 3\n', "cluster.toml: group: must be an array of tables ([[group]])"),
     ('name = "t"\n[[group]]\nname = "a"\nquantity = 1\nprovide = ["x"]\n',
      "cluster.toml: group[0].provide: unknown key (allowed: name, quantity, provides, requires, "
-     "data, all_identities)"),
+     "data, all_identities, source_check)"),
+    ('name = "t"\ndomain = "10.0.0.1"\n' + MINIMAL_GROUPS,
+     "cluster.toml: domain: '10.0.0.1' is not a domain name (dotted labels, the last not all digits)"),
+    ('name = "t"\n' + MINIMAL_GROUPS + 'source_check = "no"\n',
+     "cluster.toml: group[0].source_check: must be true or false"),
     ('name = "t"\n[[group]]\nname = "-a"\nquantity = 1\n',
      "cluster.toml: group[0].name: '-a' is not a valid name: 1-64 of A-Z a-z 0-9 _ . - "
      "starting with a letter or digit"),

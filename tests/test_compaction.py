@@ -56,23 +56,23 @@ def rich_state(w, now=NOW):
     nodes = {}
     for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):
         body = {"instance_key": instance_key(n), "identity": identity(n)}
-        nodes[n] = w.commit(m.prepare_enroll(cid, group, body, f"10.0.0.{n}", now + n)[0])["node"]
+        nodes[n] = w.commit(m.prepare_enroll(cid, group, body, f"10.9.0.{n}", now + n)[0])["node"]
     w.commit(m.prepare_report(cid, nodes[1], {"state": "ok", "log_tail": "head done"}, now + 10))
     w.commit(m.prepare_report(cid, nodes[2], {"state": "contextualizing"}, now + 11))
     w.commit(m.prepare_report(cid, nodes[2], {"state": "ok"}, now + 12))
     w.commit(m.prepare_report(cid, nodes[3], {"state": "error", "exit_code": 3, "message": "boom",
                                               "log_tail": "trace"}, now + 13))
     w.commit(m.prepare_report(cid, nodes[4], {"state": "contextualizing"}, now + 14))
-    w.commit(m.prepare_identity(cid, nodes[4], identity(4, "renamed4"), "10.0.0.44", now + 15))
+    w.commit(m.prepare_identity(cid, nodes[4], identity(4, "renamed4"), "10.9.0.4", now + 15))
     w.commit(m.prepare_node_revoke(cid, nodes[3], now + 16))
     # Re-enrollment of node 2 (same instance key): a new node token.
     body = {"instance_key": instance_key(2), "identity": identity(2)}
-    w.commit(m.prepare_enroll(cid, "compute", body, "10.0.0.2", now + 17)[0])
+    w.commit(m.prepare_enroll(cid, "compute", body, "10.9.0.2", now + 17)[0])
     w.commit(m.prepare_join_rotate(cid, "compute", now + 18)[0])
     record, _ = m.prepare_create(torque_cluster(open_for_injection=True), now + 20)
     open_cid = w.commit(record)["ctx"]
     w.commit(m.prepare_enroll(open_cid, "head", {"instance_key": instance_key(9), "identity": identity(9)},
-                              "10.0.0.9", now + 21)[0])
+                              "10.9.0.9", now + 21)[0])
     w.commit(m.prepare_data(open_cid, "gridmap", {"values": [{"b64": b64(b"x y\n")}]}, now + 22))
     w.commit(m.prepare_lock(open_cid, now + 23))
     record, _ = m.prepare_create(torque_cluster(), now + 30)
@@ -125,7 +125,7 @@ def test_compaction_triggers_past_the_threshold_and_the_journal_shrinks(tmp_path
     nid = next(iter(w.model.contexts[cid].nodes))
     biggest = 0
     for i in range(200):
-        w.commit(w.model.prepare_identity(cid, nid, identity(1, f"host{i}"), "10.0.0.1", NOW + 100 + i))
+        w.commit(w.model.prepare_identity(cid, nid, identity(1, f"host{i}"), "10.9.0.1", NOW + 100 + i))
         biggest = max(biggest, os.path.getsize(tmp_path / "journal.log"))
     assert journal.compactions >= 1
     assert (tmp_path / "snapshot.log").exists() and not (tmp_path / "journal.log.next").exists()
@@ -159,10 +159,10 @@ def test_replay_after_compaction_then_more_records_and_a_second_compaction(tmp_p
     journal.compact()
     assert journal.compactions == 1 and journal.last_compaction["last_seq"] == seq
     nid = next(iter(w.model.contexts[cid].nodes))
-    w.commit(w.model.prepare_identity(cid, nid, identity(1, "after"), "10.0.0.1", NOW + 500))
+    w.commit(w.model.prepare_identity(cid, nid, identity(1, "after"), "10.9.0.1", NOW + 500))
     assert scan(str(tmp_path / "journal.log")).records[0][0] == seq + 1
     journal.compact()
-    w.commit(w.model.prepare_identity(cid, nid, identity(1, "after2"), "10.0.0.1", NOW + 501))
+    w.commit(w.model.prepare_identity(cid, nid, identity(1, "after2"), "10.9.0.1", NOW + 501))
     journal.close()
     assert state(reload(tmp_path)) == state(w.model)
     again = new_journal(tmp_path)
@@ -182,7 +182,7 @@ def test_records_appended_during_compaction_go_to_the_new_segment(tmp_path):
     covered = journal.last_seq
     done = journal.compact()
     nid = next(iter(w.model.contexts[cid].nodes))
-    w.commit(w.model.prepare_identity(cid, nid, identity(1, "during"), "10.0.0.1", NOW + 500))
+    w.commit(w.model.prepare_identity(cid, nid, identity(1, "during"), "10.9.0.1", NOW + 500))
     runner.run_all()
     assert done.called and journal.compactions == 1
     records = scan(str(tmp_path / "journal.log")).records
@@ -238,7 +238,7 @@ def test_crash_at_each_step_of_compaction_recovers_exactly_the_acknowledged_stat
         journal.compact().addErrback(lambda f: None)
         if after:
             nid = next(iter(w.model.contexts[cid].nodes))
-            w.commit(w.model.prepare_identity(cid, nid, identity(1, "after"), "10.0.0.1", NOW + 500))
+            w.commit(w.model.prepare_identity(cid, nid, identity(1, "after"), "10.9.0.1", NOW + 500))
         monkeypatch.undo()
         journal.close()
         expected = replayed(w.acked)

@@ -115,9 +115,9 @@ class Live:
             "open_for_injection": True,
             "expires_in": 3600,
             "groups": [
-                {"name": "head", "quantity": 1, "provides": ["master"], "requires": [{"role": "worker"}],
+                {"name": "head", "quantity": 1, "source_check": False, "provides": ["master"], "requires": [{"role": "worker"}],
                  "data": ["gridmap"]},
-                {"name": "compute", "quantity": 2000, "provides": ["worker"],
+                {"name": "compute", "quantity": 2000, "source_check": False, "provides": ["worker"],
                  "requires": [{"role": "master", "ready": True}], "all_identities": True},
             ],
             "data": {"gridmap": [{"b64": "aGVsbG8K"}]},

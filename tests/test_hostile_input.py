@@ -180,21 +180,40 @@ def valid_views(draw, least=0):
     def many(make, most):
         return [make() for _ in range(draw(st.integers(least, most)))]
 
+    # A node's names, primary address and keys are its own (the broker refuses any other claim).
+    names, addresses, keys = set(), set(), set()
+
+    def name_pair():
+        hostname = draw(valid_label.filter(lambda v: v.lower() not in names))
+        fqdn = draw(valid_fqdn.filter(lambda v: v.lower() not in names or v.lower() == hostname.lower()))
+        names.update((hostname.lower(), fqdn.lower()))
+        return hostname, fqdn
+
+    def own(strategy, taken, canonical=lambda v: v):
+        value = draw(strategy.filter(lambda v: canonical(v) not in taken))
+        taken.add(canonical(value))
+        return value
+
+    def address():
+        return own(valid_ip, addresses, lambda v: str(ipaddress.ip_address(v)))
+
     def peer():
-        obj = {"node_id": draw(valid_id), "hostname": draw(valid_label), "fqdn": draw(valid_fqdn),
-               "ip": draw(valid_ip), "ssh_host_keys": many(lambda: draw(valid_key), 2)}
+        hostname, fqdn = name_pair()
+        obj = {"node_id": draw(valid_id), "hostname": hostname, "fqdn": fqdn,
+               "ip": address(), "ssh_host_keys": many(lambda: own(valid_key, keys), 2)}
         if least or draw(st.booleans()):
             obj["group"] = draw(valid_name)
         return obj
 
+    hostname, fqdn = name_pair()
     return {
         "context_id": CID, "node_id": NID, "revision": draw(st.integers(0, 2 ** 40)), "complete": True,
         "waiting_for": many(lambda: draw(hostile_text), 1),
-        "self": {"hostname": draw(valid_label), "fqdn": draw(valid_fqdn), "primary_ip": draw(valid_ip),
+        "self": {"hostname": hostname, "fqdn": fqdn, "primary_ip": address(),
                  "interfaces": many(lambda: {"name": draw(valid_iface),
                                              "ipv4": many(lambda: draw(valid_ip), 2),
                                              "ipv6": many(lambda: draw(valid_ip), 2)}, 3),
-                 "ssh_host_keys": many(lambda: draw(valid_key), 2)},
+                 "ssh_host_keys": many(lambda: own(valid_key, keys), 2)},
         "roles": {draw(valid_name): {"ready": True, "providers": many(peer, 2)}
                   for _ in range(draw(st.integers(least, 3)))},
         "data": {draw(valid_name): many(lambda: {"b64": draw(valid_b64)}, 2)
@@ -639,7 +658,7 @@ BROKER_GROUP = "compute"
 def complete_view():
     """A complete view with a role, a data item of two values and a peer."""
     head = {"node_id": HEAD_ID, "group": "head", "hostname": "node-1", "fqdn": "node-1.cluster.example.org",
-            "ip": "10.1.0.1", "ssh_host_keys": [KEY]}
+            "ip": "10.1.0.1", "ssh_host_keys": [KEY[:-4] + "0001"]}
     return {"context_id": CID, "node_id": NID, "group": BROKER_GROUP, "revision": 2, "complete": True,
             "waiting_for": [],
             "self": {"hostname": "node-3", "fqdn": "node-3.cluster.example.org", "primary_ip": "10.1.0.5",
@@ -672,6 +691,7 @@ class ScriptedBroker:
 
     def __init__(self, tls, hostile=False):
         self.requests, self.instance_key, self.hostile = [], None, hostile
+        self.view = None   # what views answer (default: complete_view())
         self.views_served = 0
         broker = self
 
@@ -718,7 +738,7 @@ class ScriptedBroker:
             status, reply = 200, {}
         elif path.startswith(node + "view"):
             self.views_served += 1
-            reply, status = complete_view(), 200
+            reply, status = (self.view or complete_view()), 200
             if self.hostile and self.views_served == 1:
                 reply.update(complete=False, revision=1, waiting_for=["group head (%s)" % s for s in self.secrets()])
         elif path == node + "report":
@@ -800,6 +820,24 @@ def test_fake_broker_run_succeeds(site, broker, tls):
     assert [body["state"] for _, body in b.reports()] == ["contextualizing", "ok"]
     with open(os.path.join(paths.state_dir, "data", "gridmap", "1"), "rb") as f:
         assert f.read() == b"second\n"
+
+
+@pytest.mark.parametrize("claim", [{"fqdn": "NODE-3.cluster.example.org"}, {"hostname": "node-3"},
+                                   {"ip": "10.1.0.5"}, {"ssh_host_keys": [KEY]}])
+def test_a_view_where_two_nodes_claim_one_thing_runs_nothing(site, broker, tls, claim):
+    """Defense in depth: a view in which a peer claims this node's name, address or key (a broker
+    bug, an old journal) is refused whole - exit 1, no script, no managed line - and the error
+    report names the conflict."""
+    tmp_path, paths = site
+    b = broker()
+    b.view = complete_view()
+    b.view["all_identities"][0].update(claim)
+    assert run_agent(tmp_path, paths, b, tls) == ctxagent.EXIT_INPUT
+    error = b.reports()[-1][1]
+    assert error["state"] == "error" and "both claim" in error["message"], error
+    assert not os.path.exists(os.path.join(paths.state_dir, "data"))
+    for path in (paths.hosts_file, paths.known_hosts_file):
+        assert not os.path.exists(path) or "ctxd" not in open(path).read()
 
 
 def test_no_token_in_log_script_output_or_error_report(site, broker, tls, capsys):

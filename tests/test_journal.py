@@ -106,7 +106,7 @@ class JournalBehaviour:
         cid = created["context"]["id"]
         principal = broker.authenticate(created["bootstraps"]["head"]["join_token"])
         body = {"instance_key": instance_key(1), "identity": identity(1)}
-        result_of(broker.enroll(principal, cid, body, "10.0.0.1"))
+        result_of(broker.enroll(principal, cid, body, "10.9.0.1"))
         restarted = make_broker(self.reopen(journal, tmp_path))
         assert restarted.replay() == 2
         assert result_of(restarted.get_context(SITE_ADMIN, cid)) == result_of(broker.get_context(SITE_ADMIN, cid))

@@ -28,8 +28,9 @@ def create(model, body=None, now=NOW):
 
 
 def enroll(model, cid, group, n, now=NOW, ident=None):
+    ident = ident or identity(n)
     record, node_token, new = model.prepare_enroll(
-        cid, group, {"instance_key": instance_key(n), "identity": ident or identity(n)}, "10.0.0.1", now
+        cid, group, {"instance_key": instance_key(n), "identity": ident}, ident["primary_ip"], now
     )
     touched = model.apply(record)
     return record["node"], node_token, new, touched
@@ -94,7 +95,7 @@ def test_prepare_changes_nothing():
     model = Model()
     cid, _ = create(model)
     before = copy.deepcopy(model.status(model.contexts[cid]))
-    model.prepare_enroll(cid, "compute", {"instance_key": instance_key(1), "identity": identity(1)}, "", NOW)
+    model.prepare_enroll(cid, "compute", {"instance_key": instance_key(1), "identity": identity(1)}, "10.9.0.1", NOW)
     assert model.status(model.contexts[cid]) == before
 
 

@@ -322,7 +322,7 @@ def changes(model):
     nodes = {}
     for n, role in ((1, "head"), (2, "compute"), (3, "compute")):
         body = {"instance_key": instance_key(n), "identity": identity(n)}
-        enroll = m.prepare_enroll(cid, role, body, f"10.0.0.{n}", NOW + n)[0]
+        enroll = m.prepare_enroll(cid, role, body, f"10.9.0.{n}", NOW + n)[0]
         nodes[n] = enroll["node"]
         yield enroll
     yield None
@@ -334,7 +334,7 @@ def changes(model):
             yield m.prepare_report(cid, nodes[n], body, t)
         if round_ == 4:
             yield m.prepare_user_add({"name": "bob"}, t)[0]
-        yield m.prepare_identity(cid, nodes[1], identity(1, f"host{round_}"), "10.0.0.1", t)
+        yield m.prepare_identity(cid, nodes[1], identity(1, f"host{round_}"), "10.9.0.1", t)
         yield None
 
 

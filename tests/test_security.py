@@ -125,14 +125,14 @@ def test_enrollment_rate_limit_per_source():
     """Past the per-address rate, enrollment answers 429 with Retry-After; nothing is enrolled."""
     client = Client()
     client.broker.enroll_by_source.per_minute = 3
-    cid, created = client.create()
+    cid, created = client.create(torque_cluster(source_check=False))  # all from one NAT address
     join = created["bootstraps"]["compute"]["join_token"]
-    statuses = [client.enroll(cid, join, n)[0] for n in (2, 3, 4)]
+    statuses = [client.enroll(cid, join, n, source="192.0.2.1")[0] for n in (2, 3, 4)]
     assert statuses == [201, 201, 201]
     response = []
     d = client.stub.request(
         "POST", f"https://ctxd.test/v1/contexts/{cid}/enroll",
-        headers={"Authorization": f"Bearer {join}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {join}", "Content-Type": "application/json", "X-Test-Source": "192.0.2.1"},
         data=json.dumps({"instance_key": instance_key(9), "identity": identity(9)}).encode(),
     )
     d.addCallback(response.append)
@@ -140,7 +140,7 @@ def test_enrollment_rate_limit_per_source():
     assert response[0].code == 429
     assert int(response[0].headers.getRawHeaders("retry-after")[0]) > 0
     client.clock.advance(60)
-    assert client.enroll(cid, join, 2)[0] == 200
+    assert client.enroll(cid, join, 2, source="192.0.2.1")[0] == 200
 
 
 def test_flood_from_one_address_does_not_block_others():
@@ -175,6 +175,7 @@ def test_audit_log_records_actions_and_failures_without_secrets(client):
     client.call("GET", "/v1/contexts", "ctxd_node_" + "x" * 43)
     client.call("GET", "/v1/contexts", "not a token")
     client.call("GET", "/v1/contexts")
+    client.broker.audit.flush()   # refusals are counted, then written
     text = client.audit_path.read_text()
     entries = [json.loads(line) for line in text.splitlines()]
     actions = [(e["principal"], e["action"], e["outcome"]) for e in entries]
@@ -183,7 +184,7 @@ def test_audit_log_records_actions_and_failures_without_secrets(client):
     assert (f"join:{cid}/compute", "enroll", 201) in actions
     assert ("deployer:alice", "revoke_node", 200) in actions
     failures = [e for e in entries if e["outcome"] == 401]
-    assert [e["credential"] for e in failures] == ["ctxd_node_", "malformed", "none"]
+    assert [(e["credential"], e["count"]) for e in failures] == [("ctxd_node_", 1), ("malformed", 1), ("none", 1)]
     assert all(set(e) >= {"time", "principal", "action", "object", "source", "outcome"} for e in entries)
     for secret in (ADMIN_TOKEN, alice, join, enrolled["node_token"], instance_key(2)):
         assert secret not in text
@@ -197,7 +198,46 @@ def test_routine_agent_traffic_not_audited(client):
     client.call("GET", f"/v1/contexts/{cid}/nodes/{nid}/view", token)
     assert client.audit_path.read_text().count("\n") == before
     client.call("GET", f"/v1/contexts/{cid}/nodes/{nid}/view", nodes[3][1])
+    client.broker.audit.flush()
     assert json.loads(client.audit_path.read_text().splitlines()[-1])["outcome"] == 403
+
+
+def test_refusals_are_counted_not_written_one_by_one(client):
+    """A thousand refused requests from one address add one line per kind per interval, with the
+    count; an anonymous client cannot grow the audit log without bound."""
+    before = client.audit_path.read_text().count("\n")
+    for _ in range(1000):
+        client.call("GET", "/v1/contexts", "ctxd_dep_" + "y" * 43)
+    for _ in range(500):
+        client.call("GET", "/v1/contexts")
+    assert client.audit_path.read_text().count("\n") == before
+    assert client.broker.audit.flush() == 2
+    lines = [json.loads(line) for line in client.audit_path.read_text().splitlines()[before:]]
+    assert [(e["credential"], e["outcome"], e["count"]) for e in lines] == [("ctxd_dep_", 401, 1000),
+                                                                          ("none", 401, 500)]
+    assert client.broker.audit.flush() == 0
+
+
+def test_audit_log_is_reopened_for_logrotate(client):
+    """After the file is moved away (logrotate without copytruncate), reopen() writes a new one."""
+    add_user(client, "bob")
+    rotated = client.audit_path.with_name("audit.log.1")
+    client.audit_path.rename(rotated)
+    client.broker.audit.reopen()
+    add_user(client, "carol")
+    assert [json.loads(line)["action"] for line in rotated.read_text().splitlines()] == ["add_user"]
+    assert [json.loads(line)["action"] for line in client.audit_path.read_text().splitlines()] == ["add_user"]
+    assert oct(client.audit_path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_text_reaches_the_log_without_control_characters():
+    """An error message with escape sequences and newlines is logged with them escaped."""
+    from ctxd.broker import loggable
+
+    text = "boom\x1b[2J\x1b]0;pwned\x07\nFORGED LINE\r\t\u202e"
+    shown = loggable(text)
+    assert shown.isprintable() and "\\x1b" in shown and "\\n" in shown and "FORGED LINE" in shown
+    assert len(loggable("x" * 10_000)) == 503
 
 
 def channel(deadline):
@@ -291,3 +331,19 @@ def test_client_certificate_names_a_deployer(client, monkeypatch):
     client.call("DELETE", "/v1/users/alice", ADMIN_TOKEN)
     name["value"] = "alice"
     assert client.call("GET", "/v1/contexts")[0] == 401
+
+
+def test_connection_limits_fit_under_the_open_file_limit(monkeypatch):
+    """The soft open-file limit is raised to the hard one; connections stay below it (room for the
+    broker's own files) and one address gets at most half of them."""
+    from ctxd import admission
+
+    limit = {"now": (1024, 4096)}
+    monkeypatch.setattr(admission.resource, "getrlimit", lambda which: limit["now"])
+    monkeypatch.setattr(admission.resource, "setrlimit", lambda which, value: limit.update(now=value))
+    fit = admission.fit_to_open_files(16000, 1024)
+    assert (fit.soft_before, fit.soft, fit.hard, fit.total, fit.per_peer) == (1024, 4096, 4096, 4032, 1024)
+    assert limit["now"] == (4096, 4096)
+    limit["now"] = (1024, 1024)   # the shipped unit of old: one address could exhaust it
+    fit = admission.fit_to_open_files(16000, 1024)
+    assert (fit.total, fit.per_peer) == (1024 - admission.RESERVED_FILES, (1024 - admission.RESERVED_FILES) // 2)

@@ -35,8 +35,8 @@ __all__ = [
     "build_create_request",
 ]
 
-_TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "group", "data")
-_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities")
+_TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data")
+_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check")
 _REQUIRE_KEYS = ("role", "ready")
 _DATA_KEYS = ("file", "files", "value", "inject")
 
@@ -109,6 +109,12 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
         if expires_in is not None and body["join_token_ttl"] > body["expires_in"]:
             raise v.error("join_token_ttl", f"must not exceed expires_in ({body['expires_in']})")
 
+    domain = document.get("domain")
+    if domain is not None:
+        if not isinstance(domain, str) or not rules.is_fqdn(domain.rstrip(".")):
+            raise v.error("domain", f"{_short(str(domain))} is not a domain name (dotted labels, the last "
+                                    "not all digits)")
+        body["domain"] = domain.rstrip(".").lower()
     data = _data_items(v, document.get("data", {}), open_for_injection, read_file)
     body["groups"] = _groups(v, document.get("group"), data)
     body["data"] = data
@@ -150,6 +156,7 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
             "requires": requires,
             "data": group_data,
             "all_identities": v.boolean(f"{where}.all_identities", g.get("all_identities", False)),
+            "source_check": v.boolean(f"{where}.source_check", g.get("source_check", True)),
         })
 
     provided = {role for g in groups for role in g["provides"]}

@@ -25,7 +25,7 @@ def status_table(status: Mapping[str, Any]) -> List[str]:
         identity = node.get("identity") or {}
         problem = node.get("error") or {}
         rows.append([cell(node.get("group")), cell(node.get("id")), cell(identity.get("hostname")),
-                     cell(identity.get("primary_ip")), cell(node.get("state")),
+                     _address(identity), "revoked" if node.get("revoked") is True else cell(node.get("state")),
                      cell(problem.get("message"), 80) if isinstance(problem, dict) and problem.get("message")
                      else ""])
     for group, missing in missing_slots(status):
@@ -33,6 +33,19 @@ def status_table(status: Mapping[str, Any]) -> List[str]:
     lines += table(["GROUP", "NODE", "HOSTNAME", "IP", "STATE", "MESSAGE"], rows)
     lines.append(_counts_line(status))
     return lines
+
+
+def _address(identity: Mapping[str, Any]) -> str:
+    """The claimed primary address, and the one its requests came from when they differ (NAT)."""
+    claimed, source = identity.get("primary_ip"), identity.get("source_address")
+    if source and source != claimed:
+        return f"{cell(claimed)} (from {cell(source)})"
+    return cell(claimed)
+
+
+def members(status: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The nodes of a status that are not revoked."""
+    return [n for n in status.get("nodes") or [] if isinstance(n, dict) and n.get("revoked") is not True]
 
 
 def user_table(users: List[Any]) -> List[str]:
@@ -160,8 +173,8 @@ def known_hosts_lines(status: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
     """known_hosts lines for every node's keys, and warnings for what was skipped."""
     lines: List[str] = []
     problems: List[str] = []
-    for node in status.get("nodes") or []:
-        identity = node.get("identity") if isinstance(node, dict) else None
+    for node in members(status):  # a revoked node's keys are trusted no more
+        identity = node.get("identity")
         if not isinstance(identity, dict):
             continue
         names = _host_names(identity)
@@ -237,9 +250,8 @@ def nodes_in_group_order(status: Mapping[str, Any]) -> List[Mapping[str, Any]]:
 def missing_slots(status: Mapping[str, Any]) -> List[Tuple[str, int]]:
     """(group, slots never enrolled) for every group with some."""
     enrolled: Dict[Any, int] = {}
-    for n in status.get("nodes") or []:
-        if isinstance(n, dict):
-            enrolled[n.get("group")] = enrolled.get(n.get("group"), 0) + 1
+    for n in members(status):
+        enrolled[n.get("group")] = enrolled.get(n.get("group"), 0) + 1
     out = []
     for g in status.get("groups") or []:
         if isinstance(g, dict) and isinstance(g.get("quantity"), int):
@@ -250,7 +262,7 @@ def missing_slots(status: Mapping[str, Any]) -> List[Tuple[str, int]]:
 
 
 def first_failed_node(status: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
-    failed = [n for n in status.get("nodes") or [] if isinstance(n, dict) and n.get("state") == "error"]
+    failed = [n for n in members(status) if n.get("state") == "error"]
     if not failed:
         return None
     return min(failed, key=lambda n: n.get("error_at") if isinstance(n.get("error_at"), (int, float)) else float("inf"))

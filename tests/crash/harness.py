@@ -40,7 +40,7 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:  # so that `e2e.helpers` imports when run directly
     sys.path.insert(0, str(_TESTS))
 
-from e2e.helpers import BrokerProcess, components_missing
+from e2e.helpers import BrokerProcess, components_missing, tail  # noqa: F401 (test_crash prints with it)
 
 GROUP = "compute"
 QUANTITY = 5000
@@ -302,7 +302,7 @@ class Campaign:
         created = _admin(b, admin, "POST", "/v1/contexts", {
             "name": "crash-%d" % trial, "open_for_injection": True,
             "data": {n: [] for n in names},
-            "groups": [{"name": GROUP, "quantity": QUANTITY, "data": names}],
+            "groups": [{"name": GROUP, "quantity": QUANTITY, "data": names, "source_check": False}],
         })
         cid = created["context"]["id"]
         join = created["bootstraps"][GROUP]["join_token"]

@@ -11,7 +11,9 @@ import time
 from .helpers import BrokerProcess
 
 NODES = 30
-FAT_KEY = "ssh-rsa " + "A" * 4000   # 4 per node: each view lists ~0.5 MB of identities
+def fat_keys(i):
+    """Node I's own four large host keys: each view lists ~0.5 MB of identities."""
+    return ["ssh-rsa %04d%d" % (i, k) + "A" * 3995 for k in range(4)]
 
 
 def _connect(broker: BrokerProcess, rcvbuf: int = 0) -> ssl.SSLSocket:
@@ -68,7 +70,7 @@ def test_large_views_stream_whole_to_slow_readers_and_survive_early_close(tmp_pa
         broker.start()
         admin = (broker.state_dir / "admin.token").read_text().strip()
         status, created = _call(broker, "POST", "/v1/contexts", admin, {
-            "name": "fat", "groups": [{"name": "all", "quantity": NODES, "provides": ["member"],
+            "name": "fat", "groups": [{"name": "all", "quantity": NODES, "source_check": False, "provides": ["member"],
                                        "requires": [{"role": "member"}], "all_identities": True}]})
         assert status == 201, created
         cid = created["context"]["id"]
@@ -78,7 +80,7 @@ def test_large_views_stream_whole_to_slow_readers_and_survive_early_close(tmp_pa
             status, enrolled = _call(broker, "POST", "/v1/contexts/%s/enroll" % cid, join, {
                 "instance_key": "large-view-instance-%04d" % i,
                 "identity": {"hostname": "n%d" % i, "fqdn": "n%d.fat.test" % i, "primary_ip": "10.1.0.%d" % (i + 1),
-                             "ssh_host_keys": [FAT_KEY] * 4}})
+                             "ssh_host_keys": fat_keys(i)}})
             assert status == 201, enrolled
             nodes.append(enrolled)
 
