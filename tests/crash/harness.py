@@ -40,7 +40,9 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:  # so that `e2e.helpers` imports when run directly
     sys.path.insert(0, str(_TESTS))
 
-from e2e.helpers import BrokerProcess, components_missing, tail  # noqa: F401 (test_crash prints with it)
+from e2e.helpers import BrokerProcess, components_missing, tail
+
+__all__ = ["BrokerProcess", "components_missing", "tail"]  # test_crash prints the log with tail
 
 GROUP = "compute"
 QUANTITY = 5000

@@ -14,7 +14,6 @@ from .helpers import (
     Ident,
     expected_hosts,
     expected_known_hosts,
-    finish,
     free_port,
     make_vm,
     managed_block,
