@@ -40,9 +40,7 @@ _TESTS = Path(__file__).resolve().parents[1]
 if str(_TESTS) not in sys.path:  # so that `e2e.helpers` imports when run directly
     sys.path.insert(0, str(_TESTS))
 
-from e2e.helpers import BrokerProcess, components_missing, tail
-
-__all__ = ["BrokerProcess", "components_missing", "tail"]  # test_crash prints the log with tail
+from e2e.helpers import BrokerProcess, components_missing
 
 GROUP = "compute"
 QUANTITY = 5000

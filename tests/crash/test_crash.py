@@ -12,6 +12,7 @@ import time
 import pytest
 
 from . import harness
+from e2e.helpers import tail  # harness put tests/ on sys.path
 
 TRIALS = int(os.environ.get("CTXD_CRASH_TRIALS", "3"))
 CLIENTS = int(os.environ.get("CTXD_CRASH_CLIENTS", "32"))
@@ -33,7 +34,7 @@ def test_kill_9_loses_no_acknowledged_change(tmp_path):
             camp.trial()
     except BaseException:
         if camp.broker is not None:
-            print("\n----- broker log (seed %d) -----\n%s" % (camp.seed, harness.tail(camp.broker.log(), 100)))
+            print("\n----- broker log (seed %d) -----\n%s" % (camp.seed, tail(camp.broker.log(), 100)))
         raise
     finally:
         camp.close()  # every broker this test started is killed, also on failure
