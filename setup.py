@@ -11,13 +11,16 @@ setup(
     packages=["ctxd", "ctxd.ctxctl", "ctxd.journal", "twisted.plugins"],
     package_data={"twisted.plugins": ["ctxd_plugin.py"]},
     py_modules=["ctxagent"],
+    # The oldest versions are Debian 12's (python3-twisted and friends): the suite runs on
+    # them (make test-debian) as on the newest releases.
     install_requires=[
-        # 25.5: Request(parsePOSTFormSubmission=False) - no form parsing of JSON POSTs.
-        "twisted>=25.5",
-        "pyopenssl",
-        "service-identity",
-        "cryptography",
-        "treq",
+        "twisted>=22.4",
+        "pyopenssl>=23.0",
+        "service-identity>=18.1",
+        "cryptography>=38",
+        "treq>=22.2",
+        # /metrics: the Prometheus client, well kept and packaged by Debian (python3-prometheus-client).
+        "prometheus-client>=0.16",
         # tomllib is in the standard library from Python 3.11; tomli is the same
         # parser, published separately for older Pythons.
         "tomli; python_version < '3.11'",

@@ -46,7 +46,7 @@ def start_broker(state: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [twistd, "-n", "--pidfile=", "ctxd", "--state-dir", state, "--listen", f"ssl:{port}:interface=127.0.0.1",
          "--public-url", f"https://127.0.0.1:{port}", "--enroll-rate-per-source", "1000000",
-         "--enroll-rate-per-token", "1000000", "--max-connections-per-peer", "100000"],
+         "--enroll-rate-per-token", "1000000", "--max-connections-per-peer", "100000", "--metrics-listen", "none"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 20

@@ -360,7 +360,7 @@ class BrokerProcess:
         self.popen = subprocess.Popen(
             [twistd, "-n", "--pidfile=", "ctxd", "--state-dir", self.state,
              "--listen", "ssl:%d:interface=127.0.0.1%s" % (self.port, ":backlog=%d" % backlog if backlog else ""),
-             "--public-url", self.url]
+             "--public-url", self.url, "--metrics-listen", "none"]
             + self.LIMITS + (extra or []),
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()

@@ -294,6 +294,7 @@ class BrokerResource(resource.Resource):
         self.stall_timeout = stall_timeout
 
     def render(self, request: server.Request) -> Any:
+        request.ctxd_started = self.broker.clock.seconds()
         gone: List[bool] = [False]
         d = maybeDeferred(self._dispatch, request)
 
@@ -413,6 +414,21 @@ class BrokerResource(resource.Resource):
         except OSError as e:
             log.error("cannot write the audit log: {error}", error=e)
 
+    def _count(self, request: server.Request, status: int) -> None:
+        """The request in the metrics: by route and status, its time, and why it was refused."""
+        metrics = self.broker.metrics
+        route = getattr(request, "ctxd_route", None)
+        name = route.handler if route is not None else "unrouted"
+        metrics.requests.labels(name, str(status)).inc()
+        metrics.request_seconds.labels(name).observe(self.broker.clock.seconds() - request.ctxd_started)
+        code = getattr(request, "ctxd_error", None)
+        if code is not None:
+            metrics.refusals.labels(code).inc()
+            if status == 401:
+                metrics.auth_failures.labels(_credential_kind(_bearer(request))).inc()
+        if name == "enroll":
+            metrics.enrollments.labels({201: "new", 200: "again"}.get(status, code or str(status))).inc()
+
     def credential_known(self, request: server.Request) -> bool:
         """Whether the request's credential (bearer token, or a verified client certificate)
         belongs to someone; checked when the headers are in, before any body is read."""
@@ -424,8 +440,13 @@ class BrokerResource(resource.Resource):
         return True
 
     def refused_early(self, request: server.Request, status: int) -> None:
-        """Audit a request answered before it was routed (no credential, a body too large)."""
+        """Count and audit a request answered before it was routed (no credential, a body too large)."""
+        metrics = self.broker.metrics
+        metrics.requests.labels("before_body", str(status)).inc()
+        metrics.refusals.labels(Unauthorized.code if status == 401 else TooLarge.code).inc()
         token = _bearer(request) if status == 401 else None
+        if status == 401:
+            metrics.auth_failures.labels(_credential_kind(token)).inc()
         try:
             self.broker.audit.refused(_source(request), "anonymous", _credential_kind(token) if status == 401
                                       else "", "before_body", status)
@@ -437,6 +458,7 @@ class BrokerResource(resource.Resource):
             return
         status, body = result
         self._audit(request, status)
+        self._count(request, status)
         request.setResponseCode(status)
         request.setHeader("cache-control", "no-store")
         if body is not None:
@@ -467,6 +489,7 @@ class BrokerResource(resource.Resource):
         if isinstance(error, MethodNotAllowed):
             route_methods = [r.method for r, p in _COMPILED if p.match(request.path.decode("ascii", "replace"))]
             request.setHeader("allow", ", ".join(route_methods))
+        request.ctxd_error = error.code
         self._respond((status_of(error), {"error": error.code, "message": error.message}), request, gone)
 
 
@@ -567,10 +590,24 @@ class CappedRequest(server.Request):
         if hasattr(transport, "abortConnection"):
             self.channel.callLater(5, _abort_if_open, transport)
 
+    # Twisted < 25.5 (Debian 12 has 22.4) has no Site(parsePOSTFormSubmission=False): there the
+    # request hides its content type from twisted.web's form parsers and shows it again for us.
+    hide_content_type = False
+    _hidden: Optional[List[bytes]] = None
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        if self.hide_content_type:
+            self._hidden = self.requestHeaders.getRawHeaders(b"content-type")
+            self.requestHeaders.removeHeader(b"content-type")
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        if self._hidden is not None:
+            self.requestHeaders.setRawHeaders(b"content-type", self._hidden)
+            self._hidden = None
+        super().process()
 
 
 def _abort_if_open(transport: Any) -> None:
@@ -630,7 +667,11 @@ def make_site(
     request_class = type("Request", (CappedRequest,), {"max_body": max_body, "broker_resource": resource})
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
     # email-module parsers cost CPU on every POST, and are an attack surface.
-    site = server.Site(resource, requestFactory=request_class, timeout=timeout, parsePOSTFormSubmission=False)
+    try:
+        site = server.Site(resource, requestFactory=request_class, timeout=timeout, parsePOSTFormSubmission=False)
+    except TypeError:  # Twisted < 25.5
+        request_class.hide_content_type = True
+        site = server.Site(resource, requestFactory=request_class, timeout=timeout)
     site.protocol = type("Channel", (DeadlineChannel,), {"request_deadline": request_deadline})
     site.displayTracebacks = False
     return site

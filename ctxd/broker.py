@@ -22,6 +22,7 @@ from ctxd.audit import AuditLog
 from ctxd.admission import RateLimiter
 from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
 from ctxd.journal.errors import JournalClosed, JournalFailed
+from ctxd.metrics import Metrics
 from ctxd.model import SITE_ADMIN, Model, Node, Principal, Touched
 
 log = Logger()
@@ -84,6 +85,7 @@ class Broker:
         audit: Any = None,
         enroll_per_source: int = 120,
         enroll_per_token: int = 1200,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.model = model
         self.journal = journal
@@ -97,6 +99,8 @@ class Broker:
         # Called once when the journal fails: nothing may be acknowledged after it.
         self.on_fatal = on_fatal
         self._fatal = False
+        self._stopping = False
+        self.metrics = metrics if metrics is not None else Metrics()
         # (context id, group name) -> waiters of that group's nodes
         self._waiters: Dict[Tuple[str, str], Set[_Waiter]] = {}
         # (context id, node id) -> that node's one waiter
@@ -173,8 +177,10 @@ class Broker:
         """
         touched = self.model.apply(record)
         reply: Deferred = Deferred()
+        appended = self.clock.seconds()
 
         def durable(_: Any) -> None:
+            self.metrics.journal_append_seconds.observe(self.clock.seconds() - appended)
             self._wake(touched)
             if not reply.called:
                 reply.callback(None)
@@ -344,6 +350,8 @@ class Broker:
         if record["state"] == "error":
             log.info("node {nid} of context {cid} reported an error: {message}", nid=nid, cid=cid,
                      message=loggable(record["message"]))
+        elif record["state"] == "ok" and node.state != "ok":
+            self.metrics.node_ok_seconds.observe(record["at"] - node.times["enrolled_at"])
         return self._commit_then(
             record, lambda: {"state": node.state, "revision": self.model.view_revision(node)}
         )
@@ -423,8 +431,13 @@ class Broker:
     def waiter_count(self) -> int:
         return len(self._by_node)
 
+    def ready(self) -> bool:
+        """Whether changes can be made (the journal works and the broker is not stopping)."""
+        return not self._fatal and not self._stopping
+
     def shutdown(self) -> None:
         """Answer every waiter "unchanged" so agents re-poll the next broker."""
+        self._stopping = True
         for key in list(self._waiters):
             for waiter in list(self._waiters.get(key, ())):
                 self._fire(waiter, UNCHANGED)

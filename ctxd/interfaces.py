@@ -18,6 +18,8 @@ class IJournal(Interface):
     )
     syncs = Attribute("How many times records were made durable (write and sync) in this run.")
     records_synced = Attribute("How many records were made durable in this run.")
+    compactions = Attribute("How many times the journal was compacted in this run.")
+    size = Attribute("Bytes the journal takes on its storage now (0 if it keeps none).")
 
     def load():  # type: ignore[misc]
         """Every record stored, in order, once; then the journal accepts appends.

@@ -7,6 +7,8 @@ CA and server certificate, keeping its state in /var/lib/ctxd (when writable) or
 
 import configparser
 import fcntl
+import shlex
+import subprocess
 import ipaddress
 import json
 import os
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
+from twisted.internet.error import CannotListenError
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
@@ -27,6 +30,7 @@ from ctxd.api import make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
 from ctxd.journal import JOURNAL_FILE, FileJournal, JournalCorrupt
+from ctxd.metrics import monitoring_site
 from ctxd.audit import AuditLog
 from ctxd.admission import ConnectionBudget, ConnectionLimiter, fit_to_open_files
 from ctxd.model import Model, Quotas
@@ -34,6 +38,7 @@ from ctxd.model import Model, Quotas
 log = Logger()
 
 DEFAULT_LISTEN = "ssl:8443"
+DEFAULT_METRICS_LISTEN = "tcp:9464:interface=127.0.0.1"
 SYSTEM_STATE_DIR = "/var/lib/ctxd"
 LOCAL_STATE_DIR = "ctxd-state"
 CONFIG_SECTION = "ctxd"
@@ -98,6 +103,8 @@ class Options(LimitOptions):
     optFlags = [
         ["repair", None, "Start even if the journal is damaged in the middle: keep everything from the damage "
          "aside in STATE_DIR/journal.broken.<time> and drop it (logged: offset, bytes, records)."],
+        ["standby", None, "If another ctxd holds the state directory, wait until it lets go (it stopped or "
+         "died), then start: the passive side of an active/passive pair on shared storage."],
     ]
     optParameters = [
         ["config", "c", None, "INI configuration file."],
@@ -109,6 +116,10 @@ class Options(LimitOptions):
         ["client-ca", None, None, "CA certificate PEM: ask TLS clients for a certificate it issued (mutual TLS "
          "for deployers; clients without one still connect). Certificates and keys are re-read on SIGHUP."],
         ["max-body", None, None, f"Largest accepted request body in bytes (default {rules.MAX_BODY})."],
+        ["on-active", None, None, "A command run (as argv, no shell) once this ctxd holds the state directory "
+         "and before it listens, e.g. one that takes a floating address; start-up stops if it fails."],
+        ["metrics-listen", None, None, f"Where to serve /metrics (Prometheus), /livez and /readyz over plain "
+         f"HTTP: a Twisted endpoint description, or 'none' (default {DEFAULT_METRICS_LISTEN})."],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +132,21 @@ class Options(LimitOptions):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """Print ctxd's version and exit."""
+        print(f"ctxd {ctxd.__version__}")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        """As usage.Options, but under twistd a bad option or setting is one line (twistd would
+        print the whole usage text with it), naming where the help is."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit(f"ctxd: {e} (twistd ctxd --help lists the options)") from None
 
     def postOptions(self) -> None:
         if self["config"]:
@@ -138,6 +164,8 @@ class Options(LimitOptions):
         for path in ("tls-cert", "tls-key", "tls-ca", "client-ca"):
             if self[path] and not os.path.isfile(self[path]):
                 raise usage.UsageError(f"--{path}: no such file: {self[path]}")
+        if self["metrics-listen"] is None:
+            self["metrics-listen"] = DEFAULT_METRICS_LISTEN
         if self["max-body"] is None:
             self["max-body"] = rules.MAX_BODY
         try:
@@ -155,7 +183,7 @@ class Options(LimitOptions):
                 raise usage.UsageError("--public-url: must be an https:// URL with a host")
 
     def _merge_config(self, path: str) -> None:
-        parser = configparser.ConfigParser()
+        parser = configparser.ConfigParser(inline_comment_prefixes=(";",))
         try:
             with open(path) as f:
                 parser.read_file(f)
@@ -164,10 +192,17 @@ class Options(LimitOptions):
         if not parser.has_section(CONFIG_SECTION):
             raise usage.UsageError(f"--config {path}: no [{CONFIG_SECTION}] section")
         known = set(self.opts) - {"config", "listen"}
+        flags = {name for name, _, _ in self.optFlags}
         for key, value in parser.items(CONFIG_SECTION):
             if key == "listen":
                 if not self["listen"]:
                     self["listen"] = value.split()
+            elif key in flags:
+                try:
+                    on = parser.getboolean(CONFIG_SECTION, key)
+                except ValueError:
+                    raise usage.UsageError(f"--config {path}: {key} must be true or false, not {value!r}") from None
+                self[key] = self[key] or on
             elif key in known:
                 if self[key] is None:
                     self[key] = value
@@ -214,19 +249,61 @@ def default_public_url(listen: List[str]) -> str:
     return f"https://{host}" + (f":{port}" if port and port != 443 else "")
 
 
-def lock_state_dir(state_dir: str) -> int:
+def public_url_problem(url: str, resolve: Callable[..., Any] = socket.getaddrinfo) -> Optional[str]:
+    """Why VMs could not use ``url`` to reach this broker, if it is plain from here: a loopback
+    address or name, or a name that resolves to nothing (or to loopback only) on this host."""
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        return f"{host} is this host's own loopback address" if address.is_loopback or address.is_unspecified \
+            else None
+    if host == "localhost" or host.endswith((".localhost", ".localdomain")):
+        return f"{host} names this host's loopback"
+    try:
+        found = {info[4][0] for info in resolve(host, None)}
+    except (OSError, UnicodeError):
+        return f"{host} does not resolve on this host (a short name the VMs' resolvers may not know either)"
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found):
+        return f"{host} resolves to loopback addresses only ({', '.join(sorted(found))})"
+    return None
+
+
+def lock_state_dir(state_dir: str, wait: bool = False) -> int:
     """Hold an exclusive lock on STATE_DIR/lock for the life of the process.
 
-    Two brokers appending to one journal would corrupt it; the second stops here.
+    Two brokers appending to one journal would corrupt it; the second stops here, or with
+    ``wait`` (a standby) waits until the first lets go - the kernel (or the NFS server) frees
+    the lock when its holder dies.
     """
     path = os.path.join(state_dir, "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        os.close(fd)
-        raise SystemExit(f"ctxd: another ctxd is using the state directory {state_dir} (it holds {path})") from None
+        if not wait:
+            os.close(fd)
+            raise SystemExit(f"ctxd: another ctxd is using the state directory {state_dir} (it holds {path}; "
+                             "--standby waits for it)") from None
+        print(f"ctxd: standby: another ctxd holds {path}; waiting for it to let go", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print(f"ctxd: standby: {path} is ours; starting", flush=True)
     return fd
+
+
+def run_on_active(command: str) -> None:
+    """Run the --on-active command (an argv, split like a shell would, run without one)."""
+    argv = shlex.split(command)
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SystemExit(f"ctxd: --on-active {command!r} could not run: {e}") from None
+    if done.returncode != 0:
+        raise SystemExit(f"ctxd: --on-active {command!r} failed (exit {done.returncode}): "
+                         f"{' '.join((done.stderr or done.stdout).split())[:300]}")
+    log.info("--on-active {command}: done", command=command)
 
 
 def ensure_admin_token(path: str) -> str:
@@ -313,9 +390,16 @@ def makeService(config: Dict[str, Any], reactor: Optional[Any] = None) -> servic
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     os.umask(0o077)
-    make_private_dir(config["state-dir"])
-    lock = lock_state_dir(config["state-dir"])
+    state_dir = config["state-dir"]
     try:
+        make_private_dir(state_dir)
+        lock = lock_state_dir(state_dir, wait=bool(config.get("standby")))
+    except OSError as e:
+        raise SystemExit(f"ctxd: cannot use the state directory {state_dir}: {e.strerror or e} (run ctxd as "
+                         "the user that owns it, e.g. ctxd, or give --state-dir)") from None
+    try:
+        if config.get("on-active"):
+            run_on_active(config["on-active"])
         opened = open_state(config, reactor, lock)
         return _assemble(config, opened, reactor)
     except BaseException:
@@ -330,6 +414,11 @@ def open_state(config: Dict[str, Any], reactor: Any, lock: int) -> OpenedState:
     admin_token_path = os.path.join(state_dir, ADMIN_TOKEN_FILE)
     admin_hash = ensure_admin_token(admin_token_path)
     public_url = config["public-url"] or default_public_url(config["listen"])
+    problem = public_url_problem(public_url)
+    if problem is not None:
+        log.warn("the public URL {url} may not work for VMs: {problem}. Bootstraps carry it: set --public-url "
+                 "(public-url in the config file) to https://NAME-OR-ADDRESS:PORT that the VMs reach this "
+                 "host at", url=public_url, problem=problem)
     files = _tls_files(config, public_url)
 
     def fatal() -> None:
@@ -395,8 +484,13 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
     top = service.MultiService()
     site = make_site(broker, max_body=config["max-body"], request_deadline=config["request-deadline"])
     reloads: List[Callable[[], Any]] = [broker.audit.reopen]
-    for listener in _listeners(config, opened.files, site, reactor, reloads):
+    budget = _budget(config)
+    for listener in _listeners(config, opened.files, site, reactor, reloads, budget):
         listener.setServiceParent(top)
+    broker.metrics.watch(broker, lambda: budget.total)
+    broker.journal.sync_observer = broker.metrics.journal_sync_seconds.observe
+    if config["metrics-listen"] != "none":
+        _monitoring_listener(config["metrics-listen"], broker, reactor).setServiceParent(top)
     # SIGHUP: the audit log is reopened (logrotate) and certificates re-read.
     tlsserver.ReloadOnSIGHUP(lambda: [reload() for reload in reloads], reactor).setServiceParent(top)
     timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired), TimerService(AUDIT_INTERVAL, broker.audit.flush)]
@@ -411,6 +505,7 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
         f"ctxd {ctxd.__version__}: state directory {state_dir} ({opened.replayed} journal records replayed, "
         f"{len(broker.model.contexts)} contexts)",
         f"public URL (goes into bootstraps): {broker.public_url}; listening on {', '.join(config['listen'])}",
+        f"metrics: {config['metrics-listen']} (/metrics, /livez, /readyz)",
         f"CA certificate {opened.files.ca}, SHA-256 fingerprint {opened.files.ca_fingerprint()}",
         f"admin token: {opened.admin_token_path} (ctxctl --state-dir {state_dir} ...)",
     ]
@@ -418,26 +513,30 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
     return top
 
 
-def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: Any,
-               reloads: List[Callable[[], Any]]) -> List[service.Service]:
-    """One service per --listen description, all under one connection budget (which fits the
-    process's open-file limit: :func:`ctxd.admission.fit_to_open_files`).
-
-    Our TLS listeners count connections in their TLS factory (no extra protocol layer);
-    any other listener (plain tcp:, or ssl: with its own key) sits behind a counting wrapper.
-    The TLS settings' reload is added to ``reloads`` (run on SIGHUP).
-    """
+def _budget(config: Dict[str, Any]) -> ConnectionBudget:
+    """The connection budget of every listener, fitted to the process's open-file limit
+    (:func:`ctxd.admission.fit_to_open_files`)."""
     limits = fit_to_open_files(config["max-connections"], config["max-connections-per-peer"])
     log.info("open files: limit {before} -> {soft} (hard {hard}); connections at most {total} "
              "(configured {want_total}), {per_peer} per address (configured {want_peer})",
              before=limits.soft_before, soft=limits.soft, hard=limits.hard, total=limits.total,
              want_total=config["max-connections"], per_peer=limits.per_peer,
              want_peer=config["max-connections-per-peer"])
-    budget = ConnectionBudget(limits.total, limits.per_peer)
+    return ConnectionBudget(limits.total, limits.per_peer)
+
+
+def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: Any,
+               reloads: List[Callable[[], Any]], budget: ConnectionBudget) -> List[service.Service]:
+    """One service per --listen description, all under ``budget``.
+
+    Our TLS listeners count connections in their TLS factory (no extra protocol layer);
+    any other listener (plain tcp:, or ssl: with its own key) sits behind a counting wrapper.
+    The TLS settings' reload is added to ``reloads`` (run on SIGHUP).
+    """
     tls_options = None
     services: List[service.Service] = []
-    for description in config["listen"]:
-        description = with_backlog(description, config["listen-backlog"])
+    for given in config["listen"]:
+        description = with_backlog(given, config["listen-backlog"])
         factory: Any
         if _needs_our_certificate(description):
             if tls_options is None:
@@ -449,6 +548,44 @@ def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: 
             factory = ConnectionLimiter(site, budget)
             if description.split(":", 1)[0].lower() == "tcp":
                 log.warn("listening on {description} WITHOUT TLS: put a TLS proxy in front", description=description)
-        endpoints.serverFromString(reactor, description)  # fail early on a bad description
-        services.append(strports.service(description, factory, reactor=reactor))
+        services.append(_listening(description, factory, reactor, given))
     return services
+
+
+def _monitoring_listener(description: str, broker: Broker, reactor: Any) -> service.Service:
+    """/metrics, /livez and /readyz in plain HTTP, for the site's monitoring on this host."""
+    interface, _ = _listener_host_port(description)
+    if interface not in ("127.0.0.1", "::1", "localhost"):
+        log.warn("metrics on {description}: reachable beyond this host, without TLS or credentials",
+                 description=description)
+    return _listening(description, monitoring_site(broker.metrics, broker.ready), reactor)
+
+
+class _Listening(service.MultiService):
+    """A listener (strports.service: a failed bind stops start-up) whose failure to bind is
+    one line that says what to do."""
+
+    def __init__(self, description: str, listener: service.Service) -> None:
+        super().__init__()
+        self.description = description
+        listener.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise SystemExit(f"ctxd: cannot listen on {self.description}: {reason} (another service on "
+                             "that port? choose another with --listen, or stop the other one)") from None
+
+
+def _listening(description: str, factory: Any, reactor: Any, given: Optional[str] = None) -> service.Service:
+    """A service listening on ``description`` (checked now: a bad one stops start-up); errors
+    name the description as ``given``."""
+    given = given or description
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"ctxd: {given!r} is not a listener description ({e}); e.g. ssl:8443 or "
+                         "tcp:9464:interface=127.0.0.1") from None
+    return _Listening(given, strports.service(description, factory, reactor=reactor))

@@ -25,6 +25,8 @@ class MemoryJournal:
         self.snapshot_source: Optional[Callable[[], List[Record]]] = None
         self.syncs = 0
         self.records_synced = 0
+        self.compactions = 0
+        self.size = 0
         self._failure: Optional[Exception] = None
 
     def load(self) -> Any:

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import stat
+import zlib
 
 import pytest
 from twisted.internet.defer import succeed
@@ -10,9 +12,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+import ctxd
 from ctxd import tap
 from ctxd.journal import FileJournal
-from ctxd.journal.format import scan
+from ctxd.journal.format import HEADER, scan
 
 
 def options(*argv):
@@ -55,6 +58,38 @@ def test_bad_options(argv, text):
     assert text in str(info.value)
 
 
+def test_config_file_flags(tmp_path):
+    """Flags (standby, repair) can be set in the file as booleans; a non-boolean is an error."""
+    conf = tmp_path / "ctxd.conf"
+    conf.write_text("[ctxd]\nstandby = true\nrepair = no\n")
+    config = options("--config", str(conf))
+    assert config["standby"] and not config["repair"]
+    conf.write_text("[ctxd]\nstandby = maybe\n")
+    with pytest.raises(usage.UsageError) as info:
+        options("--config", str(conf))
+    assert "standby must be true or false" in str(info.value)
+
+
+def test_sample_config_parses(tmp_path):
+    """etc/ctxd.conf (the package's conffile) parses, and uncommenting its examples is valid too."""
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "ctxd.conf")
+    assert options("--config", sample)["listen"] == ["ssl:8443"]
+    uncommented, seen = [], set()
+    with open(sample) as f:
+        for line in f:
+            match = re.match(r"# ([a-z-]+) = (.*)", line)
+            if match and not match.group(1).startswith(("tls-", "client-ca")):
+                seen.add(match.group(1))
+                line = line[2:]
+            uncommented.append(line)
+    assert {"listen", "max-connections", "metrics-listen", "standby"} <= seen
+    everything = tmp_path / "ctxd.conf"
+    everything.write_text("".join(uncommented))
+    config = options("--config", str(everything))
+    assert config["listen"] == ["ssl:8443:interface=\\:\\:"]
+    assert config["max-connections"] == 16000 and config["standby"]
+
+
 def test_unknown_config_setting(tmp_path):
     """An unknown setting in the config file is an error, not silently ignored."""
     conf = tmp_path / "ctxd.conf"
@@ -75,10 +110,13 @@ def test_make_service_listens_and_writes_state(tmp_path):
     svc = tap.makeService(config, reactor)
     svc.startService()
     try:
-        assert [(port[0], port[3]) for port in reactor.tcpServers] == [(0, "127.0.0.1"), (0, "::1")]
+        # The API's listeners, then the monitoring one (plain HTTP, loopback only, by default).
+        assert [(port[0], port[3]) for port in reactor.tcpServers] == [(0, "127.0.0.1"), (0, "::1"),
+                                                                       (9464, "127.0.0.1")]
         # A join storm opens thousands of connections at once: a deep listen queue by default.
-        assert [port[2] for port in reactor.tcpServers] == [4096, 4096]
+        assert [port[2] for port in reactor.tcpServers[:2]] == [4096, 4096]
         assert isinstance(reactor.tcpServers[0][1], TLSMemoryBIOFactory)
+        assert not isinstance(reactor.tcpServers[2][1], TLSMemoryBIOFactory)
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state / "admin.token").st_mode) == 0o600
         assert (state / "admin.token").read_text().startswith("ctxd_adm_")
@@ -120,7 +158,7 @@ def test_listen_backlog_option_and_listener_override(tmp_path):
     svc = tap.makeService(config, reactor)
     svc.startService()
     try:
-        assert [port[2] for port in reactor.tcpServers] == [300, 7]
+        assert [port[2] for port in reactor.tcpServers[:2]] == [300, 7]
     finally:
         svc.stopService()
     assert tap.with_backlog("unix:/run/ctxd.sock", 5) == "unix:/run/ctxd.sock"
@@ -178,6 +216,29 @@ def test_corrupt_journal_stops_startup_with_one_line(tmp_path):
     assert options("--state-dir", str(state), "--repair")["repair"] and not config["repair"]
 
 
+def test_journal_of_a_newer_format_is_refused_with_one_line(tmp_path):
+    """A journal written by a newer ctxd (a later format version; e.g. after a package downgrade)
+    stops start-up with one line naming both versions, and the file is left as it was."""
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = FileJournal(str(state / "journal.log"), lambda f, *a: succeed(f(*a)))
+    journal.load()
+    journal.append({"op": "x"})
+    journal.close()
+    content = bytearray((state / "journal.log").read_bytes())
+    magic, version, file_id, _ = HEADER.unpack_from(content)
+    head = HEADER.pack(magic, version + 1, file_id, 0)
+    content[:HEADER.size] = HEADER.pack(magic, version + 1, file_id, zlib.crc32(head[:-4]))
+    (state / "journal.log").write_bytes(bytes(content))
+    config = options("--state-dir", str(state), "--listen", "ssl:0:interface=127.0.0.1")
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(config, MemoryReactorClock())
+    message = str(info.value)
+    assert message.startswith("ctxd: ") and "\n" not in message
+    assert f"format version {version + 1} " in message and f"reads version {version})" in message
+    assert (state / "journal.log").read_bytes() == bytes(content)
+
+
 def test_limits_from_config_and_command_line(tmp_path):
     """Limits take the config file's values unless the command line gives one; defaults otherwise."""
     conf = tmp_path / "ctxd.conf"
@@ -202,3 +263,62 @@ def test_second_broker_on_same_state_dir_refused(tmp_path):
     (holder,) = [s for s in first if hasattr(s, "state_lock")]
     os.close(holder.state_lock)
     tap.makeService(options(*argv), MemoryReactorClock())  # free once the first lets go
+
+
+def test_start_up_errors_are_one_line_with_the_fix(tmp_path):
+    """Under twistd, a bad setting, a state directory it may not use and a port in use each stop
+    start-up with one line saying what to do; --version prints ctxd's version."""
+    import socket
+    import subprocess
+    import sys
+
+    twistd = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+              "-n", "--pidfile=", "ctxd", "--metrics-listen", "none"]
+
+    def start(*argv):
+        return subprocess.run(twistd + list(argv), capture_output=True, text=True, timeout=60)
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    unusable = tmp_path / "file-not-dir"
+    unusable.write_text("")
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[ctxd]\nlisten_on = 1\n")
+    cases = [
+        (["--state-dir", str(tmp_path / "s1"), "--listen", f"ssl:{port}:interface=127.0.0.1"],
+         f"cannot listen on ssl:{port}:interface=127.0.0.1"),
+        (["--state-dir", str(unusable / "x")], "cannot use the state directory"),
+        (["--config", str(conf)], "unknown setting 'listen_on'"),
+        (["--state-dir", str(tmp_path / "s2"), "--listen", "bogus:1"], "is not a listener description"),
+    ]
+    try:
+        for argv, message in cases:
+            done = start(*argv)
+            output = done.stdout + done.stderr   # (twistd -n logs its stderr into its log, on stdout)
+            said = [line for line in output.splitlines() if "ctxd: " in line and message in line]
+            assert done.returncode != 0 and len(said) == 1, (argv, output)
+            assert "Traceback" not in output, (argv, output)
+    finally:
+        busy.close()
+    version = start("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"ctxd {ctxd.__version__}")
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("https://127.0.0.1:8443", "loopback"), ("https://[::1]:8443", "loopback"), ("https://localhost:8443", "loopback"),
+    ("https://head.localdomain", "loopback"), ("https://nosuchhost-ctxd-test:8443", "does not resolve"),
+    ("https://loopy.example:8443", "loopback addresses only"),
+    ("https://10.0.0.5:8443", None), ("https://head.cluster.example:8443", None),
+])
+def test_public_url_that_cannot_work_for_vms_is_named(url, problem):
+    """A public URL the VMs could not use (loopback, unresolvable) is recognised at start (a warning)."""
+    def resolve(host, port):
+        table = {"loopy.example": ["127.0.1.1"], "head.cluster.example": ["10.0.0.5"]}
+        if host not in table:
+            raise OSError("no such name")
+        return [(None, None, None, None, (a, 0)) for a in table[host]]
+
+    found = tap.public_url_problem(url, resolve)
+    assert (found is None) if problem is None else (problem in found), found

@@ -10,6 +10,7 @@ from typing import IO, Any, Callable, Optional, Sequence
 
 from twisted.internet import defer, task
 
+import ctxd
 from ctxd import rules
 from ctxd.ctxctl.client import (
     ENV_CA,
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxctl", description="Deployer's client for the ctxd contextualization broker.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ctxctl (ctxd) {ctxd.__version__}")
     parser.add_argument("--url", help=f"broker URL, https://HOST:PORT (env {ENV_URL})")
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"file holding your token: the site admin's or a deployer's (env {ENV_TOKEN_FILE})")

@@ -1,4 +1,5 @@
-"""``python -m ctxd.journal check|dump STATE_DIR``: inspect a journal offline, read-only."""
+"""``python -m ctxd.journal check|dump STATE_DIR``: inspect a journal offline, read-only;
+``backup STATE_DIR DEST`` and ``restore BACKUP STATE_DIR`` (ctxd.journal.backup)."""
 
 import argparse
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ctxd.journal.backup import BackupError, backup, restore
 from ctxd.journal.errors import JournalCorrupt
 from ctxd.journal.format import JOURNAL_FILE, NEXT_SUFFIX, SNAPSHOT_FILE, Damage, read_snapshot, scan
 
@@ -21,12 +23,23 @@ def _describe(damage: Damage) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``check``/``dump`` a journal offline, without changing it. Exit 0 if clean, 1 if damaged."""
+    """Inspect a journal offline (check, dump: exit 0 if clean, 1 if damaged), back up a running
+    broker's state, or restore a backup (exit 0 if done, 1 if refused)."""
     parser = argparse.ArgumentParser(prog="python -m ctxd.journal", description=main.__doc__)
-    parser.add_argument("command", choices=["check", "dump"],
-                        help="check: header, record count, sequence range, damage; dump: one 'SEQ OFFSET JSON' line per record")
-    parser.add_argument("state_dir", metavar="STATE_DIR", help=f"ctxd state directory (or the {JOURNAL_FILE} file itself)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in (("check", "header, record count, sequence range, damage"),
+                       ("dump", "one 'SEQ OFFSET JSON' line per record")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("state_dir", metavar="STATE_DIR", help=f"ctxd state directory (or the {JOURNAL_FILE} file)")
+    p = commands.add_parser("backup", help="copy the state of a broker, running or not, to a new directory")
+    p.add_argument("state_dir", metavar="STATE_DIR")
+    p.add_argument("dest", metavar="DEST", help="new directory: the backup (0700; it holds the CA key and data)")
+    p = commands.add_parser("restore", help="make STATE_DIR a backup's state (the broker stopped)")
+    p.add_argument("backup_dir", metavar="BACKUP")
+    p.add_argument("state_dir", metavar="STATE_DIR", help="the state it holds now is moved aside, not deleted")
     args = parser.parse_args(argv)
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args)
     path = _journal_path(args.state_dir)
     snapshot_code = _snapshot_report(os.path.join(os.path.dirname(os.path.abspath(path)), SNAPSHOT_FILE),
                                      args.command)
@@ -58,6 +71,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("0 records")
         print(_describe(result.damage) if result.damage is not None else "no damage")
     return max(0 if result.damage is None else 1, snapshot_code or 0)
+
+
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "backup":
+            count, last = backup(args.state_dir, args.dest)
+            print(f"backed up {count} records (up to sequence {last}), the TLS files and the admin token "
+                  f"of {args.state_dir} to {args.dest}")
+        else:
+            moved = restore(args.backup_dir, args.state_dir)
+            print(f"restored {args.backup_dir} into {args.state_dir}"
+                  + (f"; the state it replaces is in {moved}" if moved else ""))
+    except (BackupError, OSError) as e:
+        print(f"python -m ctxd.journal {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _snapshot_report(path: str, command: str) -> Optional[int]:

@@ -77,6 +77,8 @@ class FileJournal:
         self._barriers: List[Tuple[int, Deferred]] = []
         self.syncs = 0
         self.records_synced = 0
+        # Called (in the writing thread) with each write+fdatasync's seconds: the metrics.
+        self.sync_observer: Optional[Callable[[float], None]] = None
         # Compaction (see the module docstring). snapshot_source() returns records that,
         # applied to an empty model, rebuild the state of every record appended so far.
         self.snapshot_source: Optional[Callable[[], List[Record]]] = None
@@ -98,6 +100,11 @@ class FileJournal:
     def for_reactor(cls, path: str, reactor: Any, repair: bool = False, **kwargs: Any) -> "FileJournal":
         return cls(path, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), repair=repair,
                    **kwargs)
+
+    @property
+    def size(self) -> int:
+        """Bytes in the live journal file (the snapshot apart)."""
+        return self._journal_bytes
 
     @property
     def last_seq(self) -> int:
@@ -447,11 +454,14 @@ class FileJournal:
 
     def _write_and_sync(self, data: bytes) -> None:
         assert self._fd is not None, "load() must be called before append()"
+        started = time.monotonic()
         view = memoryview(data)
         while view:
             written = self.fs.write(self._fd, view)
             view = view[written:]
         self.fs.fdatasync(self._fd)
+        if self.sync_observer is not None:  # (thread-safe: a metrics histogram)
+            self.sync_observer(time.monotonic() - started)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -179,6 +179,7 @@ class BrokerProcess:
         self.log_path = self.workdir / "broker.log"
         self.host = host
         self.port = port or free_port("127.0.0.1")
+        self.metrics_port = free_port("127.0.0.1")
         self.url = "https://%s:%d" % (host, self.port)
         self.nshost = nshost
         self.proc: Optional[subprocess.Popen] = None
@@ -198,10 +199,11 @@ class BrokerProcess:
             "--state-dir", str(self.state_dir),
             "--listen", "ssl:%d:interface=%s" % (self.port, self.host),
             "--public-url", self.url,
+            "--metrics-listen", "tcp:%d:interface=127.0.0.1" % self.metrics_port,
         ] + self.extra_args
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Start the broker and wait until /healthz answers over verified TLS."""
+    def start(self, timeout: float = 15.0, ready: bool = True) -> None:
+        """Start the broker and (with ``ready``) wait until /healthz answers over verified TLS."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -212,7 +214,8 @@ class BrokerProcess:
                 self._wrap(self.argv()), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=str(self.workdir), env=clean_env(),
                 start_new_session=True, preexec_fn=die_with_parent)
-        self.wait_ready(timeout)
+        if ready:
+            self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 15.0, pause: float = 0.1) -> None:
         """Until /healthz answers ok over verified TLS; AssertionError (with the log) if it never does."""
