@@ -82,6 +82,7 @@ MAX_BOOTSTRAP = 1 << 20
 MAX_REPLY = 256 << 20
 TAIL = 65536                  # captured script output, in characters
 REQUEST_TIMEOUT = 30.0
+RETRY_FIRST, RETRY_MAX = 0.25, 30.0   # backoff after a failed request: from a fraction of a second
 ERROR_REPORT_TIMEOUT = 5.0    # an error report is one short attempt
 FINAL_REPORT_BUDGET = 120.0   # the ok report may outlive --timeout by this much
 REFUSED = (401, 403, 404, 409, 410)
@@ -927,8 +928,27 @@ def is_verification_error(exc):
         isinstance(exc, ssl.SSLError) and getattr(exc, "reason", "") == "CERTIFICATE_VERIFY_FAILED")
 
 
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """http.client's HTTPS connection, offering a saved TLS session for resumption."""
+
+    def __init__(self, host, port, tls, timeout, source_address, session):
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, source_address=source_address,
+                                             context=tls)
+        self.tls, self.session = tls, session
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)   # TCP (TCP_NODELAY set)
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host, session=self.session)
+
+
+# A kept-alive connection the broker (or a proxy) closed since its last answer fails like this
+# on the next request, before any answer: reconnect and send that request again.
+_CLOSED = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
 class BrokerConnection(object):
-    """HTTPS requests to the broker of a bootstrap, verified against its CA."""
+    """HTTPS requests to the broker of a bootstrap, verified against its CA, on one kept-alive
+    connection: a connection the broker closed is opened again (resuming the TLS session)."""
 
     def __init__(self, bootstrap, source=None):
         parts = urllib.parse.urlsplit(bootstrap["url"])
@@ -939,40 +959,74 @@ class BrokerConnection(object):
         # The address we claim (--address): the broker checks that requests come from it,
         # so connect from it when it is one of ours (else, behind NAT, from any).
         self.source = source
+        self.connection = None
+        self.session = None         # the last TLS session, offered when connecting again
+        self.opened = self.resumed = 0
 
-    def _connect(self, timeout):
-        if self.source is not None:
-            connection = http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=timeout,
-                                                     source_address=(self.source, 0))
+    def connect(self, timeout=REQUEST_TIMEOUT):
+        """Open the connection unless it is open; our address on it."""
+        if self.connection is None:
+            self.connection = self._open(timeout)
+            sock = self.connection.sock
+            self.opened += 1
+            self.resumed += sock.session_reused
+            LOG.debug("connected to %s:%s (TLS session %s)", self.host, self.port,
+                      "resumed" if sock.session_reused else "new")
+            if self.local_address is None:
+                address = ipaddress.ip_address(sock.getsockname()[0].split("%")[0])
+                self.local_address = str(getattr(address, "ipv4_mapped", None) or address)
+        return self.local_address
+
+    def _open(self, timeout):
+        while True:
+            source = (self.source, 0) if self.source is not None else None
+            connection = _HTTPSConnection(self.host, self.port, self.tls, timeout, source, self.session)
             try:
                 connection.connect()
                 return connection
             except OSError as exc:
-                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+                connection.close()
+                if source is None or exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
                     raise
                 LOG.info("cannot connect from %s (%s): connecting from any address", self.source, exc)
                 self.source = None
-        return http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=timeout)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
     def request(self, method, path, token=None, body=None, timeout=REQUEST_TIMEOUT):
-        """(status, raw body); socket and TLS errors propagate."""
+        """(status, raw body); socket and TLS errors propagate (the connection closed)."""
         headers = {"User-Agent": "ctxagent/" + __version__}
         if body is not None:
             body = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
         if token is not None:
             headers["Authorization"] = "Bearer " + token
-        connection = self._connect(timeout)
-        try:
-            connection.request(method, self.prefix + path, body, headers)
-            if self.local_address is None:
-                address = ipaddress.ip_address(connection.sock.getsockname()[0].split("%")[0])
-                self.local_address = str(getattr(address, "ipv4_mapped", None) or address)
-            reply = connection.getresponse()
-            raw = reply.read(MAX_REPLY + 1)
-        finally:
-            connection.close()
+        while True:
+            kept = self.connection is not None
+            self.connect(timeout)
+            try:
+                self.connection.sock.settimeout(timeout)
+                self.connection.request(method, self.prefix + path, body, headers)
+                reply = self.connection.getresponse()
+                raw = reply.read(MAX_REPLY + 1)
+            except _CLOSED as exc:
+                self.close()
+                if not kept:
+                    raise
+                LOG.debug("the broker closed the connection (%s): connecting again", exc)
+                continue
+            except BaseException:
+                self.close()
+                raise
+            break
         self.reached = True
+        if reply.isclosed() and not reply.will_close:
+            self.session = self.connection.sock.session   # TLS 1.3 tickets come after the handshake
+        else:   # the broker said it closes, or the body was not read to its end
+            self.close()
         LOG.debug("%s %s -> %d", method, path, reply.status)
         if len(raw) > MAX_REPLY:
             raise InputError("broker reply to %s %s is too large" % (method, path))
@@ -1091,15 +1145,18 @@ class Agent(object):
             wait_for_network(o.network_timeout)
         self.broker = BrokerConnection(b, o.address)
         self.deadline = time.monotonic() + o.timeout
-        self.call("GET", "/healthz")   # also learns our address
+        # Three requests on one connection: enroll (or update the saved node's identity),
+        # which also starts the attempt (the node is contextualizing); the view's long-polls;
+        # the report.
+        self.retrying("connecting", lambda: (0, self.broker.connect()))   # learns our address
         self.ensure_node(self.local_identity())
-        self.report("contextualizing", self.deadline)
         view = self.poll_view()
         apply_view(view, b["context_id"], self.node["node_id"],
                    Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file),
                    o.script_timeout)
         LOG.info("contextualization done")
         self.report("ok", max(self.deadline, time.monotonic() + FINAL_REPORT_BUDGET))
+        LOG.debug("%d connection(s) to the broker, %d resumed", self.broker.opened, self.broker.resumed)
         return EXIT_OK
 
     def local_identity(self):
@@ -1118,13 +1175,20 @@ class Agent(object):
 
     def call(self, method, path, token=None, body=None, deadline=None, timeout=REQUEST_TIMEOUT):
         """(status, raw) of a request; connection errors and 5xx retried until DEADLINE."""
-        delay = 1.0
+        return self.retrying("%s %s" % (method, path.split("?")[0]),
+                             lambda: self.broker.request(method, path, token, body, timeout), deadline)
+
+    def retrying(self, what, attempt, deadline=None):
+        """ATTEMPT()'s (status, result); connection errors and 5xx answers retried until
+        DEADLINE, backing off with jitter from a fraction of a second (a storm's refused
+        connections clear in well under one)."""
+        delay = RETRY_FIRST
         while True:
             try:
-                status, raw = self.broker.request(method, path, token, body, timeout)
+                status, result = attempt()
                 if status < 500:
-                    return status, raw
-                problem = describe_error(status, raw)
+                    return status, result
+                problem = describe_error(status, result)
             except (OSError, http.client.HTTPException, ssl.CertificateError) as exc:
                 if is_verification_error(exc):
                     raise EnvironmentFailure("TLS verification of %s failed: %s"
@@ -1133,10 +1197,10 @@ class Agent(object):
             remaining = (deadline or self.deadline) - time.monotonic()
             if remaining <= 0:
                 raise self.timed_out(problem)
-            pause = min(remaining, delay * random.uniform(0.5, 1.5))
-            LOG.warning("%s %s failed (%s); retry in %.1f s", method, path.split("?")[0], problem, pause)
+            pause = min(remaining, random.uniform(delay / 2, delay))
+            LOG.warning("%s failed (%s); retry in %.2f s", what, problem, pause)
             time.sleep(pause)
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, RETRY_MAX)
 
     def timed_out(self, problem):
         if self.broker.reached:
@@ -1354,6 +1418,8 @@ def main(argv):
         agent.fail(code, message)
         return code
     finally:
+        if agent.broker is not None:
+            agent.broker.close()
         if agent.lock is not None:
             os.close(agent.lock)
         for handler in (runlog, console):

@@ -8,17 +8,18 @@ The storm runs first against a real `twistd ctxd` (bench/loadgen.py), recording 
 exchanges in order. Then a floor server process starts (same TLS policy: ctxd.tlsserver's
 server context, a generated P-256 CA and server certificate, TLSMemoryBIOFactory, epoll
 reactor) and the load generator replays each node's recorded requests - same count, same
-request bytes, one TLS connection per request, all nodes at once, each node's requests in
-order - with one extra header, `X-Floor: STATUS LENGTH`, telling the server which status and
-how many bytes of a preallocated body to answer (so response sizes match ctxd's too). The
-floor never waits: its time is pure handshake + HTTP cost. Printed: one row per server and
-the ctxd / floor ratio of each column.
+request bytes, all nodes at once, each node's requests in order on one keep-alive TLS
+connection per node, a new one exactly where the ctxd run opened one (so the same
+handshakes) and whenever the floor closes it - with one extra header, `X-Floor: STATUS
+LENGTH`, telling the server which status and how many bytes of a preallocated body to
+answer (so response sizes match ctxd's too). The floor never waits: its time is pure
+handshake + HTTP cost. Printed: one row per server and the ctxd / floor ratio of each
+column (the last, TLS connections, is 1.00 unless the floor closed connections).
 """
 
 import argparse
 import asyncio
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -111,22 +112,32 @@ class FloorProcess:
 
 
 async def replay_node(agent: SimAgent, script: List[tuple]) -> None:
-    for method, path, token, data, status, raw in script:
-        if path.endswith("/enroll") and agent.stats.first_enroll is None:
-            agent.stats.first_enroll = time.monotonic()
-        delay = 1.0
-        while True:   # connection errors and time-outs retried with the agent's backoff, as in ctxd's run
-            try:
-                got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
-                                                 (("X-Floor", "%d %d" % (status, len(raw))),))
-                break
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
-                agent.stats.retries += 1
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 60.0)
-        if got != status or len(body) != len(raw):
-            raise RuntimeError("floor answered %d/%d bytes for %d/%d" % (got, len(body), status, len(raw)))
-    agent.stats.last_ok = time.monotonic()
+    """A node's recorded exchanges in order, on the agent's keep-alive connection.
+
+    Where the ctxd run opened a new connection for a request (its server had closed the
+    previous one, or a retry), the replay opens one too: the floor makes the same handshakes.
+    """
+    try:
+        for method, path, token, data, status, raw, opened in script:
+            if path.endswith("/enroll") and agent.stats.first_enroll is None:
+                agent.stats.first_enroll = time.monotonic()
+            if opened:
+                agent.close()
+            delay = loadgen.RETRY_FIRST
+            while True:   # connection errors and time-outs retried with the agent's backoff, as in ctxd's run
+                try:
+                    got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
+                                                     (("X-Floor", "%d %d" % (status, len(raw))),))
+                    break
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    agent.stats.retries += 1
+                    await asyncio.sleep(loadgen.backoff_pause(delay, float("inf")))
+                    delay = min(delay * 2, loadgen.RETRY_MAX)
+            if got != status or len(body) != len(raw):
+                raise RuntimeError("floor answered %d/%d bytes for %d/%d" % (got, len(body), status, len(raw)))
+        agent.stats.last_ok = time.monotonic()
+    finally:
+        agent.close()
 
 
 def floor_run(n: int, scripts: Dict[int, list], header: bool = False, backlog: Optional[int] = None) -> Dict[str, Any]:
@@ -166,68 +177,75 @@ def compare(n: int, poll_wait: int, header: bool, backlog: Optional[int] = None)
              ("p99 (ms)", "%.2f" % (s1.percentile(99) / s2.percentile(99))),
              ("CPU (s)", "%.2f" % (ctxd["cpu"] / floor["cpu"] if floor["cpu"] else float("nan"))),
              ("peak RSS (MiB)", "%.2f" % (ctxd["hwm_kib"] / floor["hwm_kib"])),
-             ("bytes sent", "%.2f" % (s1.response_bytes / max(1, s2.response_bytes)))]
+             ("bytes sent", "%.2f" % (s1.response_bytes / max(1, s2.response_bytes))),
+             ("TLS connections", "%.2f" % (s1.connections / max(1, s2.connections)))]
     loadgen.print_table(ratio, header=False)
     return not (ctxd["failures"] or floor["failures"]) and ctxd["all_ok"]
 
 
-async def _hold(agent: SimAgent, path: str, token: str, opened: List[Any]) -> None:
-    """One idle long-poll as an agent sends it (same headers), held open by the floor."""
-    head = ["GET %s HTTP/1.1" % path, "Host: " + agent.hostport, "Accept-Encoding: identity",
-            "User-Agent: " + loadgen.USER_AGENT, "Authorization: Bearer " + token, "X-Floor: HOLD"]
-    delay = 0.5
+async def _hold(agent: SimAgent, first: str, path: str, token: str, opened: List[SimAgent]) -> None:
+    """One idle node's keep-alive connection as an agent keeps it: a view answered on it (as the
+    node's first view), then a long-poll with the agent's headers that the floor holds."""
+    delay = loadgen.RETRY_FIRST
     while True:
         try:
-            reader, writer = await asyncio.open_connection(agent.host, agent.port, ssl=agent.tls,
-                                                           server_hostname=agent.host if agent.tls else None)
+            await agent.exchange("GET", first, token, None,
+                                 loadgen.REQUEST_TIMEOUT, (("X-Floor", "200 1024"),))
             break
-        except OSError:
-            await asyncio.sleep(delay)
-            delay = min(8.0, delay * 2)
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+            await asyncio.sleep(loadgen.backoff_pause(delay, float("inf")))
+            delay = min(delay * 2, loadgen.RETRY_MAX)
+    if agent.connection is None:   # the floor closed it after the answer: as the agent would, reconnect
+        await agent.connect(loadgen.REQUEST_TIMEOUT)
+    assert agent.connection is not None
+    writer = agent.connection[1]
+    writer.write(agent.request_bytes("GET", path, token, None, (("X-Floor", "HOLD"),)))
     await writer.drain()
-    opened.append(writer)
+    opened.append(agent)
 
 
 def idle_floor(n: int, header: bool, plain: bool = False, window: float = 60.0) -> Dict[str, Any]:
-    """The memory floor of scenario 3: n idle long-polls (TLS connection + request held) on the
-    floor server; PLAIN: the same over plain TCP (what TLS adds is the difference). Figures: its
-    RSS before and with them (after the server's periodic trim), per connection. A WINDOW shorter
+    """The memory floor of scenario 3: n idle long-polls (a keep-alive TLS connection that carried
+    one answered request, and a request held on it) on the floor server; PLAIN: the same over
+    plain TCP (what TLS adds is the difference). Figures: its RSS before and with them (after
+    the server's periodic trim), per connection, and the connections opened. A WINDOW shorter
     than the trim interval is a smoke run: one sample, no waiting."""
     full = window >= memory.TRIM_INTERVAL
     server = FloorProcess(1024, DEFAULT_BACKLOG, plain)
-    opened: List[Any] = []
+    opened: List[SimAgent] = []
+    stats = Stats()
     try:
         import ctxagent
         tls = None if plain else ctxagent.make_tls_context(server.ca_pem)
-        agent = SimAgent({"url": "https://127.0.0.1:%d" % server.port}, tls, Stats(), 0)
+        bootstrap = {"url": "https://127.0.0.1:%d" % server.port}
         if full:
             time.sleep(memory.TRIM_INTERVAL + 1)   # as ctxd's: the empty server settled and trimmed once
         rss_empty = server.proc.status_kib("VmRSS")
-        path = "/v1/contexts/%s/nodes/%s/view?since=1&wait=30" % ("c" * 22, "n" * 22)
+        view = "/v1/contexts/%s/nodes/%s/view?since=%%d&wait=30" % ("c" * 22, "n" * 22)
         token = "ctxd_node_" + "t" * 43
 
         async def main() -> int:
             limit = asyncio.Semaphore(500)
 
-            async def one() -> None:
+            async def one(i: int) -> None:
                 async with limit:
-                    await _hold(agent, path, token, opened)
-            await asyncio.gather(*(one() for _ in range(n)))
+                    await _hold(SimAgent(bootstrap, tls, stats, i), view % -1, view % 1, token, opened)
+            await asyncio.gather(*(one(i) for i in range(n)))
             samples = []   # as ctxd's figure: the median over a window that includes trims
             for _ in range(5 if full else 1):
                 await asyncio.sleep(memory.TRIM_INTERVAL / 2 if full else 1.0)
                 samples.append(server.proc.status_kib("VmRSS"))
             rss = sorted(samples)[len(samples) // 2]
-            for w in opened:
-                w.transport.abort()
+            for agent in opened:
+                agent.close()
             return rss
         rss_held = asyncio.run(main())
     finally:
         server.cleanup()
     per_node = (rss_held - rss_empty) / float(n)
     loadgen.print_table([("server", "floor, plain TCP" if plain else "floor"), ("N", str(n)), ("RSS empty (MiB)", "%.1f" % (rss_empty / 1024.0)),
-                         ("RSS idle (MiB)", "%.1f" % (rss_held / 1024.0)), ("RSS/node (KiB)", "%.2f" % per_node)],
+                         ("RSS idle (MiB)", "%.1f" % (rss_held / 1024.0)), ("RSS/node (KiB)", "%.2f" % per_node),
+                         ("connections", str(stats.connections))],
                         header)
     return {"rss_empty": rss_empty, "rss_loaded": rss_held, "per_node_kib": per_node}
 

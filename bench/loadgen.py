@@ -5,13 +5,15 @@
     python bench/loadgen.py idle   --nodes N      # scenario 3: idle waiters, then one head-only change
 
 Each simulated node does exactly what ctxagent.py's Agent.run does (tests/test_bench_protocol.py
-compares the two request sequences): GET /healthz, POST enroll (join token, unique instance
-key, identity with a unique 10.x address and hostname), POST report contextualizing, then
-GET view?since=R&wait=W (R=-1 first; repeat on 304 or an incomplete view) until complete,
-then POST report ok with a log tail. Like ctxagent.py's BrokerConnection.request, every request opens
-its own TLS connection verified against the broker's CA (STATE/tls/ca.pem, with ctxagent's
-own make_tls_context) and closes it after the reply; 5xx and connection errors are retried
-with ctxagent's backoff (1 s doubling to 60 s, jittered).
+compares the two request sequences): POST enroll (join token, unique instance key, identity
+with a unique 10.x address and hostname; the broker puts the node in state contextualizing),
+then GET view?since=R&wait=W (R=-1 first; repeat on 304 or an incomplete view) until complete,
+then POST report ok with a log tail. Like ctxagent.py's BrokerConnection, a node sends all of
+them on ONE keep-alive HTTP/1.1 TLS connection verified against the broker's CA (STATE/tls/ca.pem,
+with ctxagent's own make_tls_context); when the server closes it, the node reconnects and sends
+the request again at once (the real agent resumes its TLS session there; asyncio cannot, so a
+simulated node makes a full handshake: Stats counts them). 5xx and connection errors are
+retried with ctxagent's backoff (0.25 s doubling to 30 s, jittered).
 
 One asyncio process, one coroutine per node (each node holds at most one connection at a
 time, so N nodes need about N file descriptors). Each subcommand starts its own broker
@@ -42,6 +44,11 @@ import ctxagent  # noqa: E402  (the agent's own TLS context, view parsing and ve
 from ctxd.memory import TRIM_INTERVAL, settle_heap  # noqa: E402
 
 REQUEST_TIMEOUT = ctxagent.REQUEST_TIMEOUT
+# ctxagent's retry back-off (Agent.call, constants of the same names): pause uniform in
+# [delay/2, delay], delay doubling from RETRY_FIRST up to RETRY_MAX. Every retry site here
+# and in floor.py uses them.
+RETRY_FIRST = 0.25
+RETRY_MAX = 30.0
 USER_AGENT = "ctxagent/" + ctxagent.__version__
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -62,6 +69,8 @@ class Stats:
         self.response_bytes = 0
         self.request_bytes = 0
         self.retries = 0
+        self.connections = 0            # TLS connections opened (= full handshakes)
+        self.reconnects = 0             # of which a node's second and later ones (server closed, or retry)
         self.slow_connects = 0          # TCP + TLS set-up over 1 s (SYN retransmits, backlog)
         self.listen_overflows = 0       # kernel ListenOverflows during the run (SYNs dropped: full backlog)
         self.status: Dict[int, int] = {}
@@ -140,14 +149,25 @@ class Retry(Exception):
     pass
 
 
-class SimAgent:
-    """The requests of ctxagent.py's Agent.run, over asyncio, one TLS connection per request.
+class NoResponse(ConnectionError):
+    """A request's connection ended (EOF, reset, broken pipe) before any byte of a response."""
 
-    ``record`` (a list) receives (method, path, token, body bytes, status, response body)
-    for every exchange, in order: the floor replays it, the protocol test compares it.
+
+def backoff_pause(delay: float, remaining: float) -> float:
+    """ctxagent's pause before a retry: jittered in [DELAY/2, DELAY], never past the deadline."""
+    return max(0.0, min(remaining, random.uniform(delay / 2, delay)))
+
+
+class SimAgent:
+    """The requests of ctxagent.py's Agent.run, over asyncio, on one keep-alive TLS connection.
+
+    The connection is opened by the first request and kept in the object for the next ones;
+    :meth:`run` closes it when the node is done. ``record`` (a list) receives (method, path,
+    token, body bytes, status, response body, whether the request opened a connection) for
+    every exchange, in order: the floor replays it, the protocol test compares it.
     """
 
-    def __init__(self, bootstrap: Dict[str, Any], tls: ssl.SSLContext, stats: Stats, n: int,
+    def __init__(self, bootstrap: Dict[str, Any], tls: Optional[ssl.SSLContext], stats: Stats, n: int,
                  poll_wait: int = 30, record: Optional[list] = None, floor: bool = False,
                  deadline: float = 1800.0) -> None:
         url = bootstrap["url"]
@@ -164,10 +184,43 @@ class SimAgent:
         self.node: Optional[Dict[str, Any]] = None
         self.last_view: Optional[bytes] = None
         self.view: Optional[Dict[str, Any]] = None
+        self.connection: Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter]] = None
+        self.connections = 0       # TLS connections this node opened
+        self.opened = False        # whether the last exchange opened a connection
+
+    # -- the connection, as http.client's persistent HTTPSConnection keeps it ------------
+    async def connect(self, timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the node's connection (TCP + a full TLS handshake) and keep it."""
+        self.close()
+        start = time.monotonic()
+        self.connection = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.tls,
+                                    server_hostname=self.host if self.tls is not None else None), timeout)
+        if time.monotonic() - start > 1.0:
+            self.stats.slow_connects += 1
+        self.stats.connections += 1
+        if self.connections:
+            self.stats.reconnects += 1
+        self.connections += 1
+        self.opened = True
+        return self.connection
+
+    def close(self) -> None:
+        """Drop the connection, if any (http.client closes the socket without close_notify)."""
+        if self.connection is not None:
+            self.connection[1].transport.abort()
+            self.connection = None
+
+    def _usable(self) -> bool:
+        """The kept connection, unless the server is already known to have closed it."""
+        if self.connection is None:
+            return False
+        reader, writer = self.connection
+        return not (reader.at_eof() or reader.exception() is not None or writer.transport.is_closing())
 
     # -- HTTP, as http.client sends it ---------------------------------------------------
-    async def exchange(self, method: str, path: str, token: Optional[str], data: Optional[bytes],
-                       timeout: float, extra: Tuple[Tuple[str, str], ...] = ()) -> Tuple[int, bytes]:
+    def request_bytes(self, method: str, path: str, token: Optional[str], data: Optional[bytes],
+                      extra: Tuple[Tuple[str, str], ...] = ()) -> bytes:
         head = ["%s %s%s HTTP/1.1" % (method, self.prefix, path), "Host: " + self.hostport,
                 "Accept-Encoding: identity"]
         if data is not None:
@@ -178,17 +231,36 @@ class SimAgent:
         if token is not None:
             head.append("Authorization: Bearer " + token)
         head.extend("%s: %s" % kv for kv in extra)
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (data or b"")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (data or b"")
+
+    async def exchange(self, method: str, path: str, token: Optional[str], data: Optional[bytes],
+                       timeout: float, extra: Tuple[Tuple[str, str], ...] = ()) -> Tuple[int, bytes]:
+        """One request and its response on the node's connection (opened if there is none).
+
+        A kept connection that the server closed (seen before sending, or as EOF, reset or
+        broken pipe before any response byte) is replaced and the request sent again, once
+        and at once, as ctxagent does: that is a reconnect, not a retry. Any other failure
+        drops the connection and propagates (the caller retries with backoff).
+        """
+        request = self.request_bytes(method, path, token, data, extra)
         start = time.monotonic()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, ssl=self.tls, server_hostname=self.host), timeout)
+        self.opened = False
+        reused = self._usable()
         try:
-            if time.monotonic() - start > 1.0:
-                self.stats.slow_connects += 1
-            writer.write(request)
-            status, raw, size = await asyncio.wait_for(self._response(reader, method), timeout)
-        finally:
-            writer.transport.abort()   # http.client closes the socket without close_notify
+            if not reused:
+                await self.connect(timeout)
+            try:
+                status, raw, size, keep = await self._send(request, method, timeout)
+            except NoResponse:
+                if not reused:
+                    raise
+                await self.connect(timeout)
+                status, raw, size, keep = await self._send(request, method, timeout)
+        except BaseException:
+            self.close()
+            raise
+        if not keep:
+            self.close()
         elapsed = time.monotonic() - start
         st = self.stats
         st.requests += 1
@@ -199,21 +271,52 @@ class SimAgent:
             st.latencies.append(elapsed)
         return status, raw
 
+    async def _send(self, request: bytes, method: str, timeout: float) -> Tuple[int, bytes, int, bool]:
+        assert self.connection is not None
+        return await asyncio.wait_for(self._roundtrip(*self.connection, request, method), timeout)
+
+    async def _roundtrip(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes,
+                         method: str) -> Tuple[int, bytes, int, bool]:
+        try:
+            writer.write(request)
+            await writer.drain()
+            first = await reader.readline()
+        except ssl.SSLCertVerificationError:
+            raise
+        except (ConnectionError, ssl.SSLError) as exc:
+            raise NoResponse("%s before a response: %s" % (type(exc).__name__, exc)) from exc
+        if not first:
+            raise NoResponse("connection closed before a response")
+        return await self._response(reader, method, first)
+
     @staticmethod
-    async def _response(reader: asyncio.StreamReader, method: str) -> Tuple[int, bytes, int]:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed before a status line")
-        size = len(line)
-        status = int(line.split()[1])
-        headers: Dict[str, str] = {}
+    async def _field_lines(reader: asyncio.StreamReader) -> Tuple[List[bytes], int]:
+        """Header (or trailer) lines up to the empty line that ends them, and their size in bytes."""
+        lines, size = [], 0
         while True:
             line = await reader.readline()
             size += len(line)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
+            if line in (b"\r\n", b"\n"):
+                return lines, size
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            lines.append(line)
+
+    @staticmethod
+    async def _response(reader: asyncio.StreamReader, method: str, line: bytes) -> Tuple[int, bytes, int, bool]:
+        """(status, body, bytes received, whether the connection stays open), framed exactly:
+        the next response on the connection starts right after this one."""
+        size = len(line)
+        version, status_text = line.split()[:2]
+        status = int(status_text)
+        fields, length = await SimAgent._field_lines(reader)
+        size += length
+        headers: Dict[str, str] = {}
+        for field in fields:
+            name, _, value = field.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
+        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        keep = "close" not in tokens and (version != b"HTTP/1.0" or "keep-alive" in tokens)
         if status in (204, 304) or 100 <= status < 200 or method == "HEAD":
             raw = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
@@ -222,31 +325,32 @@ class SimAgent:
                 line = await reader.readline()
                 size += len(line)
                 length = int(line.split(b";")[0], 16)
+                if length == 0:
+                    size += (await SimAgent._field_lines(reader))[1]   # trailers
+                    break
                 chunk = await reader.readexactly(length + 2)
                 size += len(chunk)
-                if length == 0:
-                    # trailers end with an empty line (the +2 above read it when there are none)
-                    break
                 parts.append(chunk[:-2])
             raw = b"".join(parts)
         elif "content-length" in headers:
             raw = await reader.readexactly(int(headers["content-length"]))
             size += len(raw)
-        else:
+        else:   # delimited by the end of the connection
             raw = await reader.read()
             size += len(raw)
-        return status, raw, size
+            keep = False
+        return status, raw, size, keep
 
     async def call(self, method: str, path: str, token: Optional[str] = None, body: Any = None,
                    timeout: float = REQUEST_TIMEOUT) -> Tuple[int, bytes]:
         """ctxagent's Agent.call: connection errors and 5xx retried with backoff until the deadline."""
         data = json.dumps(body).encode("utf-8") if body is not None else None
-        delay = 1.0
+        delay = RETRY_FIRST
         while True:
             try:
                 status, raw = await self.exchange(method, path, token, data, timeout)
                 if self.record is not None:
-                    self.record.append((method, path, token, data, status, raw))
+                    self.record.append((method, path, token, data, status, raw, self.opened))
                 if status < 500:
                     return status, raw
             except ssl.SSLCertVerificationError:
@@ -257,28 +361,35 @@ class SimAgent:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise Retry("%s %s: out of time" % (method, path.split("?")[0]))
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-            delay = min(delay * 2, 60.0)
+            await asyncio.sleep(backoff_pause(delay, remaining))
+            delay = min(delay * 2, RETRY_MAX)
 
     # -- the agent's run -----------------------------------------------------------------
     def node_path(self, tail: str) -> str:
         return "/v1/contexts/%(context_id)s/nodes/%(node_id)s/" % self.node + tail
 
     async def run(self) -> None:
+        """Enroll, long-poll until the view is complete, report ok; then close the connection."""
+        try:
+            if self.stats.first_enroll is None:
+                self.stats.first_enroll = time.monotonic()
+            await self.enroll()
+            self.view = await self.poll_view()
+            await self.report("ok")
+            self.stats.last_ok = time.monotonic()
+        finally:
+            self.close()
+
+    async def enroll(self) -> None:
+        """POST enroll with the join token: the broker answers with the node's credential and
+        puts the node in state contextualizing."""
         b = self.bootstrap
-        await self.call("GET", "/healthz")
-        if self.stats.first_enroll is None:
-            self.stats.first_enroll = time.monotonic()
         body = {"instance_key": instance_key(self.n), "identity": identity(self.n)}
         status, raw = await self.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"], body)
         if status not in (200, 201):
             raise RuntimeError("enrollment: HTTP %d %r" % (status, raw[:200]))
         reply = json.loads(raw)
         self.node = {"context_id": b["context_id"], "node_id": reply["node_id"], "node_token": reply["node_token"]}
-        await self.report("contextualizing")
-        self.view = await self.poll_view()
-        await self.report("ok")
-        self.stats.last_ok = time.monotonic()
 
     async def report(self, state: str) -> None:
         body = {"state": state}
@@ -455,7 +566,7 @@ def storm_columns(label: str, n: int, stats: Stats, cpu: float, hwm_kib: int, wa
             ("requests", str(stats.requests)),
             ("p50 (ms)", "%.1f" % (1000 * stats.percentile(50))), ("p99 (ms)", "%.1f" % (1000 * stats.percentile(99))),
             ("CPU (s)", "%.2f" % cpu), ("peak RSS (MiB)", "%.1f" % (hwm_kib / 1024.0)),
-            ("bytes sent", str(stats.response_bytes))]
+            ("bytes sent", str(stats.response_bytes)), ("TLS connections", str(stats.connections))]
 
 
 def storm(n: int, poll_wait: int = 30, record: Optional[Dict[int, list]] = None, header: bool = True,
@@ -490,10 +601,11 @@ def storm(n: int, poll_wait: int = 30, record: Optional[Dict[int, list]] = None,
 
 def _diagnostics(stats: Stats, failures: List[str], all_ok: Optional[bool]) -> None:
     t = os.times()
-    print("  statuses %s, retries %d, slow connects %d, listen overflows %d, request bytes %d, "
+    print("  statuses %s, retries %d, TLS connections %d (reconnects %d: full handshakes, where ctxagent"
+          " resumes its session), slow connects %d, listen overflows %d, request bytes %d, "
           "load generator CPU so far %.2f s%s"
-          % (dict(sorted(stats.status.items())), stats.retries, stats.slow_connects, stats.listen_overflows,
-             stats.request_bytes,
+          % (dict(sorted(stats.status.items())), stats.retries, stats.connections, stats.reconnects,
+             stats.slow_connects, stats.listen_overflows, stats.request_bytes,
              t.user + t.system,
              "" if all_ok is None else ", broker says all_ok=%s" % all_ok), file=sys.stderr)
     for line in failures[:10]:
@@ -521,16 +633,21 @@ def allids(n: int, poll_wait: int = 30, deadline: float = 1800.0, backlog: Optio
         failures = asyncio.run(run_agents(agents))
         cpu = broker.proc.cpu_seconds() - cpu0
         wall = (stats.last_ok or float("nan")) - (stats.first_enroll or float("nan"))
+        connections = stats.connections   # the runs' (each re-check below opens one more)
 
         async def recheck() -> int:
             async def one(a: SimAgent) -> int:
                 if a.node is None:
                     return 0
-                # the latest view (the ok report moved this node's state), then a conditional request
-                status, raw = await a.call("GET", a.node_path("view?since=-1&wait=0"), a.node["node_token"])
-                revision = json.loads(raw)["revision"]
-                status, _ = await a.call("GET", a.node_path("view?since=%d&wait=0" % revision),
-                                         a.node["node_token"])
+                a.connections = 0   # a new run of the node: its connection is a first one, not a reconnect
+                try:
+                    # the latest view (the ok report moved this node's state), then a conditional request
+                    status, raw = await a.call("GET", a.node_path("view?since=-1&wait=0"), a.node["node_token"])
+                    revision = json.loads(raw)["revision"]
+                    status, _ = await a.call("GET", a.node_path("view?since=%d&wait=0" % revision),
+                                             a.node["node_token"])
+                finally:
+                    a.close()
                 return 1 if status == 200 else 0
             return sum(await asyncio.gather(*(one(a) for a in agents)))
         resent_after = asyncio.run(recheck())
@@ -541,7 +658,7 @@ def allids(n: int, poll_wait: int = 30, deadline: float = 1800.0, backlog: Optio
             ("views unchanged resent", str(stats.views_unchanged)), ("re-asked resent", str(resent_after)),
             ("p50 (ms)", "%.1f" % (1000 * stats.percentile(50))), ("p99 (ms)", "%.1f" % (1000 * stats.percentile(99))),
             ("CPU (s)", "%.2f" % cpu), ("peak RSS (MiB)", "%.1f" % (hwm / 1024.0)),
-            ("bytes sent", str(stats.response_bytes))]
+            ("bytes sent", str(stats.response_bytes)), ("TLS connections", str(connections))]
     print_table(cols)
     _diagnostics(stats, failures, None)
     return {"views_unchanged": stats.views_unchanged, "resent_after": resent_after, "failures": failures}
@@ -559,24 +676,21 @@ class _IdleRun:
         self.samples: List[Tuple[float, float, int]] = []
 
     async def node(self, a: "SimAgent") -> None:
-        """One node as ctxagent runs, noting which views arrive after the change."""
-        await a.call("GET", "/healthz")
-        b = a.bootstrap
-        status, raw = await a.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"],
-                                   {"instance_key": instance_key(a.n), "identity": identity(a.n)})
-        reply = json.loads(raw)
-        a.node = {"context_id": b["context_id"], "node_id": reply["node_id"], "node_token": reply["node_token"]}
-        await a.report("contextualizing")
-        since = -1
-        while True:
-            status, raw = await a.call("GET", a.node_path("view?since=%d&wait=%d" % (since, a.poll_wait)),
-                                       a.node["node_token"], timeout=a.poll_wait + REQUEST_TIMEOUT)
-            if status == 304:
-                continue
-            if self.changed is not None:
-                self.woken.append(a.n)
-            self.seen.add(a.n)
-            since = json.loads(raw)["revision"]
+        """One node as ctxagent runs (on one keep-alive connection), noting the views after the change."""
+        try:
+            await a.enroll()
+            since = -1
+            while True:
+                status, raw = await a.call("GET", a.node_path("view?since=%d&wait=%d" % (since, a.poll_wait)),
+                                           a.node["node_token"], timeout=a.poll_wait + REQUEST_TIMEOUT)
+                if status == 304:
+                    continue
+                if self.changed is not None:
+                    self.woken.append(a.n)
+                self.seen.add(a.n)
+                since = json.loads(raw)["revision"]
+        finally:
+            a.close()
 
     async def main(self) -> int:
         """Start the nodes, measure the idle window, make the head-only change; the idle RSS."""
@@ -603,6 +717,8 @@ class _IdleRun:
         if pending:
             print("  idle: %d simulated nodes did not stop when cancelled (dropped)" % len(pending),
                   file=sys.stderr)
+        for a in self.agents:
+            a.close()
         return rss_loaded
 
     async def _all_waiting(self, tasks: List["asyncio.Task[None]"]) -> None:
@@ -621,7 +737,7 @@ class _IdleRun:
                           % (len(self.seen), total, last_said - started), file=sys.stderr)
                 continue
             s = await asyncio.to_thread(self.broker.admin, "GET", "/v1/contexts/" + self.cid)
-            if s[1]["counts"]["contextualizing"] == total:
+            if s[1]["counts"]["enrolled"] == total:   # (enrolled nodes are contextualizing)
                 return
 
 
@@ -670,7 +786,7 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
             ("peak RSS (MiB)", "%.1f" % (hwm / 1024.0)),
             ("idle CPU (s/min)", "%.3f" % (cpu_idle * 60.0 / span if span else float("nan"))),
             ("window (s)", "%.0f" % span), ("woken by head change", str(len(woken))),
-            ("expected", "1")]
+            ("expected", "1"), ("TLS connections", str(stats.connections))]
     print_table(cols, header)
     print("  samples (s, CPU s, RSS KiB): %s; woken nodes %s" % (samples, sorted(woken)[:20]), file=sys.stderr)
     _diagnostics(stats, [], None)

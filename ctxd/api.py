@@ -41,6 +41,7 @@ from ctxd.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from ctxd.metrics import QuietSite
 from ctxd.model import JSONChunks, Principal, json_bytes
 from ctxd.tlsserver import client_certificate_name
 
@@ -96,7 +97,7 @@ class Route(NamedTuple):
     handler: str
     auth: str
     body: str  # "none" | "required" | "optional"
-    status: int = 200  # on success (an enrollment says 201 or 200 itself; an unchanged view is 304)
+    status: int = 200  # on success (an enrollment says 201 or 200 itself; an unchanged long-poll is 304)
 
 
 ROUTES: Tuple[Route, ...] = (
@@ -107,6 +108,7 @@ ROUTES: Tuple[Route, ...] = (
     Route("GET", "/v1/contexts", "list_contexts", DEPLOYER, "none"),
     Route("POST", "/v1/contexts", "create_context", DEPLOYER, "required", 201),
     Route("GET", "/v1/contexts/{cid}", "get_context", OWNER, "none"),
+    Route("GET", "/v1/contexts/{cid}/progress", "get_progress", OWNER, "none"),
     Route("DELETE", "/v1/contexts/{cid}", "delete_context", OWNER, "none"),
     Route("PUT", "/v1/contexts/{cid}/data/{name}", "put_data", OWNER, "required"),
     Route("POST", "/v1/contexts/{cid}/lock", "lock", OWNER, "optional"),
@@ -200,6 +202,11 @@ def _query_int(request: server.Request, name: str, default: Optional[int]) -> Op
         return int(values[0].decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(f"{name}: must be an integer") from None
+
+
+def _long_poll_args(request: server.Request) -> Tuple[Optional[int], int]:
+    """A long-poll's ``since`` (None without one) and ``wait`` (0 without one; its range is the broker's)."""
+    return _query_int(request, "since", None), _query_int(request, "wait", 0) or 0
 
 
 # Bodies larger than this are written as the connection drains (_BodyProducer), not at once.
@@ -356,6 +363,10 @@ class BrokerResource(resource.Resource):
     def _get_context(self, request, principal, body, cid):
         return self.broker.get_context(principal, cid)
 
+    def _get_progress(self, request, principal, body, cid):
+        since, wait = _long_poll_args(request)
+        return self.broker.get_progress(principal, cid, since, wait)
+
     def _delete_context(self, request, principal, body, cid):
         return self.broker.delete_context(principal, cid)
 
@@ -381,8 +392,7 @@ class BrokerResource(resource.Resource):
         return self.broker.put_identity(principal, cid, nid, body, _source(request))
 
     def _get_view(self, request, principal, body, cid, nid):
-        since = _query_int(request, "since", None)
-        wait = _query_int(request, "wait", 0)
+        since, wait = _long_poll_args(request)
         return self.broker.get_view(principal, cid, nid, since, wait)
 
     def _report(self, request, principal, body, cid, nid):
@@ -660,18 +670,21 @@ class DeadlineChannel(http.HTTPChannel):
 
 
 def make_site(
-    broker: Broker, max_body: int = rules.MAX_BODY, timeout: int = 120, request_deadline: float = 30.0
+    broker: Broker, max_body: int = rules.MAX_BODY, timeout: int = 120, request_deadline: float = 30.0,
+    access_log: bool = True,
 ) -> server.Site:
-    """The twisted.web Site serving the API."""
+    """The twisted.web Site serving the API; ``access_log`` False: no line per request (the
+    metrics count requests; the audit log has what matters for security)."""
     resource = BrokerResource(broker, max_body, stall_timeout=timeout)
     request_class = type("Request", (CappedRequest,), {"max_body": max_body, "broker_resource": resource})
+    site_class = server.Site if access_log else QuietSite
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
     # email-module parsers cost CPU on every POST, and are an attack surface.
     try:
-        site = server.Site(resource, requestFactory=request_class, timeout=timeout, parsePOSTFormSubmission=False)
+        site = site_class(resource, requestFactory=request_class, timeout=timeout, parsePOSTFormSubmission=False)
     except TypeError:  # Twisted < 25.5
         request_class.hide_content_type = True
-        site = server.Site(resource, requestFactory=request_class, timeout=timeout)
+        site = site_class(resource, requestFactory=request_class, timeout=timeout)
     site.protocol = type("Channel", (DeadlineChannel,), {"request_deadline": request_deadline})
     site.displayTracebacks = False
     return site

@@ -11,7 +11,7 @@ sent after the journal's barrier, when all it shows is on disk. A view revision 
 agent has seen therefore survives a crash with the same content.
 """
 
-from typing import Any, Dict, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -36,7 +36,7 @@ class Enrollment(NamedTuple):
 
 
 class Unchanged:
-    """A node's view did not change within its long-poll's wait."""
+    """What a long-poll watched (a node's view, a context's progress) did not change within its wait."""
 
 
 UNCHANGED = Unchanged()
@@ -59,12 +59,33 @@ def _deliver(result: Any, d: Deferred) -> None:
         d.callback(result)
 
 
-class _Waiter:
-    __slots__ = ("context_id", "node", "since", "deferred", "timer")
+class _Watch(NamedTuple):
+    """What a kind of long-poll watches: its subject's revision, and the answer it renders."""
 
-    def __init__(self, context_id: str, node: Node, since: int, deferred: Deferred) -> None:
-        self.context_id = context_id
-        self.node = node
+    revision: Callable[[Any], int]
+    render: Callable[[Any], Any]
+
+
+#: The key of a context's progress waiters in Broker._waiters (a group's view waiters are
+#: keyed by the group's name, never empty).
+PROGRESS = ""
+
+
+class _Waiter:
+    """One long-poll: ``subject`` (a Node, or a Context) seen at revision ``since``.
+
+    ``key`` (context id, group name or PROGRESS) is what wakes it; ``slot`` (context id,
+    node id), if any, is the one wait a node may have.
+    """
+
+    __slots__ = ("key", "slot", "subject", "watch", "since", "deferred", "timer")
+
+    def __init__(self, key: Tuple[str, str], slot: Optional[Tuple[str, str]], subject: Any, watch: _Watch,
+                 since: int, deferred: Deferred) -> None:
+        self.key = key
+        self.slot = slot
+        self.subject = subject
+        self.watch = watch
         self.since = since
         self.deferred = deferred
         self.timer: Any = None
@@ -101,10 +122,13 @@ class Broker:
         self._fatal = False
         self._stopping = False
         self.metrics = metrics if metrics is not None else Metrics()
-        # (context id, group name) -> waiters of that group's nodes
+        # (context id, group name) -> waiters of that group's nodes' views;
+        # (context id, PROGRESS) -> waiters of that context's progress
         self._waiters: Dict[Tuple[str, str], Set[_Waiter]] = {}
         # (context id, node id) -> that node's one waiter
         self._by_node: Dict[Tuple[str, str], _Waiter] = {}
+        self._view = _Watch(model.view_revision, model.view_json)
+        self._progress = _Watch(model.progress_revision, model.progress)
 
     # -- start-up ----------------------------------------------------------
 
@@ -254,6 +278,13 @@ class Broker:
     def get_context(self, principal: Principal, cid: str) -> Deferred:
         return self._durable(self.model.status(self.model.owned_context(principal, cid, self.now())))
 
+    def get_progress(self, principal: Principal, cid: str, since: Optional[int], wait: int) -> Deferred:
+        """The context's progress (counts, lock, oldest error) now, or once its revision passes
+        ``since``; :data:`UNCHANGED` if it does not within ``wait`` seconds. O(1) in the nodes."""
+        _check_wait(wait)
+        ctx = self.model.owned_context(principal, cid, self.now())
+        return self._long_poll((cid, PROGRESS), None, ctx, self._progress, since, wait)
+
     def delete_context(self, principal: Principal, cid: str) -> Deferred:
         self.model.owned_context(principal, cid, self.now())
         record = self.model.prepare_delete(cid, self.now())
@@ -359,42 +390,49 @@ class Broker:
     def get_view(self, principal: Principal, cid: str, nid: str, since: Optional[int], wait: int) -> Deferred:
         """The node's view (JSONChunks) now, or once its revision passes ``since``;
         :data:`UNCHANGED` if it does not within ``wait`` seconds."""
-        if not 0 <= wait <= rules.MAX_WAIT:
-            raise BadRequest(f"wait: must be from 0 to {rules.MAX_WAIT} seconds")
+        _check_wait(wait)
         node = self._own_node(principal, cid, nid)
-        if since is None or self.model.view_revision(node) > since:
-            return self._durable(self.model.view_json(node))
+        # One wait per node (its slot): a newer request replaces the older one.
+        return self._long_poll((cid, node.group.name), (cid, nid), node, self._view, since, wait)
+
+    def _long_poll(self, key: Tuple[str, str], slot: Optional[Tuple[str, str]], subject: Any, watch: _Watch,
+                   since: Optional[int], wait: int) -> Deferred:
+        """``watch.render(subject)`` now if its revision passed ``since`` (or without ``since``);
+        else once it does, woken by :meth:`_wake` through ``key``, or :data:`UNCHANGED` after
+        ``wait`` seconds. A caller that goes away (cancels) takes its waiter and timer with it."""
+        if since is None or watch.revision(subject) > since:
+            return self._durable(watch.render(subject))
         if wait == 0:
             return succeed(UNCHANGED)
-        previous = self._by_node.get((cid, nid))
-        if previous is not None:
-            # One wait per node: a newer request replaces the older one.
-            self._fire(previous, UNCHANGED)
+        if slot is not None:
+            previous = self._by_node.get(slot)
+            if previous is not None:
+                self._fire(previous, UNCHANGED)
 
         def cancel(d: Deferred) -> None:
             self._drop(waiter)
 
         d: Deferred = Deferred(cancel)
-        waiter = _Waiter(cid, node, since, d)
+        waiter = _Waiter(key, slot, subject, watch, since, d)
         waiter.timer = self.clock.callLater(wait, self._fire, waiter, UNCHANGED)
-        self._waiters.setdefault((cid, node.group.name), set()).add(waiter)
-        self._by_node[(cid, nid)] = waiter
+        self._waiters.setdefault(key, set()).add(waiter)
+        if slot is not None:
+            self._by_node[slot] = waiter
         return d
 
     def _drop(self, waiter: _Waiter) -> None:
-        key = (waiter.context_id, waiter.node.group.name)
-        group = self._waiters.get(key)
-        if group is not None:
-            group.discard(waiter)
-            if not group:
-                del self._waiters[key]
-        if self._by_node.get((waiter.context_id, waiter.node.id)) is waiter:
-            del self._by_node[(waiter.context_id, waiter.node.id)]
+        waiters = self._waiters.get(waiter.key)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[waiter.key]
+        if waiter.slot is not None and self._by_node.get(waiter.slot) is waiter:
+            del self._by_node[waiter.slot]
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
 
     def _fire(self, waiter: _Waiter, result: Any) -> None:
-        """Answer ``waiter`` with an exception, :data:`UNCHANGED` or a view (once durable)."""
+        """Answer ``waiter`` with an exception, :data:`UNCHANGED` or its answer (once durable)."""
         self._drop(waiter)
         if waiter.deferred.called:
             return
@@ -424,12 +462,16 @@ class Broker:
             waiter = self._by_node.get((cid, nid))
             if waiter is not None:
                 candidates.add(waiter)
+        if touched.progress:
+            candidates.update(self._waiters.get((cid, PROGRESS), ()))
         for waiter in candidates:
-            if self.model.view_revision(waiter.node) > waiter.since:
-                self._fire(waiter, self.model.view_json(waiter.node))
+            watch = waiter.watch
+            if watch.revision(waiter.subject) > waiter.since:
+                self._fire(waiter, watch.render(waiter.subject))
 
     def waiter_count(self) -> int:
-        return len(self._by_node)
+        """Long-polls waiting: nodes' views and contexts' progress."""
+        return sum(len(waiters) for waiters in self._waiters.values())
 
     def ready(self) -> bool:
         """Whether changes can be made (the journal works and the broker is not stopping)."""
@@ -441,3 +483,8 @@ class Broker:
         for key in list(self._waiters):
             for waiter in list(self._waiters.get(key, ())):
                 self._fire(waiter, UNCHANGED)
+
+
+def _check_wait(wait: int) -> None:
+    if not 0 <= wait <= rules.MAX_WAIT:
+        raise BadRequest(f"wait: must be from 0 to {rules.MAX_WAIT} seconds")

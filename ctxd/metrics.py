@@ -78,7 +78,8 @@ class _StateCollector:
         yield nodes
         yield _gauge("ctxd_deployers", "Deployer credentials that are not revoked.",
                      sum(1 for u in model.users.values() if u.revoked_at is None))
-        yield _gauge("ctxd_waiters", "Long-polls waiting for a view to change.", broker.waiter_count())
+        yield _gauge("ctxd_waiters", "Long-polls waiting for a node's view or a context's progress to change.",
+                     broker.waiter_count())
         yield _gauge("ctxd_connections", "Open client connections.", self.metrics.connections())
         journal = broker.journal
         yield _counter("ctxd_journal_records", "Records made durable since start.", journal.records_synced)
@@ -124,14 +125,17 @@ class Monitoring(resource.Resource):
         return b"not found: /metrics, /livez, /readyz\n"
 
 
-class MonitoringSite(server.Site):
-    """A Site that writes no access log: a scraper or health check polling every few seconds
-    would fill the broker's log with lines that say nothing (ctxd_requests counts requests)."""
-
-    noisy = False
+class QuietSite(server.Site):
+    """A Site that writes no access log: a scraper polling every few seconds, or 10,000
+    agents long-polling, would fill the broker's log with lines that say nothing (the
+    ctxd_requests metric counts them; the audit log has what matters for security)."""
 
     def log(self, request) -> None:
         pass
+
+
+class MonitoringSite(QuietSite):
+    noisy = False
 
 
 def monitoring_site(metrics: Metrics, ready: Callable[[], bool], timeout: Optional[int] = 60) -> server.Site:

@@ -17,10 +17,15 @@ changed, so the caller wakes only the long-poll waiters concerned. The rules:
   one of its roles with ``ready``;
 - a data item touches the groups requiring it; locking touches every group;
 - a node's own state or identity touches that node.
+
+``apply`` also keeps each context's *progress* (:meth:`Model.progress`: the counts by state,
+the lock and the oldest error) and its revision, which moves only when the progress does;
+``Touched.progress`` says so. That costs O(1) per record: nothing here walks the nodes.
 """
 
 import ipaddress
 import json
+from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from ctxd import rules, tokens, validate
@@ -95,13 +100,15 @@ _NO_TIMES: Dict[str, Optional[float]] = {f"{s}_at": None for s in STATES}
 class Touched:
     """What one applied record changed, for waking long-poll waiters."""
 
-    __slots__ = ("context_id", "groups", "nodes", "deleted")
+    __slots__ = ("context_id", "groups", "nodes", "deleted", "progress")
 
     def __init__(self, context_id: str) -> None:
         self.context_id = context_id
         self.groups: set = set()
         self.nodes: set = set()
         self.deleted = False
+        # Whether the context's progress (Model.progress) changed.
+        self.progress = False
 
 
 class Node:
@@ -276,6 +283,11 @@ class Context:
         self.all_identity_groups = {g.name for g in self.groups.values() if g.all_identities}
         for g in self.groups.values():
             g.view_rev = self.revision
+        # The members in state error, oldest error first (an OrderedDict: its first entry is
+        # O(1) however many came and went), and what Model.progress shows, as last seen.
+        self.failed: "OrderedDict[str, Node]" = OrderedDict()
+        self.progress_rev = self.revision
+        self.progress_key = _progress_key(self)
 
     @property
     def expected(self) -> int:
@@ -405,6 +417,36 @@ def _claims(identity: Dict[str, Any]) -> Claims:
     return (short,) if short == full else (short, full), identity["primary_ip"], addresses, identity["ssh_host_keys"]
 
 
+#: How much of the oldest error's message the progress shows (the status has all of it).
+FIRST_ERROR_MESSAGE = 500
+
+
+def _tally(ctx: Context) -> Dict[str, Any]:
+    """The counts and what follows from them, shared by the summary and the progress."""
+    expected = ctx.expected
+    members = ctx.members
+    counts = {"expected": expected, "enrolled": members}
+    counts.update({s: ctx.counts[s] for s in (CONTEXTUALIZING, OK, ERROR)})
+    return {
+        "counts": counts,
+        "complete": members == expected,
+        "all_ok": ctx.counts[OK] == expected,
+        "error_present": ctx.counts[ERROR] > 0,
+    }
+
+
+def _progress_key(ctx: Context) -> Tuple[Any, ...]:
+    """What :meth:`Model.progress` shows that can change (the expected count cannot), in O(1):
+    computed after every record, replay included, so kept to a flat tuple."""
+    c = ctx.counts
+    failed = ctx.failed
+    if failed:
+        first = failed[next(iter(failed))]
+        return (c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked,
+                first.id, first.identity.get("hostname"), first.error)
+    return c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked
+
+
 def _context_records(ctx: Context) -> List[Dict[str, Any]]:
     """The records that rebuild one context (see :meth:`Model.snapshot_records`)."""
     first = next(iter(ctx.groups.values()))
@@ -451,6 +493,8 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
         "revision": ctx.revision,
         "locked": ctx.locked,
         "groups": {g.name: {"view_rev": g.view_rev, "join_expires": g.join_expires} for g in ctx.groups.values()},
+        "progress_rev": ctx.progress_rev,
+        "failed": list(ctx.failed),
     })
     return out
 
@@ -605,6 +649,7 @@ class Model:
             "token_hash": tokens.token_hash(node_token),
             "identity": identity,
             "source": source,
+            "attempt": True,
         }
         return record, node_token, new
 
@@ -617,6 +662,7 @@ class Model:
             "at": now,
             "identity": self._own_identity(self.contexts[cid], node.group, nid, body, source),
             "source": source,
+            "attempt": True,
         }
 
     @staticmethod
@@ -757,7 +803,28 @@ class Model:
         if ctx is None:
             raise ValueError(f"record for unknown context {record['ctx']!r}")
         ctx.revision += 1
-        return handler(ctx, record)
+        touched = handler(ctx, record)
+        if not touched.deleted:
+            self._track_progress(ctx, touched)
+        return touched
+
+    @staticmethod
+    def _track_progress(ctx: Context, touched: Touched) -> None:
+        """After a record: keep ``ctx.failed`` (by the nodes it touched: a node's state change or
+        revocation always touches the node) and move the progress revision if the progress changed."""
+        failed = ctx.failed
+        for nid in touched.nodes:
+            node = ctx.nodes[nid]
+            if node.state == ERROR and not node.revoked:
+                if nid not in failed:
+                    failed[nid] = node
+            else:
+                failed.pop(nid, None)
+        key = _progress_key(ctx)
+        if key != ctx.progress_key:
+            ctx.progress_key = key
+            ctx.progress_rev = ctx.revision
+            touched.progress = True
 
     def _apply_create(self, record: Dict[str, Any]) -> Touched:
         ctx = Context(record)
@@ -829,12 +896,22 @@ class Model:
         node.token_hash = record["token_hash"]
         self.principals[node.token_hash] = Principal("node", ctx.id, node.id)
         self._set_identity(ctx, node, record, touched)
+        self._start_attempt(ctx, node, record, touched)
         return touched
 
     def _apply_identity(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
-        self._set_identity(ctx, ctx.nodes[record["node"]], record, touched)
+        node = ctx.nodes[record["node"]]
+        self._set_identity(ctx, node, record, touched)
+        self._start_attempt(ctx, node, record, touched)
         return touched
+
+    def _start_attempt(self, ctx: Context, node: Node, record: Dict[str, Any], touched: Touched) -> None:
+        """An agent that enrolls or reports its identity is starting a contextualization: the
+        node is contextualizing, as if it had also reported so (a node already ok stays ok).
+        Records written before this rule (no ``attempt``) leave the state to the reports."""
+        if record.get("attempt"):
+            self._set_state(ctx, node, CONTEXTUALIZING, record["at"], touched)
 
     def _set_identity(self, ctx: Context, node: Node, record: Dict[str, Any], touched: Touched) -> None:
         """The identity (and source address) of an enroll or identity record.
@@ -854,28 +931,33 @@ class Model:
     def _apply_report(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
         node = ctx.nodes[record["node"]]
-        old, new = node.state, record["state"]
-        if old == OK and new == CONTEXTUALIZING:
-            # A re-run of an agent that already succeeded: it stays ok.
-            new = OK
+        new = record["state"]
         if new == OK:
             node.error = None
             node.log_tail = record["log_tail"]
         elif new == ERROR:
             node.error = {"exit_code": record["exit_code"], "message": record["message"]}
             node.log_tail = record["log_tail"]
-        elif old == ERROR:
+        self._set_state(ctx, node, new, record["at"], touched)
+        return touched
+
+    @staticmethod
+    def _set_state(ctx: Context, node: Node, new: str, at: float, touched: Touched) -> None:
+        old = node.state
+        if old == OK and new == CONTEXTUALIZING:
+            # A re-run of an agent that already succeeded: it stays ok.
+            return
+        if old == ERROR and new == CONTEXTUALIZING:
             node.error = None  # a new attempt
         if new != old:
             node.state = new
             ctx.counts[old] -= 1
             ctx.counts[new] += 1
-            node.times[f"{new}_at"] = record["at"]
+            node.times[f"{new}_at"] = at
             if (old == OK) != (new == OK):
                 node.group.ok += 1 if new == OK else -1
                 ctx.touch_groups(ctx.ready_dependents[node.group.name], touched)
             ctx.touch_node(node, touched)
-        return touched
 
     def _apply_data(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
@@ -913,8 +995,9 @@ class Model:
         with its current join hashes and data, per node (in enrollment order) an
         ``enroll`` and a ``restore_node`` (state, times, error, log tail, revocation,
         revision), and last a ``restore_context`` (lock, revision counters, join token
-        expiry): long-poll revisions never go backwards across a compaction. The
-        records are fresh objects (safe to encode in another thread).
+        expiry, the progress revision and the order of the failed nodes): long-poll
+        revisions never go backwards across a compaction. The records are fresh objects
+        (safe to encode in another thread).
         """
         out: List[Dict[str, Any]] = []
         for user in self.users.values():
@@ -951,6 +1034,15 @@ class Model:
             g.join_expires = saved["join_expires"]
             g.cache = None
             g.rendered = None
+        order = record.get("failed")
+        if order is None:  # a snapshot from before progress was kept: the oldest errors first
+            nodes = sorted((n for n in ctx.nodes.values() if n.state == ERROR and not n.revoked),
+                           key=lambda n: n.times["error_at"] or 0.0)
+        else:
+            nodes = [ctx.nodes[nid] for nid in order]
+        ctx.failed = OrderedDict((n.id, n) for n in nodes)
+        ctx.progress_key = _progress_key(ctx)
+        ctx.progress_rev = record.get("progress_rev", ctx.revision)
         return Touched(ctx.id)
 
     # -- reads -------------------------------------------------------------
@@ -1026,11 +1118,7 @@ class Model:
         return JSONChunks((shared, b"," + own[1:]))
 
     def summary(self, ctx: Context) -> Dict[str, Any]:
-        expected = ctx.expected
-        members = ctx.members
-        counts = {"expected": expected, "enrolled": members}
-        counts.update({s: ctx.counts[s] for s in (CONTEXTUALIZING, OK, ERROR)})
-        return {
+        out = {
             "id": ctx.id,
             "name": ctx.name,
             "revision": ctx.revision,
@@ -1040,11 +1128,34 @@ class Model:
             "open_for_injection": ctx.open_for_injection,
             "owner": ctx.owner or None,
             "domain": ctx.domain or None,
-            "counts": counts,
-            "complete": members == expected,
-            "all_ok": ctx.counts[OK] == expected,
-            "error_present": ctx.counts[ERROR] > 0,
         }
+        out.update(_tally(ctx))
+        return out
+
+    def progress(self, ctx: Context) -> Dict[str, Any]:
+        """What ``ctxctl wait`` follows, in O(1) however many nodes the context has: the counts
+        (as in the summary), the lock and the oldest error of a member. Its ``revision`` moves only
+        when one of these changes (:meth:`progress_revision`)."""
+        out: Dict[str, Any] = {"id": ctx.id, "revision": ctx.progress_rev, "locked": ctx.locked}
+        out.update(_tally(ctx))
+        first = next(iter(ctx.failed.values()), None)
+        if first is None:
+            out["first_error"] = None
+        else:
+            problem = first.error or {}
+            out["first_error"] = {
+                "node_id": first.id,
+                "group": first.group.name,
+                "hostname": first.identity.get("hostname"),
+                "exit_code": problem.get("exit_code"),
+                "message": problem.get("message", "")[:FIRST_ERROR_MESSAGE],
+                "error_at": first.times["error_at"],
+            }
+        return out
+
+    @staticmethod
+    def progress_revision(ctx: Context) -> int:
+        return ctx.progress_rev
 
     def status(self, ctx: Context) -> Dict[str, Any]:
         out = self.summary(ctx)

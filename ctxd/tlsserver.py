@@ -3,25 +3,30 @@
 - :func:`server_context` builds the OpenSSL context every listener uses: TLS 1.2
   minimum (set explicitly: older Twisted releases, e.g. Debian 12's 22.4, default
   lower), TLS 1.2 suites limited to ECDHE key exchange with AEAD ciphers, the
-  server's cipher order, no compression, no client-initiated renegotiation, no
-  session resumption and, with a client CA, a *requested* (never required) client
-  certificate verified against that CA only.
+  server's cipher order, no compression, no client-initiated renegotiation,
+  resumption by stateless session tickets only (no server-side session cache) and,
+  with a client CA, a *requested* (never required) client certificate verified
+  against that CA only.
 - :class:`ServerTLS` holds the current context; listeners ask it for each new
   connection, so :meth:`ServerTLS.reload` (re-reading the files) affects new
-  connections only and never drops an established one.
+  connections only and never drops an established one. Every context has its own
+  random ticket keys: :meth:`ServerTLS.rotate` (hourly) replaces the context with a
+  new one from the same certificates, so a ticket is honoured for at most
+  :data:`TICKET_LIFETIME` and a stolen ticket key opens at most an hour of tickets.
 - :class:`ReloadOnSIGHUP` calls a reload function on SIGHUP, chained to any
   handler installed before it.
 - :func:`client_certificate_name` gives a request's verified client certificate
   CommonName, for mapping to a deployer.
 """
 
-import os
+import re
 import signal
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -54,10 +59,13 @@ _OPTIONS = (
     # Client-initiated renegotiation is a CPU DoS lever. (OpenSSL's value where an
     # older pyOpenSSL lacks the name.)
     | getattr(SSL, "OP_NO_RENEGOTIATION", 0x40000000)
-    # No resumption: a resumed session has no verified chain to read the client
-    # certificate's name from, and full ECDSA handshakes are cheap.
-    | SSL.OP_NO_TICKET
 )
+
+# Resumption (an agent reconnecting to the broker that closed its idle connection) skips
+# the certificate exchange. Tickets are stateless (nothing held per session) and their keys
+# are the context's own, random when it is made: rotating the context rotates them.
+TICKET_LIFETIME = 3600
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 class TLSConfigError(ValueError):
@@ -72,34 +80,83 @@ def _describe(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def server_context(cert_path: str, key_path: str, client_ca_path: Optional[str] = None) -> SSL.Context:
-    """A server context with ctxd's TLS policy, serving ``cert_path`` (PEM, leaf first, then
-    any intermediates) with ``key_path``; with ``client_ca_path`` clients are asked for a
-    certificate issued by that CA. Raises :class:`TLSConfigError`."""
+class _Material(NamedTuple):
+    """What a context is made of, read from the files once: a context can be made again (to
+    rotate its ticket keys) without re-reading files an admin may be in the middle of changing."""
+
+    chain: List[x509.Certificate]
+    key: Any
+    client_cas: List[x509.Certificate]
+    cert_path: str
+    key_path: str
+    client_ca_path: Optional[str]
+
+
+def _certificates(path: str, what: str) -> List[x509.Certificate]:
+    try:
+        with open(path, "rb") as f:
+            blocks = _PEM_CERTIFICATE.findall(f.read())
+        certificates = [x509.load_pem_x509_certificate(block) for block in blocks]
+    except (OSError, ValueError) as e:
+        raise TLSConfigError(f"{what} {path}: {_describe(e)}") from None
+    if not certificates:
+        raise TLSConfigError(f"{what} {path}: no PEM certificate in it")
+    return certificates
+
+
+def read_material(cert_path: str, key_path: str, client_ca_path: Optional[str] = None) -> _Material:
+    """The certificate chain (leaf first), key and client CAs in these files. Raises
+    :class:`TLSConfigError` naming the file."""
+    chain = _certificates(cert_path, "TLS certificate")
+    try:
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise TLSConfigError(f"TLS private key {key_path}: {_describe(e)}") from None
+    client_cas = _certificates(client_ca_path, "client CA") if client_ca_path else []
+    return _Material(chain, key, client_cas, cert_path, key_path, client_ca_path)
+
+
+def _give(method: Callable[[Any], Any], value: Any, legacy: Callable[[Any], Any]) -> None:
+    """Hand a cryptography object to a pyOpenSSL method: as is (pyOpenSSL >= 24.3 wants it so),
+    or converted by ``legacy`` where the method takes only pyOpenSSL's own types (Debian 12's 23.0)."""
+    try:
+        method(value)
+    except TypeError:
+        method(legacy(value))
+
+
+def context_from(material: _Material) -> SSL.Context:
+    """A server context with ctxd's TLS policy serving ``material``; with client CAs, clients
+    are asked for a certificate one of them issued. Raises :class:`TLSConfigError`."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(MINIMUM_TLS_VERSION)
     ctx.set_options(_OPTIONS)
     ctx.set_cipher_list(TLS12_CIPHERS)
+    # Stateless tickets only: no per-session memory in the broker.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_timeout(TICKET_LIFETIME)
     # Needed by OpenSSL whenever peers are verified (a resumption attempt fails without it).
     ctx.set_session_id(b"ctxd")
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
-        ctx.use_certificate_chain_file(cert_path)
-    except (OSError, SSL.Error) as e:
-        raise TLSConfigError(f"TLS certificate {cert_path}: {_describe(e)}") from None
-    try:
-        ctx.use_privatekey_file(key_path)  # also checks that it matches the certificate
+        _give(ctx.use_certificate, material.chain[0], crypto.X509.from_cryptography)
+        for extra in material.chain[1:]:
+            _give(ctx.add_extra_chain_cert, extra, crypto.X509.from_cryptography)
+        _give(ctx.use_privatekey, material.key, crypto.PKey.from_cryptography_key)
         ctx.check_privatekey()
-    except (OSError, SSL.Error) as e:
-        raise TLSConfigError(f"TLS private key {key_path} for certificate {cert_path}: {_describe(e)}") from None
-    if client_ca_path:
+    except (SSL.Error, ValueError, TypeError) as e:
+        raise TLSConfigError(f"TLS private key {material.key_path} for certificate {material.cert_path}: "
+                             f"{_describe(e)}") from None
+    if material.client_cas:
+        store = ctx.get_cert_store()
         try:
-            # Trust this CA only (no system store): it alone vouches for client names.
-            ctx.load_verify_locations(client_ca_path)
-            ctx.load_client_ca(os.fsencode(client_ca_path))
-        except (OSError, SSL.Error) as e:
-            raise TLSConfigError(f"client CA {client_ca_path}: {_describe(e)}") from None
+            for ca in material.client_cas:
+                # Trust this CA only (no system store): it alone vouches for client names.
+                _give(store.add_cert, ca, crypto.X509.from_cryptography)
+                _give(ctx.add_client_ca, ca, crypto.X509.from_cryptography)
+        except (SSL.Error, crypto.Error, ValueError, TypeError) as e:
+            raise TLSConfigError(f"client CA {material.client_ca_path}: {_describe(e)}") from None
         # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a certificate is asked for; a client
         # without one still connects (and is then just not named by it), a client with a
         # certificate that does not verify is refused in the handshake.
@@ -107,6 +164,13 @@ def server_context(cert_path: str, key_path: str, client_ca_path: Optional[str] 
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     return ctx
+
+
+def server_context(cert_path: str, key_path: str, client_ca_path: Optional[str] = None) -> SSL.Context:
+    """A server context with ctxd's TLS policy, serving ``cert_path`` (PEM, leaf first, then
+    any intermediates) with ``key_path``; with ``client_ca_path`` clients are asked for a
+    certificate issued by that CA. Raises :class:`TLSConfigError`."""
+    return context_from(read_material(cert_path, key_path, client_ca_path))
 
 
 def certificate_summary(cert_path: str) -> str:
@@ -132,7 +196,8 @@ class ServerTLS:
         self.cert_path = cert_path
         self.key_path = key_path
         self.client_ca_path = client_ca_path
-        self._context = server_context(cert_path, key_path, client_ca_path)
+        self._material = read_material(cert_path, key_path, client_ca_path)
+        self._context = context_from(self._material)
 
     def reload(self) -> bool:
         """Re-read the certificate, key and client CA; new connections use them.
@@ -141,15 +206,21 @@ class ServerTLS:
         Established connections are never touched.
         """
         try:
-            context = server_context(self.cert_path, self.key_path, self.client_ca_path)
+            material = read_material(self.cert_path, self.key_path, self.client_ca_path)
+            context = context_from(material)
         except TLSConfigError as e:
             log.error("TLS reload failed, still serving the previous certificate: {error}", error=str(e))
             return False
-        self._context = context
+        self._material, self._context = material, context
         log.info(
             "TLS reloaded: now serving {summary}", summary=certificate_summary(self.cert_path)
         )
         return True
+
+    def rotate(self) -> None:
+        """New session-ticket keys: the same certificates in a new context. Tickets issued
+        before no longer resume (those clients make a full handshake)."""
+        self._context = context_from(self._material)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """IOpenSSLServerConnectionCreator: a connection with the current context."""
@@ -206,12 +277,15 @@ class ReloadOnSIGHUP(service.Service):
             self._installed = False
 
 
-def _verified_chain(connection: SSL.Connection) -> List[x509.Certificate]:
+def _peer_certificate(connection: SSL.Connection) -> Optional[x509.Certificate]:
+    """The client's certificate. With VERIFY_PEER a connection has one only if it was verified:
+    in this handshake, or (a resumed session) in the full handshake whose ticket this context
+    issued - a ticket from before a reload or rotation (another context) does not resume."""
     try:
-        chain = connection.get_verified_chain(as_cryptography=True)
+        return connection.get_peer_certificate(as_cryptography=True)
     except TypeError:  # pyOpenSSL < 24.3 (e.g. Debian 12's 23.0)
-        chain = [c.to_cryptography() for c in (connection.get_verified_chain() or [])]
-    return list(chain or [])
+        peer = connection.get_peer_certificate()
+        return peer.to_cryptography() if peer is not None else None
 
 
 def client_certificate_name(request: Any) -> Optional[str]:
@@ -231,10 +305,10 @@ def client_certificate_name(request: Any) -> Optional[str]:
     # Only a connection whose policy verified peers has a chain we may believe.
     if not connection.get_verify_mode() & SSL.VERIFY_PEER:
         return None
-    chain = _verified_chain(connection)
-    if not chain:
+    peer = _peer_certificate(connection)
+    if peer is None:
         return None
-    names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names = peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         return None
     name = names[0].value

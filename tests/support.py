@@ -234,6 +234,7 @@ def model_state(model):
     """Everything observable about a model, for equality."""
     return {
         "status": {cid: model.status(ctx) for cid, ctx in model.contexts.items()},
+        "progress": {cid: model.progress(ctx) for cid, ctx in model.contexts.items()},
         "order": list(model.contexts),
         "principals": dict(model.principals),
         "users": [(u.name, u.token_hash, u.created, u.revoked_at) for u in model.users.values()],

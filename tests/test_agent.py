@@ -758,6 +758,13 @@ class FakeConnection(object):
 
     def __init__(self, bootstrap, source=None):
         self.local_address, self.reached = "10.1.0.5", True
+        self.opened = self.resumed = 0
+
+    def connect(self, timeout=None):
+        return self.local_address
+
+    def close(self):
+        pass
 
     def request(self, method, path, token=None, body=None, timeout=None):
         self.calls.append((method, path.split("?")[0], body))
@@ -806,8 +813,8 @@ def test_run_with_a_daemon_starting_script(site, bootstrap, broker, daemons):
     assert time.monotonic() - began < 5
     daemons.append(int(pidfile.read_text()))
     assert alive(daemons[0])
-    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
-    tail = broker.reports()[1]["log_tail"]
+    assert [r["state"] for r in broker.reports()] == ["ok"]
+    tail = broker.reports()[0]["log_tail"]
     assert "4-restarts/torquemaster: token <redacted>" in tail
     assert bootstrap["join_token"] not in tail
     with open(os.path.join(paths.state_dir, "lock")) as lock:   # the daemon holds no lock
@@ -833,7 +840,7 @@ def test_ok_report_refused_with_409_exits_6(site, bootstrap, broker, capsys):
     assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 6
     assert "failed (exit 6): report ok refused by the broker: HTTP 409 'conflict: view not complete'" \
         in capsys.readouterr().err
-    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
+    assert [r["state"] for r in broker.reports()] == ["ok"]
 
 
 def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsys):
@@ -847,4 +854,4 @@ def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsy
     assert broker.calls == [] and recorded(tmp_path) == []
     assert not os.path.exists(os.path.join(paths.state_dir, "instance_key"))
     assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 0   # once it is free
-    assert [r["state"] for r in broker.reports()] == ["contextualizing", "ok"]
+    assert [r["state"] for r in broker.reports()] == ["ok"]

@@ -107,7 +107,7 @@ BODIES: Dict[str, Any] = {
 }
 SUCCESS = {
     "health": 200, "list_users": 200, "add_user": 201, "revoke_user": 200, "list_contexts": 200,
-    "create_context": 201, "get_context": 200, "delete_context": 200, "put_data": 200, "lock": 200,
+    "create_context": 201, "get_context": 200, "get_progress": 200, "delete_context": 200, "put_data": 200, "lock": 200,
     "rotate_join_token": 200, "revoke_node": 200, "enroll": 201, "put_identity": 200, "get_view": 200,
     "report": 200,
 }

@@ -3,12 +3,17 @@
 A tiny recording HTTPS server fronts the in-memory broker of tests/support.py. The real
 ctxagent.py (a subprocess) and one simulated agent of bench/loadgen.py each contextualize a
 compute node of their own context against it; the ordered lists of (method, path template,
-query keys, since=-1 or not, body keys, identity keys, header names) must be equal, and every
-request must come on its own TLS connection, as ctxagent.py's BrokerConnection makes them.
+query keys, since=-1 or not, body keys, identity keys, header names) must be equal, and the
+server counts the TLS connections each opens: one keep-alive connection for the whole run,
+as ctxagent.py's BrokerConnection keeps it, and exactly one more when the server closes it.
 
-The scenario exercises every branch of the poll loop: the first view (since=-1) is
+The scenario exercises every branch of the poll loop: enroll, the first view (since=-1) is
 incomplete, the long-poll that follows ends with 304 (the fake clock is advanced), the head
-then enrolls and reports ok, and the next poll returns the complete view.
+then enrolls and reports ok, and the next poll returns the complete view; report ok. In the
+reconnect scenarios the server ends the connection after the first view's response: saying
+so (`Connection: close`), silently (closed after the response), or by reading the next
+request and closing without an answer (end of stream before any response byte: the client
+must send that request again on a new connection).
 """
 
 import asyncio
@@ -38,6 +43,10 @@ CLUSTER = {
         {"name": "compute", "quantity": 1, "source_check": False, "provides": ["w"], "requires": [{"role": "m", "ready": True}]},
     ],
 }
+# The requests of one run, (method, last path segment, since=-1 or not), in order.
+RUN = [("POST", "enroll", None), ("GET", "view", True), ("GET", "view", False), ("GET", "view", False),
+       ("POST", "report", None)]
+CLOSES = ["header", "silently", "unanswered"]   # how the server ends the connection after the first view
 
 
 class InMemoryBroker:
@@ -51,7 +60,9 @@ class InMemoryBroker:
         self.cid = created["context"]["id"]
         self.bootstraps = created["bootstraps"]
         self.head_done = False
-        self.log = []   # (connection number, method, path, headers, body)
+        self.log = []           # (connection number, method, path, headers, body)
+        self.connections = []   # per TLS connection accepted, in order: whether its session was resumed
+        self.unanswered = 0     # requests read and dropped with their connection (not in the log)
 
     def _request(self, method, path, headers, body):
         d = self.client.stub.request(method, "https://ctxd.test:8443" + path, headers=headers, data=body)
@@ -84,7 +95,9 @@ class InMemoryBroker:
             return status, content
 
 
-def serve(fake, tmp_path):
+def serve(fake, tmp_path, close=None):
+    """The recording server; CLOSE (one of CLOSES, or None: never): how it ends the connection
+    after answering the first view."""
     from ctxd import tls
 
     ca_cert, ca_key = tls.make_ca("test CA")
@@ -93,30 +106,44 @@ def serve(fake, tmp_path):
     (tmp_path / "server.key").write_bytes(tls.key_pem(key))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
-    counter = iter(range(1, 1 << 30))
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def setup(self):
             super().setup()
-            self.conn_number = next(counter)
+            with fake.lock:
+                fake.connections.append(self.request.session_reused)
+                self.conn_number = len(fake.connections)
 
         def log_message(self, *args):
             pass
+
+        answered_first_view = False
 
         def _any(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             headers = {k.lower(): v for k, v in self.headers.items()}
+            if close == "unanswered" and self.answered_first_view:
+                with fake.lock:
+                    fake.unanswered += 1
+                self.close_connection = True
+                return
             status, content = fake.handle(self.conn_number, self.command, self.path, headers, body)
             self.send_response(status)
             if status != 304:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(content)))
+            first_view = "/view?since=-1&" in self.path
+            if close == "header" and first_view:
+                self.send_header("Connection", "close")   # (and http.server closes it)
             self.end_headers()
             if status != 304:
                 self.wfile.write(content)
+            if close == "silently" and first_view:
+                self.close_connection = True
+            self.answered_first_view = self.answered_first_view or first_view
 
         do_GET = do_POST = do_PUT = _any
 
@@ -131,9 +158,9 @@ def serve(fake, tmp_path):
 def shape(fake):
     """The comparable request sequence of a run, and how many requests each connection carried."""
     ids = {fake.cid: "{cid}"}
-    steps, per_conn = [], {}
+    steps, per_conn = [], [0] * len(fake.connections)
     for conn, method, path, headers, body in fake.log:
-        per_conn[conn] = per_conn.get(conn, 0) + 1
+        per_conn[conn - 1] += 1
         parts = urlsplit(path)
         segments = parts.path.split("/")
         if len(segments) > 5 and segments[3] == fake.cid and segments[4] == "nodes":
@@ -146,7 +173,7 @@ def shape(fake):
             tuple(sorted(obj)) if isinstance(obj, dict) else None,
             tuple(sorted(obj["identity"])) if isinstance(obj, dict) and "identity" in obj else None,
             obj.get("state") if isinstance(obj, dict) else None,
-            tuple(sorted(h for h in headers if h not in ("connection",))),
+            tuple(sorted(headers)),
         ))
     return steps, per_conn
 
@@ -175,44 +202,86 @@ def run_simulated(fake, port, ca_pem):
                              deadline=60)
     asyncio.run(agent.run())
     assert stats.last_ok is not None and stats.views_200 == 2
+    assert agent.connection is None   # closed at the end of the run
     return stats
 
 
-@pytest.fixture
-def recorded(tmp_path):
-    """(real agent's shape, simulated agent's shape), each against its own fake broker."""
-    shapes = []
-    for name, runner in (("real", run_ctxagent), ("sim", None)):
+def record_both(tmp_path, close):
+    """{"real": run, "sim": run}, each against its own fake broker and recording server, where a
+    run is {"steps", "per_conn" (requests carried by each connection, in order), "resumed"
+    (whether each connection resumed a TLS session), "stats" (the simulated agent's),
+    "unanswered" (requests the server dropped with their connection)}."""
+    runs = {}
+    for name in ("real", "sim"):
         fake = InMemoryBroker()
         (tmp_path / name).mkdir()
-        server, ca_pem = serve(fake, tmp_path / name)
+        server, ca_pem = serve(fake, tmp_path / name, close)
+        stats = None
         try:
-            if runner is not None:
-                runner(fake, server.server_address[1], ca_pem, tmp_path / name)
+            if name == "real":
+                run_ctxagent(fake, server.server_address[1], ca_pem, tmp_path / name)
             else:
-                run_simulated(fake, server.server_address[1], ca_pem)
+                stats = run_simulated(fake, server.server_address[1], ca_pem)
         finally:
             server.shutdown()
             server.server_close()
-        shapes.append(shape(fake))
-    return shapes
+        steps, per_conn = shape(fake)
+        runs[name] = {"steps": steps, "per_conn": per_conn, "resumed": list(fake.connections), "stats": stats,
+                      "unanswered": fake.unanswered}
+    return runs
 
 
-def test_simulated_agent_makes_the_requests_ctxagent_makes(recorded):
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """recorded(close) -> record_both's runs for that way of closing (None: never), run once per module."""
+    cache = {}
+
+    def get(close):
+        if close not in cache:
+            cache[close] = record_both(tmp_path_factory.mktemp(close or "keepalive"), close)
+        return cache[close]
+    return get
+
+
+@pytest.mark.parametrize("close", [None] + CLOSES)
+def test_simulated_agent_makes_the_requests_ctxagent_makes(recorded, close):
     """Same methods, paths, query keys, body keys, identity fields, reported states and headers, in order."""
-    (real, _), (sim, _) = recorded
+    runs = recorded(close)
+    real, sim = runs["real"]["steps"], runs["sim"]["steps"]
     assert real == sim
-    methods = [(m, t.split("/")[-1] or t, s) for m, t, _, s, *_ in real]
-    assert methods == [
-        ("GET", "healthz", None), ("POST", "enroll", None), ("POST", "report", None),
-        ("GET", "view", True), ("GET", "view", False), ("GET", "view", False), ("POST", "report", None),
-    ]
-    states = [step[6] for step in real if step[1].endswith("/report")]
-    assert states == ["contextualizing", "ok"]
+    assert [(m, t.split("/")[-1], s) for m, t, _, s, *_ in real] == RUN
+    assert [step[6] for step in real if step[1].endswith("/report")] == ["ok"]
+    assert all("connection" not in step[7] for step in real)   # http.client's persistent connection: no Connection header
 
 
-def test_every_request_has_its_own_tls_connection(recorded):
-    """ctxagent.py's BrokerConnection opens and closes a connection per request; so does the simulation."""
-    (_, real_conns), (_, sim_conns) = recorded
-    assert set(real_conns.values()) == {1} and set(sim_conns.values()) == {1}
-    assert len(real_conns) == len(sim_conns) == 7
+def test_one_tls_connection_for_the_whole_run(recorded):
+    """Both open one TLS connection and send every request of the run on it."""
+    runs = recorded(None)
+    assert runs["real"]["per_conn"] == runs["sim"]["per_conn"] == [len(RUN)]
+    stats = runs["sim"]["stats"]
+    assert (stats.connections, stats.reconnects, stats.retries) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("close", CLOSES)
+def test_both_reconnect_when_the_server_closes_the_connection(recorded, close):
+    """Closed after the first view, both open exactly one new connection and carry on there,
+    resending the long-poll at once rather than as a retry."""
+    runs = recorded(close)
+    # enroll and the first view on the first connection, the rest on the second
+    assert runs["real"]["per_conn"] == runs["sim"]["per_conn"] == [2, len(RUN) - 2]
+    assert runs["real"]["unanswered"] == runs["sim"]["unanswered"] == (1 if close == "unanswered" else 0)
+    stats = runs["sim"]["stats"]
+    assert (stats.connections, stats.reconnects, stats.retries) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("close", CLOSES)
+def test_real_agent_resumes_its_session_and_the_simulation_cannot(recorded, close):
+    """ctxagent's reconnect resumes its TLS session; asyncio's makes a full handshake (bench/README.md)."""
+    runs = recorded(close)
+    assert runs["real"]["resumed"] == [False, True]
+    assert runs["sim"]["resumed"] == [False, False]
+
+
+def test_simulated_backoff_is_the_agents():
+    """The simulation retries with ctxagent's back-off constants (first delay, cap)."""
+    assert (loadgen.RETRY_FIRST, loadgen.RETRY_MAX) == (loadgen.ctxagent.RETRY_FIRST, loadgen.ctxagent.RETRY_MAX)

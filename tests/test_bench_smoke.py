@@ -26,9 +26,12 @@ def test_storm_and_floor_small():
     out = _bench("floor.py", "--nodes", "20")
     ctxd, floor, ratio = _rows(out, "ctxd")[0], _rows(out, "floor")[0], _rows(out, "ctxd/floor")[0]
     assert ctxd[1].strip() == floor[1].strip() == "20"
-    # every node made its 5 or 6 requests (the head may find its view complete at once),
+    # every node made its 3 or more requests (the head may find its view complete at once),
     # and the floor replayed them one for one
-    assert int(ctxd[3]) >= 5 * 21 and int(floor[3]) == int(ctxd[3])
+    assert int(ctxd[3]) >= 3 * 21 and int(floor[3]) == int(ctxd[3])
+    # on one keep-alive TLS connection per node (more if the broker closed some), and the
+    # floor opened a connection exactly where the ctxd run did
+    assert int(ctxd[9]) >= 21 and int(floor[9]) == int(ctxd[9])
     assert float(ratio[2]) > 0
 
 

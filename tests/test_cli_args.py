@@ -9,6 +9,7 @@ while it restarts, and an answer tampered with on its way (the real broker refus
 """
 
 import base64
+import collections
 import io
 import json
 import os
@@ -65,7 +66,8 @@ def head_first_cluster():
 
 
 class Spy(Resource):
-    """The real API, recording what ctxctl sends: (method, path, body, content type)."""
+    """The real API, recording what ctxctl sends: (method, path, body, content type), and the
+    URIs (with their queries) in ``uris``."""
 
     isLeaf = True
 
@@ -73,12 +75,14 @@ class Spy(Resource):
         super().__init__()
         self.real = real
         self.requests = []
+        self.uris = []
 
     def render(self, request):
         body = request.content.read()
         request.content.seek(0)
         self.requests.append((request.method.decode(), request.path.decode(), body,
                               request.getHeader("content-type")))
+        self.uris.append(request.uri.decode())
         return self.real.render(request)
 
 
@@ -159,8 +163,17 @@ class Deployment:
         return run(client if client is not None else self.stub(), argv, self.clock, token=token, err=err)
 
     def polls(self, cid):
-        """How many times ctxctl asked for the context's status."""
+        """How many times ctxctl asked for the context's (full) status."""
         return sum(1 for r in self.spy.requests if r[:2] == ("GET", f"/v1/contexts/{cid}"))
+
+    def requests_by_route(self, cid):
+        """ctxctl's requests about the context: {"status": N, "progress": M} (and "other")."""
+        routes = {f"/v1/contexts/{cid}": "status", f"/v1/contexts/{cid}/progress": "progress"}
+        return collections.Counter(routes.get(r[1], "other") for r in self.spy.requests)
+
+    def progress_uris(self, cid):
+        """The progress requests ctxctl sent, with their queries."""
+        return [uri for uri in self.spy.uris if uri.startswith(f"/v1/contexts/{cid}/progress?")]
 
 
 @pytest.fixture
@@ -583,16 +596,23 @@ def test_status_escapes_terminal_control_characters(broker):
 
 
 def test_wait_all_ok_exits_0_with_ok_reports(broker, tmp_path):
-    """wait polls until all_ok, prints progress lines only when counts change, writes .ok reports."""
+    """wait long-polls the progress until all_ok (no request on a timer meanwhile), prints a line
+    when the counts change, fetches the full status once and writes .ok reports from it."""
     cid, joins, nodes = broker.head_ok()
-    broker.clock.callLater(2.5, broker.computes_ok, cid, joins, nodes)  # after the third poll
+    broker.clock.callLater(2.5, broker.computes_ok, cid, joins, nodes)
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path), "--interval", "1"])
     assert (code, out) == (0, "")
     progress = [line for line in err.splitlines() if line.startswith("[")]
+    # The long-poll answers at the first change (compute 2 enrolled), the next one at once.
     assert progress == ["[##........] 1/4 ok, 0 error, 1/4 enrolled",
+                        "[##........] 1/4 ok, 0 error, 2/4 enrolled",
                         "[##########] 4/4 ok, 0 error, 4/4 enrolled"]
     assert err.splitlines()[-1] == f"all 4 nodes ok; reports in {tmp_path / cid}"
-    assert broker.polls(cid) == 4
+    assert broker.requests_by_route(cid) == {"progress": 3, "status": 1}
+    first, woken, last = broker.progress_uris(cid)
+    assert first == f"/v1/contexts/{cid}/progress?since=-1&wait=30"
+    assert woken.endswith("&wait=30") and woken != first and last != woken
+    assert broker.spy.requests[-1][1] == f"/v1/contexts/{cid}"  # the status comes last
     reports = sorted(p.name for p in (tmp_path / cid).iterdir())
     assert reports == sorted([f"compute-node{n}-{nodes[n]}.ok" for n in (2, 3, 4)] + [
         f"head-node1-{nodes[1]}.ok"])
@@ -655,7 +675,8 @@ def test_wait_rides_out_a_broker_restart(broker, tmp_path):
     broker.clock.callLater(1.5, broker.computes_ok, cid, joins, nodes)  # while the broker is away
     outage = Outage(broker.resource, after=1, failures=3)
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=broker.stub(outage))
-    assert code == 0 and outage.requests == 5
+    # The progress, a long-poll and two retries answered 503, the progress again, the status.
+    assert code == 0 and outage.requests == 6
     assert err.splitlines() == [
         "[##........] 1/4 ok, 0 error, 1/4 enrolled",
         "broker: starting (internal_error, HTTP 503); retrying",
@@ -665,20 +686,25 @@ def test_wait_rides_out_a_broker_restart(broker, tmp_path):
     ]
 
 
+def recovered_wait_lines(reports):
+    """What `ctxctl wait` prints when the broker was unreachable once, between two polls."""
+    return [
+        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
+        f"cannot connect to {URL}: connection refused; retrying",
+        "broker reachable again",
+        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+        f"all 4 nodes ok; reports in {reports}",
+    ]
+
+
 def test_wait_rides_out_refused_connections(broker, tmp_path):
     """After a first good poll, refused connections (the broker's process is down) are retried."""
     cid, joins, nodes = broker.head_ok()
     broker.clock.callLater(1.5, broker.computes_ok, cid, joins, nodes)
     refusing = Refusing(broker.stub(), after=1, failures=2)
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=refusing)
-    assert code == 0 and refusing.requests == 4 and broker.polls(cid) == 2
-    assert err.splitlines() == [
-        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
-        f"cannot connect to {URL}: connection refused; retrying",
-        "broker reachable again",
-        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
-        f"all 4 nodes ok; reports in {tmp_path / cid}",
-    ]
+    assert code == 0 and refusing.requests == 5 and broker.requests_by_route(cid) == {"progress": 2, "status": 1}
+    assert err.splitlines() == recovered_wait_lines(tmp_path / cid)
 
 
 def test_wait_fails_at_once_if_the_broker_was_never_reached(broker, tmp_path):
@@ -705,18 +731,127 @@ def test_wait_warns_when_the_context_is_not_locked(broker, tmp_path):
 
     broker.clock.callLater(2.5, deployer_locks_and_nodes_finish)
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
-    assert code == 0 and broker.polls(cid) == 4
+    assert code == 0 and broker.polls(cid) == 1
     assert err.count(f"nodes wait for `ctxctl lock {cid}`") == 1
 
 
 def test_wait_gives_up_on_a_4xx(broker, tmp_path):
-    """A 404 during wait (context deleted) ends it at once with exit 1."""
+    """A 404 during wait (context deleted: its long-poll is answered 404, and so is its status) ends it
+    at once with exit 1."""
     cid, joins = broker.create()
-    broker.clock.callLater(0.5, broker.call, "DELETE", f"/v1/contexts/{cid}")
+    broker.clock.callLater(1.5, broker.call, "DELETE", f"/v1/contexts/{cid}")  # during the long-poll
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
-    assert code == 1 and broker.polls(cid) == 2
+    assert code == 1 and broker.requests_by_route(cid) == {"progress": 2, "status": 1}
+    assert broker.clock.seconds() == T0 + 1.5
     assert err == ("[..........] 0/4 ok, 0 error, 0/4 enrolled\n"
                    "ctxctl: error: broker: no such context (not_found, HTTP 404)\n")
+
+
+def test_wait_rides_out_a_broker_restart_during_a_long_poll(broker, tmp_path):
+    """A broker stopping answers the waiting long-poll 304; while it is down (refused connections) wait
+    retries every --interval; back, it asks for the progress afresh and ends 0, with one status request."""
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(2.0, broker.api.broker.shutdown)  # the long-poll has waited since 1 s
+    broker.clock.callLater(2.5, broker.computes_ok, cid, joins, nodes)
+    refusing = Refusing(broker.stub(), after=2, failures=2)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=refusing)
+    assert code == 0 and refusing.requests == 6
+    assert broker.requests_by_route(cid) == {"progress": 3, "status": 1}
+    assert broker.progress_uris(cid)[-1] == f"/v1/contexts/{cid}/progress?since=-1&wait=30"
+    assert err.splitlines() == recovered_wait_lines(tmp_path / cid)
+    assert broker.api.broker.waiter_count() == 0
+
+
+class OldBroker(Resource):
+    """The real API behind ``spy`` without the progress route: what a broker from before it answers
+    there (ctxd.api.match: 404 "no such resource", before any credential is looked at)."""
+
+    isLeaf = True
+
+    def __init__(self, spy):
+        super().__init__()
+        self.spy = spy
+        self.refused = 0
+
+    def render(self, request):
+        if request.path.endswith(b"/progress"):
+            self.refused += 1
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"error": "not_found", "message": "no such resource"}).encode("utf-8")
+        return self.spy.render(request)
+
+
+def test_wait_polls_the_status_of_a_broker_without_the_progress_route(broker, tmp_path):
+    """A broker too old for the progress route (404 for it, its status answers) is polled for its status
+    every --interval seconds, as wait always did; the output is the same."""
+    cid, joins, nodes = broker.head_ok()
+    broker.clock.callLater(2.5, broker.computes_ok, cid, joins, nodes)
+    old = OldBroker(broker.spy)
+    code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path), "--interval", "1"],
+                                client=broker.stub(old))
+    assert (code, out) == (0, "")
+    assert old.refused == 1 and broker.polls(cid) == 4  # at 0, 1, 2 and 3 s
+    assert err.splitlines() == ["[##........] 1/4 ok, 0 error, 1/4 enrolled",
+                                "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+                                f"all 4 nodes ok; reports in {tmp_path / cid}"]
+
+
+def test_wait_on_a_broker_without_the_progress_route_still_reports_a_missing_context(broker, tmp_path):
+    """With an old broker a context that does not exist is still the status's 404, exit 1."""
+    code, out, err = broker.run(["wait", "Z" * 22, "--reports", str(tmp_path)],
+                                client=broker.stub(OldBroker(broker.spy)))
+    assert (code, err) == (1, "ctxctl: error: broker: no such context (not_found, HTTP 404)\n")
+
+
+def _wide_cluster(deployment, n, batches):
+    """One group of ``n`` nodes that enroll and report ok in ``batches`` batches, 20 s apart."""
+    cid, joins = deployment.create({"name": "wide", "groups": [{"name": "all", "quantity": n, "source_check": False}]})
+    per = n // batches
+
+    def batch(k):
+        for i in range(k * per + 1, (k + 1) * per + 1):
+            deployment.report(cid, deployment.enroll(cid, joins["all"], i), "ok")
+
+    for k in range(batches):
+        deployment.clock.callLater(20.0 * (k + 1), batch, k)
+    return cid
+
+
+def test_wait_fetches_the_full_status_once_however_many_nodes(tmp_path):
+    """Nodes reporting over 80 s: wait makes the same requests for 200 nodes as for 8 - one full status,
+    and a progress long-poll or two per change (none on a timer: not one per --interval)."""
+    batches = 4
+    seen = {}
+    for n in (8, 200):
+        deployment = Deployment()
+        cid = _wide_cluster(deployment, n, batches)
+        code, out, err = deployment.run(["wait", cid, "--reports", str(tmp_path / str(n))])
+        assert code == 0 and err.splitlines()[-1].startswith(f"all {n} nodes ok"), err
+        assert deployment.clock.seconds() == T0 + 20.0 * batches
+        assert len(list((tmp_path / str(n) / cid).iterdir())) == n
+        seen[n] = deployment.requests_by_route(cid)
+    assert seen[8] == seen[200]
+    assert seen[200]["status"] == 1 and seen[200]["progress"] <= 2 * batches + 1
+
+
+def test_wait_asks_no_more_often_than_interval_while_nodes_keep_changing(tmp_path):
+    """200 nodes reporting two at a time every half second for 50 s (a change at every step): wait
+    asks for the progress about once per --interval, not once per change."""
+    deployment = Deployment()
+    cid, joins = deployment.create({"name": "storm", "groups": [{"name": "all", "quantity": 200,
+                                                                  "source_check": False}]})
+
+    def two(k):
+        for i in (2 * k + 1, 2 * k + 2):
+            deployment.report(cid, deployment.enroll(cid, joins["all"], i), "ok")
+
+    for k in range(100):
+        deployment.clock.callLater(0.5 * (k + 1), two, k)
+    code, out, err = deployment.run(["wait", cid, "--reports", str(tmp_path), "--interval", "5"])
+    assert code == 0 and deployment.clock.seconds() <= T0 + 50 + 5
+    requests = deployment.requests_by_route(cid)
+    assert requests["status"] == 1 and 10 <= requests["progress"] <= 50 / 5 + 3, requests
 
 
 def test_known_hosts_prints_lines(broker):

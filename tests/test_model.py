@@ -224,15 +224,48 @@ def test_wakeups_touch_only_changed_views():
     head = model.contexts[cid].groups["head"].nodes[0].id
     compute_rev = model.contexts[cid].groups["compute"].view_rev
     head_rev = model.contexts[cid].groups["head"].view_rev
-    # A compute reporting progress changes nobody's view but its own.
+    # Enrolling made the node contextualizing: reporting so again changes nothing; a compute's
+    # error changes nobody's view but its own.
     compute = model.contexts[cid].groups["compute"].nodes[0].id
+    assert model.contexts[cid].nodes[compute].state == "contextualizing"
     touched = report(model, cid, compute, "contextualizing")
+    assert touched.groups == set() and touched.nodes == set()
+    touched = report(model, cid, compute, "error")
     assert touched.groups == set() and touched.nodes == {compute}
     # The head reporting ok flips the computes' ready requirement.
     touched = report(model, cid, head, "ok")
     assert touched.groups == {"compute"}
     assert model.contexts[cid].groups["compute"].view_rev > compute_rev
     assert model.contexts[cid].groups["head"].view_rev == head_rev
+
+
+def test_enrolling_or_reporting_an_identity_starts_an_attempt():
+    """The agent no longer reports contextualizing: enrolling, or a saved credential's
+    identity update, makes the node contextualizing (an error's new attempt, with the error
+    cleared); a node already ok stays ok; a journal record from before the rule (no
+    "attempt") leaves the node enrolled, as it was."""
+    model = Model()
+    cid, head, computes = full_torque(model)
+    ctx = model.contexts[cid]
+    node = ctx.nodes[computes[0]]
+    assert node.state == "contextualizing" and node.times["contextualizing_at"] == NOW
+    assert ctx.counts["contextualizing"] == 4 and ctx.counts["enrolled"] == 0
+    report(model, cid, node.id, "error", exit_code=4, message="script failed")
+    assert node.state == "error" and node.error
+    model.apply(model.prepare_identity(cid, node.id, node.identity, node.identity["primary_ip"], NOW + 5))
+    assert node.state == "contextualizing" and node.error is None
+    report(model, cid, head, "ok")
+    again = ctx.nodes[head].identity
+    model.apply(model.prepare_identity(cid, head, again, again["primary_ip"], NOW + 6))
+    assert ctx.nodes[head].state == "ok"
+
+    old = Model()
+    cid, _ = create(old)
+    record, _, _ = old.prepare_enroll(cid, "compute", {"instance_key": instance_key(3), "identity": identity(3)},
+                                      identity(3)["primary_ip"], NOW)
+    del record["attempt"]
+    old.apply(record)
+    assert old.contexts[cid].nodes[record["node"]].state == "enrolled"
 
 
 def test_unchanged_identity_touches_nothing():

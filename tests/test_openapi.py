@@ -245,10 +245,12 @@ def test_parameter_patterns_are_the_validators(spec):
     as_spec = lambda rx: "^" + rx.pattern + "$"  # noqa: E731
     assert pattern("cid") == pattern("nid") == as_spec(rules.ID_RE) == "^[A-Za-z0-9_-]{22}$"
     assert pattern("name") == as_spec(rules.NAME_RE) == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-    view = operations(spec)[("GET", "/v1/contexts/{cid}/nodes/{nid}/view")]
-    query = {p["name"]: p["schema"] for p in view["parameters"] if p["in"] == "query"}
-    assert query["since"]["type"] == "integer"
-    assert (query["wait"]["type"], query["wait"]["minimum"], query["wait"]["maximum"]) == ("integer", 0, rules.MAX_WAIT)
+    for long_poll in ("/v1/contexts/{cid}/nodes/{nid}/view", "/v1/contexts/{cid}/progress"):
+        op = operations(spec)[("GET", long_poll)]
+        query = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
+        assert query["since"]["type"] == "integer", long_poll
+        assert (query["wait"]["type"], query["wait"]["minimum"], query["wait"]["maximum"]) == (
+            "integer", 0, rules.MAX_WAIT), long_poll
 
 
 def test_validator_understands_every_schema_keyword(spec):
@@ -405,6 +407,13 @@ def test_broker_responses_match_declared_schemas(spec):
     assert head_view["data"] == {"gridmap": [{"b64": "aGVsbG8K"}]}
     api.call("GET", f"{w}/view?since={view['revision']}&wait=0", worker_token, expect=304)
     api.call("GET", f"{w}/view?wait=61", worker_token, expect=400)
+    progress = api.call("GET", f"{c}/progress", ADMIN, expect=200)
+    assert progress["first_error"] is None and progress["counts"]["enrolled"] == 3
+    api.call("GET", f"{c}/progress?since={progress['revision']}&wait=0", ADMIN, expect=304)
+    api.call("GET", f"{c}/progress?since=-1&wait=61", ADMIN, expect=400)
+    api.call("GET", f"{c}/progress", worker_token, expect=403)
+    api.call("GET", f"{c}/progress", expect=401)
+    api.call("GET", f"{ctx}/{'B' * 22}/progress", ADMIN, expect=404)
     api.call("GET", f"{w}/view", head_token, expect=403)
     # Authorization comes first: a node credential learns nothing of other node ids.
     api.call("GET", f"{c}/nodes/{'A' * 22}/view", worker_token, expect=403)
@@ -414,6 +423,7 @@ def test_broker_responses_match_declared_schemas(spec):
     api.call("POST", f"{w}/report", worker_token, {"state": "done"}, expect=400)
     status = api.call("GET", c, ADMIN, expect=200)
     assert [n["error"] is not None for n in status["nodes"]] == [False, True, False]
+    assert api.call("GET", f"{c}/progress", ADMIN, expect=200)["first_error"]["message"] == "boom"
     api.call("POST", f"{h}/report", head_token, {"state": "contextualizing"}, expect=200)
     api.call("POST", f"{h}/report", head_token, {"state": "ok", "exit_code": 0}, expect=200)
     api.call("POST", f"{w}/report", worker_token, {"state": "error", "exit_code": None}, expect=200)

@@ -11,6 +11,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.web.test.requesthelper import DummyRequest
 
 import ctxd
 from ctxd import tap
@@ -56,6 +57,30 @@ def test_bad_options(argv, text):
     with pytest.raises(usage.UsageError) as info:
         options(*argv)
     assert text in str(info.value)
+
+
+@pytest.mark.parametrize("argv, logged", [((), False), (("--access-log",), True)])
+def test_access_log_only_when_asked(tmp_path, argv, logged):
+    """The API writes no line per request unless --access-log: what it logs then is Twisted's
+    combined log line, written by the Site behind the TLS wrapper."""
+    config = options("--state-dir", str(tmp_path / "state"), "--listen", "ssl:0:interface=127.0.0.1",
+                     "--metrics-listen", "none", *argv)
+    reactor = MemoryReactorClock()
+    svc = tap.makeService(config, reactor)
+    svc.startService()
+    try:
+        site = reactor.tcpServers[0][1].wrappedFactory
+    finally:
+        svc.stopService()
+    lines = []
+    # Where Site.log writes once started: _logFile (str lines) in current Twisted, logFile
+    # (UTF-8 bytes) on Debian 12's 22.4.
+    site._logFile = site.logFile = type("Lines", (), {"write": lambda self, line: lines.append(line)})()
+    request = DummyRequest([b"healthz"])
+    request.method, request.uri, request.clientproto, request.code = b"GET", b"/healthz", b"HTTP/1.1", 200
+    request.sentLength = 0
+    site.log(request)
+    assert bool(lines) is logged, lines
 
 
 def test_config_file_flags(tmp_path):

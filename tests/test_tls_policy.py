@@ -268,11 +268,14 @@ def test_server_chooses_tls12_cipher(broker, certs):
 
 
 def test_policy_suites_and_options(certs):
-    """Every TLS 1.2 suite the policy allows is ECDHE + AEAD; compression, renegotiation and tickets are off."""
+    """Every TLS 1.2 suite the policy allows is ECDHE + AEAD; compression and renegotiation are
+    off; sessions resume by stateless tickets (no server cache) honoured for an hour at most."""
     ctx = tlsserver.server_context(certs.a.cert, certs.a.key)
     options = ctx.set_options(0)  # returns the options in force
-    for flag in (SSL.OP_NO_COMPRESSION, SSL.OP_CIPHER_SERVER_PREFERENCE, SSL.OP_NO_RENEGOTIATION, SSL.OP_NO_TICKET):
+    for flag in (SSL.OP_NO_COMPRESSION, SSL.OP_CIPHER_SERVER_PREFERENCE, SSL.OP_NO_RENEGOTIATION):
         assert options & flag == flag
+    assert not options & SSL.OP_NO_TICKET
+    assert ctx.get_session_cache_mode() == SSL.SESS_CACHE_OFF and ctx.get_timeout() == tlsserver.TICKET_LIFETIME
     suites = SSL.Connection(ctx, None).get_cipher_list()
     tls12 = [s for s in suites if not s.startswith("TLS_")]
     assert tls12 and all(s.startswith("ECDHE-") and ("GCM" in s or "CHACHA20" in s) for s in tls12), suites
@@ -350,16 +353,22 @@ _NAME_SERVER = textwrap.dedent(
 
     class Name(Resource):
         isLeaf = True
+        def __init__(self, tls):
+            Resource.__init__(self)
+            self.tls = tls
         def render_GET(self, request):
+            if request.path == b"/rotate":
+                self.tls.rotate()
             return json.dumps({"name": tlsserver.client_certificate_name(request)}).encode()
 
     cert, key, client_ca = sys.argv[1:4]
     ports = []
     # With the client CA: the bare Site, and the Site in a WrappingFactory (as the broker's
-    # connection limits wrap it); without a client CA.
+    # connection limits wrap it); without a client CA. GET /rotate rotates the ticket keys.
     for ca, wrap in ((client_ca, False), (client_ca, True), (None, False)):
-        site = Site(Name())
-        factory = tlsserver.tls_factory(tlsserver.ServerTLS(cert, key, ca), WrappingFactory(site) if wrap else site)
+        tls = tlsserver.ServerTLS(cert, key, ca)
+        site = Site(Name(tls))
+        factory = tlsserver.tls_factory(tls, WrappingFactory(site) if wrap else site)
         ports.append(endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory))
     def ready(listening):
         print(" ".join(str(p.getHost().port) for p in listening), flush=True)
@@ -407,6 +416,42 @@ def test_client_certificate_name(name_server, certs, version, server):
     assert name_seen(with_ca, verifying_client(certs, version, client=certs.alice)) == "alice"
     assert name_seen(with_ca, verifying_client(certs, version)) is None
     assert refusal(with_ca, verifying_client(certs, version, client=certs.mallory)) == UNKNOWN_CA
+
+
+def get_resuming(port: int, ctx: ssl.SSLContext, path: str, session=None):
+    """One HTTPS GET on a fresh connection offering SESSION: (status, body, resumed, session)."""
+    conn = http.client.HTTPSConnection(LOOPBACK, port, context=ctx, timeout=TIMEOUT)
+    raw = socket.create_connection((LOOPBACK, port), timeout=TIMEOUT)
+    try:
+        conn.sock = ctx.wrap_socket(raw, server_hostname=LOOPBACK, session=session)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()   # TLS 1.3 tickets arrive after the handshake
+        return response.status, body, conn.sock.session_reused, conn.sock.session
+    finally:
+        conn.close()
+        raw.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"])
+def test_sessions_resume_until_the_ticket_keys_rotate(name_server, certs, version):
+    """A reconnecting client resumes its session (no certificate exchange) with the ticket the
+    server gave it, and keeps its client-certificate name when it does; after a rotation the
+    old ticket no longer resumes (a full handshake, name verified again), a new one does."""
+    port, alice = name_server["client-ca"], verifying_client(certs, version, client=certs.alice)
+    status, body, resumed, session = get_resuming(port, alice, "/")
+    assert (status, json.loads(body)["name"], resumed) == (200, "alice", False)
+    status, body, resumed, _ = get_resuming(port, alice, "/", session)
+    assert (status, json.loads(body)["name"], resumed) == (200, "alice", True)
+    anonymous = verifying_client(certs, version)
+    _, body, _, anonymous_session = get_resuming(port, anonymous, "/")
+    _, body, resumed, _ = get_resuming(port, anonymous, "/", anonymous_session)
+    assert resumed and json.loads(body)["name"] is None   # resuming grants no name
+
+    assert get_resuming(port, alice, "/rotate", session)[2] is True   # answered by the old keys
+    status, body, resumed, fresh = get_resuming(port, alice, "/", session)
+    assert (status, json.loads(body)["name"], resumed) == (200, "alice", False)
+    assert get_resuming(port, alice, "/", fresh)[2] is True
 
 
 def test_no_client_ca_no_name(name_server, certs):

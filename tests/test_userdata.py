@@ -145,19 +145,29 @@ def _without_docstrings(tree):
 
 
 def test_compacted_agent_is_the_same_program():
-    """Compaction removes only comments and class/function docstrings: the code is identical."""
+    """Compaction removes only comments, class/function docstrings and the module docstring's
+    middle: the code is identical, and so is what --help prints (it quotes the exit codes)."""
     agent = load_agent_source()
     compact = compact_source(agent)
     assert len(compact) < len(agent)
-    assert _without_docstrings(ast.parse(compact)) == _without_docstrings(ast.parse(agent))
-    assert ast.get_docstring(ast.parse(compact)) == ast.get_docstring(ast.parse(agent))
+    module, compact_module = ast.parse(agent), ast.parse(compact)
+    full, kept = ast.get_docstring(module, clean=False), ast.get_docstring(compact_module, clean=False)
+    first, exit_codes = kept.split("\n\n", 1)
+    assert first == full.split("\n", 1)[0] and exit_codes.startswith("Exit codes:\n")
+    assert "\n\n" + exit_codes.rstrip("\n") + "\n\n" in full
+    module.body[0].value.value = compact_module.body[0].value.value = ""
+    assert _without_docstrings(compact_module) == _without_docstrings(module)
+    helps = [subprocess.run([sys.executable, "-c", text, "--help"], capture_output=True, timeout=30).stdout
+             for text in (agent, compact)]
+    assert helps[0] == helps[1].replace(b"usage: -c", b"usage: ctxagent.py") and b"97" in helps[0]
 
 
 def test_compaction_keeps_strings_that_look_like_comments():
-    """A '#' inside a string, and a function whose only statement was its docstring, survive."""
+    """A '#' inside a string, and a function whose only statement was its docstring, survive;
+    comments go, also after code."""
     source = 'def f():\n    """Doc."""\n\n\nx = """\n# not a comment\n"""  # trailing\n# gone\n'
     compact = compact_source(source)
-    assert "# not a comment" in compact and "# gone" not in compact
+    assert "# not a comment" in compact and "# gone" not in compact and "# trailing" not in compact
     namespace = {}
     exec(compact, namespace)
     assert namespace["f"]() is None

@@ -186,6 +186,11 @@ class BrokerClient:
     async def call(self, method: str, path: str, body: Any = None,
                    expect: Tuple[int, ...] = (200,), timeout: Optional[float] = None) -> Any:
         """Send ``body`` as JSON, return the decoded JSON answer; :class:`CliError` on any failure."""
+        return (await self.call_status(method, path, body, expect, timeout))[1]
+
+    async def call_status(self, method: str, path: str, body: Any = None,
+                          expect: Tuple[int, ...] = (200,), timeout: Optional[float] = None) -> Tuple[int, Any]:
+        """:meth:`call`, saying which of the ``expect`` statuses came: (status, decoded JSON or None)."""
         url = self.url + path
         headers = {b"Authorization": [b"Bearer " + self.token.encode("ascii")],
                    b"Accept": [b"application/json"]}
@@ -211,7 +216,7 @@ class BrokerClient:
                     isinstance(r, defer.CancelledError) for r in _flatten_reasons(e)):
                 raise defer.CancelledError() from None  # interrupted (Ctrl-C)
             raise describe_failure(e, self.url, self.ca_file, limit) from None
-        return self._decode(status, content, expect, url)
+        return status, self._decode(status, content, expect, url)
 
     async def _exchange(self, method: str, url: str, headers: Dict[bytes, List[bytes]],
                         data: Optional[bytes]) -> Tuple[int, bytes]:

@@ -18,7 +18,7 @@ from ctxd import rules
 from ctxd.ctxctl import render
 from ctxd.ctxctl.client import BrokerClient, read_small_file
 from ctxd.ctxctl.cluster import ClusterFileError, load_cluster_file
-from ctxd.ctxctl.errors import EXIT_OK, EXIT_TIMEOUT, BrokerUnavailable, CliError, reason
+from ctxd.ctxctl.errors import EXIT_OK, EXIT_TIMEOUT, BrokerRefusal, BrokerUnavailable, CliError, reason
 from ctxd.ctxctl.userdata import (
     USER_DATA_LIMIT,
     UserDataError,
@@ -154,7 +154,8 @@ async def cmd_status(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
 
 
 async def cmd_wait(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``wait CTX``: poll until every expected node is ok (0), one fails (1) or time runs out (3)."""
+    """``wait CTX``: follow the context until every expected node is ok (0), one fails (1) or time
+    runs out (3); then write the reports from its full status, fetched once."""
     follow = _Follow(broker, args, err)
     await follow.run()
     status = follow.status
@@ -174,15 +175,35 @@ async def cmd_wait(broker: BrokerClient, args: Args, out: IO[str], err: IO[str])
                    + (f"; last poll: {follow.unavailable}" if follow.unavailable else ""), EXIT_TIMEOUT)
 
 
+#: How long one progress long-poll waits at the broker for a change (the broker allows up to
+#: rules.MAX_WAIT), and how much longer its request may take (the network, the journal's barrier).
+LONG_POLL_WAIT = 30
+LONG_POLL_GRACE = 15.0
+
+
 class _Follow:
-    """``wait``'s polling: the last status seen, and the progress line on ``err``
-    (redrawn in place on a terminal). A broker that stops answering after it was
-    reached once (a restart) is retried until the deadline."""
+    """``wait``'s following of a context: the last progress and full status seen, and the
+    progress line on ``err`` (redrawn in place on a terminal).
+
+    It long-polls the context's progress (``GET .../progress?since=REV&wait=S``: the counts, the
+    lock and the oldest error, a small answer however many nodes the context has) and fetches
+    the full status, which lists every node, once: when the progress says the wait is over (all
+    ok, or a node failed) or the time is up. Two progress requests start at least ``--interval``
+    seconds apart: while nodes keep changing (an enrollment storm) wait asks no more often than
+    it used to poll, and while they do not it asks once per LONG_POLL_WAIT. A broker without the
+    progress route (a 404 for it while the status answers) is polled for the full status every
+    ``--interval`` seconds, as before the route existed. A broker that stops answering after it
+    was reached once (a restart) is retried every ``--interval`` seconds until the deadline.
+    """
 
     def __init__(self, broker: BrokerClient, args: Args, err: IO[str]) -> None:
         self.broker, self.args, self.err = broker, args, err
         self.tty = isatty(err)
         self.status: Optional[Mapping[str, Any]] = None
+        self.long_polls = True  # False: the broker has no progress route; poll its status
+        self.since = -1  # the revision of the last progress; -1: answer at once
+        self.next_request = 0.0  # (clock time) no request before this
+        self.reached = False
         self.unavailable: Optional[str] = None
         self.last_line: Optional[str] = None
         self.warned_unlocked = False
@@ -191,43 +212,124 @@ class _Follow:
         clock = self.broker.clock
         deadline = clock.seconds() + self.args.timeout
         try:
-            while not await self._poll(deadline - clock.seconds()) and clock.seconds() < deadline:
-                await task.deferLater(clock, min(self.args.interval, max(0.0, deadline - clock.seconds())))
+            while True:
+                step = self._long_poll if self.long_polls else self._poll
+                over = await step(deadline - clock.seconds())
+                done = clock.seconds() >= deadline
+                if (over or done) and self.long_polls:
+                    # The progress says it is over (or time is up): the full status, for the
+                    # reports, has the last word (a node may have changed in between).
+                    status = await self._fetch_status()
+                    over = status is not None and _over(status)
+                if over or done:
+                    return
+                if self.unavailable or not self.long_polls:
+                    self.next_request = clock.seconds() + self.args.interval
+                pause = min(self.next_request, deadline) - clock.seconds()
+                if pause > 0:
+                    await task.deferLater(clock, pause)
         finally:
             if self.tty and self.last_line is not None:
                 print("", file=self.err)
 
+    async def _long_poll(self, remaining: float) -> bool:
+        """One progress long-poll; whether it says the wait is over (a node failed, or all are ok)."""
+        clock, cid = self.broker.clock, self.args.context
+        wait = max(0, min(LONG_POLL_WAIT, int(remaining)))
+        if wait == 0 and self.since >= 0:
+            # Less than a second left: nothing the broker could say before the deadline.
+            await task.deferLater(clock, max(0.0, remaining))
+            return False
+        self.next_request = clock.seconds() + self.args.interval
+        try:
+            code, progress = await self.broker.call_status(
+                "GET", f"/v1/contexts/{cid}/progress?since={self.since}&wait={wait}", expect=(200, 304),
+                timeout=min(wait + LONG_POLL_GRACE, max(1.0, remaining + 1.0)))
+        except BrokerRefusal as e:
+            if e.status != 404:
+                raise
+            # The context is gone (then its status is a 404 too, which ends the wait) or the
+            # broker predates the progress route (its status answers): poll the status from now on.
+            self.reached = True
+            over = await self._poll(remaining)
+            self.long_polls = self.unavailable is not None
+            return over
+        except BrokerUnavailable as e:
+            self._unreachable(e)
+            return False
+        self._reachable()
+        if code == 304:
+            return False
+        if not isinstance(progress, dict):
+            raise CliError(f"broker: the progress of {cid} is not a progress object")
+        revision = progress.get("revision")
+        advanced = isinstance(revision, int) and not isinstance(revision, bool) and revision > self.since
+        self.since = revision if advanced else -1
+        self._show(progress)
+        return render.count(progress, "error") > 0 or progress.get("all_ok") is True
+
     async def _poll(self, remaining: float) -> bool:
-        """One poll; whether the wait is over (a node failed, or all are ok)."""
+        """One poll of the full status; whether the wait is over (a node failed, or all are ok)."""
         timeout = self.broker.timeout or remaining
         try:
             self.status = await _get_status(self.broker, self.args.context, timeout=max(1.0, min(remaining, timeout)))
         except BrokerUnavailable as e:
-            if self.status is None:
-                raise  # never reached it: more likely a wrong --url than a restart
-            if str(e) != self.unavailable:
-                self._say(f"{e}; retrying")
-            self.unavailable = str(e)
-        else:
-            if self.unavailable:
-                self._say("broker reachable again")
-            self.unavailable = None
-        status = self.status
-        if status.get("locked") is False and not self.warned_unlocked:
+            self._unreachable(e)
+            return False
+        self._reachable()
+        self._show(self.status)
+        return _over(self.status)
+
+    async def _fetch_status(self) -> Optional[Mapping[str, Any]]:
+        """The full status (with the client's usual request timeout: it may be large), or None if
+        the broker cannot be reached."""
+        try:
+            self.status = await _get_status(self.broker, self.args.context)
+        except BrokerUnavailable as e:
+            self._unreachable(e)
+            return None
+        self._reachable()
+        self._show(self.status)
+        return self.status
+
+    def _unreachable(self, e: BrokerUnavailable) -> None:
+        if not self.reached:
+            raise e  # never reached it: more likely a wrong --url than a restart
+        if str(e) != self.unavailable:
+            self._say(f"{e}; retrying")
+            if self.tty and self.last_line is not None:
+                print("\r" + self.last_line + "\x1b[K", end="", file=self.err, flush=True)
+        self.unavailable = str(e)
+        self.since = -1  # perhaps another broker (a standby, a restored backup): start afresh
+
+    def _reachable(self) -> None:
+        if self.unavailable:
+            self._say("broker reachable again")
+        self.unavailable = None
+        self.reached = True
+
+    def _show(self, progress: Mapping[str, Any]) -> None:
+        """The progress line of a progress or a status (the same counts), and a warning, once,
+        when the context is not locked."""
+        if progress.get("locked") is False and not self.warned_unlocked:
             cid = self.args.context
             print(f"context {cid} is not locked: nodes wait for `ctxctl lock {cid}`", file=self.err)
             self.warned_unlocked = True
-        line = render.progress_line(status)
+        line = render.progress_line(progress)
         if self.tty:
             print("\r" + line + "\x1b[K", end="", file=self.err, flush=True)
         elif line != self.last_line:
             print(line, file=self.err)
         self.last_line = line
-        return render.first_failed_node(status) is not None or status.get("all_ok") is True
 
     def _say(self, message: str) -> None:
         """A message on a line of its own (after the progress line, on a terminal)."""
         print(("\n" if self.tty else "") + message, file=self.err)
+
+
+def _over(status: Mapping[str, Any]) -> bool:
+    """Whether a full status ends the wait: a node failed, or all are ok."""
+    return render.first_failed_node(status) is not None or status.get("all_ok") is True
 
 
 async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:

@@ -123,9 +123,10 @@ def _context_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the broker's JSON")
 
     p = sub.add_parser("wait", help="wait until every node is ok (exit 0), one fails (1) or timeout (3)",
-                       description="Poll the context until every expected node reported ok (exit 0), a node "
-                                   "reported an error (exit 1) or the timeout passed (exit 3). Writes one "
-                                   "report file per node under REPORTS/CTX/.",
+                       description="Follow the context until every expected node reported ok (exit 0), a node "
+                                   "reported an error (exit 1) or the timeout passed (exit 3): long-polls of its "
+                                   "progress, a small answer however many nodes it has, then its full status "
+                                   "once. Writes one report file per node under REPORTS/CTX/.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _ctx_arg(p)
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, metavar="S",
@@ -133,7 +134,9 @@ def _context_commands(sub: Any) -> None:
     p.add_argument("--reports", default="ctx-reports", metavar="DIR",
                    help="report directory (default ./ctx-reports)")
     p.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="S",
-                   help="seconds between polls (default 1)")
+                   help="at least this many seconds between two requests (a long-poll that found a "
+                        "change, a retry of a broker that cannot be reached, a poll of a broker too old "
+                        "to long-poll) (default 1)")
 
     p = sub.add_parser("known-hosts", help="known_hosts lines for every node")
     _ctx_arg(p)

@@ -44,7 +44,7 @@ from e2e.helpers import BrokerProcess, components_missing
 
 GROUP = "compute"
 QUANTITY = 5000
-REPORT_STATES = ("contextualizing", "error")
+REPORT_STATES = ("error", "contextualizing")
 
 
 class CrashBroker(BrokerProcess):
@@ -210,7 +210,7 @@ class Client(threading.Thread):
     def report(self) -> bool:
         i = self.rng.randrange(len(self.nodes))
         nid, token, n = self.nodes[i]
-        state = REPORT_STATES[n % 2]  # enrolled -> contextualizing -> error -> contextualizing ...
+        state = REPORT_STATES[n % 2]  # (enrolling made it contextualizing) -> error -> contextualizing ...
         message = "t%d-c%d-s%d" % (self.trial, self.index, self.seq) if state == "error" else ""
         body = {"state": state}
         if state == "error":
@@ -372,7 +372,7 @@ class Campaign:
                                             % (s.key, s.node_id))
                             continue
                     if node is not None:
-                        if node["id"] not in reported and node["state"] != "enrolled":
+                        if node["id"] not in reported and node["state"] != "contextualizing":
                             out.phantom.append("node %s is %r but no report was sent for it"
                                                % (node["id"], node["state"]))
                         got = {k: v for k, v in node["identity"].items() if k != "source_address"}
@@ -388,8 +388,8 @@ class Campaign:
                 last_acked = max((i for i, s in enumerate(seq) if s.acked), default=-1)
                 if last_acked >= 0:  # the last acknowledged state, or an in-doubt later one
                     allowed = [s.value for s in seq[last_acked:]]
-                else:  # nothing acknowledged: as enrolled, or any report sent
-                    allowed = [("enrolled", "")] + [s.value for s in seq]
+                else:  # nothing acknowledged: as enrolled (contextualizing), or any report sent
+                    allowed = [("contextualizing", "")] + [s.value for s in seq]
                 node = nodes.get(nid)
                 if node is None:
                     continue  # reported as lost above

@@ -59,7 +59,6 @@ def test_checker_flags_lost_and_phantom_changes(tmp_path):
     log = harness.ClientLog(0, changes=[
         S("enroll", "h0", ident("h0", "10.0.0.1"), True, "N0"),
         S("enroll", "h1", ident("h1", "10.0.0.2"), True, "N1"),
-        S("report", "N0", ("contextualizing", ""), True),
         S("report", "N0", ("error", "m1"), True),
         S("data", "d0", "djE=", True),
         S("data", "d0", "djI=", False),  # in doubt
@@ -75,14 +74,16 @@ def test_checker_flags_lost_and_phantom_changes(tmp_path):
         camp._state = lambda cid: ({"nodes": nodes}, data)
         return camp.verify("C", [log], "OBS")
 
-    good = [node("N0", "h0", "10.0.0.1", "error", "m1"), node("N1", "h1", "10.0.0.2", "enrolled")]
+    # Enrolling makes a node contextualizing; N1 sent no report.
+    good = [node("N0", "h0", "10.0.0.1", "error", "m1"), node("N1", "h1", "10.0.0.2", "contextualizing")]
     out = check(good, {"d0": [{"b64": "djE="}]})
-    assert (out.lost, out.phantom, out.acked, out.in_doubt) == ([], [], 5, 1)
+    assert (out.lost, out.phantom, out.acked, out.in_doubt) == ([], [], 4, 1)
     assert check(good, {"d0": [{"b64": "djI="}]}).lost == []  # superseded by the in-doubt put
     assert check(good, {"d0": [{"b64": "djM="}]}).lost  # a value never sent
     assert check(good, {}).lost  # the acknowledged put is gone
     assert check(good[:1], {"d0": [{"b64": "djE="}]}).lost  # enrollment lost
     stale = [node("N0", "h0", "10.0.0.1", "contextualizing"), good[1]]
     assert check(stale, {"d0": [{"b64": "djE="}]}).lost  # last acknowledged report lost
-    extra = good + [node("NX", "hx", "10.0.0.9", "enrolled")]
+    extra = good + [node("NX", "hx", "10.0.0.9", "contextualizing")]
+    assert check([good[0], node("N1", "h1", "10.0.0.2", "error", "m9")], {"d0": [{"b64": "djE="}]}).phantom
     assert check(extra, {"d0": [{"b64": "djE="}]}).phantom  # a node never sent

@@ -53,13 +53,7 @@ def timing(request):
 @pytest.fixture
 def broker(tmp_path, diag):
     """A real ``twistd -n ctxd`` on a free loopback port, killed at teardown."""
-    b = helpers.BrokerProcess(tmp_path / "broker")
-    diag.add_file("broker log", b.log_path, lines=200)
-    try:
-        b.start()
-        yield b
-    finally:
-        b.kill()
+    yield from helpers.running_broker(tmp_path, diag)
 
 
 @pytest.fixture

@@ -746,3 +746,14 @@ def expected_known_hosts(group: str, head: Ident, computes: Sequence[Ident]) -> 
 
 def expected_hosts(head: Ident, computes: Sequence[Ident]) -> List[str]:
     return sorted(i.hosts_line() for i in [head, *computes])
+
+
+def running_broker(tmp_path, diag, extra_args=()):
+    """A generator for fixtures: a started BrokerProcess, its log in the diagnostics, killed at the end."""
+    b = BrokerProcess(tmp_path / "broker", extra_args=extra_args)
+    diag.add_file("broker log", b.log_path, lines=200)
+    try:
+        b.start()
+        yield b
+    finally:
+        b.kill()

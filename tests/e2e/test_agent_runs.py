@@ -15,6 +15,7 @@ import time
 import pytest
 
 from .helpers import (
+    BrokerProcess,
     EXIT_ENV,
     EXIT_OK,
     EXIT_SCRIPT,
@@ -235,3 +236,26 @@ def test_agent_and_bootstrap_from_user_data(broker, vms, tmp_path, cluster, diag
     for vm in nodes:
         assert role_calls(vm) == sorted(expected_role_calls(vm, nodes)), vm.label
     assert broker.status(ctx.cid)["all_ok"] is True
+
+
+def test_one_connection_per_run_resumed_after_the_broker_cuts_it(tmp_path, vms, cluster, diag):
+    """Each agent makes its run's requests on one kept-alive connection. The broker cuts a
+    connection idle past its request deadline (here 1 s) while the head runs a slow script;
+    the head's ok report reconnects by itself, resuming its TLS session, and every run ends ok."""
+    broker = BrokerProcess(tmp_path / "broker", extra_args=["--request-deadline", "1"])
+    diag.add_file("broker log", broker.log_path, lines=200)
+    nodes = vms({"head": {"4-restarts/torqueslave": {"sleep": 2.0}}})
+    try:
+        broker.start()
+        ctx = broker.create(cluster.path, tmp_path / "out")
+        started = [(vm, vm.start(ctx.bootstrap(group_of(vm)), extra=["--verbose"])) for vm in nodes]
+        assert wait_all(started) == {vm.label: EXIT_OK for vm in nodes}
+        for vm in nodes:
+            counts = re.findall(r"(\d+) connection\(s\) to the broker, (\d+) resumed", vm.log())
+            assert counts, vm.log()
+            expected = [("2", "1")] if vm.label == "head" else [("1", "0")]
+            assert counts == expected, (vm.label, counts)
+        assert "request not received within 1.0 s: connection cut" in broker.log()
+        assert broker.status(ctx.cid)["all_ok"] is True
+    finally:
+        broker.kill()

@@ -61,7 +61,7 @@ def test_metrics_count_a_real_run(broker, vms, tmp_path, cluster, diag):
     assert value("ctxd_refusals_total", code="unauthorized") == 1
     assert value("ctxd_request_seconds_count", route="get_view") >= 4
     assert value("ctxd_node_ok_seconds_count") == 4
-    assert value("ctxd_journal_syncs_total") >= 1 and value("ctxd_journal_records_total") >= 1 + 4 * 3
+    assert value("ctxd_journal_syncs_total") >= 1 and value("ctxd_journal_records_total") >= 1 + 4 * 2   # create; enroll, ok
     assert value("ctxd_journal_sync_seconds_count") == value("ctxd_journal_syncs_total")
     assert value("ctxd_journal_bytes") > 0
     assert value("ctxd_ready") == 1 and value("ctxd_waiters") == 0

@@ -3,7 +3,15 @@
 import json
 from pathlib import Path
 
-from .helpers import EXIT_OK, EXIT_SCRIPT, Context, finish, start_all, wait_all
+import pytest
+
+from .helpers import EXIT_OK, EXIT_SCRIPT, Context, finish, running_broker, start_all, wait_all
+
+
+@pytest.fixture
+def broker(tmp_path, diag):
+    """A real broker writing its access log too (--access-log), so that it is searched as well."""
+    yield from running_broker(tmp_path, diag, ["--access-log"])
 
 
 def test_no_token_in_any_log_report_journal_or_audit(broker, vms, tmp_path, cluster, diag):
@@ -50,6 +58,7 @@ def test_no_token_in_any_log_report_journal_or_audit(broker, vms, tmp_path, clus
         if report.is_file():
             outputs["report " + report.name] = report
     status = broker.ctxctl_ok("status", cid, "--json")
+    assert '"POST /v1/contexts/%s/enroll HTTP/1.1" 201' % cid in broker.log()   # the access log is on
     audit = [json.loads(line) for line in (broker.state_dir / "audit.log").read_text().splitlines()]
     assert {"create_context", "enroll", "revoke_node", "rotate_join_token", "add_user"} <= {e["action"] for e in audit}
     assert any(e["principal"] == "deployer:alice" for e in audit)
