@@ -103,7 +103,14 @@ SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-ni
                  "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
 SSH_KEY_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 MAX_SSH_KEY, MAX_SSH_KEYS = 4096, 16
-MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 60
+MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 300
+# How long a view request waits at the broker for a change, by default: an idle node costs
+# the broker one request per POLL_WAIT. A broker older than 0.2 allows at most OLD_MAX_WAIT.
+POLL_WAIT, OLD_MAX_WAIT = 120, 60
+# TCP keepalive on the broker connection (idle s, interval s, probes): a broker host that
+# vanished (or a standby that took its address) is noticed within about 35 s even while a
+# long-poll waits; the probes are the kernels' work, not the broker's.
+KEEPALIVE = (20, 5, 3)
 
 SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")   # tokens and the instance key
 TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
@@ -938,7 +945,16 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self):
         http.client.HTTPConnection.connect(self)   # TCP (TCP_NODELAY set)
+        keepalive(self.sock)
         self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host, session=self.session)
+
+
+def keepalive(sock):
+    """TCP keepalive probes (KEEPALIVE) where the platform has the options."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 # A kept-alive connection the broker (or a proxy) closed since its last answer fails like this
@@ -1292,16 +1308,21 @@ class Agent(object):
 
     def poll_view(self):
         """Long-poll until the view is complete; the raw view."""
-        since, waiting = -1, None
+        since, waiting, longest = -1, None, MAX_WAIT
         while True:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise self.timed_out("no view received" if waiting is None else
                                      "waiting for %s" % ("; ".join(waiting) or "(nothing named)"))
-            wait = max(0, min(self.options.poll_wait, int(remaining)))
+            wait = max(0, min(self.options.poll_wait, longest, int(remaining)))
             status, raw = self.call("GET", self.node_path("view?since=%d&wait=%d" % (since, wait)),
                                     self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
             if status == 304:
+                continue
+            if status == 400 and wait > OLD_MAX_WAIT and longest > OLD_MAX_WAIT:
+                LOG.info("the broker refused a %d s wait (ctxd before 0.2?): waiting %d s per request",
+                         wait, OLD_MAX_WAIT)
+                longest = OLD_MAX_WAIT
                 continue
             if status != 200:
                 raise self.refused("view", status, raw)
@@ -1378,7 +1399,7 @@ def parse_args(argv):
     add("--hostname", type=_checked(check_hostname), metavar="SHORT", help="to report")
     add("--fqdn", type=_checked(check_fqdn), metavar="FQDN", help="to report")
     add("--network-timeout", type=seconds, default=120.0, metavar="S", help="for a network address [%(default)g]")
-    add("--poll-wait", type=_number(-1, MAX_WAIT, int), default=30, metavar="S",
+    add("--poll-wait", type=_number(-1, MAX_WAIT, int), default=POLL_WAIT, metavar="S",
         help="0..%d [%%(default)d]" % MAX_WAIT)
     add("--script-timeout", type=seconds, default=600.0, metavar="S", help="[%(default)s]")
     add("--cloud-init-user-data", metavar="FILE", default="/var/lib/cloud/instance/user-data.txt",

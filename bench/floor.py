@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import loadgen  # noqa: E402
 from loadgen import ROOT, Proc, SimAgent, Stats, free_port  # noqa: E402
+import ctxagent  # noqa: E402
 from ctxd import memory  # noqa: E402
 from ctxd.tap import LimitOptions  # noqa: E402
 
@@ -118,33 +119,36 @@ async def replay_node(agent: SimAgent, script: List[tuple]) -> None:
     previous one, or a retry), the replay opens one too: the floor makes the same handshakes.
     """
     try:
-        for method, path, token, data, status, raw, opened in script:
-            if path.endswith("/enroll") and agent.stats.first_enroll is None:
-                agent.stats.first_enroll = time.monotonic()
-            if opened:
-                agent.close()
-            delay = loadgen.RETRY_FIRST
-            while True:   # connection errors and time-outs retried with the agent's backoff, as in ctxd's run
-                try:
-                    got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
-                                                     (("X-Floor", "%d %d" % (status, len(raw))),))
-                    break
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
-                    agent.stats.retries += 1
-                    await asyncio.sleep(loadgen.backoff_pause(delay, float("inf")))
-                    delay = min(delay * 2, loadgen.RETRY_MAX)
-            if got != status or len(body) != len(raw):
-                raise RuntimeError("floor answered %d/%d bytes for %d/%d" % (got, len(body), status, len(raw)))
+        await _replay(agent, script)
         agent.stats.last_ok = time.monotonic()
     finally:
         agent.close()
+
+
+async def _replay(agent: SimAgent, script: List[tuple]) -> None:
+    for method, path, token, data, status, raw, opened in script:
+        if path.endswith("/enroll") and agent.stats.first_enroll is None:
+            agent.stats.first_enroll = time.monotonic()
+        if opened:
+            agent.close()
+        delay = loadgen.RETRY_FIRST
+        while True:   # connection errors and time-outs retried with the agent's backoff, as in ctxd's run
+            try:
+                got, body = await agent.exchange(method, path, token, data, loadgen.REQUEST_TIMEOUT,
+                                                 (("X-Floor", "%d %d" % (status, len(raw))),))
+                break
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                agent.stats.retries += 1
+                await asyncio.sleep(loadgen.backoff_pause(delay, float("inf")))
+                delay = min(delay * 2, loadgen.RETRY_MAX)
+        if got != status or len(body) != len(raw):
+            raise RuntimeError("floor answered %d/%d bytes for %d/%d" % (got, len(body), status, len(raw)))
 
 
 def floor_run(n: int, scripts: Dict[int, list], header: bool = False, backlog: Optional[int] = None) -> Dict[str, Any]:
     # The floor listens with ctxd's default backlog (--listen-backlog) unless told otherwise.
     server = FloorProcess(max(len(r[5]) for script in scripts.values() for r in script), backlog or DEFAULT_BACKLOG)
     try:
-        import ctxagent
         tls = ctxagent.make_tls_context(server.ca_pem)
         stats = Stats()
         bootstrap = {"url": "https://127.0.0.1:%d" % server.port}
@@ -183,54 +187,41 @@ def compare(n: int, poll_wait: int, header: bool, backlog: Optional[int] = None)
     return not (ctxd["failures"] or floor["failures"]) and ctxd["all_ok"]
 
 
-async def _hold(agent: SimAgent, first: str, path: str, token: str, opened: List[SimAgent]) -> None:
-    """One idle node's keep-alive connection as an agent keeps it: a view answered on it (as the
-    node's first view), then a long-poll with the agent's headers that the floor holds."""
-    delay = loadgen.RETRY_FIRST
-    while True:
-        try:
-            await agent.exchange("GET", first, token, None,
-                                 loadgen.REQUEST_TIMEOUT, (("X-Floor", "200 1024"),))
-            break
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
-            await asyncio.sleep(loadgen.backoff_pause(delay, float("inf")))
-            delay = min(delay * 2, loadgen.RETRY_MAX)
+async def _hold(agent: SimAgent, script: List[tuple], opened: List[SimAgent]) -> None:
+    """One idle node's keep-alive connection as an agent keeps it: the exchanges a ctxd node
+    made on it before it waited (recorded: its enrollment and first view, same bytes both
+    ways), then a long-poll with the agent's headers that the floor holds."""
+    await _replay(agent, script)
     if agent.connection is None:   # the floor closed it after the answer: as the agent would, reconnect
         await agent.connect(loadgen.REQUEST_TIMEOUT)
     assert agent.connection is not None
+    _, path, token = script[-1][:3]
     writer = agent.connection[1]
-    writer.write(agent.request_bytes("GET", path, token, None, (("X-Floor", "HOLD"),)))
+    writer.write(agent.request_bytes("GET", path.replace("since=-1", "since=1"), token, None, (("X-Floor", "HOLD"),)))
     await writer.drain()
     opened.append(agent)
 
 
-def idle_floor(n: int, header: bool, plain: bool = False, window: float = 60.0) -> Dict[str, Any]:
+def idle_floor(n: int, header: bool, script: List[tuple], plain: bool = False, window: float = 60.0) -> Dict[str, Any]:
     """The memory floor of scenario 3: n idle long-polls (a keep-alive TLS connection that carried
-    one answered request, and a request held on it) on the floor server; PLAIN: the same over
-    plain TCP (what TLS adds is the difference). Figures: its RSS before and with them (after
-    the server's periodic trim), per connection, and the connections opened. A WINDOW shorter
-    than the trim interval is a smoke run: one sample, no waiting."""
+    SCRIPT, a ctxd node's exchanges before it waited, and a request held on it), all started
+    at once as ctxd's nodes are, on the floor server; PLAIN: the same over plain TCP (what TLS
+    adds is the difference). Figures: its RSS before and with them (after the server's
+    periodic trim), per connection, and the connections opened. A WINDOW shorter than the
+    trim interval is a smoke run: one sample, no waiting."""
     full = window >= memory.TRIM_INTERVAL
-    server = FloorProcess(1024, DEFAULT_BACKLOG, plain)
+    server = FloorProcess(max([1024] + [len(r[5]) for r in script]), DEFAULT_BACKLOG, plain)
     opened: List[SimAgent] = []
     stats = Stats()
     try:
-        import ctxagent
         tls = None if plain else ctxagent.make_tls_context(server.ca_pem)
         bootstrap = {"url": "https://127.0.0.1:%d" % server.port}
         if full:
             time.sleep(memory.TRIM_INTERVAL + 1)   # as ctxd's: the empty server settled and trimmed once
         rss_empty = server.proc.status_kib("VmRSS")
-        view = "/v1/contexts/%s/nodes/%s/view?since=%%d&wait=30" % ("c" * 22, "n" * 22)
-        token = "ctxd_node_" + "t" * 43
 
         async def main() -> int:
-            limit = asyncio.Semaphore(500)
-
-            async def one(i: int) -> None:
-                async with limit:
-                    await _hold(SimAgent(bootstrap, tls, stats, i), view % -1, view % 1, token, opened)
-            await asyncio.gather(*(one(i) for i in range(n)))
+            await asyncio.gather(*(_hold(SimAgent(bootstrap, tls, stats, i), script, opened) for i in range(n)))
             samples = []   # as ctxd's figure: the median over a window that includes trims
             for _ in range(5 if full else 1):
                 await asyncio.sleep(memory.TRIM_INTERVAL / 2 if full else 1.0)
@@ -251,9 +242,10 @@ def idle_floor(n: int, header: bool, plain: bool = False, window: float = 60.0) 
 
 
 def idle_compare(n: int, window: float, poll_wait: int, header: bool) -> None:
-    ctxd = loadgen.idle(n, window, poll_wait, header=header)
-    floor = idle_floor(n + 1, header, window=window)
-    plain = idle_floor(n + 1, False, plain=True, window=window)
+    script: List[tuple] = []
+    ctxd = loadgen.idle(n, window, poll_wait, header=header, script=script)
+    floor = idle_floor(n + 1, header, script, window=window)
+    plain = idle_floor(n + 1, False, script, plain=True, window=window)
     ctxd_node = (ctxd["rss_loaded"] - ctxd["rss_empty"]) / float(n + 1)
     loadgen.print_table([("server", "ctxd/floor"), ("N", str(n + 1)),
                          ("RSS/node", "%.2f" % (ctxd_node / floor["per_node_kib"]))], header=False)
@@ -277,20 +269,21 @@ def main(argv=None) -> int:
     if argv[:1] == ["idle"]:
         p = argparse.ArgumentParser(prog="floor.py idle", description="Scenario 3 on ctxd, then its memory floor.")
         p.add_argument("--nodes", type=int, default=100, help="compute nodes (plus one head)")
-        p.add_argument("--window", type=float, default=60.0)
+        p.add_argument("--window", type=float, help="idle seconds sampled [the poll wait, at least 60: every "
+                       "node re-polls the same number of times in it]")
         p.add_argument("--runs", type=int, default=1)
-        p.add_argument("--poll-wait", type=int, default=30)
+        p.add_argument("--poll-wait", type=int, default=ctxagent.POLL_WAIT, help="the agents' wait= [ctxagent's]")
         a = p.parse_args(argv[1:])
         loadgen.quiet_gc()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         for run in range(a.runs):
-            idle_compare(a.nodes, a.window, a.poll_wait, header=run == 0)
+            idle_compare(a.nodes, a.window or max(60.0, a.poll_wait), a.poll_wait, header=run == 0)
         return 0
     loadgen.quiet_gc()
     p = argparse.ArgumentParser(description="Scenario 1 on ctxd and on the floor server, with the ratio.")
     p.add_argument("--nodes", type=int, default=100, help="compute nodes (plus one head)")
     p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--poll-wait", type=int, default=30)
+    p.add_argument("--poll-wait", type=int, default=ctxagent.POLL_WAIT, help="the agents' wait= [ctxagent's]")
     p.add_argument("--backlog", type=int, help="listen backlog of both servers [ctxd's default, %d]" % DEFAULT_BACKLOG)
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

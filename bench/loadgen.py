@@ -44,6 +44,8 @@ import ctxagent  # noqa: E402  (the agent's own TLS context, view parsing and ve
 from ctxd.memory import TRIM_INTERVAL, settle_heap  # noqa: E402
 
 REQUEST_TIMEOUT = ctxagent.REQUEST_TIMEOUT
+# Seconds a connection attempt may take beyond the handshake's own timeout (SimAgent.connect).
+HANDSHAKE_MARGIN = 10.0
 # ctxagent's retry back-off (Agent.call, constants of the same names): pause uniform in
 # [delay/2, delay], delay doubling from RETRY_FIRST up to RETRY_MAX. Every retry site here
 # and in floor.py uses them.
@@ -168,7 +170,7 @@ class SimAgent:
     """
 
     def __init__(self, bootstrap: Dict[str, Any], tls: Optional[ssl.SSLContext], stats: Stats, n: int,
-                 poll_wait: int = 30, record: Optional[list] = None, floor: bool = False,
+                 poll_wait: int = ctxagent.POLL_WAIT, record: Optional[list] = None, floor: bool = False,
                  deadline: float = 1800.0) -> None:
         url = bootstrap["url"]
         rest = url.split("://", 1)[1]
@@ -186,6 +188,9 @@ class SimAgent:
         self.view: Optional[Dict[str, Any]] = None
         self.connection: Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter]] = None
         self.connections = 0       # TLS connections this node opened
+        # Each simulated VM connects from an address of its own (127.1.x.y, all local on
+        # Linux), as real VMs do: ctxd lets one address hold at most half its connections.
+        self.source = ("127.1.%d.%d" % (n // 250 % 256, n % 250 + 1), 0) if self.host == "127.0.0.1" else None
         self.opened = False        # whether the last exchange opened a connection
 
     # -- the connection, as http.client's persistent HTTPSConnection keeps it ------------
@@ -193,9 +198,12 @@ class SimAgent:
         """Open the node's connection (TCP + a full TLS handshake) and keep it."""
         self.close()
         start = time.monotonic()
+        # The TLS handshake ends by its own timeout, never by cancellation: Python 3.11's
+        # asyncio can leave a task cancelled in the middle of a handshake pending for good (a
+        # 10,000-node storm had a few dozen nodes hang so). wait_for bounds the TCP connect.
+        tls = {"ssl": self.tls, "server_hostname": self.host, "ssl_handshake_timeout": timeout} if self.tls else {}
         self.connection = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, ssl=self.tls,
-                                    server_hostname=self.host if self.tls is not None else None), timeout)
+            asyncio.open_connection(self.host, self.port, local_addr=self.source, **tls), timeout + HANDSHAKE_MARGIN)
         if time.monotonic() - start > 1.0:
             self.stats.slow_connects += 1
         self.stats.connections += 1
@@ -569,7 +577,7 @@ def storm_columns(label: str, n: int, stats: Stats, cpu: float, hwm_kib: int, wa
             ("bytes sent", str(stats.response_bytes)), ("TLS connections", str(stats.connections))]
 
 
-def storm(n: int, poll_wait: int = 30, record: Optional[Dict[int, list]] = None, header: bool = True,
+def storm(n: int, poll_wait: int = ctxagent.POLL_WAIT, record: Optional[Dict[int, list]] = None, header: bool = True,
           deadline: float = 1800.0, backlog: Optional[int] = None) -> Dict[str, Any]:
     """Scenario 1 against a real broker: one row; returns the figures (and fills RECORD per node)."""
     broker = BrokerProcess(backlog=backlog)
@@ -614,7 +622,7 @@ def _diagnostics(stats: Stats, failures: List[str], all_ok: Optional[bool]) -> N
         print("  %d nodes failed" % len(failures), file=sys.stderr)
 
 
-def allids(n: int, poll_wait: int = 30, deadline: float = 1800.0, backlog: Optional[int] = None) -> Dict[str, Any]:
+def allids(n: int, poll_wait: int = ctxagent.POLL_WAIT, deadline: float = 1800.0, backlog: Optional[int] = None) -> Dict[str, Any]:
     """Scenario 2: N nodes of one group with all_identities, each needing the others (role of its own group).
 
     Every enrollment changes every node's view (O(N^2) bytes). Counts views sent with a body
@@ -741,15 +749,16 @@ class _IdleRun:
                 return
 
 
-def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
-         backlog: Optional[int] = None, header: bool = True) -> Dict[str, Any]:
+def idle(n: int, window: float = 60.0, poll_wait: int = ctxagent.POLL_WAIT, settle: float = 2.0,
+         backlog: Optional[int] = None, header: bool = True, script: Optional[list] = None) -> Dict[str, Any]:
     """Scenario 3: 1 head + N compute enrolled and long-polling an incomplete context.
 
     The context is open for injection (unlocked, so nothing is complete) and the head's group
     requires a data item that has no value yet. Figures: broker RSS of the empty daemon, after
     all enrolled, and CPU used over an idle WINDOW; then one change that concerns only the head
     (PUT of the data item only the head requires): how many long-polls return a view within
-    SETTLE seconds (must be 1, the head's).
+    SETTLE seconds (must be 1, the head's). SCRIPT (a list) receives a compute node's exchanges
+    before it waited (its enrollment and first view), for the floor to make the same.
     """
     broker = BrokerProcess(backlog=backlog)
     try:
@@ -765,8 +774,9 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
                  "requires": [{"role": "head", "ready": True}]}]})
         tls = ctxagent.make_tls_context(broker.ca_pem)
         stats = Stats()
-        run = _IdleRun(broker, cid, [SimAgent(b, tls, stats, i, poll_wait) for i, b in node_plan(bootstraps, n)],
-                       window, settle)
+        recorded: list = []
+        run = _IdleRun(broker, cid, [SimAgent(b, tls, stats, i, poll_wait, recorded if i == 2 else None)
+                                     for i, b in node_plan(bootstraps, n)], window, settle)
         loop = asyncio.new_event_loop()
         try:
             rss_loaded = loop.run_until_complete(run.main())
@@ -776,6 +786,8 @@ def idle(n: int, window: float = 60.0, poll_wait: int = 30, settle: float = 2.0,
         hwm = broker.proc.status_kib("VmHWM")
     finally:
         broker.cleanup()
+    if script is not None:
+        script.extend([r for r in recorded if r[4] < 500][:2])   # (not a 503 retried)
     samples, woken = run.samples, run.woken
     span, cpu_idle, _ = samples[-1] if samples else (window, float("nan"), 0)
     if samples:   # the broker returns freed heap pages now and then: the window's median
@@ -811,10 +823,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--nodes", type=int, default=100, help="compute nodes (storm, idle) or nodes (allids)")
         p.add_argument("--runs", type=int, default=1, help="repeat (one row each)")
-        p.add_argument("--poll-wait", type=int, default=30, help="the agents' wait= (ctxagent default 30)")
+        p.add_argument("--poll-wait", type=int, default=ctxagent.POLL_WAIT, help="the agents' wait= (ctxagent's default)")
         p.add_argument("--backlog", type=int, help="listen backlog of the broker's endpoint [ctxd's --listen-backlog default]")
         if name == "idle":
-            p.add_argument("--window", type=float, default=60.0, help="idle seconds sampled")
+            p.add_argument("--window", type=float, help="idle seconds sampled [the poll wait, at least 60]")
     args = parser.parse_args(argv)
     quiet_gc()
     # SIGTERM (e.g. from timeout(1)) unwinds, so the broker is stopped and its state removed.
@@ -827,7 +839,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = allids(args.nodes, args.poll_wait, backlog=args.backlog)
             ok = not result["failures"]
         else:
-            result = idle(args.nodes, args.window, args.poll_wait, backlog=args.backlog, header=run == 0)
+            result = idle(args.nodes, args.window or max(60.0, args.poll_wait), args.poll_wait, backlog=args.backlog,
+                          header=run == 0)
             ok = True
         if not ok:
             return 1

@@ -11,7 +11,7 @@ import re
 from io import BytesIO
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -267,7 +267,7 @@ class _BodyProducer:
             self.stalled = self.clock.callLater(self.stall_timeout, self._stalled)
 
     def stopProducing(self) -> None:
-        # The connection went away: notifyFinish's errback does the rest.
+        # The connection went away: CappedRequest.connectionLost does the rest.
         self._stop_stall_timer()
         self.request = None
         self.chunks = []
@@ -302,16 +302,22 @@ class BrokerResource(resource.Resource):
 
     def render(self, request: server.Request) -> Any:
         request.ctxd_started = self.broker.clock.seconds()
-        gone: List[bool] = [False]
         d = maybeDeferred(self._dispatch, request)
-
-        def disconnected(_: Any) -> None:
-            gone[0] = True
-            d.cancel()
-
-        request.notifyFinish().addErrback(disconnected)
-        d.addCallbacks(self._respond, self._fail, callbackArgs=(request, gone), errbackArgs=(request, gone))
+        if not d.called:
+            # A long-poll (or a write waiting for the journal): cancelled if the client goes
+            # away. CappedRequest.connectionLost does it without a notifyFinish Deferred and
+            # callback per request (10,000 idle nodes hold 10,000 of these); a plain Request
+            # (a test's StubTreq) through notifyFinish.
+            if isinstance(request, CappedRequest):
+                request.ctxd_pending = d
+            else:
+                request.notifyFinish().addErrback(_went_away, request, d)
+        # Module functions and one shared arguments tuple: of what a waiting request holds, the
+        # fewest objects (bound methods and tuples, times 10,000 idle nodes).
+        args = (self, request)
+        d.addCallbacks(_answer, _failed, callbackArgs=args, errbackArgs=args)
         return server.NOT_DONE_YET
+
 
     def _dispatch(self, request: server.Request) -> Any:
         try:
@@ -337,8 +343,7 @@ class BrokerResource(resource.Resource):
         body = None
         if route.body == "required" or (route.body == "optional" and request.getHeader("content-type")):
             body = read_json(request, self.max_body)
-        d = maybeDeferred(getattr(self, "_" + route.handler), request, principal, body, **params)
-        return d.addCallback(_reply, route)
+        return getattr(self, "_" + route.handler)(request, principal, body, **params)
 
     # -- handlers: unpack, call the broker ---------------------------------------
 
@@ -463,8 +468,9 @@ class BrokerResource(resource.Resource):
         except OSError as e:
             log.error("cannot write the audit log: {error}", error=e)
 
-    def _respond(self, result: Tuple[int, Any], request: server.Request, gone: List[bool]) -> None:
-        if gone[0]:
+    def _respond(self, result: Tuple[int, Any], request: server.Request) -> None:
+        request.ctxd_pending = None
+        if getattr(request, "ctxd_gone", False):
             return
         status, body = result
         self._audit(request, status)
@@ -483,8 +489,10 @@ class BrokerResource(resource.Resource):
                 request.write(chunk)
         request.finish()
 
-    def _fail(self, failure: Failure, request: server.Request, gone: List[bool]) -> None:
-        if failure.check(CancelledError) and gone[0]:
+    def _fail(self, failure: Failure, request: server.Request) -> None:
+        request.ctxd_pending = None
+        gone = getattr(request, "ctxd_gone", False)
+        if failure.check(CancelledError) and gone:
             return
         if failure.check(RequestError):
             error = failure.value
@@ -492,7 +500,7 @@ class BrokerResource(resource.Resource):
             log.failure("unexpected error answering {method} {path}", failure,
                         method=request.method, path=request.path)
             error = InternalError("internal error")
-        if gone[0]:
+        if gone:
             return
         if isinstance(error, TooManyRequests):
             request.setHeader("retry-after", str(error.retry_after))
@@ -500,7 +508,21 @@ class BrokerResource(resource.Resource):
             route_methods = [r.method for r, p in _COMPILED if p.match(request.path.decode("ascii", "replace"))]
             request.setHeader("allow", ", ".join(route_methods))
         request.ctxd_error = error.code
-        self._respond((status_of(error), {"error": error.code, "message": error.message}), request, gone)
+        self._respond((status_of(error), {"error": error.code, "message": error.message}), request)
+
+
+def _answer(result: Any, resource: BrokerResource, request: server.Request) -> None:
+    """A handler's domain result, answered with the status its route maps it to."""
+    resource._respond(_reply(result, request.ctxd_route), request)
+
+
+def _failed(failure: Failure, resource: BrokerResource, request: server.Request) -> None:
+    resource._fail(failure, request)
+
+
+def _went_away(_: Failure, request: server.Request, pending: Deferred) -> None:
+    request.ctxd_gone = True
+    pending.cancel()
 
 
 def _reply(result: Any, route: Route) -> Tuple[int, Any]:
@@ -565,8 +587,38 @@ class CappedRequest(server.Request):
     max_body = rules.MAX_BODY
     # The site's BrokerResource (make_site): credential_known and refused_early.
     broker_resource: Any = None
-    _refused = False
-    _received = 0
+
+    # Slots, not instance-dict entries: an attribute that twisted.web's own requests do not
+    # have would turn each request's compact (key-sharing) __dict__ into a full table of
+    # about 1.3 KiB, held by every idle long-poll (docs/benchmarks.md, idle memory).
+    __slots__ = (
+        "ctxd_started",     # when render began (the request time metric)
+        "ctxd_route",       # the Route matched, if any
+        "ctxd_principal",   # who authenticated, if anyone
+        "ctxd_error",       # the error code answered, if any
+        "ctxd_pending",     # the answer still being computed (BrokerResource.render)
+        "ctxd_gone",        # whether the client went away before it
+        "_refused",
+        "_received",
+        "_hidden",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctxd_pending: Optional[Deferred] = None
+        self.ctxd_gone = False
+        self._refused = False
+        self._received = 0
+        self._hidden: Optional[List[bytes]] = None
+
+    def connectionLost(self, reason: Any) -> None:
+        """The connection closed before the answer: stop computing it (a long-poll leaves
+        its waiter and timer)."""
+        super().connectionLost(reason)
+        self.ctxd_gone = True
+        pending, self.ctxd_pending = self.ctxd_pending, None
+        if pending is not None:
+            pending.cancel()
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
@@ -603,7 +655,6 @@ class CappedRequest(server.Request):
     # Twisted < 25.5 (Debian 12 has 22.4) has no Site(parsePOSTFormSubmission=False): there the
     # request hides its content type from twisted.web's form parsers and shows it again for us.
     hide_content_type = False
-    _hidden: Optional[List[bytes]] = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -635,7 +686,11 @@ class DeadlineChannel(http.HTTPChannel):
     """
 
     request_deadline = 30.0
-    _deadline: Any = None
+    __slots__ = ("_deadline",)   # (as CappedRequest's)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -200,6 +200,7 @@ class Group:
         "view_rev",
         "cache",
         "rendered",
+        "key",
     )
 
     def __init__(self, context_id: str, spec: Dict[str, Any], join_hash: str, join_expires: float) -> None:
@@ -222,6 +223,8 @@ class Group:
         self.cache: Optional[Tuple[int, Dict[str, Any]]] = None
         # (view_rev, that part as JSON without its closing brace): rendered once, sent to all.
         self.rendered: Optional[Tuple[int, bytes]] = None
+        # (context id, group name): what the broker's view waiters of this group are kept under.
+        self.key = (context_id, self.name)
 
     def spec(self) -> Dict[str, Any]:
         return {

@@ -72,8 +72,9 @@ MAX_BODY = 1024 * 1024
 #: one could never fit in a request of :data:`MAX_BODY` (and reading /dev/zero must not eat
 #: memory). A request still too large with the rest of it is refused before it is sent.
 MAX_DATA_FILE = 768 * 1024
-#: The longest long-poll a node may ask for, in seconds.
-MAX_WAIT = 60
+#: The longest long-poll a node may ask for, in seconds (ctxd before 0.2: 60). An agent waits
+#: 120 s by default: an idle node costs the broker a request every two minutes.
+MAX_WAIT = 300
 #: A node's report: its message and the tail of its log, in characters.
 MAX_MESSAGE = 4096
 MAX_LOG_TAIL = 65536

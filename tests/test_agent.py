@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import sys
 import threading
@@ -670,7 +671,7 @@ def test_help_documents_exit_codes(capsys):
 def test_bad_arguments_exit_2(tmp_path):
     """Invalid options are usage errors (exit 2)."""
     for argv in (["--bootstrap", "x", "--address", "fe80::1%eth0"],
-                 ["--bootstrap", "x", "--hostname", "a_b"], ["--bootstrap", "x", "--poll-wait", "61"],
+                 ["--bootstrap", "x", "--hostname", "a_b"], ["--bootstrap", "x", "--poll-wait", "301"],
                  ["--bootstrap", "x", "--timeout", "0"], []):
         assert ctxagent.main(argv) == 2
 
@@ -843,6 +844,47 @@ def test_ok_report_refused_with_409_exits_6(site, bootstrap, broker, capsys):
     assert [r["state"] for r in broker.reports()] == ["ok"]
 
 
+def _old_broker_views(broker, longest):
+    """The fake broker answers a view request waiting longer than LONGEST with 400, as ctxd
+    before 0.2 did above 60 s; the waits asked for, in order."""
+    waits = []
+    plain = broker.request
+
+    def request(self, method, path, token=None, body=None, timeout=None):
+        if "/view?" in path:
+            wait = int(path.rsplit("wait=", 1)[1])
+            waits.append((wait, timeout))
+            if wait > longest:
+                self.calls.append((method, path.split("?")[0], body))
+                return 400, b'{"error": "bad_request", "message": "wait: must be from 0 to 60 seconds"}'
+        return plain(self, method, path, token, body, timeout)
+    broker.request = request
+    return waits
+
+
+def test_an_older_broker_refusing_long_waits_is_asked_for_60_s(site, bootstrap, broker, capsys):
+    """By default a view request waits 120 s (socket timeout 120 + 30 s); a broker allowing at most
+    60 s answers 400, and the agent asks again for 60 s and finishes its run."""
+    tmp_path, paths = site
+    waits = _old_broker_views(broker, 60)
+    argv = agent_argv(tmp_path, paths, bootstrap)
+    argv = argv[:argv.index("--poll-wait")] + argv[argv.index("--poll-wait") + 2:]   # the default
+    assert ctxagent.main(argv) == 0
+    assert waits == [(120, 120 + ctxagent.REQUEST_TIMEOUT), (60, 60 + ctxagent.REQUEST_TIMEOUT)]
+    assert "the broker refused a 120 s wait (ctxd before 0.2?): waiting 60 s per request" in capsys.readouterr().err
+    assert [r["state"] for r in broker.reports()] == ["ok"]
+
+
+def test_a_400_to_a_short_wait_is_not_retried(site, bootstrap, broker):
+    """The fallback is for a long wait only: a 400 to a wait of 60 s or less ends the run (exit 1),
+    reported, after one request."""
+    tmp_path, paths = site
+    waits = _old_broker_views(broker, 0)
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap, "--poll-wait", "60")) == 1
+    assert [w for w, _ in waits] == [60]
+    assert [r["state"] for r in broker.reports()] == ["error"]
+
+
 def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsys):
     """A run finding STATE/lock held logs one line and exits 0 before any request or script."""
     tmp_path, paths = site
@@ -855,3 +897,15 @@ def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsy
     assert not os.path.exists(os.path.join(paths.state_dir, "instance_key"))
     assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap)) == 0   # once it is free
     assert [r["state"] for r in broker.reports()] == ["ok"]
+
+
+def test_keepalive_probes_the_broker_connection():
+    """The agent's broker socket sends TCP keepalive probes (KEEPALIVE: 20 s idle, every 5 s, 3 of
+    them) so a long-poll to a vanished broker host ends within about 35 s."""
+    with socket.socket() as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        ctxagent.keepalive(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == ctxagent.KEEPALIVE == (20, 5, 3)

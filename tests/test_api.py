@@ -215,11 +215,18 @@ def test_delete_ends_waits_with_404(client):
 
 
 def test_bad_wait_rejected(client):
-    """wait outside 0..60 or a non-integer since is a 400."""
+    """wait outside 0..300 or a non-integer since is a 400."""
     cid, joins, nodes = torque(client)
     nid, token = nodes[2]
     path = f"/v1/contexts/{cid}/nodes/{nid}/view"
     assert client.call("GET", f"{path}?since=1&wait=3600", token)[0] == 400
+    assert client.call("GET", f"{path}?since=1&wait=301", token)[0] == 400
+    pending = client.call_deferred("GET", f"{path}?since=99&wait=300", token)   # the longest wait
+    client.stub.flush()
+    assert not_fired(pending) and client.broker.waiter_count() == 1
+    client.clock.advance(300)
+    client.stub.flush()
+    assert result_of(pending) == (304, None)
     assert client.call("GET", f"{path}?since=abc", token)[0] == 400
 
 

@@ -406,11 +406,11 @@ def test_broker_responses_match_declared_schemas(spec):
     head_view = api.call("GET", f"{h}/view", head_token, expect=200)
     assert head_view["data"] == {"gridmap": [{"b64": "aGVsbG8K"}]}
     api.call("GET", f"{w}/view?since={view['revision']}&wait=0", worker_token, expect=304)
-    api.call("GET", f"{w}/view?wait=61", worker_token, expect=400)
+    api.call("GET", f"{w}/view?wait=301", worker_token, expect=400)
     progress = api.call("GET", f"{c}/progress", ADMIN, expect=200)
     assert progress["first_error"] is None and progress["counts"]["enrolled"] == 3
     api.call("GET", f"{c}/progress?since={progress['revision']}&wait=0", ADMIN, expect=304)
-    api.call("GET", f"{c}/progress?since=-1&wait=61", ADMIN, expect=400)
+    api.call("GET", f"{c}/progress?since=-1&wait=301", ADMIN, expect=400)
     api.call("GET", f"{c}/progress", worker_token, expect=403)
     api.call("GET", f"{c}/progress", expect=401)
     api.call("GET", f"{ctx}/{'B' * 22}/progress", ADMIN, expect=404)
