@@ -9,11 +9,12 @@ from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from ctxd import tokens
-from ctxd.api import BrokerResource
+from ctxd.api import BrokerResource, make_site
 from ctxd.broker import Broker
 from ctxd.testing import MemoryJournal
 from ctxd.model import Model
@@ -249,3 +250,14 @@ def replay_records(records):
     for record in records:
         model.apply(record)
     return model
+
+
+def held_request(client, path, token):
+    """``GET path`` with ``token`` over the broker's own site (api.make_site: its CappedRequest
+    and channel, on the client's clock), sent on a StringTransport; (channel, transport)."""
+    channel = make_site(client.broker).buildProtocol(None)
+    channel.callLater = client.clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    return channel, transport

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import stat
 import sys
 import threading
@@ -900,12 +901,24 @@ def test_run_exits_0_while_another_holds_the_lock(site, bootstrap, broker, capsy
 
 
 def test_keepalive_probes_the_broker_connection():
-    """The agent's broker socket sends TCP keepalive probes (KEEPALIVE: 20 s idle, every 5 s, 3 of
-    them) so a long-poll to a vanished broker host ends within about 35 s."""
-    with socket.socket() as sock:
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
-        ctxagent.keepalive(sock)
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == ctxagent.KEEPALIVE == (20, 5, 3)
+    """The agent's broker connection sends TCP keepalive probes (KEEPALIVE: 20 s idle, every 5 s,
+    3 of them) so a long-poll to a vanished broker host ends within about 35 s: set on its real
+    TCP socket before the TLS handshake (here a stand-in TLS context that records the socket)."""
+    seen = []
+
+    class RecordingTLS(ssl.SSLContext):
+        def wrap_socket(self, sock, server_hostname=None, session=None):
+            seen.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)))
+            raise ssl.SSLError("stop here")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        connection = ctxagent._HTTPSConnection("127.0.0.1", listener.getsockname()[1], RecordingTLS(ssl.PROTOCOL_TLS_CLIENT), 5, None, None)
+        with pytest.raises(ssl.SSLError):
+            connection.connect()
+        connection.close()
+    assert seen == [(1,) + ctxagent.KEEPALIVE] and ctxagent.KEEPALIVE == (20, 5, 3)

@@ -8,12 +8,10 @@ client that goes away takes its waiter with it through the request itself
 import random
 
 import pytest
-from support import Client, not_fired, result_of, torque
+from support import Client, held_request, not_fired, result_of, torque
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from ctxd.api import make_site
 from ctxd.broker import UNCHANGED, _Timeouts
 from ctxd.model import SITE_ADMIN
 
@@ -105,12 +103,7 @@ def test_a_view_waiter_goes_with_its_connection(client):
     nid, token = nodes[2]
     view_path = f"/v1/contexts/{cid}/nodes/{nid}/view"
     revision = client.call("GET", view_path, token)[1]["revision"]
-    channel = make_site(client.broker).buildProtocol(None)
-    channel.callLater = client.clock.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    channel.dataReceived(f"GET {view_path}?since={revision}&wait=30 HTTP/1.1\r\nHost: x\r\n"
-                         f"Authorization: Bearer {token}\r\n\r\n".encode())
+    channel, transport = held_request(client, f"{view_path}?since={revision}&wait=30", token)
     assert client.broker.waiter_count() == 1 and transport.value() == b""
     request = channel.requests[0]
     assert request.ctxd_pending is not None

@@ -8,6 +8,7 @@ import pytest
 from support import (
     ADMIN_TOKEN,
     Client,
+    held_request,
     identity,
     model_state,
     not_fired,
@@ -17,10 +18,8 @@ from support import (
     torque_cluster,
 )
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from ctxd.api import make_site
 from ctxd.model import FIRST_ERROR_MESSAGE, SITE_ADMIN
 
 
@@ -159,12 +158,7 @@ def test_progress_waiter_goes_with_its_client(client):
     """A client that disconnects while waiting takes its waiter and its timer with it."""
     cid, joins, nodes = torque(client)
     revision = progress(client, cid)["revision"]
-    channel = make_site(client.broker).buildProtocol(None)
-    channel.callLater = client.clock.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path(cid, f'since={revision}&wait=30')} HTTP/1.1\r\nHost: x\r\n"
-                         f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode())
+    channel, transport = held_request(client, path(cid, f"since={revision}&wait=30"), ADMIN_TOKEN)
     assert client.broker.waiter_count() == 1 and transport.value() == b""
     channel.connectionLost(Failure(ConnectionDone()))
     assert client.broker.waiter_count() == 0 and client.clock.getDelayedCalls() == []

@@ -757,3 +757,12 @@ def running_broker(tmp_path, diag, extra_args=()):
         yield b
     finally:
         b.kill()
+
+
+def hub_broker(netlab, tmp_path, diag):
+    """A BrokerProcess (not started) on a namespace host "hub" of ``netlab``, its log in the
+    diagnostics; (broker, hub)."""
+    hub = netlab.add_host("hub")
+    broker = BrokerProcess(tmp_path / "broker", host=hub.ip, port=free_port(), nshost=hub)
+    diag.add_file("broker log", broker.log_path, lines=200)
+    return broker, hub

@@ -7,6 +7,7 @@ import json
 import time
 
 from .helpers import (
+    EXIT_OK,
     BrokerProcess,
     Ident,
     finish,
@@ -15,8 +16,6 @@ from .helpers import (
     wait_agent,
     wait_until,
 )
-
-EXIT_OK = 0
 
 
 def test_standby_takes_over_when_the_active_host_dies(netlab, tmp_path, diag, timing, cluster):

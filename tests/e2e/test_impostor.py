@@ -10,18 +10,16 @@ import shutil
 import time
 
 from .helpers import (
-    BrokerProcess,
+    EXIT_REFUSED,
     Ident,
     expected_hosts,
     expected_known_hosts,
-    free_port,
+    hub_broker,
     make_vm,
     managed_block,
     wait_agent,
     wait_until,
 )
-
-EXIT_REFUSED = 6
 
 
 def test_impostor_is_refused_and_victims_trust_only_real_keys(netlab, tmp_path, diag, timing, cluster):
@@ -29,11 +27,9 @@ def test_impostor_is_refused_and_victims_trust_only_real_keys(netlab, tmp_path, 
     each attempt exits 6 and is audited; the honest cluster assembles with only the head's real
     key for the head's names; revoking a compute removes it from the views and frees its slot."""
     t_test = time.monotonic()
-    hub = netlab.add_host("hub")
     hosts = {label: netlab.add_host(label) for label in ("head", "compute1", "compute2", "compute3",
                                                          "compute4", "mallory")}
-    broker = BrokerProcess(tmp_path / "broker", host=hub.ip, port=free_port(), nshost=hub)
-    diag.add_file("broker log", broker.log_path, lines=200)
+    broker, hub = hub_broker(netlab, tmp_path, diag)
     vms = {}
     try:
         broker.start()

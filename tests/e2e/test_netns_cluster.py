@@ -9,15 +9,14 @@ import time
 from .helpers import (
     INITIAL_HOSTS,
     INITIAL_KNOWN_HOSTS,
-    BrokerProcess,
     Ident,
     calls,
     expected_calls,
     expected_hosts,
     expected_known_hosts,
     finish,
-    free_port,
     group_of,
+    hub_broker,
     make_vm,
     managed_block,
     phase,
@@ -30,10 +29,8 @@ LABELS = ("head", "compute1", "compute2", "compute3")
 def test_four_nodes_in_namespaces(netlab, tmp_path, diag, timing, cluster):
     """Four real agents, each on its own namespace host, contextualize the torque cluster exactly."""
     t_test = time.monotonic()
-    hub = netlab.add_host("hub")
     hosts = {label: netlab.add_host(label) for label in LABELS}
-    broker = BrokerProcess(tmp_path / "broker", host=hub.ip, port=free_port(), nshost=hub)
-    diag.add_file("broker log", broker.log_path, lines=200)
+    broker, hub = hub_broker(netlab, tmp_path, diag)
     vms = {}
     try:
         broker.start()
