@@ -114,10 +114,14 @@ ROUTES: Tuple[Route, ...] = (
     Route("POST", "/v1/contexts/{cid}/lock", "lock", OWNER, "optional"),
     Route("POST", "/v1/contexts/{cid}/groups/{group}/join-token", "rotate_join_token", OWNER, "optional"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/revoke", "revoke_node", OWNER, "optional"),
+    Route("POST", "/v1/contexts/{cid}/groups/{group}/scale", "scale", OWNER, "required"),
+    Route("POST", "/v1/contexts/{cid}/nodes/{nid}/remove", "remove_node", OWNER, "optional"),
+    Route("POST", "/v1/contexts/{cid}/extend", "extend", OWNER, "required"),
     Route("POST", "/v1/contexts/{cid}/enroll", "enroll", JOIN, "required"),
     Route("PUT", "/v1/contexts/{cid}/nodes/{nid}/identity", "put_identity", NODE, "required"),
     Route("GET", "/v1/contexts/{cid}/nodes/{nid}/view", "get_view", NODE, "none"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/report", "report", NODE, "required"),
+    Route("POST", "/v1/contexts/{cid}/nodes/{nid}/leave", "leave", NODE, "optional"),
 )
 
 _PARAM_CHECKS: Dict[str, Callable[[str], Any]] = {
@@ -398,7 +402,23 @@ class BrokerResource(resource.Resource):
 
     def _get_view(self, request, principal, body, cid, nid):
         since, wait = _long_poll_args(request)
-        return self.broker.get_view(principal, cid, nid, since, wait)
+        delta = _query_int(request, "delta", 0)
+        if delta not in (0, 1):
+            raise BadRequest("delta: must be 0 or 1")
+        return self.broker.get_view(principal, cid, nid, since, wait, delta == 1)
+
+    def _leave(self, request, principal, body, cid, nid):
+        _empty_body(body, "leave")
+        return self.broker.leave(principal, cid, nid)
+
+    def _scale(self, request, principal, body, cid, group):
+        return self.broker.scale(principal, cid, group, body)
+
+    def _remove_node(self, request, principal, body, cid, nid):
+        return self.broker.remove_node(principal, cid, nid, body)
+
+    def _extend(self, request, principal, body, cid):
+        return self.broker.extend(principal, cid, body)
 
     def _report(self, request, principal, body, cid, nid):
         return self.broker.report(principal, cid, nid, body)

@@ -61,10 +61,11 @@ def _deliver(result: Any, d: Deferred) -> None:
 
 
 class _Watch(NamedTuple):
-    """What a kind of long-poll watches: its subject's revision, and the answer it renders."""
+    """What a kind of long-poll watches: its subject's revision, and the answer it renders
+    (from the subject and the revision the caller holds)."""
 
     revision: Callable[[Any], int]
-    render: Callable[[Any], Any]
+    render: Callable[[Any, int], Any]
 
 
 #: The key of a context's progress waiters in Broker._waiters (a group's view waiters are
@@ -202,8 +203,10 @@ class Broker:
         # (context id, node id) -> that node's one waiter
         self._by_node: Dict[Node, _Waiter] = {}
         self._timeouts = _Timeouts(clock, lambda waiter: self._fire(waiter, UNCHANGED))
-        self._view = _Watch(model.view_revision, model.view_json)
-        self._progress = _Watch(model.progress_revision, model.progress)
+        self._view = _Watch(model.view_revision, lambda node, since: model.view_json(node))
+        self._delta = _Watch(model.view_revision, lambda node, since: model.view_delta(node, since)
+                             or model.view_json(node))
+        self._progress = _Watch(model.progress_revision, lambda ctx, since: model.progress(ctx))
 
     # -- start-up ----------------------------------------------------------
 
@@ -443,7 +446,10 @@ class Broker:
     def _own_node(self, principal: Principal, cid: str, nid: str) -> Node:
         # Authorization first: another credential learns nothing of what exists.
         self.model.check_node_principal(principal, cid, nid)
-        return self.model.node(cid, nid, self.now())
+        node = self.model.node(cid, nid, self.now())
+        if node.group.lease:
+            node.seen = self.now()
+        return node
 
     def put_identity(self, principal: Principal, cid: str, nid: str, body: Any, source: str) -> Deferred:
         node = self._own_node(principal, cid, nid)
@@ -462,13 +468,86 @@ class Broker:
             record, lambda: {"state": node.state, "revision": self.model.view_revision(node)}
         )
 
-    def get_view(self, principal: Principal, cid: str, nid: str, since: Optional[int], wait: int) -> Deferred:
+    def get_view(self, principal: Principal, cid: str, nid: str, since: Optional[int], wait: int,
+                 delta: bool = False) -> Deferred:
         """The node's view (JSONChunks) now, or once its revision passes ``since``;
-        :data:`UNCHANGED` if it does not within ``wait`` seconds."""
+        :data:`UNCHANGED` if it does not within ``wait`` seconds. With ``delta``, what changed
+        since ``since`` (Model.view_delta) when the broker can say, else the whole view."""
         _check_wait(wait)
         node = self._own_node(principal, cid, nid)
         # One wait per node (its slot): a newer request replaces the older one.
-        return self._long_poll(node.group.key, node, node, self._view, since, wait)
+        watch = self._delta if delta and since is not None else self._view
+        return self._long_poll(node.group.key, node, node, watch, since, wait)
+
+    def leave(self, principal: Principal, cid: str, nid: str) -> Deferred:
+        """The node departs by itself (its agent's --leave): its credential stops working."""
+        self._own_node(principal, cid, nid)
+        record = self.model.prepare_depart(cid, nid, "left", self.now())
+        log.info("node {nid} of context {cid} left", nid=nid, cid=cid)
+        return self._commit_then(record, lambda: {"left": nid})
+
+    # -- elasticity (deployers) ---------------------------------------------------
+
+    def scale(self, principal: Principal, cid: str, group: str, body: Any) -> Deferred:
+        """A new quantity for ``group``."""
+        ctx = self.model.owned_context(principal, cid, self.now())
+        record = self.model.prepare_scale(cid, group, body, self.now())
+        log.info("context {cid}: group {group} scaled from {old} to {new}", cid=cid, group=group,
+                 old=ctx.groups[group].quantity, new=record["quantity"])
+
+        def reply() -> Dict[str, Any]:
+            status = self.model.status_group(ctx, ctx.groups[group])
+            return {"context": self.model.summary(ctx), "group": status}
+
+        return self._commit_then(record, reply)
+
+    def remove_node(self, principal: Principal, cid: str, nid: str, body: Any) -> Deferred:
+        """The node departs (its credential stops working, its slot is freed); with
+        ``shrink`` its group's quantity drops by one."""
+        ctx = self.model.owned_context(principal, cid, self.now())
+        body = {} if body is None else body
+        if not isinstance(body, dict) or set(body) - {"shrink"}:
+            raise BadRequest("body: only {\"shrink\": true|false} is allowed")
+        shrink = body.get("shrink", False)
+        if not isinstance(shrink, bool):
+            raise BadRequest("shrink: must be true or false")
+        record = self.model.prepare_depart(cid, nid, "removed", self.now(), shrink)
+        log.info("node {nid} of context {cid} removed{shrunk}", nid=nid, cid=cid,
+                 shrunk=" (its group shrinks)" if shrink else "")
+
+        def reply() -> Dict[str, Any]:
+            g = ctx.nodes[nid].group
+            return {"removed": nid, "group": g.name, "quantity": g.quantity}
+
+        return self._commit_then(record, reply)
+
+    def extend(self, principal: Principal, cid: str, body: Any) -> Deferred:
+        """The context expires ``expires_in`` seconds from now."""
+        self.model.owned_context(principal, cid, self.now())
+        record = self.model.prepare_extend(cid, body, self.now())
+        log.info("context {cid} now expires at {expires}", cid=cid, expires=record["expires"])
+        return self._commit_then(record, lambda: self.model.summary(self.model.contexts[cid]))
+
+    def sweep_leases(self) -> None:
+        """Watching nodes of leased groups silent for longer than the lease depart ("lost").
+        A node is heard from while its long-poll is open, and by each request it makes; after
+        a restart every node's lease starts again."""
+        now = self.now()
+        for ctx in list(self.model.contexts.values()):
+            if ctx.expires <= now:
+                continue
+            for g in ctx.groups.values():
+                if not g.lease:
+                    continue
+                for node in [n for n in g.nodes if n.watching]:
+                    if node in self._by_node or node.seen is None:
+                        node.seen = now   # waiting for its view now, or not seen since start-up
+                        continue
+                    if now - node.seen > g.lease and not self._fatal:
+                        log.info("node {nid} of context {cid} lost: silent for {silent:.0f} s (lease {lease} s)",
+                                 nid=node.id, cid=ctx.id, silent=now - node.seen, lease=g.lease)
+                        self._commit(self.model.prepare_depart(ctx.id, node.id, "lost", now)).addErrback(
+                            lambda f: log.failure("journaling a lost node failed", f))
 
     def _long_poll(self, key: Tuple[str, str], slot: Optional[Node], subject: Any, watch: _Watch,
                    since: Optional[int], wait: int) -> Deferred:
@@ -476,7 +555,7 @@ class Broker:
         else once it does, woken by :meth:`_wake` through ``key``, or :data:`UNCHANGED` after
         ``wait`` seconds. A caller that goes away (cancels) takes its waiter and timer with it."""
         if since is None or watch.revision(subject) > since:
-            return self._durable(watch.render(subject))
+            return self._durable(watch.render(subject, -1 if since is None else since))
         if wait == 0:
             return succeed(UNCHANGED)
         if slot is not None:
@@ -500,6 +579,8 @@ class Broker:
                 del self._waiters[waiter.key]
         if waiter.slot is not None and self._by_node.get(waiter.slot) is waiter:
             del self._by_node[waiter.slot]
+            if waiter.slot.group.lease:
+                waiter.slot.seen = self.clock.seconds()   # heard from until now
         self._timeouts.remove(waiter)
 
     def _fire(self, waiter: _Waiter, result: Any) -> None:
@@ -538,7 +619,7 @@ class Broker:
         for waiter in candidates:
             watch = waiter.watch
             if watch.revision(waiter.subject) > waiter.since:
-                self._fire(waiter, watch.render(waiter.subject))
+                self._fire(waiter, watch.render(waiter.subject, waiter.since))
 
     def waiter_count(self) -> int:
         """Long-polls waiting: nodes' views and contexts' progress."""

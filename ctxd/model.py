@@ -23,6 +23,7 @@ the lock and the oldest error) and its revision, which moves only when the progr
 ``Touched.progress`` says so. That costs O(1) per record: nothing here walks the nodes.
 """
 
+import bisect
 import ipaddress
 import json
 from collections import OrderedDict
@@ -126,6 +127,8 @@ class Node:
         "instance_hash",
         "self_rev",
         "revoked",
+        "watching",
+        "seen",
     )
 
     def __init__(self, node_id: str, group: "Group") -> None:
@@ -141,7 +144,12 @@ class Node:
         self.token_hash = ""
         self.instance_hash = ""
         self.self_rev = 0
+        # Departed (removed, left, lost or revoked): ctx.departures says why and when.
         self.revoked = False
+        # Whether its agent runs in watch mode (a group's lease applies to it), and when
+        # it was last heard from (kept for leased groups only; None: not since start-up).
+        self.watching = False
+        self.seen: Optional[float] = None
 
     def set_identity(self, identity: Dict[str, Any]) -> bool:
         """Replace the identity; return whether it changed."""
@@ -192,6 +200,7 @@ class Group:
         "data",
         "all_identities",
         "source_check",
+        "lease",
         "join_hash",
         "join_expires",
         "nodes",
@@ -200,6 +209,7 @@ class Group:
         "view_rev",
         "cache",
         "rendered",
+        "delta",
         "key",
     )
 
@@ -213,6 +223,8 @@ class Group:
         self.all_identities: bool = spec["all_identities"]
         # Contexts created before the check existed keep working as they did.
         self.source_check: bool = spec.get("source_check", False)
+        # Seconds a watching node may stay silent before it departs (None: no lease).
+        self.lease: Optional[int] = spec.get("lease")
         self.join_hash = join_hash
         self.join_expires = join_expires
         self.nodes: List[Node] = []
@@ -223,6 +235,8 @@ class Group:
         self.cache: Optional[Tuple[int, Dict[str, Any]]] = None
         # (view_rev, that part as JSON without its closing brace): rendered once, sent to all.
         self.rendered: Optional[Tuple[int, bytes]] = None
+        # ((view_rev, since), the delta's shared part): the last delta rendered, for its other watchers.
+        self.delta: Optional[Tuple[Tuple[int, int], bytes]] = None
         # (context id, group name): what the broker's view waiters of this group are kept under.
         self.key = (context_id, self.name)
 
@@ -235,6 +249,7 @@ class Group:
             "data": list(self.data),
             "all_identities": self.all_identities,
             "source_check": self.source_check,
+            "lease": self.lease,
         }
 
 
@@ -270,6 +285,15 @@ class Context:
         self.ip_owner: Dict[str, str] = {}
         self.key_owner: Dict[str, str] = {}
         self.iface_owners: Dict[str, Any] = {}  # address -> a node id, or a set of them
+        # node id -> (reason, when) of every departed node: removed, left, lost or revoked.
+        self.departures: Dict[str, Tuple[str, float]] = {}
+        # The membership log behind delta views (Model.view_delta): the revision at which a
+        # node's entry in the views changed (its identity, its first ok, its departure), in
+        # order; below ``delta_floor`` a watcher gets the full view.
+        self.change_revs: List[int] = []
+        self.change_nodes: List[Node] = []
+        self.change_ready: List[bool] = []   # whether it was a first ok (matters to ready roles only)
+        self.delta_floor = self.revision
         # Dependency indexes, fixed at creation.
         self.providers_of: Dict[str, List[Group]] = {}
         for g in self.groups.values():
@@ -390,6 +414,36 @@ class Context:
         node.self_rev = self.revision
         touched.nodes.add(node.id)
 
+    def membership_changed(self, node: Node, first_ok: bool = False) -> None:
+        """``node``'s entry in the views changed at this revision (the delta log): its identity
+        or its departure, or (``first_ok``) its first ok, which lists it under ready roles."""
+        self.change_revs.append(self.revision)
+        self.change_nodes.append(node)
+        self.change_ready.append(first_ok)
+        if len(self.change_revs) > 2 * CHANGE_LOG:
+            # Amortized O(1): drop the older half; a watcher behind it gets the full view.
+            cut = len(self.change_revs) - CHANGE_LOG
+            self.delta_floor = self.change_revs[cut - 1]
+            del self.change_revs[:cut]
+            del self.change_nodes[:cut]
+            del self.change_ready[:cut]
+
+    def no_deltas_before_now(self) -> None:
+        """What a view shows changed in a way the delta log does not describe (data, the lock,
+        a restored snapshot): watchers holding an older revision get the full view."""
+        self.delta_floor = self.revision
+        self.change_revs.clear()
+        self.change_nodes.clear()
+        self.change_ready.clear()
+
+
+def _listed(providers: List[Group], ready: bool) -> List[Dict[str, Any]]:
+    """What a view lists of a role's providers: those with an identity; of a ``ready`` role,
+    those that reported ok at least once (a node's later error does not unlist it)."""
+    if ready:
+        return [n.public for p in providers for n in p.nodes if n.public and n.times["ok_at"] is not None]
+    return [n.public for p in providers for n in p.nodes if n.public]
+
 
 def _plain_address(source: str) -> str:
     """A client address as identities spell it: canonical, an IPv4-mapped IPv6 address as IPv4."""
@@ -422,6 +476,8 @@ def _claims(identity: Dict[str, Any]) -> Claims:
 
 #: How much of the oldest error's message the progress shows (the status has all of it).
 FIRST_ERROR_MESSAGE = 500
+#: Membership changes kept per context for delta views (between this and twice as many).
+CHANGE_LOG = 2048
 
 
 def _tally(ctx: Context) -> Dict[str, Any]:
@@ -439,15 +495,15 @@ def _tally(ctx: Context) -> Dict[str, Any]:
 
 
 def _progress_key(ctx: Context) -> Tuple[Any, ...]:
-    """What :meth:`Model.progress` shows that can change (the expected count cannot), in O(1):
-    computed after every record, replay included, so kept to a flat tuple."""
+    """What :meth:`Model.progress` shows that can change, in O(groups): computed after every
+    record, replay included, so kept to a flat tuple."""
     c = ctx.counts
     failed = ctx.failed
     if failed:
         first = failed[next(iter(failed))]
-        return (c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked,
+        return (c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked, ctx.expected,
                 first.id, first.identity.get("hostname"), first.error)
-    return c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked
+    return c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked, ctx.expected
 
 
 def _context_records(ctx: Context) -> List[Dict[str, Any]]:
@@ -488,6 +544,8 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
             "error": dict(node.error) if node.error is not None else None,
             "log_tail": node.log_tail,
             "revoked": node.revoked,
+            "departed": ctx.departures.get(node.id),
+            "watching": node.watching,
             "self_rev": node.self_rev,
         })
     out.append({
@@ -625,7 +683,8 @@ class Model:
         existing = g.by_instance.get(instance_hash)
         if existing is not None:
             if existing.revoked:
-                raise Forbidden("this node's credential was revoked by the deployer")
+                reason = ctx.departures.get(existing.id, ("revoked",))[0]
+                raise Forbidden(f"this node departed ({reason}); its instance cannot enroll again")
             # The instance key proves this VM enrolled before: it may get its node
             # back after the join token expired (a late reboot, a lost credential).
             nid, new = existing.id, False
@@ -690,7 +749,8 @@ class Model:
 
     def prepare_report(self, cid: str, nid: str, body: Any, now: float) -> Dict[str, Any]:
         node = self.node(cid, nid, now)
-        body = validate.obj(body, "body", required=("state",), optional=("exit_code", "message", "log_tail"))
+        body = validate.obj(body, "body", required=("state",),
+                            optional=("exit_code", "message", "log_tail", "watch"))
         state = body["state"]
         if state not in (CONTEXTUALIZING, OK, ERROR):
             raise BadRequest("state: must be one of contextualizing, ok, error")
@@ -701,7 +761,11 @@ class Model:
         log_tail = body.get("log_tail", "")
         if not isinstance(log_tail, str):
             raise BadRequest("log_tail: must be a string")
-        if state == OK and not self._group_part(self.contexts[cid], node.group)["complete"]:
+        watch = validate.boolean(body.get("watch", False), "watch")
+        # A node that was ok before re-runs on every change of its view (watch mode), complete
+        # or not: a group may be growing. Only a first success needs a complete view.
+        if state == OK and node.times["ok_at"] is None and not self._group_part(
+                self.contexts[cid], node.group)["complete"]:
             raise Conflict(
                 "this node's view is not complete: it cannot have been contextualized", code="state_conflict"
             )
@@ -720,6 +784,7 @@ class Model:
             "exit_code": exit_code,
             "message": message,
             "log_tail": log_tail[-rules.MAX_LOG_TAIL:],
+            **({"watch": True} if watch else {}),
         }
 
     def prepare_data(self, cid: str, name: str, body: Any, now: float) -> Dict[str, Any]:
@@ -771,6 +836,50 @@ class Model:
         if node.revoked:
             raise Conflict("this node's credential is already revoked", code="already_revoked")
         return {"op": "node_revoke", "ctx": cid, "node": nid, "at": now}
+
+    def prepare_depart(self, cid: str, nid: str, reason: str, now: float, shrink: bool = False) -> Dict[str, Any]:
+        """The node leaves the cluster: ``reason`` is "removed" (by the deployer), "left" (by
+        itself) or "lost" (its lease ran out); ``shrink`` lowers its group's quantity by one."""
+        node = self.node(cid, nid, now)
+        if node.revoked:
+            reason_then = self.contexts[cid].departures.get(nid, ("revoked",))[0]
+            raise Conflict(f"this node has already departed ({reason_then})", code="already_departed")
+        record = {"op": "depart", "ctx": cid, "node": nid, "reason": reason, "at": now}
+        if shrink:
+            record["shrink"] = True
+        return record
+
+    def prepare_scale(self, cid: str, group: str, body: Any, now: float) -> Dict[str, Any]:
+        """A new quantity for ``group``: raised, its join token admits VMs up to it (made valid
+        again if it expired); never below the group's members."""
+        ctx = self.context(cid, now)
+        g = ctx.groups.get(group)
+        if g is None:
+            raise NotFound(f"no group {group!r} in this context")
+        body = validate.obj(body, "body", required=("quantity",))
+        quantity = validate.integer(body["quantity"], "quantity", 0, rules.MAX_QUANTITY)
+        if quantity < len(g.nodes):
+            raise Conflict(
+                f"group {group!r} has {len(g.nodes)} member(s): remove nodes first "
+                f"(ctxctl node remove CTX NODE... --shrink), then scale to {quantity}",
+                code="scale_below_members",
+            )
+        expected = ctx.expected - g.quantity + quantity
+        if expected > self.quotas.nodes_per_context:
+            raise QuotaExceeded(f"the context would expect {expected} nodes (limit {self.quotas.nodes_per_context})")
+        join_expires = g.join_expires
+        if quantity > len(g.nodes):
+            ttl = max(g.join_expires - ctx.created, rules.MIN_SECONDS)
+            join_expires = min(max(join_expires, now + ttl), ctx.expires)
+        return {"op": "scale", "ctx": cid, "group": group, "quantity": quantity, "at": now,
+                "join_expires": join_expires}
+
+    def prepare_extend(self, cid: str, body: Any, now: float) -> Dict[str, Any]:
+        """A new expiry: ``expires_in`` seconds from now."""
+        self.context(cid, now)
+        body = validate.obj(body, "body", required=("expires_in",))
+        expires_in = validate.integer(body["expires_in"], "expires_in", rules.MIN_SECONDS, rules.MAX_EXPIRES_IN)
+        return {"op": "extend", "ctx": cid, "expires": now + expires_in, "at": now}
 
     def prepare_join_rotate(self, cid: str, group: str, now: float) -> Tuple[Dict[str, Any], str]:
         ctx = self.context(cid, now)
@@ -854,7 +963,35 @@ class Model:
     def _apply_node_revoke(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
         self._revoke(ctx, ctx.nodes[record["node"]], touched)
+        ctx.departures[record["node"]] = ("revoked", record["at"])
         return touched
+
+    def _apply_depart(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        node = ctx.nodes[record["node"]]
+        self._revoke(ctx, node, touched)
+        ctx.departures[node.id] = (record["reason"], record["at"])
+        if record.get("shrink"):
+            self._set_quantity(ctx, node.group, max(node.group.quantity - 1, 0), touched)
+        return touched
+
+    def _apply_scale(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        touched = Touched(ctx.id)
+        g = ctx.groups[record["group"]]
+        g.join_expires = record["join_expires"]
+        self._set_quantity(ctx, g, record["quantity"], touched)
+        return touched
+
+    @staticmethod
+    def _set_quantity(ctx: Context, g: Group, quantity: int, touched: Touched) -> None:
+        """How many nodes ``g`` expects; the views counting its providers change."""
+        if quantity != g.quantity:
+            g.quantity = quantity
+            ctx.touch_groups(ctx.dependents[g.name], touched)
+
+    def _apply_extend(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        ctx.expires = record["expires"]
+        return Touched(ctx.id)
 
     def _revoke(self, ctx: Context, node: Node, touched: Touched) -> None:
         """The node's credential stops working, it leaves every view and frees its slot; it
@@ -871,6 +1008,7 @@ class Model:
         if node.public:
             node.public = {}
             ctx.touch_groups(ctx.dependents[g.name] | ctx.all_identity_groups, touched)
+            ctx.membership_changed(node)
         ctx.touch_node(node, touched)
 
     def _apply_join_rotate(self, ctx: Context, record: Dict[str, Any]) -> Touched:
@@ -930,6 +1068,7 @@ class Model:
         node.set_identity(identity)
         ctx.touch_groups(ctx.dependents[node.group.name] | ctx.all_identity_groups, touched)
         ctx.touch_node(node, touched)
+        ctx.membership_changed(node)
 
     def _apply_report(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
@@ -941,6 +1080,8 @@ class Model:
         elif new == ERROR:
             node.error = {"exit_code": record["exit_code"], "message": record["message"]}
             node.log_tail = record["log_tail"]
+        if record.get("watch"):
+            node.watching = True
         self._set_state(ctx, node, new, record["at"], touched)
         return touched
 
@@ -953,6 +1094,9 @@ class Model:
         if old == ERROR and new == CONTEXTUALIZING:
             node.error = None  # a new attempt
         if new != old:
+            if new == OK and node.times["ok_at"] is None and node.public:
+                # A first ok: the node joins the providers of its ready roles.
+                ctx.membership_changed(node, first_ok=True)
             node.state = new
             ctx.counts[old] -= 1
             ctx.counts[new] += 1
@@ -965,6 +1109,7 @@ class Model:
     def _apply_data(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
         ctx.data[record["name"]] = list(record["values"])
+        ctx.no_deltas_before_now()
         ctx.touch_groups((g.name for g in ctx.groups.values() if record["name"] in g.data), touched)
         return touched
 
@@ -972,6 +1117,7 @@ class Model:
         touched = Touched(ctx.id)
         ctx.locked = True
         ctx.touch_groups(ctx.groups, touched)
+        ctx.no_deltas_before_now()
         return touched
 
     def _apply_delete(self, ctx: Context, record: Dict[str, Any]) -> Touched:
@@ -1025,6 +1171,12 @@ class Model:
         node.log_tail = record["log_tail"]
         if record["revoked"] and not node.revoked:
             self._revoke(ctx, node, Touched(ctx.id))
+        departed = record.get("departed")
+        if departed:
+            ctx.departures[node.id] = (departed[0], departed[1])
+        elif node.revoked:   # a snapshot from before departures had reasons
+            ctx.departures[node.id] = ("revoked", record["times"].get("enrolled_at") or 0.0)
+        node.watching = record.get("watching", False)
         node.self_rev = record["self_rev"]
         return Touched(ctx.id)
 
@@ -1046,6 +1198,7 @@ class Model:
         ctx.failed = OrderedDict((n.id, n) for n in nodes)
         ctx.progress_key = _progress_key(ctx)
         ctx.progress_rev = record.get("progress_rev", ctx.revision)
+        ctx.no_deltas_before_now()
         return Touched(ctx.id)
 
     # -- reads -------------------------------------------------------------
@@ -1067,7 +1220,7 @@ class Model:
                 "ready": ready,
                 "satisfied": satisfied,
                 "expected": expected,
-                "providers": [n.public for p in providers for n in p.nodes if n.public],
+                "providers": _listed(providers, ready),
             }
             if not satisfied:
                 waiting.append(f"role {role}: {have} of {expected} providers {'ok' if ready else 'enrolled'}")
@@ -1089,6 +1242,7 @@ class Model:
             "waiting_for": waiting,
             "roles": roles,
             "data": data,
+            "lease": g.lease,
         }
         if g.all_identities:
             part["all_identities"] = [n.public for n in ctx.nodes.values() if n.public]
@@ -1115,6 +1269,57 @@ class Model:
             shared = json_bytes(self._group_part(self.contexts[g.context_id], g))[:-1]
             # Kept only where it is shared: a group of one (a head) would just hold a copy.
             g.rendered = (g.view_rev, shared) if len(g.nodes) > 1 else None
+        own = json_bytes(
+            {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
+        )
+        return JSONChunks((shared, b"," + own[1:]))
+
+    def view_delta(self, node: Node, since: int) -> Optional[JSONChunks]:
+        """What changed in ``node``'s view since revision ``since``, or None when the log cannot
+        say (``since`` before :attr:`Context.delta_floor`): the view's own fields, then each node
+        whose entry changed, as it is listed now ("peers", with the roles and whether
+        all_identities lists it) or gone ("departed"). O(changes), not O(nodes); the part shared
+        by the group's watchers is rendered once per (view revision, since)."""
+        ctx = self.contexts[node.group.context_id]
+        g = node.group
+        if since < ctx.delta_floor or since > ctx.revision:
+            return None
+        key = (g.view_rev, since)
+        if g.delta is not None and g.delta[0] == key:
+            shared = g.delta[1]
+        else:
+            part = self._group_part(ctx, g)
+            changed: Dict[str, Node] = {}
+            wanted = [(role, ready, {p.name for p in ctx.providers_of[role]}) for role, ready in g.requires]
+            relevant = set().union(*(groups for _, _, groups in wanted))
+            ready_relevant = set().union(*(groups for _, ready, groups in wanted if ready))
+            start = bisect.bisect_right(ctx.change_revs, since)
+            for n, first_ok in zip(ctx.change_nodes[start:], ctx.change_ready[start:]):
+                # A first ok changes only the lists of ready roles; the rest, every list of the node.
+                if n.group.name in ready_relevant if first_ok else (g.all_identities or n.group.name in relevant):
+                    changed[n.id] = n
+            peers, departed = [], []
+            for n in changed.values():
+                listed = n.public and [role for role, ready, groups in wanted if n.group.name in groups
+                                       and (not ready or n.times["ok_at"] is not None)]
+                everyone = bool(n.public) and g.all_identities
+                if listed or everyone:
+                    peers.append(dict(n.public, roles=listed, all=everyone))
+                else:
+                    departed.append(n.id)
+            shared = json_bytes({
+                "delta": True,
+                "since": since,
+                "context_id": ctx.id,
+                "group": g.name,
+                "locked": ctx.locked,
+                "complete": part["complete"],
+                "waiting_for": part["waiting_for"],
+                "lease": g.lease,
+                "peers": peers,
+                "departed": departed,
+            })[:-1]
+            g.delta = (key, shared) if len(g.nodes) > 1 else None
         own = json_bytes(
             {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
         )
@@ -1162,9 +1367,7 @@ class Model:
 
     def status(self, ctx: Context) -> Dict[str, Any]:
         out = self.summary(ctx)
-        out["groups"] = [
-            dict(g.spec(), enrolled=len(g.nodes), join_token_expires=g.join_expires) for g in ctx.groups.values()
-        ]
+        out["groups"] = [self.status_group(ctx, g) for g in ctx.groups.values()]
         out["data"] = {
             name: {"values": len(values), "bytes": sum(len(v) * 3 // 4 - v.count("=") for v in values)}
             for name, values in ctx.data.items()
@@ -1179,12 +1382,23 @@ class Model:
                     "identity": dict(n.identity, source_address=n.source),
                     "error": n.error,
                     "log_tail": n.log_tail,
+                    "departed": ctx.departures.get(n.id, (None,))[0],
+                    "departed_at": ctx.departures.get(n.id, (None, None))[1],
+                    "watching": n.watching,
+                    "last_seen": n.seen if n.group.lease else None,
                 },
                 **n.times,
             )
             for n in ctx.nodes.values()
         ]
         return out
+
+    @staticmethod
+    def status_group(ctx: Context, g: Group) -> Dict[str, Any]:
+        """A group in the status: its spec ("quantity" is its target size), its members
+        ("enrolled"), how many departed, and when its join token expires."""
+        departed = sum(1 for nid in ctx.departures if ctx.nodes[nid].group is g)
+        return dict(g.spec(), enrolled=len(g.nodes), departed=departed, join_token_expires=g.join_expires)
 
     def user_list(self) -> List[Dict[str, Any]]:
         return [

@@ -63,6 +63,9 @@ MIN_SECONDS = 60  # shortest expires_in and join_token_ttl
 DEFAULT_EXPIRES_IN = 7 * DAY
 MAX_EXPIRES_IN = 365 * DAY
 DEFAULT_JOIN_TOKEN_TTL = DAY
+#: A group's lease (a watching node silent this long departs), in seconds.
+MIN_LEASE = 10
+MAX_LEASE = 30 * DAY
 
 # -- requests ----------------------------------------------------------------
 

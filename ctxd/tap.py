@@ -43,6 +43,8 @@ SYSTEM_STATE_DIR = "/var/lib/ctxd"
 LOCAL_STATE_DIR = "ctxd-state"
 CONFIG_SECTION = "ctxd"
 SWEEP_INTERVAL = 60
+# How often watching nodes' leases are checked (a lease is at least 10 s): O(leased watchers).
+LEASE_INTERVAL = 1
 AUDIT_INTERVAL = 60  # seconds between the audit log's lines of counted refusals
 ADMIN_TOKEN_FILE = "admin.token"
 
@@ -496,7 +498,8 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
         _monitoring_listener(config["metrics-listen"], broker, reactor).setServiceParent(top)
     # SIGHUP: the audit log is reopened (logrotate) and certificates re-read.
     tlsserver.ReloadOnSIGHUP(lambda: [reload() for reload in reloads], reactor).setServiceParent(top)
-    timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired), TimerService(AUDIT_INTERVAL, broker.audit.flush)]
+    timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired), TimerService(AUDIT_INTERVAL, broker.audit.flush),
+              TimerService(LEASE_INTERVAL, broker.sweep_leases)]
     if memory.CAN_RELEASE:
         timers.append(TimerService(memory.TRIM_INTERVAL, memory.release_free_memory))
     for timer in timers:

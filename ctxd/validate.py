@@ -8,7 +8,7 @@ import base64
 import binascii
 import ipaddress
 import json
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Optional, Set
 
 from ctxd import rules
 from ctxd.errors import BadRequest, InvalidCluster, InvalidName
@@ -221,7 +221,7 @@ def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]
 def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str]) -> Dict[str, Any]:
     """One group of a create request; ``seen`` collects the group names so far."""
     g = obj(g, where, required=("name", "quantity"),
-            optional=("provides", "requires", "data", "all_identities", "source_check"))
+            optional=("provides", "requires", "data", "all_identities", "source_check", "lease"))
     gname = name(g["name"], f"{where}.name")
     if gname in seen:
         raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
@@ -250,7 +250,15 @@ def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str
         "data": sorted(set(gdata)),
         "all_identities": boolean(g.get("all_identities", False), f"{where}.all_identities"),
         "source_check": boolean(g.get("source_check", True), f"{where}.source_check"),
+        "lease": lease(g.get("lease"), f"{where}.lease"),
     }
+
+
+def lease(value: Any, field: str) -> Optional[int]:
+    """A group's lease in seconds (None: no lease)."""
+    if value is None:
+        return None
+    return integer(value, field, rules.MIN_LEASE, rules.MAX_LEASE)
 
 
 def _names(value: Any, field: str, max_items: int) -> List[str]:

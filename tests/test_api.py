@@ -165,6 +165,22 @@ def test_long_poll_waits_and_wakes(client):
     client.stub.flush()
     status, woken = result_of(pending)
     assert status == 200 and woken["revision"] > view["revision"]
+    # torquemaster is required ready: the head counts as enrolled, and is listed once ok.
+    assert woken["waiting_for"][0] == "role torquemaster: 0 of 1 providers ok"
+    assert woken["roles"]["torquemaster"]["providers"] == []
+    assert client.broker.waiter_count() == 0
+    for n in (3, 4):   # the head's view is complete once every compute enrolled
+        assert client.enroll(cid, joins["compute"], n)[0] == 201
+    _, view = client.call("GET", path, c2["node_token"])
+    pending = client.call_deferred("GET", f"{path}?since={view['revision']}&wait=30", c2["node_token"])
+    client.stub.flush()
+    assert not_fired(pending)
+    status, _ = client.call("POST", f"/v1/contexts/{cid}/nodes/{head['node_id']}/report", head["node_token"],
+                            {"state": "ok"})
+    assert status == 200
+    client.stub.flush()
+    status, woken = result_of(pending)
+    assert status == 200
     assert woken["roles"]["torquemaster"]["providers"][0]["hostname"] == "node1"
     assert client.broker.waiter_count() == 0
 
@@ -415,7 +431,7 @@ def test_reads_wait_until_what_they_show_is_durable(manual):
     manual.stub.flush()
     assert not_fired(view), "a view showing the un-synced head must wait for the sync"
     settle(manual)
-    assert result_of(view)[1]["roles"]["torquemaster"]["providers"][0]["hostname"] == "node1"
+    assert [p["hostname"] for p in result_of(view)[1]["all_identities"]] == ["node2", "node1"]
     assert result_of(head)[0] == 201
 
 

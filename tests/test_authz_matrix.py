@@ -104,12 +104,14 @@ BODIES: Dict[str, Any] = {
     "enroll": {"instance_key": instance_key(90), "identity": identity(90)},
     "put_identity": identity(2, "n2-renamed"),
     "report": {"state": "contextualizing"},
+    "scale": {"quantity": 3},
+    "extend": {"expires_in": 3600},
 }
 SUCCESS = {
     "health": 200, "list_users": 200, "add_user": 201, "revoke_user": 200, "list_contexts": 200,
     "create_context": 201, "get_context": 200, "get_progress": 200, "delete_context": 200, "put_data": 200, "lock": 200,
     "rotate_join_token": 200, "revoke_node": 200, "enroll": 201, "put_identity": 200, "get_view": 200,
-    "report": 200,
+    "report": 200, "scale": 200, "remove_node": 200, "extend": 200, "leave": 200,
 }
 ERROR_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 410: "join_token_expired",
                409: "enrollment_full"}
