@@ -483,19 +483,21 @@ def _this_host(view, phase):
             for i in me.interfaces if i.ipv4 or i.ipv6]
 
 
-def plan_actions(view, state_dir):
-    """The ordered list of Actions for a validated, complete NodeView."""
-    assert view.complete
+def _blocks(view):
+    """The hosts and known_hosts managed blocks for VIEW."""
     known_hosts = []
     for p in _others(view):
         for key in p.ssh_host_keys:
             line = "%s,%s,%s %s" % (p.fqdn, p.hostname, p.ip, key)
             if line not in known_hosts:
                 known_hosts.append(line)
-    plan = [script_action("clean.sh"),
-            Action(BLOCK, "hosts", tuple("%s %s %s" % (p.ip, p.fqdn, p.hostname)
-                                         for p in peers_of(view)), None),
+    return [Action(BLOCK, "hosts", tuple("%s %s %s" % (p.ip, p.fqdn, p.hostname) for p in peers_of(view)), None),
             Action(BLOCK, "known_hosts", tuple(known_hosts), None)]
+
+
+def plan_actions(view, state_dir):
+    """The ordered list of Actions for a validated NodeView (the initial run)."""
+    plan = [script_action("clean.sh")] + _blocks(view)
     plan += [script_action("0-etchosts.sh", p.ip, p.hostname, p.fqdn) for p in peers_of(view)]
     plan += [script_action("1-ipandhost/" + role, p.ip, p.hostname, p.fqdn)
              for role, providers in view.roles for p in providers]
@@ -506,6 +508,58 @@ def plan_actions(view, state_dir):
             plan += [Action(FILE, path, (), value), script_action("3-data/" + name, path)]
     plan += [script_action("4-restarts/" + role) for role, _ in view.roles]
     return plan + _this_host(view, "5-thishost-finalize/")
+
+
+def _listings(view):
+    """{(ROLE, node id): Peer} of every provider in VIEW, and ("", node id) of every identity."""
+    out = dict((("", p.node_id), p) for p in peers_of(view))
+    for role, providers in view.roles:
+        out.update(((role, p.node_id), p) for p in providers)
+    return out
+
+
+def plan_change(old, new):
+    """(Actions, joined, departed) that take this node from NodeView OLD to NEW (watch mode):
+    the blocks, 6-departed/ROLE per provider gone (a changed one: with its old values), 0-etchosts.sh
+    per identity and 1-ipandhost/ROLE per provider come, 4-restarts/ROLE per role concerned."""
+    before, after = _listings(old), _listings(new)
+    gone = [k for k in before if after.get(k) != before[k]]
+    came = [k for k in after if before.get(k) != after[k]]
+    if not gone and not came:
+        return [], [], []
+    plan = _blocks(new)
+    plan += [script_action("6-departed/" + r, before[r, n].ip, before[r, n].hostname, before[r, n].fqdn)
+             for r, n in gone if r]
+    for r, n in came:
+        p = after[r, n]
+        plan.append(script_action("1-ipandhost/" + r if r else "0-etchosts.sh", p.ip, p.hostname, p.fqdn))
+    plan.sort(key=lambda a: a.target.startswith("1-"))   # (stable) every 0-etchosts.sh first
+    plan += [script_action("4-restarts/" + r) for r in sorted(set(r for r, _ in gone + came if r))]
+    return plan, [after[k] for k in came if not k[0]], [before[k] for k in gone if not k[0]]
+
+
+def merge_delta(held, delta):
+    """The full raw view: HELD (a full view) with DELTA (what changed since it) applied."""
+    for key in ("context_id", "node_id"):
+        if delta.get(key) != held.get(key):
+            raise InputError("view delta.%s: %s is not ours" % (key, _show(delta.get(key))))
+    peers = [_expect(p, dict, "view delta.peers[]") for p in _expect(delta.get("peers"), list, "view delta.peers")]
+    gone = set(check_id(n, "view delta.departed[]") for n in _expect(delta.get("departed"), list, "view delta.departed"))
+    gone.update(check_id(p.get("node_id"), "view delta.peers[].node_id") for p in peers)
+    view = dict(held, roles={}, all_identities=[p for p in held.get("all_identities") or [] if p["node_id"] not in gone])
+    for key in ("revision", "complete", "waiting_for", "state", "self", "locked", "lease"):
+        view[key] = delta.get(key)
+    for name, role in held["roles"].items():
+        view["roles"][name] = dict(role, providers=[p for p in role["providers"] if p["node_id"] not in gone])
+    for p in peers:
+        entry = dict((k, v) for k, v in p.items() if k not in ("roles", "all"))
+        for name in _expect(p.get("roles"), list, "view delta.peers[].roles"):
+            if name not in view["roles"]:
+                raise InputError("view delta: role %s is not in the view" % _show(name))
+            view["roles"][name]["providers"].append(entry)
+        if p.get("all") is True:
+            view["all_identities"].append(entry)
+    return view
 
 
 def replace_managed_block(text, context_id, lines):
@@ -742,23 +796,36 @@ def execute_plan(plan, paths, context_id, env, script_timeout):
             raise ActionError("could not write %s: %s" % (action.target, exc))
 
 
-def apply_view(raw_view, context_id, node_id, paths, script_timeout):
-    """Validate a complete view and plan; only then write files and run scripts.
+def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=None, resume=False):
+    """Validate a view and plan; only then write files and run scripts: the initial run
+    (complete views only, unless RESUME: this node was contextualized before), or, after the
+    raw view PREVIOUS was applied, what changed (watch mode). False if nothing had to be done.
 
     When an action fails, problem.sh (if present and executable) runs before
     the error is raised; its own outcome is ignored.
     """
     view = validate_view(raw_view, context_id, node_id)
-    if not view.complete:
+    joined = departed = ()
+    if previous is not None:
+        plan, joined, departed = plan_change(validate_view(previous, context_id, node_id), view)
+        if not plan:
+            return False
+    elif view.complete or resume:
+        plan = plan_actions(view, paths.state_dir)
+    else:
         raise InputError("view: not complete")
-    plan = resolve_scripts(plan_actions(view, paths.state_dir), paths.scripts_dir)
+    plan = resolve_scripts(plan, paths.scripts_dir)
     view_path = os.path.join(paths.state_dir, "view.json")
     try:
         atomic_write(view_path, json.dumps(raw_view, indent=1, sort_keys=True).encode("utf-8"))
     except OSError as exc:
         raise ActionError("could not write %s: %s" % (view_path, exc))
-    env = dict(os.environ, CTX_VIEW=view_path, CTX_CONTEXT_ID=context_id, CTX_NODE_ID=node_id)
-    LOG.info("view revision %d is complete: %d action(s)", view.revision, len(plan))
+    env = dict(os.environ, CTX_VIEW=view_path, CTX_CONTEXT_ID=context_id, CTX_NODE_ID=node_id,
+               CTX_EVENT="change" if previous is not None else "initial",
+               CTX_JOINED=" ".join("%s,%s,%s" % (p.ip, p.hostname, p.fqdn) for p in joined),
+               CTX_DEPARTED=" ".join("%s,%s,%s" % (p.ip, p.hostname, p.fqdn) for p in departed))
+    LOG.info("view revision %d%s: %d action(s)%s", view.revision, " is complete" if view.complete else "",
+             len(plan), " (%d joined, %d departed)" % (len(joined), len(departed)) if previous else "")
     try:
         execute_plan(plan, paths, context_id, env, script_timeout)
     except Exception as exc:
@@ -769,6 +836,7 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout):
             except ActionError:
                 pass
         raise
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1165,14 +1233,92 @@ class Agent(object):
         # which also starts the attempt (the node is contextualizing); the view's long-polls;
         # the report.
         self.retrying("connecting", lambda: (0, self.broker.connect()))   # learns our address
+        if o.leave:
+            return self.leave()
         self.ensure_node(self.local_identity())
-        view = self.poll_view()
-        apply_view(view, b["context_id"], self.node["node_id"],
-                   Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file),
-                   o.script_timeout)
+        # In watch mode a node contextualized before (a reboot, a restart) applies the view as it
+        # is: its group may have lost a node for good, and so never be complete again.
+        applied = self.load_applied() if o.watch else None
+        view = self.poll_view(applied is not None)
+        paths = Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file)
+        apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None)
         LOG.info("contextualization done")
         self.report("ok", max(self.deadline, time.monotonic() + FINAL_REPORT_BUDGET))
         LOG.debug("%d connection(s) to the broker, %d resumed", self.broker.opened, self.broker.resumed)
+        if o.watch:
+            self.save_applied(view)
+            return self.watch(view, paths)
+        return EXIT_OK
+
+    def load_applied(self):
+        """The full view this node applied last (watch mode), if valid and this node's."""
+        try:
+            view = decode_reply(read_file(self.state("applied.json"), MAX_REPLY, True) or b"{}", "applied.json")
+            if view:
+                validate_view(view, self.node["context_id"], self.node["node_id"])
+                LOG.info("contextualized before: applying view revision %d as it is", view["revision"])
+                return view
+        except (InputError, OSError) as exc:
+            LOG.info("ignoring %s", exc)
+        return None
+
+    def save_applied(self, view):
+        atomic_write(self.state("applied.json"), json.dumps(view).encode("utf-8"))
+
+    def watch(self, applied, paths):
+        """Follow the view: re-run what each change concerns (batched by the settle window) and
+        report, backing off while the broker is away. Ends when the broker refuses this node
+        (it departed: exit 6)."""
+        o, cid, nid = self.options, self.node["context_id"], self.node["node_id"]
+        self.deadline = float("inf")   # every request retried for as long as it takes
+        held, first, last, errored = applied, None, None, False
+        while True:
+            now = time.monotonic()
+            if first and (now - last >= o.settle or now - first >= o.settle_max):
+                first = None
+                try:
+                    if errored:
+                        self.report("contextualizing", self.deadline)
+                    if apply_view(held, cid, nid, paths, o.script_timeout, applied):
+                        self.report("ok", self.deadline)
+                    applied, errored = held, False
+                    self.save_applied(held)
+                except AgentError as exc:   # the next change retries from what was applied
+                    LOG.error("re-run failed: %s", exc)
+                    self.fail(exit_code_for(exc), str(exc))
+                    errored = True
+                continue
+            lease = held.get("lease") or MAX_WAIT * 3
+            wait = max(1, min(o.poll_wait, lease // 3, int(min(o.settle - now + last, o.settle_max - now + first)
+                                                             + 0.99) if first else MAX_WAIT))
+            status, raw = self.call("GET", self.node_path("view?since=%d&wait=%d&delta=1" % (held["revision"], wait)),
+                                    self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
+            if status == 304:
+                continue
+            if status != 200:
+                raise self.refused("view", status, raw)
+            try:
+                new = decode_reply(raw, "view")
+                new = merge_delta(held, new) if new.get("delta") is True else new
+                if view_progress(new)[0] > held["revision"]:
+                    held, last = new, time.monotonic()
+                    first = first or last
+            except InputError as exc:
+                LOG.error("refusing the view: %s", exc)
+                self.fail(EXIT_INPUT, str(exc))
+                errored = True
+                time.sleep(RETRY_MAX)
+
+    def leave(self):
+        """--leave: this node departs (its credential stops working); no script runs."""
+        self.node = self.load_node()
+        if self.node is not None:
+            status, raw = self.call("POST", self.node_path("leave"), self.node["node_token"])
+            if status not in (200, 401):
+                raise self.refused("leave", status, raw)
+            os.unlink(self.state("node.json"))
+            LOG.info("node %s %s", self.node["node_id"], "left" if status == 200 else "had departed")
+            self.node = None
         return EXIT_OK
 
     def local_identity(self):
@@ -1298,7 +1444,7 @@ class Agent(object):
         LOG.info("enrolled as node %s (%s)", self.node["node_id"], "new" if status == 201 else "again")
 
     def report(self, state, deadline):
-        body = {"state": state}
+        body = {"state": state, "watch": True} if self.options.watch else {"state": state}
         if state == "ok":
             body["log_tail"] = self.runlog.tail()
         status, raw = self.call("POST", self.node_path("report"), self.node["node_token"], body, deadline)
@@ -1306,8 +1452,8 @@ class Agent(object):
             raise self.refused("report " + state, status, raw)
         LOG.info("reported %s", state)
 
-    def poll_view(self):
-        """Long-poll until the view is complete; the raw view."""
+    def poll_view(self, resume=False):
+        """Long-poll until the view is complete (RESUME: the first view); the raw view."""
         since, waiting, longest = -1, None, MAX_WAIT
         while True:
             remaining = self.deadline - time.monotonic()
@@ -1328,7 +1474,7 @@ class Agent(object):
                 raise self.refused("view", status, raw)
             view = decode_reply(raw, "view")
             revision, complete, now_waiting = view_progress(view)
-            if complete:
+            if complete or resume:
                 return view
             if now_waiting != waiting:
                 LOG.info("view revision %d: waiting for %s", revision, "; ".join(now_waiting))
@@ -1402,6 +1548,10 @@ def parse_args(argv):
     add("--poll-wait", type=_number(-1, MAX_WAIT, int), default=POLL_WAIT, metavar="S",
         help="0..%d [%%(default)d]" % MAX_WAIT)
     add("--script-timeout", type=seconds, default=600.0, metavar="S", help="[%(default)s]")
+    add("--watch", action="store_true", help="after the first run, keep following the view")
+    add("--settle", type=seconds, default=2.0, metavar="S", help="watch: quiet time before a re-run [%(default)g]")
+    add("--settle-max", type=seconds, default=30.0, metavar="S", help="watch: longest batching [%(default)g]")
+    add("--leave", action="store_true", help="depart from the context, run no script")
     add("--cloud-init-user-data", metavar="FILE", default="/var/lib/cloud/instance/user-data.txt",
         help="[%(default)s]")
     add("-v", "--verbose", action="store_true")

@@ -670,7 +670,7 @@ class CappedRequest(server.Request):
         # A TLS close waits for the peer's close_notify; a client still sending
         # its body may never send it. Cut the connection if it lingers.
         if hasattr(transport, "abortConnection"):
-            self.channel.callLater(5, _abort_if_open, transport)
+            self.channel.callLater(5, _abort_if_open, self.channel)
 
     # Twisted < 25.5 (Debian 12 has 22.4) has no Site(parsePOSTFormSubmission=False): there the
     # request hides its content type from twisted.web's form parsers and shows it again for us.
@@ -691,7 +691,12 @@ class CappedRequest(server.Request):
         super().process()
 
 
-def _abort_if_open(transport: Any) -> None:
+def _abort_if_open(channel: Any) -> None:
+    """Cut ``channel``'s connection unless it is closed: a TLS transport's own flags may still
+    say connected once it is gone (and aborting it then fails), so the channel's word counts."""
+    transport = channel.transport
+    if getattr(channel, "closed", False) or transport is None:
+        return
     if getattr(transport, "connected", False) or getattr(transport, "disconnecting", False):
         transport.abortConnection()
 
@@ -706,11 +711,12 @@ class DeadlineChannel(http.HTTPChannel):
     """
 
     request_deadline = 30.0
-    __slots__ = ("_deadline",)   # (as CappedRequest's)
+    __slots__ = ("_deadline", "closed")   # (as CappedRequest's)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: Any = None
+        self.closed = False   # whether the connection is lost
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -740,6 +746,7 @@ class DeadlineChannel(http.HTTPChannel):
             self._arm()
 
     def connectionLost(self, reason: Any) -> None:
+        self.closed = True
         self._disarm()
         super().connectionLost(reason)
 

@@ -492,7 +492,8 @@ def test_apply_view_runs_scripts_and_writes_files(site):
     assert [tuple(r) for r in recorded(tmp_path)] == scripts(plan)
     view_path = os.path.join(paths.state_dir, "view.json")
     assert json.loads((tmp_path / "record.env").read_text()) == {
-        "CTX_VIEW": view_path, "CTX_CONTEXT_ID": CID, "CTX_NODE_ID": NID}
+        "CTX_VIEW": view_path, "CTX_CONTEXT_ID": CID, "CTX_NODE_ID": NID,
+        "CTX_EVENT": "initial", "CTX_JOINED": "", "CTX_DEPARTED": ""}
     assert json.loads(read_bytes(view_path)) == sample_view()
     assert stat.S_IMODE(os.stat(view_path).st_mode) == 0o600
     data0 = os.path.join(paths.state_dir, "data", "gridmap", "0")

@@ -536,7 +536,8 @@ def test_create_refuses_oversized_user_data_before_creating(broker, tmp_path, mo
 
 
 def test_status_table(broker):
-    """status prints a header, one row per node and per missing slot (with error messages), and counts."""
+    """status prints a header with the expiry, one row per group, one per node and per missing slot
+    (with error messages), and counts."""
     cid, joins, nodes = broker.head_ok()
     nodes[2] = broker.enroll(cid, joins["compute"], 2)
     broker.report(cid, nodes[2], "error", exit_code=4, message="script 1-ipandhost/x exited 3", log_tail="boom\n")
@@ -547,33 +548,38 @@ def test_status_table(broker):
     state = broker.status(cid)
     lines = out.splitlines()
     assert lines[0] == (f"context torque-demo ({cid}), revision {state['revision']}, locked, "
-                        f"expires {utc(state['expires'])}")
-    assert lines[0].endswith("expires 2025-12-02 15:36:40 UTC")
-    assert lines[1].split() == ["GROUP", "NODE", "HOSTNAME", "IP", "STATE", "MESSAGE"]
-    assert lines[2].split() == ["head", nodes[1], "node1", "10.9.0.1", "ok"]
-    assert lines[3].split()[:5] == ["compute", nodes[2], "node2", "10.9.0.2", "error"]
-    assert lines[3].endswith("script 1-ipandhost/x exited 3")
-    assert lines[4].split() == ["compute", nodes[3], "node3", "10.9.0.3", "contextualizing"]
-    assert lines[5].split() == ["compute", "-", "-", "-", "not", "enrolled"]
-    assert lines[6] == ("4 expected, 3 enrolled, 1 contextualizing, 1 ok, 1 error; "
+                        f"expires {utc(state['expires'])} (in 7d)")
+    assert lines[0].endswith("expires 2025-12-02 15:36:40 UTC (in 7d)")
+    assert [line.split() for line in lines[1:4]] == [
+        ["GROUP", "TARGET", "MEMBERS", "DEPARTED", "LEASE"], ["head", "1", "1", "0", "-"],
+        ["compute", "3", "2", "0", "-"]]
+    assert lines[4].split() == ["GROUP", "NODE", "HOSTNAME", "IP", "STATE", "MESSAGE"]
+    assert lines[5].split() == ["head", nodes[1], "node1", "10.9.0.1", "ok"]
+    assert lines[6].split()[:5] == ["compute", nodes[2], "node2", "10.9.0.2", "error"]
+    assert lines[6].endswith("script 1-ipandhost/x exited 3")
+    assert lines[7].split() == ["compute", nodes[3], "node3", "10.9.0.3", "contextualizing"]
+    assert lines[8].split() == ["compute", "-", "-", "-", "not", "enrolled"]
+    assert lines[9] == ("4 expected, 3 enrolled, 1 contextualizing, 1 ok, 1 error; "
                         "complete: no, all_ok: no")
-    assert len(lines) == 7
+    assert len(lines) == 10
 
 
 def test_status_shows_nat_sources_and_revoked_nodes_and_known_hosts_skips_them(broker):
     """A node whose requests came from another address than it claims shows both; a revoked node
-    shows as revoked, frees its slot in the counts, and its keys leave known-hosts."""
+    is listed among the departed nodes, frees its slot in the counts, and its keys leave known-hosts."""
     body = torque_cluster(source_check=False)
     cid, joins = broker.create(body)
     head = broker.enroll(cid, joins["head"], 1)
     nat = broker.api.enroll(cid, joins["compute"], 2, source="198.51.100.7")[1]["node_id"]
     broker.call("POST", f"/v1/contexts/{cid}/nodes/{head}/revoke", {})
     code, out, _ = broker.run(["status", cid])
-    rows = {line.split()[1]: line.split() for line in out.splitlines()[2:-1] if line.split()[1] != "-"}
+    lines = out.splitlines()
+    rows = {line.split()[1]: line.split() for line in lines[4:-1] if line.split()[1] != "-"}
     assert rows[nat][2:5] == ["node2", "10.9.0.2", "(from"] and rows[nat][5] == "198.51.100.7)"
-    assert rows[head][4] == "revoked"
-    assert out.splitlines()[-1].startswith("4 expected, 1 enrolled,")
-    assert sum(1 for line in out.splitlines() if line.split()[-2:] == ["not", "enrolled"]) == 3
+    departed = lines.index(next(line for line in lines if line.split()[4:5] == ["DEPARTED"]))
+    assert lines[departed + 1].split()[:5] == ["head", head, "node1", "10.9.0.1", "revoked"]
+    assert lines[-1].startswith("4 expected, 1 enrolled,")
+    assert sum(1 for line in lines if line.split()[-2:] == ["not", "enrolled"]) == 3
     code, out, _ = broker.run(["known-hosts", cid])
     assert code == 0 and "node1" not in out and "node2.cluster.test,node2,10.9.0.2 ssh-ed25519" in out
 

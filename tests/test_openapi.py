@@ -402,7 +402,8 @@ def test_broker_responses_match_declared_schemas(spec):
     api.call("PUT", f"{h}/identity", head_token, {"hostname": "x"}, expect=400)
 
     view = api.call("GET", f"{w}/view", worker_token, expect=200)
-    assert view["all_identities"] and view["roles"]["master"]["providers"]
+    # A ready role lists its providers once they reported ok: the head has not yet.
+    assert view["all_identities"] and view["roles"]["master"]["providers"] == []
     head_view = api.call("GET", f"{h}/view", head_token, expect=200)
     assert head_view["data"] == {"gridmap": [{"b64": "aGVsbG8K"}]}
     api.call("GET", f"{w}/view?since={view['revision']}&wait=0", worker_token, expect=304)
@@ -450,6 +451,7 @@ def test_broker_responses_match_declared_schemas(spec):
              enrollment(9), expect=410)
 
     users_and_ownership(api)
+    elastic(api)
     api.call("DELETE", c, ADMIN, expect=200)
     api.call("DELETE", c, ADMIN, expect=404)
     api.call("GET", f"{w}/view", worker_token, expect=401)
@@ -527,6 +529,42 @@ def users_and_ownership(api):
     listed = api.call("GET", users, ADMIN, expect=200)["users"]
     assert [u["revoked"] is None for u in listed] == [True, False]
     api.call("DELETE", m, alice, expect=200)
+
+
+def elastic(api):
+    """Scale, remove (with shrink), leave, extend, a delta view and the status fields they change."""
+    ctx = "/v1/contexts"
+    body = cluster()
+    body["groups"][1]["lease"] = 600
+    created = api.call("POST", ctx, ADMIN, body, expect=201)
+    cid, boots = created["context"]["id"], created["bootstraps"]
+    c = f"{ctx}/{cid}"
+    api.call("PUT", f"{c}/data/gridmap", ADMIN, {"values": [{"b64": "aGk="}]}, expect=200)
+    api.call("POST", f"{c}/lock", ADMIN, {}, expect=200)
+    join = boots["compute"]["join_token"]
+    workers = [api.call("POST", f"{c}/enroll", join, enrollment(n), expect=201) for n in (41, 42)]
+    assert api.call("POST", f"{c}/groups/compute/scale", ADMIN, {"quantity": 3}, expect=200)["group"]["quantity"] == 3
+    assert error(api, "POST", f"{c}/groups/compute/scale", ADMIN, {"quantity": 1}, expect=409) == "scale_below_members"
+    api.call("POST", f"{c}/groups/compute/scale", ADMIN, {"quantity": -1}, expect=400)
+    api.call("POST", f"{c}/groups/nosuch/scale", ADMIN, {"quantity": 1}, expect=404)
+    w, token = f"{c}/nodes/{workers[0]['node_id']}", workers[0]["node_token"]
+    view = api.call("GET", f"{w}/view", token, expect=200)
+    api.call("POST", f"{w}/report", token, {"state": "contextualizing", "watch": True}, expect=200)
+    api.call("POST", f"{c}/enroll", join, enrollment(43), expect=201)
+    api.call("POST", f"{c}/nodes/{workers[1]['node_id']}/remove", ADMIN, {"shrink": True}, expect=200)
+    delta = api.call("GET", f"{w}/view?since={view['revision']}&wait=0&delta=1", token, expect=200)
+    assert delta["delta"] is True and delta["departed"] == [workers[1]["node_id"]] and len(delta["peers"]) == 1
+    api.call("GET", f"{w}/view?delta=2", token, expect=400)
+    assert error(api, "POST", f"{c}/nodes/{workers[1]['node_id']}/remove", ADMIN, expect=409) == "already_departed"
+    api.call("POST", f"{c}/nodes/{workers[1]['node_id']}/remove", ADMIN, {"shrink": 1}, expect=400)
+    api.call("POST", f"{w}/leave", workers[1]["node_token"], expect=401)
+    api.call("POST", f"{w}/leave", token, {}, expect=200)
+    api.call("POST", f"{c}/extend", ADMIN, {"expires_in": 7200}, expect=200)
+    api.call("POST", f"{c}/extend", ADMIN, {"expires_in": 59}, expect=400)
+    api.call("POST", f"{ctx}/{'B' * 22}/extend", ADMIN, {"expires_in": 600}, expect=404)
+    status = api.call("GET", c, ADMIN, expect=200)
+    assert [n["departed"] for n in status["nodes"]] == ["left", "removed", None]
+    api.call("DELETE", c, ADMIN, expect=200)
 
 
 def quotas_and_rate_limits(api):

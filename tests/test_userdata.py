@@ -240,3 +240,35 @@ def test_load_agent_source_missing_is_a_user_data_error(monkeypatch):
     monkeypatch.setattr(userdata.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserDataError, match="cannot locate ctxagent.py"):
         load_agent_source()
+
+
+@pytest.mark.parametrize("way", ["module", "command", "zlib"])
+def test_smallest_gzip_every_way_is_gzip_any_reader_takes(way, monkeypatch):
+    """zopfli's module, Debian's zopfli command (no python3-zopfli in Debian 12), else zlib's best:
+    each output is plain gzip of the document, reproducible (mtime 0); zopfli's is smaller."""
+    import builtins
+    import shutil as shutil_module
+
+    from ctxd.ctxctl import userdata
+
+    document = render_cloud_config(BOOTSTRAP, compact_source(load_agent_source())).encode()
+    if way == "module":
+        pytest.importorskip("zopfli")
+    else:
+        real_import = builtins.__import__
+
+        def no_zopfli(name, *args, **kwargs):
+            if name.startswith("zopfli"):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_zopfli)
+        if way == "command" and shutil_module.which("zopfli") is None:
+            pytest.skip("no zopfli command")
+        if way == "zlib":
+            monkeypatch.setattr(userdata.shutil, "which", lambda name: None)
+    out = userdata.smallest_gzip(document)
+    assert is_gzip(out) and gzip.decompress(out) == document
+    assert out[4:8] == b"\0\0\0\0" and userdata.smallest_gzip(document) == out
+    zlib_best = gzip.compress(document, 9, mtime=0)
+    assert len(out) < len(zlib_best) if way != "zlib" else out == zlib_best

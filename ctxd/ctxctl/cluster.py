@@ -33,10 +33,12 @@ __all__ = [
     "load_cluster_file",
     "parse_cluster_text",
     "build_create_request",
+    "parse_duration",
+    "DURATION_RULE",
 ]
 
 _TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data")
-_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check")
+_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check", "lease")
 _REQUIRE_KEYS = ("role", "ready")
 _DATA_KEYS = ("file", "files", "value", "inject")
 
@@ -45,6 +47,23 @@ ReadFile = Callable[[str], bytes]
 
 class ClusterFileError(Exception):
     """A cluster file that cannot be turned into a create request; ``str()`` is one line."""
+
+
+_DURATION_RE = re.compile(r"([0-9]{1,12})([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_RULE = 'a number of seconds, or a number with a unit s, m, h or d, e.g. "90s", "10m", "12h", "30d"'
+
+
+def parse_duration(text: str) -> int:
+    """The seconds ``text`` says: "45s", "90m", "12h", "30d" or a plain number of seconds.
+
+    ValueError for anything else (a sign, a fraction, spaces, two units such as "1h30m"):
+    a duration in a cluster file or on the command line is read one way only.
+    """
+    m = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"{_short(str(text))} is not a duration: {DURATION_RULE}")
+    return int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
 def load_cluster_file(path: str) -> Dict[str, Any]:
@@ -149,7 +168,7 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
         for j, item in enumerate(group_data):
             if item not in data:
                 raise v.error(f"{where}.data[{j}]", f"{item!r} is not declared in [data]")
-        groups.append({
+        group: Dict[str, Any] = {
             "name": name,
             "quantity": quantity,
             "provides": provides,
@@ -157,7 +176,11 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
             "data": group_data,
             "all_identities": v.boolean(f"{where}.all_identities", g.get("all_identities", False)),
             "source_check": v.boolean(f"{where}.source_check", g.get("source_check", True)),
-        })
+        }
+        if "lease" in g:
+            # Sent only when given: a broker older than leases refuses the key.
+            group["lease"] = v.lease(f"{where}.lease", g["lease"], name)
+        groups.append(group)
 
     provided = {role for g in groups for role in g["provides"]}
     for i, g in enumerate(groups):
@@ -294,6 +317,23 @@ class _Validator:
         if value > high:
             raise self.error(field, f"must be an integer <= {high}{unit}")
         return value
+
+    def lease(self, field: str, value: Any, group: str) -> int:
+        """A group's lease: a duration string or an integer of seconds, MIN_LEASE..MAX_LEASE."""
+        if isinstance(value, str):
+            try:
+                seconds = parse_duration(value)
+            except ValueError as e:
+                raise self.error(field, f"{e} (group {group!r})") from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            seconds = value
+        else:
+            raise self.error(field, f'must be a duration such as "10m" or an integer of seconds (group {group!r})')
+        if not rules.MIN_LEASE <= seconds <= rules.MAX_LEASE:
+            shown = _short(value) if isinstance(value, str) else str(value)
+            raise self.error(field, f"the lease of group {group!r} must be from {rules.MIN_LEASE} s to "
+                                    f"{rules.MAX_LEASE // rules.DAY} days, not {shown}")
+        return seconds
 
     def read(self, field: str, path: Any, read_file: ReadFile) -> Dict[str, str]:
         if not isinstance(path, str) or not path:

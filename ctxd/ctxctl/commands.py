@@ -122,6 +122,60 @@ async def cmd_node_revoke(broker: BrokerClient, args: Args, out: IO[str], err: I
     return EXIT_OK
 
 
+async def cmd_node_remove(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``node remove CTX NODE... [--shrink]``: each node departs (reason "removed"), one request
+    each, in order; the first error stops, naming the node and the ones not tried."""
+    for i, nid in enumerate(args.nodes):
+        try:
+            answer = await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{nid}/remove",
+                                       {"shrink": args.shrink})
+        except CliError as e:
+            if len(args.nodes) == 1:
+                raise
+            rest = args.nodes[i + 1:]
+            raise CliError(f"node {nid}: {e}" + (f"; not tried: {' '.join(rest)}" if rest else ""),
+                           e.exit_code) from None
+        answer = answer if isinstance(answer, dict) else {}
+        group, quantity = render.cell(answer.get("group")), render.cell(answer.get("quantity"))
+        if args.shrink:
+            print(f"node {nid} of context {args.context}: removed; the target of group {group} is now "
+                  f"{quantity}", file=err)
+        else:
+            print(f"node {nid} of context {args.context}: removed; the target of group {group} stays "
+                  f"{quantity} (a new VM may take the slot)", file=err)
+    return EXIT_OK
+
+
+async def cmd_scale(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``scale CTX GROUP N``: the group's target size; raised, its join token enrolls new VMs up to N."""
+    answer = await broker.call("POST", f"/v1/contexts/{args.context}/groups/{args.group}/scale",
+                               {"quantity": args.quantity})
+    group = answer.get("group") if isinstance(answer, dict) else None
+    if not isinstance(group, dict):
+        raise CliError("broker: the scale answer has no group")
+    quantity, enrolled = group.get("quantity"), group.get("enrolled")
+    line = (f"group {args.group} of context {args.context}: target {render.cell(quantity)}, "
+            f"members {render.cell(enrolled)}")
+    expires = group.get("join_token_expires")
+    if isinstance(quantity, int) and isinstance(enrolled, int) and quantity > enrolled:
+        # The VMs to launch need the group's user-data: that of create, or of the last rotation.
+        line += f"; its join token enrolls {quantity - enrolled} more"
+        line += f" until {render.when(expires)}" if render.when(expires) else ""
+    print(line, file=err)
+    return EXIT_OK
+
+
+async def cmd_extend(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``extend CTX --expires-in DURATION``: the context expires that long from now."""
+    summary = await broker.call("POST", f"/v1/contexts/{args.context}/extend", {"expires_in": args.expires_in})
+    expires = summary.get("expires") if isinstance(summary, dict) else None
+    if not render.when(expires):
+        raise CliError("broker: the extend answer has no expiry")
+    print(f"context {args.context} expires {render.when(expires)} "
+          f"({render.until(expires, broker.clock.seconds())})", file=err)
+    return EXIT_OK
+
+
 async def cmd_user_add(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``user add NAME``: mint a deployer credential; its token is printed once, on stdout."""
     answer = await broker.call("POST", "/v1/users", {"name": args.name}, expect=(201,))
@@ -147,9 +201,11 @@ async def cmd_user_revoke(broker: BrokerClient, args: Args, out: IO[str], err: I
 
 
 async def cmd_status(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``status CTX [--json]``: one row per node (and per slot not enrolled), then the counts."""
+    """``status CTX [--json]``: the expiry, one row per group (target size, members, departed, lease),
+    per node and per slot not enrolled, per departed node, then the counts."""
     status = await _get_status(broker, args.context)
-    _print_lines(out, [json.dumps(status, indent=2, sort_keys=True)] if args.json else render.status_table(status))
+    _print_lines(out, [json.dumps(status, indent=2, sort_keys=True)] if args.json
+                 else render.status_table(status, now=broker.clock.seconds()))
     return EXIT_OK
 
 
@@ -421,6 +477,9 @@ COMMANDS: Dict[str, Command] = {
     "user list": cmd_user_list,
     "user revoke": cmd_user_revoke,
     "node revoke": cmd_node_revoke,
+    "node remove": cmd_node_remove,
+    "scale": cmd_scale,
+    "extend": cmd_extend,
     "join-token rotate": cmd_join_token_rotate,
 }
 

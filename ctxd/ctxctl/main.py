@@ -6,7 +6,7 @@ Whatever happens, one ``ctxctl: error: ...`` line and an exit code, never a trac
 import argparse
 import os
 import sys
-from typing import IO, Any, Callable, Optional, Sequence
+from typing import IO, Any, Callable, NoReturn, Optional, Sequence
 
 from twisted.internet import defer, task
 
@@ -23,8 +23,9 @@ from ctxd.ctxctl.client import (
     make_client,
     resolve_settings,
 )
+from ctxd.ctxctl.cluster import parse_duration
 from ctxd.ctxctl.commands import COMMANDS
-from ctxd.ctxctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from ctxd.ctxctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from ctxd.ctxctl.render import printable
 from ctxd.ctxctl.userdata import USER_DATA_LIMIT
 
@@ -61,6 +62,27 @@ def _name_of(kind: str) -> Callable[[str], str]:
     return _checked(rules.is_name, f"a valid {kind} name: {rules.NAME_RULE}")
 
 
+def _quantity(value: str) -> int:
+    """A group's target size: 0 (every member removed with --shrink) to rules.MAX_QUANTITY."""
+    if not value.isdigit() or not value.isascii():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of nodes (0 to {rules.MAX_QUANTITY})")
+    if int(value) > rules.MAX_QUANTITY:
+        raise argparse.ArgumentTypeError(f"{value!r}: a group has at most {rules.MAX_QUANTITY} nodes")
+    return int(value)
+
+
+def _expires_in(value: str) -> int:
+    """A context's new lifetime from now: a duration, rules.MIN_SECONDS to rules.MAX_EXPIRES_IN."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not rules.MIN_SECONDS <= seconds <= rules.MAX_EXPIRES_IN:
+        raise argparse.ArgumentTypeError(f"{value!r}: a context lives from {rules.MIN_SECONDS}s to "
+                                         f"{rules.MAX_EXPIRES_IN // rules.DAY}d from now")
+    return seconds
+
+
 def _user_data_limit(value: str) -> int:
     try:
         limit = int(value)
@@ -81,9 +103,19 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one ``ctxctl: error:`` line like every other failure
+    (the usage itself is one ``--help`` away). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(EXIT_USAGE, f"ctxctl: error: {command}{printable(' '.join(message.split()))} "
+                              f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ctxctl argument parser (global options first, then a subcommand)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctxctl", description="Deployer's client for the ctxd contextualization broker.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ctxctl (ctxd) {ctxd.__version__}")
@@ -152,6 +184,20 @@ def _context_commands(sub: Any) -> None:
 
     p = sub.add_parser("lock", help="lock a context that was open for injection")
     _ctx_arg(p)
+    p = sub.add_parser("scale", help="set a group's target size on a live context",
+                       description="Set the number of nodes GROUP should have. Raised, the group's join token "
+                                   "enrolls new VMs up to N (made valid again if it expired); lowered, never "
+                                   "below the group's members: remove nodes first with "
+                                   "`ctxctl node remove CTX NODE... --shrink`.")
+    _ctx_arg(p)
+    p.add_argument("group", metavar="GROUP", type=_name_of("group"), help="group name")
+    p.add_argument("quantity", metavar="N", type=_quantity, help="the group's new target size")
+    p = sub.add_parser("extend", help="change when a context expires",
+                       description="The context expires DURATION from now (longer or shorter than before).")
+    _ctx_arg(p)
+    p.add_argument("--expires-in", metavar="DURATION", type=_expires_in, required=True,
+                   help=f"30d, 12h, 90m, 45s or seconds; {rules.MIN_SECONDS}s to "
+                        f"{rules.MAX_EXPIRES_IN // rules.DAY}d")
     p = sub.add_parser("list", help="table of contexts")
     p.add_argument("--json", action="store_true", help="print the broker's JSON")
     p = sub.add_parser("delete", help="delete a context")
@@ -159,7 +205,7 @@ def _context_commands(sub: Any) -> None:
 
 
 def _admin_commands(sub: Any) -> None:
-    """user add|list|revoke, node revoke, join-token rotate."""
+    """user add|list|revoke, node revoke|remove, join-token rotate."""
     p = sub.add_parser("user", help="deployer credentials (site admin): user add|list|revoke")
     user_sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     p = user_sub.add_parser("add", help="mint a deployer credential; print its token once")
@@ -169,11 +215,20 @@ def _admin_commands(sub: Any) -> None:
     p = user_sub.add_parser("revoke", help="revoke a deployer's credential")
     p.add_argument("name", metavar="NAME", type=_name_of("deployer"), help="deployer name")
 
-    p = sub.add_parser("node", help="node credentials: node revoke")
+    p = sub.add_parser("node", help="nodes leaving a context: node revoke|remove")
     node_sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
     p = node_sub.add_parser("revoke", help="revoke one node's credential (a compromised VM)")
     _ctx_arg(p)
     p.add_argument("node", metavar="NODE", type=_id_of("node"), help="node id")
+    p = node_sub.add_parser("remove", help="make nodes depart: they leave every view, their slots are freed",
+                            description="Each NODE departs (one request each, in order, stopping at the first "
+                                        "error): its credential stops working, it leaves every peer's view "
+                                        "and its slot is freed for a new VM, unless --shrink lowers the "
+                                        "group's target size too.")
+    _ctx_arg(p)
+    p.add_argument("nodes", metavar="NODE", nargs="+", type=_id_of("node"), help="node id")
+    p.add_argument("--shrink", action="store_true",
+                   help="also lower the group's target size by one per node (no replacement is expected)")
 
     p = sub.add_parser("join-token", help="join tokens: join-token rotate")
     join_sub = p.add_subparsers(dest="join_command", metavar="ACTION", required=True)
@@ -191,6 +246,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if args.file and not args.write:
             parser.error("known-hosts: --file only makes sense with --write")
         args.file = args.file or os.path.join("~", ".ssh", "known_hosts")
+    if args.command == "node" and args.node_command == "remove":
+        twice = sorted({nid for nid in args.nodes if args.nodes.count(nid) > 1})
+        if twice:
+            parser.error(f"node remove: node {twice[0]} is given twice")
     action = {"data": "data_command", "user": "user_command", "node": "node_command",
               "join-token": "join_command"}.get(args.command)
     args.command_key = f"{args.command} {getattr(args, action)}" if action else args.command

@@ -13,26 +13,85 @@ from ctxd import rules
 from ctxd.ctxctl.errors import CliError, reason
 from ctxd.files import write_atomic
 
-_REPORT_SUFFIXES = (".ok", ".error", ".pending", ".did-not-report")
+_REPORT_SUFFIXES = (".ok", ".error", ".pending", ".departed", ".did-not-report")
 LOG_TAIL_LINES = 40
 
 
-def status_table(status: Mapping[str, Any]) -> List[str]:
-    """``ctxctl status``: the context, one row per node and per slot not enrolled, the counts."""
-    lines = [_context_header(status)]
+def status_table(status: Mapping[str, Any], now: Optional[float] = None) -> List[str]:
+    """``ctxctl status``: the context (its expiry, and how far off it is from ``now``), one row
+    per group (target size, members, departed, lease), one row per member and per slot not
+    enrolled, one row per departed node, then the counts."""
+    lines = [_context_header(status, now)]
+    lines += group_table(status)
     rows = []
-    for node in nodes_in_group_order(status):
+    ordered = nodes_in_group_order(status)
+    for node in (n for n in ordered if departure(n) is None):
         identity = node.get("identity") or {}
-        problem = node.get("error") or {}
         rows.append([cell(node.get("group")), cell(node.get("id")), cell(identity.get("hostname")),
-                     _address(identity), "revoked" if node.get("revoked") is True else cell(node.get("state")),
-                     cell(problem.get("message"), 80) if isinstance(problem, dict) and problem.get("message")
-                     else ""])
+                     _address(identity), cell(node.get("state")), _node_message(node, now)])
     for group, missing in missing_slots(status):
         rows += [[cell(group), "-", "-", "-", "not enrolled", ""]] * missing
     lines += table(["GROUP", "NODE", "HOSTNAME", "IP", "STATE", "MESSAGE"], rows)
+    gone = [node for node in ordered if departure(node) is not None]
+    if gone:
+        lines += table(["GROUP", "NODE", "HOSTNAME", "IP", "DEPARTED", "AT"], [
+            [cell(node.get("group")), cell(node.get("id")), cell((node.get("identity") or {}).get("hostname")),
+             _address(node.get("identity") or {}), cell(departure(node)), when(node.get("departed_at")) or "-"]
+            for node in gone])
     lines.append(_counts_line(status))
     return lines
+
+
+def group_table(status: Mapping[str, Any]) -> List[str]:
+    """One row per group: its target size (quantity), its members, how many departed, its lease."""
+    members_of: Dict[Any, int] = {}
+    departed_of: Dict[Any, int] = {}
+    for node in status.get("nodes") or []:
+        if isinstance(node, dict):
+            tally = departed_of if departure(node) is not None else members_of
+            tally[node.get("group")] = tally.get(node.get("group"), 0) + 1
+    rows = []
+    for g in status.get("groups") or []:
+        if not isinstance(g, dict):
+            continue
+        name = g.get("name")
+        # The broker's own counts where it gives them (a broker before elastic clusters
+        # gives no "departed"): they stay right when the status lists fewer nodes.
+        enrolled, departed = g.get("enrolled"), g.get("departed")
+        lease = g.get("lease")
+        quantity = g.get("quantity")
+        rows.append([cell(name), str(quantity) if _is_count(quantity) else "-",
+                     str(enrolled if _is_count(enrolled) else members_of.get(name, 0)),
+                     str(departed if _is_count(departed) else departed_of.get(name, 0)),
+                     duration(lease) if _is_count(lease) else "-"])
+    return table(["GROUP", "TARGET", "MEMBERS", "DEPARTED", "LEASE"], rows)
+
+
+#: Why a node left: removed by the deployer, left by itself, lost (silent for longer than its
+#: group's lease), revoked (a compromised VM).
+DEPARTURES = ("removed", "left", "lost", "revoked")
+
+
+def departure(node: Mapping[str, Any]) -> Optional[str]:
+    """Why ``node`` departed (one of DEPARTURES, printable), or None for a member. A broker
+    before elastic clusters says only ``"revoked": true``."""
+    reason = node.get("departed")
+    if reason is not None:
+        return cell(reason, 20) if isinstance(reason, str) else "departed"
+    return "revoked" if node.get("revoked") is True else None
+
+
+def _node_message(node: Mapping[str, Any], now: Optional[float]) -> str:
+    """A member's error message; for a node whose agent watches for changes, when it was last heard of."""
+    problem = node.get("error")
+    if isinstance(problem, dict) and problem.get("message"):
+        return cell(problem.get("message"), 80)
+    if node.get("watching") is not True:
+        return ""
+    seen = node.get("last_seen")
+    if _is_time(seen) and now is not None:
+        return f"watching, seen {ago(now - seen)}"
+    return "watching"
 
 
 def _address(identity: Mapping[str, Any]) -> str:
@@ -44,8 +103,8 @@ def _address(identity: Mapping[str, Any]) -> str:
 
 
 def members(status: Mapping[str, Any]) -> List[Mapping[str, Any]]:
-    """The nodes of a status that are not revoked."""
-    return [n for n in status.get("nodes") or [] if isinstance(n, dict) and n.get("revoked") is not True]
+    """The nodes of a status that have not departed (removed, left, lost or revoked)."""
+    return [n for n in status.get("nodes") or [] if isinstance(n, dict) and departure(n) is None]
 
 
 def user_table(users: List[Any]) -> List[str]:
@@ -120,8 +179,8 @@ def progress_line(status: Mapping[str, Any], width: int = 10) -> str:
 def write_reports(status: Mapping[str, Any], directory: str) -> str:
     """Write one report file per node and per slot that never enrolled; return ``directory``.
 
-    ``GROUP-HOSTNAME-NODEID.ok`` / ``.error`` / ``.pending`` and
-    ``GROUP-missing-N.did-not-report``. Earlier report files in ``directory`` are
+    ``GROUP-HOSTNAME-NODEID.ok`` / ``.error`` / ``.pending`` / ``.departed`` (removed, left,
+    lost or revoked) and ``GROUP-missing-N.did-not-report``. Earlier report files in ``directory`` are
     removed first, so it always shows the last outcome.
     """
     try:
@@ -131,7 +190,7 @@ def write_reports(status: Mapping[str, Any], directory: str) -> str:
                 os.unlink(os.path.join(directory, name))
         for node in nodes_in_group_order(status):
             state = node.get("state")
-            suffix = {"ok": ".ok", "error": ".error"}.get(state, ".pending")
+            suffix = ".departed" if departure(node) else {"ok": ".ok", "error": ".error"}.get(state, ".pending")
             identity = node.get("identity") or {}
             hostname = identity.get("hostname")
             parts = [_safe_name(node.get("group"), rules.is_name), _safe_name(hostname, rules.is_hostname),
@@ -156,6 +215,7 @@ def _node_report(status: Mapping[str, Any], node: Mapping[str, Any]) -> str:
     fields = [
         ("context", f"{status.get('id')} ({status.get('name')})"),
         ("group", node.get("group")), ("node", node.get("id")), ("state", node.get("state")),
+        ("departed", departure(node)), ("departed_at", when(node.get("departed_at"))),
         ("hostname", identity.get("hostname")), ("fqdn", identity.get("fqdn")),
         ("primary_ip", identity.get("primary_ip")), ("source_address", identity.get("source_address")),
         ("exit_code", problem.get("exit_code")), ("message", problem.get("message")),
@@ -276,13 +336,15 @@ def log_tail(node: Mapping[str, Any]) -> str:
     return tail if isinstance(tail, str) else ""
 
 
-def _context_header(status: Mapping[str, Any]) -> str:
+def _context_header(status: Mapping[str, Any], now: Optional[float] = None) -> str:
     parts = [f"context {cell(status.get('name'))} ({cell(status.get('id'))})"]
     if status.get("revision") is not None:
         parts.append(f"revision {cell(status.get('revision'))}")
     parts.append("locked" if status.get("locked") else "open for injection (not locked)")
-    if status.get("expires") is not None:
-        parts.append(f"expires {when(status.get('expires'))}")
+    expires = status.get("expires")
+    if expires is not None:
+        left = f" ({until(expires, now)})" if _is_time(expires) and now is not None else ""
+        parts.append(f"expires {when(expires)}{left}")
     return ", ".join(parts)
 
 
@@ -306,6 +368,52 @@ def _yes(value: Any) -> str:
 def table(headers: List[str], rows: List[List[str]]) -> List[str]:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     return ["  ".join(text.ljust(w) for text, w in zip(row, widths)).rstrip() for row in [headers] + rows]
+
+
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def duration(seconds: int) -> str:
+    """Whole seconds as ctxctl reads durations: the largest unit that says it exactly
+    (600 -> "10m", 5400 -> "90m", 86400 -> "1d", 45 -> "45s")."""
+    for unit, size in _UNITS:
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def span(seconds: float) -> str:
+    """A length of time for people, in its two largest units, rounded down ("6d 23h", "7d",
+    "4m 10s", "45s")."""
+    left = int(max(0.0, seconds))
+    for i, (unit, size) in enumerate(_UNITS):
+        if left >= size or unit == "s":
+            text = f"{left // size}{unit}"
+            if i + 1 < len(_UNITS):
+                next_unit, next_size = _UNITS[i + 1]
+                rest = left % size // next_size
+                if rest:
+                    text += f" {rest}{next_unit}"
+            return text
+    raise AssertionError("unreachable: the last unit is the second")
+
+
+def until(moment: float, now: float) -> str:
+    """``in 6d 23h``, or ``expired 5m ago``."""
+    return f"in {span(moment - now)}" if moment > now else f"expired {ago(now - moment)}"
+
+
+def ago(seconds: float) -> str:
+    return f"{span(seconds)} ago"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
 
 
 def when(value: Any) -> str:

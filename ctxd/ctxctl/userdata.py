@@ -46,6 +46,9 @@ import importlib.util
 import io
 import json
 import re
+import shutil
+import subprocess
+import tempfile
 import tokenize
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -155,6 +158,7 @@ def compact_source(source: str) -> str:
         if len(node.body) == 1:
             replace[start] = " " * first.col_offset + "pass\n"
     cut: Dict[int, int] = {}   # a comment after code on its line: the line ends before it
+    quoted = set()   # lines inside a string (their leading spaces are its text)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT and tok.start[0] > 1:
             row = tok.start[0] - 1
@@ -162,15 +166,24 @@ def compact_source(source: str) -> str:
                 cut[row] = tok.start[1]
             else:
                 drop.add(row)
+        elif tok.type == tokenize.STRING:
+            quoted.update(range(tok.start[0], tok.end[0]))
     out = []
     for i, line in enumerate(lines):
         if i in replace:
             out.append(replace[i])
         elif i in cut:
-            out.append(line[:cut[i]].rstrip() + "\n")
+            out.append(_shallow(line[:cut[i]].rstrip() + "\n"))
         elif i not in drop:
-            out.append(line)
+            out.append(line if i in quoted else _shallow(line))
     return "".join(out)
+
+
+def _shallow(line: str) -> str:
+    """``line`` with a quarter of its indentation: a space per level of four (the same blocks;
+    a continuation line's spaces mean nothing). About 2% fewer gzipped bytes."""
+    n = len(line) - len(line.lstrip(" "))
+    return " " * (n // 4 + n % 4) + line[n:]
 
 
 def bootstrap_line(bootstrap: Mapping[str, Any]) -> str:
@@ -220,14 +233,36 @@ def render_user_data(bootstrap: Mapping[str, Any], agent_source: str,
     document = render_cloud_config(bootstrap, agent_source).encode("utf-8")
     if len(document) <= limit:
         return document
-    # mtime=0 keeps the output reproducible for identical input.
-    compressed = gzip.compress(document, compresslevel=9, mtime=0)
+    compressed = smallest_gzip(document)
     if len(compressed) > limit:
         raise UserDataError(
             f"user-data is {len(compressed)} bytes even gzip-compressed ({len(document)} raw), over the "
             f"{limit}-byte limit{' (EC2' + chr(39) + 's)' if limit == USER_DATA_LIMIT else ''}: "
             f"the agent source ({len(agent_source)} characters) is too large to embed")
     return compressed
+
+
+def smallest_gzip(document: bytes) -> bytes:
+    """``document`` gzip-compressed as small as we can: by zopfli (the Python module, or the
+    ``zopfli`` command Debian packages), about 5% smaller than zlib's best, which is the
+    fallback. Reproducible: the header's mtime is 0 either way."""
+    try:
+        from zopfli.gzip import compress  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        return bytes(compress(document))
+    command = shutil.which("zopfli")
+    if command is not None:
+        with tempfile.NamedTemporaryFile(prefix="ctxctl-user-data.") as plain:
+            plain.write(document)
+            plain.flush()
+            try:
+                return subprocess.run([command, "-c", "--gzip", plain.name], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, check=True, timeout=120).stdout
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return gzip.compress(document, compresslevel=9, mtime=0)
 
 
 def is_gzip(data: bytes) -> bool:

@@ -8,7 +8,7 @@ case $1 in /*) VENV=$1 ;; *) VENV=$PWD/$1 ;; esac   # shebangs need it absolute
 . "$(dirname "$0")/need.sh"
 need test-debian python3-twisted python3-treq python3-openssl python3-service-identity \
     python3-cryptography python3-prometheus-client python3-pytest python3-hypothesis python3-yaml \
-    python3-venv
+    python3-venv zopfli
 
 rm -rf "$VENV"
 /usr/bin/python3 -m venv --system-site-packages "$VENV"
