@@ -1209,6 +1209,10 @@ class Agent(object):
             LOG.info("no ctxd bootstrap in %s: nothing to do", o.bootstrap)
             return EXIT_OK
         self.formatter.secrets.add(b["join_token"])
+        if o.leave:   # (while a watching run holds the lock)
+            self.broker = BrokerConnection(b, o.address)
+            self.deadline = time.monotonic() + o.timeout
+            return self.leave()
         check_scripts_dir(o.scripts_dir, o.scripts_dir_given)
         try:
             make_private_dir(o.state_dir)
@@ -1233,8 +1237,6 @@ class Agent(object):
         # which also starts the attempt (the node is contextualizing); the view's long-polls;
         # the report.
         self.retrying("connecting", lambda: (0, self.broker.connect()))   # learns our address
-        if o.leave:
-            return self.leave()
         self.ensure_node(self.local_identity())
         # In watch mode a node contextualized before (a reboot, a restart) applies the view as it
         # is: its group may have lost a node for good, and so never be complete again.

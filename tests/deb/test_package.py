@@ -94,9 +94,10 @@ def test_install_starts_a_confined_broker(machine):
     # The agent's unit is there for images to enable; a head host does not run it.
     assert machine.run("systemctl", "is-enabled", "ctxagent", check=False).stdout.strip() == "disabled"
     wait_ready(machine)
-    verified = machine.run("systemd-analyze", "verify", "ctxd.service", "ctxagent.service")
+    assert machine.run("systemctl", "is-enabled", "ctxagent-watch", check=False).stdout.strip() == "disabled"
+    verified = machine.run("systemd-analyze", "verify", "ctxd.service", "ctxagent.service", "ctxagent-watch.service")
     assert not verified.stderr.strip(), verified.stderr
-    for unit in ("ctxd.service", "ctxagent.service"):   # what Documentation= points at is there
+    for unit in ("ctxd.service", "ctxagent.service", "ctxagent-watch.service"):   # what Documentation= points at is there
         docs = machine.ok("systemctl", "show", "--property=Documentation", "--value", unit).split()
         assert docs and all((machine.root / d[len("file:///"):]).is_file() for d in docs), (unit, docs)
 

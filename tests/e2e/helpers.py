@@ -413,7 +413,8 @@ def script_names(ifaces: Iterable[str]) -> List[str]:
             + ["2-thishost/%s" % i for i in ifaces]
             + ["3-data/%s" % d for d in DATA_NAMES]
             + ["4-restarts/%s" % r for r in ROLES]
-            + ["5-thishost-finalize/%s" % i for i in ifaces])
+            + ["5-thishost-finalize/%s" % i for i in ifaces]
+            + ["6-departed/%s" % r for r in ROLES])
 
 
 def make_scripts(scripts_dir: Path, record: Path, ifaces: Iterable[str],
