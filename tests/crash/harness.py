@@ -130,9 +130,9 @@ def identity(hostname: str, ip: str) -> dict:
 class Sent:
     """One change a client sent: acknowledged (2xx read) or in doubt."""
 
-    kind: str  # enroll | report | data
-    key: str  # hostname (enroll), node id (report), data name (data)
-    value: object  # identity | (state, message) | b64 value
+    kind: str  # enroll | report | data | scale | remove
+    key: str  # hostname (enroll), node id (report, remove), data name (data), group (scale)
+    value: object  # identity | (state, message) | b64 value | quantity | None
     acked: bool
     node_id: Optional[str] = None  # an acknowledged enrollment's node id
 
@@ -164,12 +164,16 @@ class Client(threading.Thread):
             while not self.stop.is_set():
                 self.seq += 1
                 r = self.rng.random()
-                if not self.nodes or r < 0.35:
+                if not self.nodes or r < 0.30:
                     ok = self.enroll()
-                elif r < 0.75:
+                elif r < 0.62:
                     ok = self.report()
-                else:
+                elif r < 0.80:
                     ok = self.put()
+                elif r < 0.92:
+                    ok = self.scale()
+                else:
+                    ok = self.remove()
                 if not ok:
                     return
         finally:
@@ -220,6 +224,21 @@ class Client(threading.Thread):
                            token, body)
         self.nodes[i] = (nid, token, n + 1)
         return reply is not None
+
+    def scale(self) -> bool:
+        """This client's own empty group (scale-only) to a new size."""
+        group = "s%d" % self.index
+        quantity = self.seq % 97 + 1
+        sent = Sent("scale", group, quantity, acked=False)
+        return self._send(sent, "POST", "/v1/contexts/%s/groups/%s/scale" % (self.cid, group),
+                          self.admin_token, {"quantity": quantity}) is not None
+
+    def remove(self) -> bool:
+        """One of this client's nodes departs (the deployer removes it); no report follows."""
+        nid, _, _ = self.nodes.pop(self.rng.randrange(len(self.nodes)))
+        sent = Sent("remove", nid, None, acked=False)
+        return self._send(sent, "POST", "/v1/contexts/%s/nodes/%s/remove" % (self.cid, nid),
+                          self.admin_token, {}) is not None
 
     def put(self) -> bool:
         value = base64.b64encode(("t%d-c%d-s%d" % (self.trial, self.index, self.seq)).encode()
@@ -302,7 +321,8 @@ class Campaign:
         created = _admin(b, admin, "POST", "/v1/contexts", {
             "name": "crash-%d" % trial, "open_for_injection": True,
             "data": {n: [] for n in names},
-            "groups": [{"name": GROUP, "quantity": QUANTITY, "data": names, "source_check": False}],
+            "groups": [{"name": GROUP, "quantity": QUANTITY, "data": names, "source_check": False}]
+            + [{"name": "s%d" % i, "quantity": 1} for i in range(self.nclients)],
         })
         cid = created["context"]["id"]
         join = created["bootstraps"][GROUP]["join_token"]
@@ -339,6 +359,32 @@ class Campaign:
 
     # -- checks ------------------------------------------------------------
 
+    @staticmethod
+    def _check_elastic(log: ClientLog, nodes: Dict[str, dict], groups: Dict[str, dict], out: Outcome) -> None:
+        """A client's removals and scale changes: each acknowledged one is there; nothing unsent is."""
+        removed = [s for s in log.changes if s.kind == "remove"]
+        for s in removed:
+            node = nodes.get(s.key)
+            if s.acked and (node is None or node.get("departed") != "removed"):
+                out.lost.append("acknowledged removal of node %s: it is %r"
+                                % (s.key, node and node.get("departed")))
+        sent_removals = {s.key for s in removed}
+        for s in log.changes:
+            if s.kind == "enroll" and s.node_id and s.node_id not in sent_removals:
+                node = nodes.get(s.node_id)
+                if node is not None and node.get("departed"):
+                    out.phantom.append("node %s departed (%s) but no removal was sent"
+                                       % (s.node_id, node["departed"]))
+        scales = [s for s in log.changes if s.kind == "scale"]
+        if scales:
+            last_acked = max((i for i, s in enumerate(scales) if s.acked), default=-1)
+            allowed = ([scales[last_acked].value] if last_acked >= 0 else [1]) + \
+                [s.value for s in scales[last_acked + 1:]]
+            got = groups[scales[0].key]["quantity"]
+            if got not in allowed:
+                (out.lost if last_acked >= 0 else out.phantom).append(
+                    "group %s has quantity %r; allowed %r" % (scales[0].key, got, allowed))
+
     def _state(self, cid: str) -> Tuple[dict, dict]:
         """(admin status, the observer node's view data) as the broker has them now."""
         admin = self.admin_token
@@ -355,6 +401,7 @@ class Campaign:
         sent_hosts = {}
         for log in logs:
             out.unexpected += ["client %d: %s" % (log.index, u) for u in log.unexpected]
+            self._check_elastic(log, nodes, {g["name"]: g for g in status.get("groups", [])}, out)
             reports: Dict[str, List[Sent]] = {}
             reported = {s.key for s in log.changes if s.kind == "report"}
             puts: List[Sent] = []
@@ -381,7 +428,7 @@ class Campaign:
                                                % (node["id"], got, s.value))
                 elif s.kind == "report":
                     reports.setdefault(s.key, []).append(s)
-                else:
+                elif s.kind == "data":
                     puts.append(s)
             # reports: the last acknowledged one, or an in-doubt one after it
             for nid, seq in reports.items():
@@ -431,8 +478,9 @@ class Campaign:
 
     @staticmethod
     def fingerprint(status: dict, data: dict) -> dict:
-        return {"nodes": sorted((n["id"], n["state"], (n.get("error") or {}).get("message", ""))
+        return {"nodes": sorted((n["id"], n["state"], (n.get("error") or {}).get("message", ""), n.get("departed"))
                                 for n in status["nodes"]),
+                "groups": sorted((g["name"], g["quantity"]) for g in status.get("groups", [])),
                 "data": {k: [v["b64"] for v in vs] for k, vs in data.items()}}
 
     def recheck_settled(self, out: Outcome) -> None:

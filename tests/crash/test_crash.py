@@ -87,3 +87,27 @@ def test_checker_flags_lost_and_phantom_changes(tmp_path):
     extra = good + [node("NX", "hx", "10.0.0.9", "contextualizing")]
     assert check([good[0], node("N1", "h1", "10.0.0.2", "error", "m9")], {"d0": [{"b64": "djE="}]}).phantom
     assert check(extra, {"d0": [{"b64": "djE="}]}).phantom  # a node never sent
+
+
+def test_checker_flags_lost_removals_and_scale_changes():
+    """The elastic part of the verifier: an acknowledged removal or scale change missing after the
+    crash is lost; a departure nobody sent is a phantom."""
+    S = harness.Sent
+    log = harness.ClientLog(0, changes=[
+        S("enroll", "h0", {}, True, "N0"), S("enroll", "h1", {}, True, "N1"), S("enroll", "h2", {}, True, "N2"),
+        S("remove", "N0", None, True), S("remove", "N1", None, False),
+        S("scale", "s0", 5, True), S("scale", "s0", 7, False),
+    ])
+
+    def check(departed, quantity):
+        out = harness.Outcome()
+        nodes = {nid: {"id": nid, "departed": d} for nid, d in zip(("N0", "N1", "N2"), departed)}
+        harness.Campaign._check_elastic(log, nodes, {"s0": {"name": "s0", "quantity": quantity}}, out)
+        return out.lost, out.phantom
+
+    assert check(("removed", None, None), 5) == ([], [])
+    assert check(("removed", "removed", None), 7) == ([], [])   # the in-doubt ones may or may not be in
+    lost, phantom = check((None, None, None), 1)
+    assert len(lost) == 2 and phantom == []
+    lost, phantom = check(("removed", None, "lost"), 5)
+    assert lost == [] and phantom == ["node N2 departed (lost) but no removal was sent"]
