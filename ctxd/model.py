@@ -201,6 +201,7 @@ class Group:
         "all_identities",
         "source_check",
         "lease",
+        "watch",
         "join_hash",
         "join_expires",
         "nodes",
@@ -225,6 +226,8 @@ class Group:
         self.source_check: bool = spec.get("source_check", False)
         # Seconds a watching node may stay silent before it departs (None: no lease).
         self.lease: Optional[int] = spec.get("lease")
+        # Whether its agents run in watch mode (what ctxctl's user-data starts).
+        self.watch: bool = spec.get("watch", False)
         self.join_hash = join_hash
         self.join_expires = join_expires
         self.nodes: List[Node] = []
@@ -250,6 +253,7 @@ class Group:
             "all_identities": self.all_identities,
             "source_check": self.source_check,
             "lease": self.lease,
+            "watch": self.watch,
         }
 
 

@@ -221,7 +221,7 @@ def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]
 def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str]) -> Dict[str, Any]:
     """One group of a create request; ``seen`` collects the group names so far."""
     g = obj(g, where, required=("name", "quantity"),
-            optional=("provides", "requires", "data", "all_identities", "source_check", "lease"))
+            optional=("provides", "requires", "data", "all_identities", "source_check", "lease", "watch"))
     gname = name(g["name"], f"{where}.name")
     if gname in seen:
         raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
@@ -251,6 +251,8 @@ def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str
         "all_identities": boolean(g.get("all_identities", False), f"{where}.all_identities"),
         "source_check": boolean(g.get("source_check", True), f"{where}.source_check"),
         "lease": lease(g.get("lease"), f"{where}.lease"),
+        # Whether its agents run in watch mode (ctxctl's user-data): a leased group's must.
+        "watch": boolean(g.get("watch", g.get("lease") is not None), f"{where}.watch"),
     }
 
 

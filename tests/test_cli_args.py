@@ -17,6 +17,7 @@ import stat
 import time
 
 import pytest
+import yaml
 from OpenSSL import SSL
 from support import ADMIN_TOKEN, PUBLIC_URL, Client, ca_pem, result_of, torque_cluster
 from support import CA_PEM as BROKER_CA_PEM
@@ -1002,6 +1003,33 @@ def test_user_commands_need_the_site_admin(broker):
     assert err == ("ctxctl: error: broker: this operation needs the site admin credential "
                    "(forbidden, HTTP 403)\n")
     assert [u["name"] for u in broker.call("GET", "/v1/users")["users"]] == ["bob"]
+
+
+def test_watching_groups_get_watch_mode_user_data(broker, tmp_path, agent):
+    """A group with a lease (its agents must watch) gets user-data that starts the agent in watch
+    mode as a service; the others run it once at boot; a rotation keeps each group's mode."""
+    cluster = tmp_path / "elastic.toml"
+    cluster.write_text(open(EXAMPLE).read().replace("all_identities = true", 'all_identities = true\nlease = "10m"')
+                       .replace("grid-mapfile", os.path.join(os.path.dirname(EXAMPLE), "grid-mapfile")))
+    code, out, err = broker.run(["create", str(cluster), "--out", str(tmp_path / "out")])
+    assert code == 0, err
+    cid = out.strip()
+    assert [(g["name"], g["lease"], g["watch"]) for g in broker.status(cid)["groups"]] == [
+        ("head", None, False), ("compute", 600, True)]
+
+    def unit_and_runcmd(path):
+        document = yaml.safe_load(path.read_bytes())
+        return document["write_files"][1]["content"], document["runcmd"]
+
+    unit, runcmd = unit_and_runcmd(tmp_path / "out" / "compute.user-data")
+    assert "--bootstrap cloud-init --watch" in unit and ["systemctl", "enable", "--now", "--no-block",
+                                                          "ctxagent.service"] in runcmd
+    unit, runcmd = unit_and_runcmd(tmp_path / "out" / "head.user-data")
+    assert "--watch" not in unit and "Type=oneshot" in unit
+    for group, watching in (("compute", True), ("head", False)):
+        code, _, err = broker.run(["join-token", "rotate", cid, group, "--out", str(tmp_path / group)])
+        assert code == 0, err
+        assert ("--watch" in unit_and_runcmd(tmp_path / group / f"{group}.user-data")[0]) is watching
 
 
 def test_join_token_rotate_writes_new_bootstrap(broker, tmp_path, agent):

@@ -194,7 +194,7 @@ def test_bad_leases_are_one_line_naming_the_group(value, problem):
 
 def test_unknown_group_keys_list_lease():
     """A misspelled key lists lease among the keys a group may have."""
-    with pytest.raises(ClusterFileError, match=r"group\[1\]\.leese: unknown key \(allowed: .*source_check, lease\)"):
+    with pytest.raises(ClusterFileError, match=r"group\[1\]\.leese: unknown key \(allowed: .*source_check, lease, watch\)"):
         parse_cluster_text(CLUSTER + 'leese = "10m"\n')
 
 
@@ -464,3 +464,18 @@ class TestAgainstTheBrokersElasticRoutes:
         assert [g.get("lease") for g in broker.status(cid)["groups"]] == [None, 600]
         code, out, _ = broker.run(["status", cid])
         assert ["compute", "2", "0", "0", "10m"] in [line.split() for line in out.splitlines()]
+
+
+def test_watch_follows_the_lease_unless_said():
+    """A leased group watches by default; watch may be set on any group; a leased group cannot opt out."""
+    leased = with_lease('"10m"')
+    body = parse_cluster_text(leased)
+    # Not sent when not given: the broker's default (watch with a lease) applies, and an older broker
+    # without the key still accepts the body.
+    assert [("lease" in g, g.get("watch")) for g in body["groups"]] == [(False, None), (True, None)]
+    body = parse_cluster_text(leased.replace('name = "head"\n', 'name = "head"\nwatch = true\n', 1))
+    assert body["groups"][0]["watch"] is True
+    with pytest.raises(ClusterFileError, match=r"group\[1\]\.watch: group 'compute' has a lease: its agents must watch"):
+        parse_cluster_text(leased + "watch = false\n")
+    with pytest.raises(ClusterFileError, match=r"group\[1\]\.watch"):
+        parse_cluster_text(CLUSTER + 'watch = "yes"\n')

@@ -272,3 +272,19 @@ def test_smallest_gzip_every_way_is_gzip_any_reader_takes(way, monkeypatch):
     assert out[4:8] == b"\0\0\0\0" and userdata.smallest_gzip(document) == out
     zlib_best = gzip.compress(document, 9, mtime=0)
     assert len(out) < len(zlib_best) if way != "zlib" else out == zlib_best
+
+
+def test_watch_mode_cloud_config_starts_a_service():
+    """A watching group's user-data: the unit runs the agent with --watch and restarts it (but not
+    after exit 6: the node departed); runcmd starts it without waiting, instead of running the
+    agent inline (which would hold cloud-init forever)."""
+    document = yaml.safe_load(render_cloud_config(BOOTSTRAP, SMALL_AGENT, watch=True))
+    _, unit = document["write_files"]
+    lines = unit["content"].splitlines()
+    assert "ExecStart=/usr/bin/python3 /usr/local/sbin/ctxagent.py --bootstrap cloud-init --watch" in lines
+    assert {"Type=exec", "Restart=on-failure", "RestartPreventExitStatus=6"} <= set(lines)
+    assert document["runcmd"] == [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", "--no-block", "ctxagent.service"],
+    ]
+    assert read_bootstrap(render_user_data(BOOTSTRAP, compact_source(load_agent_source()), watch=True)) == BOOTSTRAP

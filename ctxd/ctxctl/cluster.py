@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data")
-_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check", "lease")
+_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check", "lease",
+               "watch")
 _REQUIRE_KEYS = ("role", "ready")
 _DATA_KEYS = ("file", "files", "value", "inject")
 
@@ -180,6 +181,11 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
         if "lease" in g:
             # Sent only when given: a broker older than leases refuses the key.
             group["lease"] = v.lease(f"{where}.lease", g["lease"], name)
+        if "watch" in g:
+            group["watch"] = v.boolean(f"{where}.watch", g["watch"])
+            if "lease" in g and not group["watch"]:
+                raise v.error(f"{where}.watch", f"group {name!r} has a lease: its agents must watch "
+                                                "(a node that does not watch is never heard from)")
         groups.append(group)
 
     provided = {role for g in groups for role in g["provides"]}

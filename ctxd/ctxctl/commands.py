@@ -63,7 +63,8 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
             bootstrap = bootstraps.get(name) if isinstance(bootstraps, dict) else None
             if not isinstance(bootstrap, dict):
                 raise CliError(f"broker: the create answer has no bootstrap for group {name}")
-            files += _group_files(name, bootstrap, agent_source, limit)
+            files += _group_files(name, bootstrap, agent_source, limit,
+                                  group.get("watch", group.get("lease") is not None))
         for filename, content in files:
             render.write_private_file(os.path.join(out_dir, filename), content)
     except CliError as e:
@@ -79,11 +80,13 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
     return EXIT_OK
 
 
-def _group_files(group: str, bootstrap: Dict[str, Any], agent_source: str, limit: int) -> List[Tuple[str, bytes]]:
-    """GROUP.bootstrap.json and GROUP.user-data for one group's bootstrap."""
+def _group_files(group: str, bootstrap: Dict[str, Any], agent_source: str, limit: int,
+                 watch: bool = False) -> List[Tuple[str, bytes]]:
+    """GROUP.bootstrap.json and GROUP.user-data for one group's bootstrap (``watch``: the
+    agent runs in watch mode)."""
     return [
         (f"{group}.bootstrap.json", (json.dumps(bootstrap, indent=2, sort_keys=True) + "\n").encode("utf-8")),
-        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent_source, limit)),
+        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent_source, limit, watch)),
     ]
 
 
@@ -102,11 +105,14 @@ async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], 
     if agent_source is None:
         agent_source = compact_source(_call_user_data(load_agent_source))
     out_dir = _prepare_private_dir(args.out)
+    # Before rotating: whether the group's agents watch decides the user-data.
+    status = await _get_status(broker, args.context)
+    watch = any(g.get("name") == args.group and g.get("watch") is True for g in status.get("groups") or [])
     answer = await broker.call("POST", f"/v1/contexts/{args.context}/groups/{args.group}/join-token", {})
     bootstrap = answer.get("bootstrap") if isinstance(answer, dict) else None
     if not isinstance(bootstrap, dict):
         raise CliError("broker: the rotation answer has no bootstrap")
-    files = _group_files(args.group, bootstrap, agent_source, args.user_data_limit)
+    files = _group_files(args.group, bootstrap, agent_source, args.user_data_limit, watch)
     for filename, content in files:
         render.write_private_file(os.path.join(out_dir, filename), content)
     _print_written(out_dir, files, err)

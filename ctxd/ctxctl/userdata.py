@@ -94,6 +94,25 @@ RemainAfterExit=yes
 WantedBy=multi-user.target
 """
 
+# Watch mode: the first run, then the agent follows the cluster's changes (docs/agent.md). Exit 6
+# (the broker refused this node: it departed) is final; other failures are tried again.
+_WATCH_UNIT = f"""\
+[Unit]
+Description=ctxd contextualization agent, watch mode (follows the cluster's changes)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+ExecStart=/usr/bin/python3 {AGENT_PATH} --bootstrap cloud-init --watch
+Restart=on-failure
+RestartSec=30
+RestartPreventExitStatus=6
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 
 class UserDataError(Exception):
     """User-data that cannot be produced (agent source missing, too large); one line."""
@@ -210,8 +229,9 @@ def read_bootstrap(document: Union[bytes, str]) -> Dict[str, Any]:
     raise UserDataError("no bootstrap line in the user-data")
 
 
-def render_cloud_config(bootstrap: Mapping[str, Any], agent_source: str) -> str:
-    """The uncompressed ``#cloud-config`` document (see the module docstring)."""
+def render_cloud_config(bootstrap: Mapping[str, Any], agent_source: str, watch: bool = False) -> str:
+    """The uncompressed ``#cloud-config`` document (see the module docstring). With ``watch``
+    the agent runs in watch mode (elastic clusters): started as a service, not waited for."""
     lines: List[str] = ["#cloud-config", bootstrap_line(bootstrap)]
     cid, group = bootstrap.get("context_id"), bootstrap.get("group")
     if _is_label(cid) and _is_label(group):
@@ -219,18 +239,21 @@ def render_cloud_config(bootstrap: Mapping[str, Any], agent_source: str) -> str:
                      "runs it now and, through a systemd unit, at every later boot.")
     lines.append("write_files:")
     lines += _write_file(AGENT_PATH, "0755", agent_source)
-    lines += _write_file(UNIT_PATH, "0644", _UNIT)
+    lines += _write_file(UNIT_PATH, "0644", _WATCH_UNIT if watch else _UNIT)
     lines.append("runcmd:")
     lines.append("- [systemctl, daemon-reload]")
-    lines.append(f"- [systemctl, enable, {UNIT_NAME}]")
-    lines.append("- [" + ", ".join(AGENT_COMMAND) + "]")
+    if watch:
+        lines.append(f"- [systemctl, enable, --now, --no-block, {UNIT_NAME}]")
+    else:
+        lines.append(f"- [systemctl, enable, {UNIT_NAME}]")
+        lines.append("- [" + ", ".join(AGENT_COMMAND) + "]")
     return "\n".join(lines) + "\n"
 
 
 def render_user_data(bootstrap: Mapping[str, Any], agent_source: str,
-                     limit: int = USER_DATA_LIMIT) -> bytes:
+                     limit: int = USER_DATA_LIMIT, watch: bool = False) -> bytes:
     """The user-data bytes: the cloud-config document, gzip-compressed if it exceeds ``limit``."""
-    document = render_cloud_config(bootstrap, agent_source).encode("utf-8")
+    document = render_cloud_config(bootstrap, agent_source, watch).encode("utf-8")
     if len(document) <= limit:
         return document
     compressed = smallest_gzip(document)
