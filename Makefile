@@ -75,13 +75,14 @@ vermin: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py
 
 # Figures, not tests: medians of several runs on this machine (docs/benchmarks.md, bench/README.md).
-# About 45 minutes on the 2-core development machine; run it with nothing else running.
+# About 55 minutes on the 2-core development machine; run it with nothing else running.
 BENCH_NODES ?= 10000
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/floor.py --nodes 1000 --runs 3
 	$(TEST_VENV)/bin/python bench/floor.py --nodes $$(( $(BENCH_NODES) / 2 )) --runs 3
 	$(TEST_VENV)/bin/python bench/floor.py --nodes $(BENCH_NODES) --runs 3
 	$(TEST_VENV)/bin/python bench/loadgen.py allids --nodes 1000 --runs 3
+	$(TEST_VENV)/bin/python bench/watch_bench.py --nodes 1000 --join 100 --runs 3
 	$(TEST_VENV)/bin/python bench/floor.py idle --nodes $(BENCH_NODES) --window 60 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py throughput --clients 100 --seconds 10 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py replay --records 1000000 --runs 3
