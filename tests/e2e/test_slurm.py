@@ -20,7 +20,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 
@@ -117,11 +117,11 @@ class Agent:
         self.proc = None
         self.seconds: Optional[float] = None
 
-    def start(self, bootstrap: Path) -> None:
+    def start(self, bootstrap: Path, extra: Sequence[str] = ()) -> None:
         argv = [AGENT_PYTHON, AGENT, "--bootstrap", bootstrap, "--scripts-dir", SCRIPTS,
                 "--state-dir", self.state_dir, "--hosts-file", "/etc/hosts",
                 "--known-hosts-file", self.known_hosts, "--ssh-dir", self.ssh_dir,
-                "--timeout", AGENT_TIMEOUT]
+                "--timeout", AGENT_TIMEOUT, *extra]
         with open(self.host.root / "agent.out", "ab") as out:
             self.proc = self.host.popen(argv, env={"CTX_SLURM_INIT": "direct"},
                                         stdout=out, stderr=out)
@@ -137,11 +137,11 @@ class Agent:
         return rc
 
 
-def deploy(where: Path, computes: int) -> Path:
+def deploy(where: Path, computes: int, example: Path = CLUSTER) -> Path:
     """The deployer's side: the example's cluster file for COMPUTES nodes, a fresh munge key."""
     where.mkdir(parents=True)
     cluster = where / "cluster.toml"
-    cluster.write_text(hosts.set_group_quantity(CLUSTER.read_text(), "compute", computes))
+    cluster.write_text(hosts.set_group_quantity(example.read_text(), "compute", computes))
     # As the example's documentation says: 1024 random bytes next to the cluster file.
     fd = os.open(where / "munge.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -265,3 +265,89 @@ def test_slurm_cluster(slurm_lab, tmp_path, diag, timing):
            "computes idle %.2fs); hosts set up %.2fs; whole test %.2fs"
            % (N, srun_s, agents_s, slowest.host.label, idle_s, hosts_s,
               time.monotonic() - t_test))
+
+
+ELASTIC = Path(os.environ.get("CTXD_SLURM_ELASTIC", EXAMPLE / "elastic.toml"))
+WATCH = ["--watch", "--settle", "2", "--settle-max", "10"]
+LEASE = 15   # seconds: the elastic example's compute lease, shortened for the test
+
+
+def wait_for_sinfo(head: hosts.PersistentHost, names: List[str], timeout: float) -> Dict[str, str]:
+    """sinfo on the head until it lists exactly NAMES, all idle; what it showed last."""
+    states: Dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = sinfo_states(head)
+        if sorted(states) == sorted(names) and set(states.values()) == {"idle"}:
+            return states
+        time.sleep(0.5)
+    raise AssertionError("sinfo on the head: %s, wanted %s idle" % (states, sorted(names)))
+
+
+def srun_everywhere(head: hosts.PersistentHost, names: List[str]) -> None:
+    srun = head.run(["srun", "-N", str(len(names)), "hostname"], timeout=SRUN_TIMEOUT)
+    assert srun.returncode == 0, "srun: rc=%s\n%s\n%s" % (srun.returncode, srun.stdout, srun.stderr)
+    assert sorted(srun.stdout.split()) == sorted(names), srun.stdout
+
+
+def test_slurm_cluster_grows_and_shrinks_with_no_manual_step(slurm_lab, tmp_path, diag, timing):
+    """The elastic example (issue 13): 2 computes, scaled to 4 (the new ones join, the controller
+    learns them, srun -N 4 runs), then one removed and one killed without a word (its lease):
+    sinfo offers neither, and jobs run on the rest. Every agent runs in watch mode."""
+    if not ELASTIC.exists():
+        pytest.skip("no %s" % ELASTIC)
+    t0 = time.monotonic()
+    lab = slurm_lab
+    lab.broker.start()
+    head = lab.add_host("head")
+    computes = [lab.add_host("c%d" % i) for i in range(1, 5)]
+    agents = {head.label: Agent(head, "head")}
+    agents.update({c.label: Agent(c, "compute") for c in computes})
+    for agent in agents.values():
+        diag.add_file("%s: agent log" % agent.host.label, agent.state_dir / "ctxagent.log", lines=80)
+        for label, path in hosts.slurm_logs(agent.host, agent.state_dir):
+            diag.add_file(label, path, lines=60)
+    cluster = deploy(tmp_path / "deploy", 2, ELASTIC)
+    cluster.write_text(cluster.read_text().replace('lease = "2m"', 'lease = "%ds"' % LEASE))
+    ctx = lab.broker.create(cluster, tmp_path / "out")
+    lab.cid = ctx.cid
+
+    def ctxctl(*args):
+        proc = lab.broker.ctxctl(*args, timeout=90)
+        assert proc.returncode == 0, "ctxctl %s: %s%s" % (" ".join(map(str, args)), proc.stdout, proc.stderr)
+        return proc.stdout
+
+    for label in ("head", "c1", "c2"):
+        agents[label].start(ctx.bootstrap(agents[label].group), WATCH)
+    ctxctl("wait", ctx.cid, "--timeout", 90, "--interval", 0.25)
+    wait_for_sinfo(head, [c.hostname for c in computes[:2]], SINFO_TIMEOUT)
+    first_s = time.monotonic() - t0
+
+    # Grow: two more computes boot with the same user-data; nobody touches the controller.
+    ctxctl("scale", ctx.cid, "compute", 4)
+    t_grow = time.monotonic()
+    for c in computes[2:]:
+        agents[c.label].start(ctx.bootstrap("compute"), WATCH)
+    ctxctl("wait", ctx.cid, "--timeout", 90, "--interval", 0.25)
+    names = sorted(c.hostname for c in computes)
+    wait_for_sinfo(head, names, SINFO_TIMEOUT)
+    srun_everywhere(head, names)
+    grow_s = time.monotonic() - t_grow
+    assert all(a.proc.poll() is None for a in agents.values()), "every agent keeps watching"
+
+    # Shrink: c1 removed by the deployer; c2's VM dies (every process of its host killed).
+    nodes = {n["identity"]["hostname"]: n["id"] for n in lab.broker.status(ctx.cid)["nodes"]}
+    c1, c2 = computes[0], computes[1]
+    t_shrink = time.monotonic()
+    ctxctl("node", "remove", ctx.cid, nodes[c1.hostname], "--shrink")
+    c2.kill()
+    rest = sorted(c.hostname for c in computes[2:])
+    wait_for_sinfo(head, rest, SINFO_TIMEOUT + LEASE + 30)
+    srun_everywhere(head, rest)
+    shrink_s = time.monotonic() - t_shrink
+    departed = {n["identity"]["hostname"]: n["departed"] for n in lab.broker.status(ctx.cid)["nodes"]}
+    assert (departed[c1.hostname], departed[c2.hostname]) == ("removed", "lost"), departed
+    assert agents["c1"].proc.wait(30) == 6, "the removed node's watcher stops: refused"
+    assert agents["head"].proc.poll() is None
+    timing("slurm elastic: first 2 computes idle %.2fs; +2 computes to srun -N 4 %.2fs; "
+           "-2 (removed, lost after a %d s lease) to srun -N 2 %.2fs" % (first_s, grow_s, LEASE, shrink_s))
