@@ -145,3 +145,65 @@ def test_an_elastic_cluster_grows_and_shrinks_and_every_watcher_follows(broker, 
     finally:
         for vm in vms.values():
             vm.kill()
+
+
+FLAKY = """#!/bin/sh
+# 4-restarts/torqueslave that fails while FAIL exists (a service that cannot restart yet).
+if [ -e "$(dirname "$0")/../FAIL" ]; then echo "e2e-marker: cannot restart yet" >&2; exit 3; fi
+exec "$(dirname "$0")/recorded-4-restarts" "$@"
+"""
+
+
+def test_a_failing_rerun_reports_error_keeps_watching_and_the_next_change_retries(broker, tmp_path, diag):
+    base = tmp_path / "vms"
+    vms = {}
+    for i, label in enumerate(("head", "c1", "c2", "c3")):
+        vms[label] = make_vm(base, label, Ident("127.0.1.%d" % (i + 2), "fl-" + label, "fl-%s.cluster.test" % label))
+        diag.add_file("agent log of %s" % label, vms[label].log_path)
+    head = vms["head"]
+    restart = head.scripts_dir / "4-restarts" / "torqueslave"
+    restart.rename(head.scripts_dir / "4-restarts" / "recorded-4-restarts")
+    restart.write_text(FLAKY)
+    restart.chmod(0o755)
+    (tmp_path / "cluster.toml").write_text(CLUSTER.replace("quantity = 2", "quantity = 1"))
+    ctx = broker.create(tmp_path / "cluster.toml", tmp_path / "out")
+    cid = ctx.cid
+    procs = {}
+    try:
+        for label, group in (("head", "head"), ("c1", "compute")):
+            procs[label] = vms[label].start(ctx.bootstrap(group), timeout=60, extra=WATCH)
+        rc, out, err = finish(broker.ctxctl_popen("wait", cid, "--timeout", 60), 75)
+        assert rc == 0, (out, err)
+
+        # The head's re-run for c2 fails: it reports the error with its log tail, and keeps watching.
+        (head.scripts_dir / "FAIL").write_text("")
+        assert broker.ctxctl("scale", cid, "compute", "2").returncode == 0
+        procs["c2"] = vms["c2"].start(ctx.bootstrap("compute"), timeout=60, extra=WATCH)
+
+        def head_node():
+            return node_ids(broker, cid)["fl-head"]
+
+        wait_until(lambda: head_node()["state"] == "error", 40, "the head's error report")
+        node = head_node()
+        assert node["error"]["exit_code"] == 4 and "4-restarts/torqueslave exited 3" in node["error"]["message"]
+        assert "e2e-marker: cannot restart yet" in node["log_tail"]
+        assert procs["head"].poll() is None, "a failed re-run does not end the watch"
+        rc, _, _ = finish(broker.ctxctl_popen("wait", cid, "--timeout", 5), 20)
+        assert rc == 1, "ctxctl wait: a node reported an error"
+
+        # The next change retries what failed too: c2 and c3 in one re-run, then ok.
+        (head.scripts_dir / "FAIL").unlink()
+        assert broker.ctxctl("scale", cid, "compute", "3").returncode == 0
+        procs["c3"] = vms["c3"].start(ctx.bootstrap("compute"), timeout=60, extra=WATCH)
+        wait_until(lambda: head_node()["state"] == "ok", 40, "the head ok again")
+        retried = [r for r in head.records() if r["script"] == "4-restarts/torqueslave"]
+        assert len(retried) == 2   # the initial run and the retry (the failed one never got there)
+        assert sorted(retried[-1]["env"]["CTX_JOINED"].split()) == sorted(
+            ",".join(vms[label].ident.argv) for label in ("c2", "c3"))
+        assert sorted(changes(head, "1-ipandhost/torqueslave")) == sorted(
+            [vms["c2"].ident.argv] * 2 + [vms["c3"].ident.argv])
+        rc, out, err = finish(broker.ctxctl_popen("wait", cid, "--timeout", 30), 45)
+        assert rc == 0, (out, err)
+    finally:
+        for vm in vms.values():
+            vm.kill()
