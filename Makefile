@@ -35,10 +35,12 @@ test-pypi: $(TEST_VENV)/.installed
 # The same suite on Debian 12's python3-twisted 22.4, python3-treq 22.2, python3-openssl 23.0,
 # python3-cryptography 38, python3-service-identity 18.1 (tests/deb/libs.sh installs them);
 # skipped, saying why, where that is not possible. The fuzz test needs schemathesis (PyPI only).
+# The Slurm tests (-m slurm: the example's scripts and daemons, the broker as in every e2e test)
+# run once, in test-pypi: they exercise no library the other e2e tests do not.
 test-debian:
 	@if tests/deb/libs.sh $(DEBIAN_VENV); then \
 		PATH=$(CURDIR)/$(DEBIAN_VENV)/bin:$$PATH CTXD_LIBRARIES=debian12 \
-			$(DEBIAN_VENV)/bin/python -m pytest $(PYTEST_ARGS); \
+			$(DEBIAN_VENV)/bin/python -m pytest -m "not slurm" $(PYTEST_ARGS); \
 	else [ $$? = 3 ]; fi
 
 # The Debian packages (ctxd, ctxd-agent) built from the work tree's files (tracked and new,

@@ -67,6 +67,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -1277,11 +1278,13 @@ class Agent(object):
         while True:
             now = time.monotonic()
             if first and (now - last >= o.settle or now - first >= o.settle_max):
-                first = None
+                first, done = None, threading.Event()
+                if held.get("lease"):   # the broker hears from us while the scripts run
+                    threading.Thread(target=self.heartbeat, args=(held["lease"] / 3.0, done)).start()
                 try:
                     if errored:
                         self.report("contextualizing", self.deadline)
-                    if apply_view(held, cid, nid, paths, o.script_timeout, applied):
+                    if apply_view(held, cid, nid, paths, o.script_timeout, applied) or errored:
                         self.report("ok", self.deadline)
                     applied, errored = held, False
                     self.save_applied(held)
@@ -1289,6 +1292,8 @@ class Agent(object):
                     LOG.error("re-run failed: %s", exc)
                     self.fail(exit_code_for(exc), str(exc))
                     errored = True
+                finally:
+                    done.set()
                 continue
             lease = held.get("lease") or MAX_WAIT * 3
             wait = max(1, min(o.poll_wait, lease // 3, int(min(o.settle - now + last, o.settle_max - now + first)
@@ -1310,6 +1315,17 @@ class Agent(object):
                 self.fail(EXIT_INPUT, str(exc))
                 errored = True
                 time.sleep(RETRY_MAX)
+
+    def heartbeat(self, period, done):
+        """A request every PERIOD s on a connection of its own, until DONE is set: while a re-run
+        runs, no long-poll tells the broker that this node is alive (its group's lease)."""
+        broker = BrokerConnection(self.bootstrap, self.options.address)
+        while not done.wait(period):
+            try:   # since: beyond any revision, so the answer is an empty 304
+                broker.request("GET", self.node_path("view?since=%d&wait=0" % (1 << 62)), self.node["node_token"])
+            except (OSError, http.client.HTTPException, ssl.CertificateError, InputError):
+                pass
+        broker.close()
 
     def leave(self):
         """--leave: this node departs (its credential stops working); no script runs."""

@@ -150,21 +150,36 @@ def test_an_elastic_cluster_grows_and_shrinks_and_every_watcher_follows(broker, 
 FLAKY = """#!/bin/sh
 # 4-restarts/torqueslave that fails while FAIL exists (a service that cannot restart yet).
 if [ -e "$(dirname "$0")/../FAIL" ]; then echo "e2e-marker: cannot restart yet" >&2; exit 3; fi
-exec "$(dirname "$0")/recorded-4-restarts" "$@"
+exec "$(dirname "$0")/recorded-torqueslave" "$@"
 """
 
 
+SLOW = """#!/bin/sh
+# 0-etchosts.sh that takes longer than the compute lease (10 s) on a change run.
+[ "$CTX_EVENT" != change ] || sleep 12
+exec "$(dirname "$0")/recorded-0-etchosts.sh" "$@"
+"""
+
+
+def replace_script(vm, name, text):
+    """VM's recording script NAME, wrapped by TEXT (which runs it as recorded-NAME)."""
+    path = vm.scripts_dir / name
+    path.rename(path.parent / ("recorded-" + path.name))
+    path.write_text(text)
+    path.chmod(0o755)
+
+
 def test_a_failing_rerun_reports_error_keeps_watching_and_the_next_change_retries(broker, tmp_path, diag):
+    """A re-run that fails reports error, and the next change retries it. A re-run longer than the
+    lease (c1's) keeps its node: the agent tells the broker it is alive while the scripts run."""
     base = tmp_path / "vms"
     vms = {}
     for i, label in enumerate(("head", "c1", "c2", "c3")):
         vms[label] = make_vm(base, label, Ident("127.0.1.%d" % (i + 2), "fl-" + label, "fl-%s.cluster.test" % label))
         diag.add_file("agent log of %s" % label, vms[label].log_path)
     head = vms["head"]
-    restart = head.scripts_dir / "4-restarts" / "torqueslave"
-    restart.rename(head.scripts_dir / "4-restarts" / "recorded-4-restarts")
-    restart.write_text(FLAKY)
-    restart.chmod(0o755)
+    replace_script(head, "4-restarts/torqueslave", FLAKY)
+    replace_script(vms["c1"], "0-etchosts.sh", SLOW)
     (tmp_path / "cluster.toml").write_text(CLUSTER.replace("quantity = 2", "quantity = 1"))
     ctx = broker.create(tmp_path / "cluster.toml", tmp_path / "out")
     cid = ctx.cid
@@ -204,6 +219,10 @@ def test_a_failing_rerun_reports_error_keeps_watching_and_the_next_change_retrie
             [vms["c2"].ident.argv] * 2 + [vms["c3"].ident.argv])
         rc, out, err = finish(broker.ctxctl_popen("wait", cid, "--timeout", 30), 45)
         assert rc == 0, (out, err)
+        # c1's slow re-runs (12 s each, lease 10 s) did not make it lost.
+        wait_until(lambda: len(changes(vms["c1"], "0-etchosts.sh")) == 2, 60, "c1's two slow re-runs")
+        assert node_ids(broker, cid)["fl-c1"]["departed"] is None and procs["c1"].poll() is None
+        assert "lost" not in broker.log()
     finally:
         for vm in vms.values():
             vm.kill()

@@ -269,7 +269,7 @@ def test_slurm_cluster(slurm_lab, tmp_path, diag, timing):
 
 ELASTIC = Path(os.environ.get("CTXD_SLURM_ELASTIC", EXAMPLE / "elastic.toml"))
 WATCH = ["--watch", "--settle", "2", "--settle-max", "10"]
-LEASE = 15   # seconds: the elastic example's compute lease, shortened for the test
+LEASE = 10   # seconds: the elastic example's compute lease, shortened for the test (the shortest allowed)
 
 
 def wait_for_sinfo(head: hosts.PersistentHost, names: List[str], timeout: float) -> Dict[str, str]:
