@@ -30,7 +30,8 @@ Exit codes:
     3   environment: no network, broker unreachable, TLS verification failed
     4   an action failed (a script exited non-zero or timed out)
     5   timed out waiting for a complete view
-    6   the broker refused us (join token expired or used up, context deleted)
+    6   the broker refused us (join token expired or used up, context deleted,
+        this node departed)
     42  programming error (an assertion failed)
     97  uncaught exception
 
@@ -382,6 +383,9 @@ def validate_peer(obj, what):
 def view_progress(raw):
     """(revision, complete, waiting_for) of a view: what polling needs."""
     _expect(raw, dict, "view")
+    lease = raw.get("lease")
+    if lease is not None and not 10 <= _expect(lease, int, "view.lease") <= 2592000:
+        raise InputError("view.lease: %s is not 10 s to 30 days" % lease)
     return (_expect(raw.get("revision"), int, "view.revision"),
             _expect(raw.get("complete"), bool, "view.complete"),
             tuple(_show(w, 200) for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
@@ -550,12 +554,14 @@ def merge_delta(held, delta):
     view = dict(held, roles={}, all_identities=[p for p in held.get("all_identities") or [] if p["node_id"] not in gone])
     for key in ("revision", "complete", "waiting_for", "state", "self", "locked", "lease"):
         view[key] = delta.get(key)
+    counts = _expect(delta.get("roles", {}), dict, "view delta.roles")
     for name, role in held["roles"].items():
-        view["roles"][name] = dict(role, providers=[p for p in role["providers"] if p["node_id"] not in gone])
+        role = view["roles"][name] = dict(role, **_expect(counts.get(name, {}), dict, "view delta.roles[]"))
+        role["providers"] = [p for p in held["roles"][name]["providers"] if p["node_id"] not in gone]
     for p in peers:
         entry = dict((k, v) for k, v in p.items() if k not in ("roles", "all"))
         for name in _expect(p.get("roles"), list, "view delta.peers[].roles"):
-            if name not in view["roles"]:
+            if check_name(name, "view delta.peers[].roles[]") not in view["roles"]:
                 raise InputError("view delta: role %s is not in the view" % _show(name))
             view["roles"][name]["providers"].append(entry)
         if p.get("all") is True:
@@ -1196,6 +1202,7 @@ class Agent(object):
     def __init__(self, options, formatter, runlog):
         self.options, self.formatter, self.runlog = options, formatter, runlog
         self.bootstrap = self.broker = self.node = self.deadline = self.lock = None
+        self.retry_max = RETRY_MAX
 
     def state(self, name):
         return os.path.join(self.options.state_dir, name)
@@ -1244,7 +1251,13 @@ class Agent(object):
         applied = self.load_applied() if o.watch else None
         view = self.poll_view(applied is not None)
         paths = Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file)
-        apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None)
+        done = threading.Event()
+        if applied is not None:   # a watching node: its lease runs
+            self.heartbeat(view, done)
+        try:
+            apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None)
+        finally:
+            done.set()
         LOG.info("contextualization done")
         self.report("ok", max(self.deadline, time.monotonic() + FINAL_REPORT_BUDGET))
         LOG.debug("%d connection(s) to the broker, %d resumed", self.broker.opened, self.broker.resumed)
@@ -1279,8 +1292,7 @@ class Agent(object):
             now = time.monotonic()
             if first and (now - last >= o.settle or now - first >= o.settle_max):
                 first, done = None, threading.Event()
-                if held.get("lease"):   # the broker hears from us while the scripts run
-                    threading.Thread(target=self.heartbeat, args=(held["lease"] / 3.0, done)).start()
+                self.heartbeat(held, done)
                 try:
                     if errored:
                         self.report("contextualizing", self.deadline)
@@ -1314,13 +1326,20 @@ class Agent(object):
                 LOG.error("refusing the view: %s", exc)
                 self.fail(EXIT_INPUT, str(exc))
                 errored = True
-                time.sleep(RETRY_MAX)
+                time.sleep(self.retry_max)
 
-    def heartbeat(self, period, done):
-        """A request every PERIOD s on a connection of its own, until DONE is set: while a re-run
-        runs, no long-poll tells the broker that this node is alive (its group's lease)."""
+    def heartbeat(self, view, done):
+        """With a lease in VIEW: a request every third of it on a connection of its own, until DONE
+        is set (while scripts run, no long-poll tells the broker this node is alive); backoff
+        no longer than that either."""
+        lease = view.get("lease")
+        self.retry_max = min(RETRY_MAX, lease / 3.0) if lease else RETRY_MAX
+        if lease:
+            threading.Thread(target=self._beat, args=(done,), daemon=True).start()
+
+    def _beat(self, done):
         broker = BrokerConnection(self.bootstrap, self.options.address)
-        while not done.wait(period):
+        while not done.wait(self.retry_max):
             try:   # since: beyond any revision, so the answer is an empty 304
                 broker.request("GET", self.node_path("view?since=%d&wait=0" % (1 << 62)), self.node["node_token"])
             except (OSError, http.client.HTTPException, ssl.CertificateError, InputError):
@@ -1380,7 +1399,7 @@ class Agent(object):
             pause = min(remaining, random.uniform(delay / 2, delay))
             LOG.warning("%s failed (%s); retry in %.2f s", what, problem, pause)
             time.sleep(pause)
-            delay = min(delay * 2, RETRY_MAX)
+            delay = min(delay * 2, self.retry_max)
 
     def timed_out(self, problem):
         if self.broker.reached:
@@ -1507,6 +1526,8 @@ class Agent(object):
             return
         body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:MAX_MESSAGE],
                 "log_tail": self.runlog.tail()}
+        if self.options.watch:
+            body["watch"] = True
         try:
             status, raw = self.broker.request("POST", self.node_path("report"), self.node["node_token"],
                                               body, ERROR_REPORT_TIMEOUT)

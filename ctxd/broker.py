@@ -611,8 +611,13 @@ class Broker:
         for group in touched.groups:
             candidates.update(self._waiters.get((cid, group), ()))
         for nid in touched.nodes:
-            waiter = self._by_node.get(ctx.nodes.get(nid))
-            if waiter is not None:
+            node = ctx.nodes.get(nid)
+            waiter = self._by_node.get(node)
+            if waiter is not None and node.revoked:
+                # It departed: its credential no longer works, and its wait says so (its agent
+                # must not re-run against a view without itself).
+                self._fire(waiter, Unauthorized("unknown or revoked credential"))
+            elif waiter is not None:
                 candidates.add(waiter)
         if touched.progress:
             candidates.update(self._waiters.get((cid, PROGRESS), ()))

@@ -238,8 +238,9 @@ class Group:
         self.cache: Optional[Tuple[int, Dict[str, Any]]] = None
         # (view_rev, that part as JSON without its closing brace): rendered once, sent to all.
         self.rendered: Optional[Tuple[int, bytes]] = None
-        # ((view_rev, since), the delta's shared part): the last delta rendered, for its other watchers.
-        self.delta: Optional[Tuple[Tuple[int, int], bytes]] = None
+        # (view_rev, {since: the delta's shared part}): deltas rendered at this revision of the
+        # group's view, for its other watchers.
+        self.delta: Optional[Tuple[int, Dict[int, bytes]]] = None
         # (context id, group name): what the broker's view waiters of this group are kept under.
         self.key = (context_id, self.name)
 
@@ -266,6 +267,9 @@ class Context:
         self.owner: str = record.get("owner", "")
         self.locked = not self.open_for_injection
         self.created: float = record["at"]
+        # The join tokens' lifetime as created: a rotation or a scale makes a token valid this
+        # long from then (a snapshot's create record carries it; older ones: from their times).
+        self.join_ttl: float = record.get("join_ttl", record["join_expires"] - record["at"])
         self.expires: float = record["expires"]
         # Every fqdn must lie in it ("": any).
         self.domain: str = record.get("domain", "")
@@ -521,6 +525,7 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
         "open_for_injection": ctx.open_for_injection,
         "expires": ctx.expires,
         "join_expires": first.join_expires,
+        "join_ttl": ctx.join_ttl,
         "groups": [g.spec() for g in ctx.groups.values()],
         "data": {k: list(v) for k, v in ctx.data.items()},
         "join_hashes": {g.name: g.join_hash for g in ctx.groups.values()},
@@ -699,6 +704,14 @@ class Model:
                 raise Conflict(
                     f"group {group!r} already has its {g.quantity} node(s) enrolled", code="enrollment_full"
                 )
+            if len(ctx.nodes) >= 2 * self.quotas.nodes_per_context:
+                # Departed nodes are kept (status, and their instances may not come back): a VM
+                # that enrolls and leaves in a loop must not grow the broker without end.
+                raise QuotaExceeded(
+                    f"the context has kept {len(ctx.departures)} departed nodes and {ctx.members} members "
+                    f"(limit {2 * self.quotas.nodes_per_context} in all): create a new context, or rotate "
+                    "the join token if a VM is enrolling and leaving in a loop"
+                )
             nid, new = tokens.new_id(), True
             while nid in ctx.nodes:  # pragma: no cover
                 nid = tokens.new_id()
@@ -872,9 +885,8 @@ class Model:
         if expected > self.quotas.nodes_per_context:
             raise QuotaExceeded(f"the context would expect {expected} nodes (limit {self.quotas.nodes_per_context})")
         join_expires = g.join_expires
-        if quantity > len(g.nodes):
-            ttl = max(g.join_expires - ctx.created, rules.MIN_SECONDS)
-            join_expires = min(max(join_expires, now + ttl), ctx.expires)
+        if quantity > g.quantity:   # raised: new VMs will come with the group's join token
+            join_expires = min(max(join_expires, now + max(ctx.join_ttl, rules.MIN_SECONDS)), ctx.expires)
         return {"op": "scale", "ctx": cid, "group": group, "quantity": quantity, "at": now,
                 "join_expires": join_expires}
 
@@ -890,7 +902,7 @@ class Model:
         if group not in ctx.groups:
             raise NotFound(f"no group {group!r} in this context")
         token = tokens.new_token(tokens.JOIN)
-        ttl = max(ctx.groups[group].join_expires - ctx.created, 60)
+        ttl = max(ctx.join_ttl, 60)
         record = {
             "op": "join_rotate",
             "ctx": cid,
@@ -1084,8 +1096,8 @@ class Model:
         elif new == ERROR:
             node.error = {"exit_code": record["exit_code"], "message": record["message"]}
             node.log_tail = record["log_tail"]
-        if record.get("watch"):
-            node.watching = True
+        # Each report says whether its agent watches (none: it does not; so do old records).
+        node.watching = bool(record.get("watch"))
         self._set_state(ctx, node, new, record["at"], touched)
         return touched
 
@@ -1288,10 +1300,10 @@ class Model:
         g = node.group
         if since < ctx.delta_floor or since > ctx.revision:
             return None
-        key = (g.view_rev, since)
-        if g.delta is not None and g.delta[0] == key:
-            shared = g.delta[1]
-        else:
+        if g.delta is None or g.delta[0] != g.view_rev:
+            g.delta = (g.view_rev, {})
+        shared = g.delta[1].get(since)
+        if shared is None:
             part = self._group_part(ctx, g)
             changed: Dict[str, Node] = {}
             wanted = [(role, ready, {p.name for p in ctx.providers_of[role]}) for role, ready in g.requires]
@@ -1320,10 +1332,16 @@ class Model:
                 "complete": part["complete"],
                 "waiting_for": part["waiting_for"],
                 "lease": g.lease,
+                # What the roles count (a scale changes it), without their providers.
+                "roles": {role: {k: v for k, v in r.items() if k != "providers"} for role, r in part["roles"].items()},
                 "peers": peers,
                 "departed": departed,
             })[:-1]
-            g.delta = (key, shared) if len(g.nodes) > 1 else None
+            if len(g.nodes) > 1:   # shared by the group's watchers, whatever revision each holds
+                cached = g.delta[1]
+                if len(cached) >= 8:
+                    cached.clear()
+                cached[since] = shared
         own = json_bytes(
             {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
         )

@@ -106,6 +106,11 @@ def test_merge_delta_rebuilds_the_full_view():
     lambda d: d["peers"].append(dict(peer(NEW_ID, 8), roles="torquemaster", all=False)),
     lambda d: d["peers"].append(dict(peer(NEW_ID, 8, hostname="-x; rm -rf /"), roles=["torquemaster"], all=True)),
     lambda d: d["peers"].append(dict(peer(NEW_ID, 8, hostname="node-1"), roles=["torquemaster"], all=True)),
+    lambda d: d["peers"].append(dict(peer(NEW_ID, 8), roles=[["torquemaster"]], all=False)),
+    lambda d: d.update(roles={"torquemaster": "many"}),
+    lambda d: d.update(lease=-5),
+    lambda d: d.update(lease="10m"),
+    lambda d: d.update(lease=True),
 ])
 def test_a_hostile_delta_is_refused(damage):
     """What a delta carries is checked like a full view: merged, then validated whole, before anything runs."""
@@ -114,6 +119,19 @@ def test_a_hostile_delta_is_refused(damage):
     damage(delta)
     with pytest.raises(ctxagent.InputError):
         ctxagent.validate_view(ctxagent.merge_delta(old, delta), CID, NID)
+
+
+def test_merge_delta_takes_the_roles_counts():
+    """A scale moves what a role expects: the delta says so, and the merged view (CTX_VIEW) shows it."""
+    old = sample_view()
+    delta = delta_of(old, old["revision"])
+    delta.update(revision=old["revision"] + 1, complete=False, waiting_for=["role torquemaster: 2 of 3 providers ok"],
+                 roles={"torquemaster": {"ready": True, "satisfied": False, "expected": 3}}, lease=600)
+    merged = ctxagent.merge_delta(old, delta)
+    assert merged["roles"]["torquemaster"] == dict(old["roles"]["torquemaster"], satisfied=False, expected=3)
+    assert merged["roles"]["zmaster"] == old["roles"]["zmaster"]
+    assert (merged["complete"], merged["lease"]) == (False, 600)
+    assert ctxagent.view_progress(merged)[1] is False
 
 
 def test_a_change_runs_with_its_event_and_peers_in_the_environment(site):

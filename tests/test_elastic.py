@@ -261,6 +261,8 @@ def apply_delta(held, delta):
     out = copy.deepcopy(held)
     for key in ("revision", "complete", "waiting_for", "state", "self", "locked", "lease"):
         out[key] = delta[key]
+    for role, counts in delta["roles"].items():
+        out["roles"][role].update(counts)
     gone = set(delta["departed"]) | {p["node_id"] for p in delta["peers"]}
     for role in out["roles"].values():
         role["providers"] = [p for p in role["providers"] if p["node_id"] not in gone]
@@ -276,7 +278,8 @@ def apply_delta(held, delta):
 
 
 def comparable(v):
-    roles = {r: sorted(p["node_id"] for p in body["providers"]) for r, body in v["roles"].items()}
+    roles = {r: (sorted(p["node_id"] for p in body["providers"]), body["expected"], body["satisfied"])
+             for r, body in v["roles"].items()}
     everyone = sorted(p["node_id"] for p in v.get("all_identities", []))
     return (v["revision"], v["complete"], v["waiting_for"], v["state"], v["self"], roles, everyone)
 
@@ -344,7 +347,7 @@ def test_random_deltas_rebuild_the_full_view(client):
     live = {n: nodes[n] for n in (3, 4)}
     next_n = 20
     for step in range(120):
-        action = rng.choice(("join", "join", "ok", "remove", "rename", "head"))
+        action = rng.choice(("join", "join", "ok", "remove", "rename", "head", "scale"))
         if action == "join":
             status, body = client.enroll(cid, joins["compute"], next_n)
             if status == 201:
@@ -355,6 +358,9 @@ def test_random_deltas_rebuild_the_full_view(client):
             if status == 201:
                 live[next_n] = (body["node_id"], body["node_token"])
             next_n += 1
+        elif action == "scale":   # the expected counts move; never below the members
+            members = len(client.broker.model.contexts[cid].groups["compute"].nodes)
+            scale(client, cid, "compute", rng.randrange(members, 45))
         elif action == "ok" and live:
             report_ok(client, cid, live[rng.choice(sorted(live))])
         elif action == "remove" and live:
@@ -412,3 +418,47 @@ def durable_state(m):
         for node in status["nodes"]:
             node.pop("last_seen")
     return state
+
+
+def test_scaling_the_join_tokens_lifetime_does_not_grow(client):
+    """A scale (or rotation) makes the join token valid for the context's join TTL from then, not
+    for the time since creation; lowering the target revives nothing."""
+    cid, joins, nodes = assembled(client)
+    g = client.broker.model.contexts[cid].groups["compute"]
+    assert client.call("POST", ctx_path(cid, "/extend"), ADMIN_TOKEN, {"expires_in": 30 * 86400})[0] == 200
+    for day in (6, 10, 14):
+        client.clock.advance(day * 86400 - client.clock.seconds())
+        assert scale(client, cid, "compute", g.quantity + 1)[0] == 200
+        assert g.join_expires == day * 86400 + 86400   # one day (the join TTL) from the scale
+    client.clock.advance(2 * 86400)
+    scale(client, cid, "compute", g.quantity - 1)
+    assert g.join_expires < client.clock.seconds()
+
+
+def test_a_departed_nodes_wait_is_answered_401(client):
+    """The departed node's open long-poll is told its credential is gone, not sent a view without itself."""
+    cid, joins, nodes = assembled(client)
+    nid, token = nodes[3]
+    _, held = view(client, cid, nodes[3])
+    pending = client.call_deferred("GET", node_path(cid, nid, f"view?since={held['revision']}&wait=60"), token)
+    client.stub.flush()
+    client.call("POST", node_path(cid, nid, "remove"), ADMIN_TOKEN)
+    status, body = result_of(pending)
+    assert status == 401 and body["error"] == "unauthorized"
+
+
+def test_enroll_and_leave_in_a_loop_is_bounded(client):
+    """Departed nodes are kept (status; their instances may not return), so churn is capped: at
+    twice nodes_per_context nodes kept, a new enrollment is refused with a clear error."""
+    client.broker.model.quotas.nodes_per_context = 5
+    cid, joins, nodes = assembled(client)   # 4 members
+    assert scale(client, cid, "compute", 4)[0] == 200   # one free slot, taken and freed in a loop
+    n = 10
+    while True:
+        status, body = client.enroll(cid, joins["compute"], n)
+        if status != 201:
+            break
+        assert client.call("POST", node_path(cid, body["node_id"], "leave"), body["node_token"])[0] == 200
+        n += 1
+    assert status == 409 and body["error"] == "quota_exceeded" and "departed" in body["message"]
+    assert len(client.broker.model.contexts[cid].nodes) == 10

@@ -106,7 +106,7 @@ After=network-online.target
 Type=exec
 ExecStart=/usr/bin/python3 {AGENT_PATH} --bootstrap cloud-init --watch
 Restart=on-failure
-RestartSec=30
+RestartSec=10
 RestartPreventExitStatus=6
 
 [Install]
@@ -185,7 +185,8 @@ def compact_source(source: str) -> str:
                 cut[row] = tok.start[1]
             else:
                 drop.add(row)
-        elif tok.type == tokenize.STRING:
+        elif tok.type == tokenize.STRING or tok.type == getattr(tokenize, "FSTRING_MIDDLE", None):
+            # (Python 3.12 splits an f-string into FSTRING_* tokens: its text is FSTRING_MIDDLE.)
             quoted.update(range(tok.start[0], tok.end[0]))
     out = []
     for i, line in enumerate(lines):
@@ -193,8 +194,12 @@ def compact_source(source: str) -> str:
             out.append(replace[i])
         elif i in cut:
             out.append(_shallow(line[:cut[i]].rstrip() + "\n"))
-        elif i not in drop:
-            out.append(line if i in quoted else _shallow(line))
+        elif i in drop:
+            continue
+        elif i in quoted:
+            out.append(line)
+        elif line.strip():   # (a blank line is no code)
+            out.append(_shallow(line))
     return "".join(out)
 
 
