@@ -169,13 +169,19 @@ def test_a_node_leaves_by_itself_and_only_itself(client):
     assert node["departed"] == "left"
 
 
-def test_a_departure_wakes_the_watchers(client):
-    cid, joins, nodes = assembled(client)
-    nid, token = nodes[1]
-    _, held = view(client, cid, nodes[1])
+def waiting(client, cid, node):
+    """``node`` long-polls past the revision of its view: the request, unanswered."""
+    nid, token = node
+    _, held = view(client, cid, node)
     pending = client.call_deferred("GET", node_path(cid, nid, f"view?since={held['revision']}&wait=60"), token)
     client.stub.flush()
     assert not_fired(pending)
+    return pending
+
+
+def test_a_departure_wakes_the_watchers(client):
+    cid, joins, nodes = assembled(client)
+    pending = waiting(client, cid, nodes[1])
     client.call("POST", node_path(cid, nodes[4][0], "remove"), ADMIN_TOKEN)
     status, woken = result_of(pending)
     assert status == 200
@@ -438,11 +444,8 @@ def test_scaling_the_join_tokens_lifetime_does_not_grow(client):
 def test_a_departed_nodes_wait_is_answered_401(client):
     """The departed node's open long-poll is told its credential is gone, not sent a view without itself."""
     cid, joins, nodes = assembled(client)
-    nid, token = nodes[3]
-    _, held = view(client, cid, nodes[3])
-    pending = client.call_deferred("GET", node_path(cid, nid, f"view?since={held['revision']}&wait=60"), token)
-    client.stub.flush()
-    client.call("POST", node_path(cid, nid, "remove"), ADMIN_TOKEN)
+    pending = waiting(client, cid, nodes[3])
+    client.call("POST", node_path(cid, nodes[3][0], "remove"), ADMIN_TOKEN)
     status, body = result_of(pending)
     assert status == 401 and body["error"] == "unauthorized"
 
