@@ -85,7 +85,7 @@ def test_cloud_config_layout():
 def test_agent_is_a_literal_block():
     """The agent source is carried as a YAML `content: |` literal block, so the document gzips well."""
     text = render_cloud_config(BOOTSTRAP, SMALL_AGENT)
-    assert "  content: |\n    #!/usr/bin/env python3\n" in text
+    assert "  content: |\n   #!/usr/bin/env python3\n" in text
 
 
 def test_marker_line_decodes_to_the_bootstrap():

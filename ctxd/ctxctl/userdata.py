@@ -300,7 +300,7 @@ def is_gzip(data: bytes) -> bool:
 
 def _write_file(path: str, permissions: str, content: str) -> List[str]:
     entry = [f"- path: {path}", "  owner: root:root", f"  permissions: '{permissions}'"]
-    block = _literal_block(content, indent="    ")
+    block = _literal_block(content, indent="   ")   # (one more than its key: the least YAML allows)
     if block is None:
         # Text a YAML literal block cannot carry exactly (CR, control characters,
         # a leading space...): base64 keeps it byte-exact at some cost in size.
