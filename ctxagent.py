@@ -106,6 +106,7 @@ SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-ni
 SSH_KEY_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 MAX_SSH_KEY, MAX_SSH_KEYS = 4096, 16
 MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 300
+MIN_LEASE, MAX_LEASE = 10, 2592000
 # How long a view request waits at the broker for a change, by default: an idle node costs
 # the broker one request per POLL_WAIT. A broker older than 0.2 allows at most OLD_MAX_WAIT.
 POLL_WAIT, OLD_MAX_WAIT = 120, 60
@@ -384,8 +385,8 @@ def view_progress(raw):
     """(revision, complete, waiting_for) of a view: what polling needs."""
     _expect(raw, dict, "view")
     lease = raw.get("lease")
-    if lease is not None and not 10 <= _expect(lease, int, "view.lease") <= 2592000:
-        raise InputError("view.lease: %s is not 10 s to 30 days" % lease)
+    if lease is not None and not MIN_LEASE <= _expect(lease, int, "view.lease") <= MAX_LEASE:
+        raise InputError("view.lease: %s is not %d to %d s" % (lease, MIN_LEASE, MAX_LEASE))
     return (_expect(raw.get("revision"), int, "view.revision"),
             _expect(raw.get("complete"), bool, "view.complete"),
             tuple(_show(w, 200) for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))

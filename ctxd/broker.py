@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctxd import rules, tokens
+from ctxd import rules, tokens, validate
 from ctxd.audit import AuditLog
 from ctxd.admission import RateLimiter
 from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
@@ -505,12 +505,8 @@ class Broker:
         """The node departs (its credential stops working, its slot is freed); with
         ``shrink`` its group's quantity drops by one."""
         ctx = self.model.owned_context(principal, cid, self.now())
-        body = {} if body is None else body
-        if not isinstance(body, dict) or set(body) - {"shrink"}:
-            raise BadRequest("body: only {\"shrink\": true|false} is allowed")
-        shrink = body.get("shrink", False)
-        if not isinstance(shrink, bool):
-            raise BadRequest("shrink: must be true or false")
+        body = validate.obj({} if body is None else body, "body", optional=("shrink",))
+        shrink = validate.boolean(body.get("shrink", False), "shrink")
         record = self.model.prepare_depart(cid, nid, "removed", self.now(), shrink)
         log.info("node {nid} of context {cid} removed{shrunk}", nid=nid, cid=cid,
                  shrunk=" (its group shrinks)" if shrink else "")

@@ -1285,6 +1285,10 @@ class Model:
             shared = json_bytes(self._group_part(self.contexts[g.context_id], g))[:-1]
             # Kept only where it is shared: a group of one (a head) would just hold a copy.
             g.rendered = (g.view_rev, shared) if len(g.nodes) > 1 else None
+        return self._with_own_fields(shared, node)
+
+    def _with_own_fields(self, shared: bytes, node: Node) -> JSONChunks:
+        """``shared`` (an object's JSON without its closing brace) and this node's own fields."""
         own = json_bytes(
             {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
         )
@@ -1342,10 +1346,7 @@ class Model:
                 if len(cached) >= 8:
                     cached.clear()
                 cached[since] = shared
-        own = json_bytes(
-            {"node_id": node.id, "revision": self.view_revision(node), "state": node.state, "self": node.identity}
-        )
-        return JSONChunks((shared, b"," + own[1:]))
+        return self._with_own_fields(shared, node)
 
     def summary(self, ctx: Context) -> Dict[str, Any]:
         out = {

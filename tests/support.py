@@ -183,8 +183,10 @@ class Client:
         )
 
 
-def torque(client):
-    cid, created = client.create()
+def torque(client, body=None):
+    """The torque cluster (or ``body``, with its groups) created, its head and three computes enrolled:
+    (context id, join tokens by group, {n: (node id, node token)})."""
+    cid, created = client.create(body)
     joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
     nodes = {}
     for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):

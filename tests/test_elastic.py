@@ -214,12 +214,7 @@ def leased_cluster(lease=30):
 
 
 def test_a_silent_watching_node_is_lost_after_its_lease(client):
-    cid, created = client.create(leased_cluster(30))
-    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
-    nodes = {}
-    for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):
-        _, enrolled = client.enroll(cid, joins[group], n)
-        nodes[n] = (enrolled["node_id"], enrolled["node_token"])
+    cid, joins, nodes = torque(client, leased_cluster(30))
     for n in (1, 2, 3):
         assert report_ok(client, cid, nodes[n], watch=n != 3)[0] == 200   # node3 does not watch
     assert report_ok(client, cid, nodes[4], watch=True)[0] == 200
@@ -390,12 +385,7 @@ def test_random_deltas_rebuild_the_full_view(client):
 def test_elastic_changes_replay_to_the_same_state(client):
     """Scale, remove (with shrink), leave, lost, extend: the journal replays to the same views and
     revisions, and so does a snapshot of the state."""
-    cid, created = client.create(leased_cluster(30))
-    joins = {g: b["join_token"] for g, b in created["bootstraps"].items()}
-    nodes = {}
-    for n, group in ((1, "head"), (2, "compute"), (3, "compute"), (4, "compute")):
-        _, enrolled = client.enroll(cid, joins[group], n)
-        nodes[n] = (enrolled["node_id"], enrolled["node_token"])
+    cid, joins, nodes = torque(client, leased_cluster(30))
     for n in (1, 2, 3, 4):
         assert report_ok(client, cid, nodes[n], watch=True)[0] == 200
     scale(client, cid, "compute", 5)

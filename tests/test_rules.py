@@ -22,6 +22,7 @@ def test_agent_patterns_are_the_brokers():
                                        rules.MAX_SSH_KEY, rules.MAX_SSH_KEYS)
     assert (ctxagent.MAX_MESSAGE, ctxagent.MAX_LOG_TAIL, ctxagent.MAX_WAIT) == (
         rules.MAX_MESSAGE, rules.MAX_LOG_TAIL, rules.MAX_WAIT)
+    assert (ctxagent.MIN_LEASE, ctxagent.MAX_LEASE) == (rules.MIN_LEASE, rules.MAX_LEASE)
 
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"

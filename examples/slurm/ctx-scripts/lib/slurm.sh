@@ -235,14 +235,20 @@ start_slurmctld() {
     }
 }
 
+serving_directly() {
+    # serving_directly NAME PID: the daemon NAME started directly as PID is alive and
+    # wrote its pid file (status 1: not yet; 2: it exited, never will).
+    if gone "$2"; then echo "$1 (pid $2) exited" >&2; return 2; fi
+    # Until the background shell has exec'd the daemon, it has another name.
+    alive "$2" "$1" || return 1
+    [ "$(cat "$SPOOL/$1.pid" 2>/dev/null)" = "$2" ]
+}
+
 slurmctld_started() {
     # slurmctld_started T0 [PID]: the controller answering is one started at or
     # after T0 (and, started directly, the live PID that wrote the pid file).
     if [ -n "$2" ]; then
-        if gone "$2"; then echo "slurmctld (pid $2) exited" >&2; return 2; fi
-        # Until the background shell has exec'd the daemon, it has another name.
-        alive "$2" slurmctld || return 1
-        [ "$(cat "$SPOOL/slurmctld.pid" 2>/dev/null)" = "$2" ] || return 1
+        serving_directly slurmctld "$2" || return
     fi
     slurmctld_up || return 1
     boot=$(SLURM_TIME_FORMAT=%s scontrol show config 2>/dev/null | sed -n 's/^BOOT_TIME *= *//p')
@@ -292,10 +298,7 @@ slurmd_registered() {
     # slurmd_registered T0 [PID]: (started directly: the live PID that wrote the
     # pid file and) the controller lists this node usable, registered at or after T0.
     if [ -n "$2" ]; then
-        if gone "$2"; then echo "slurmd (pid $2) exited" >&2; return 2; fi
-        # Until the background shell has exec'd the daemon, it has another name.
-        alive "$2" slurmd || return 1
-        [ "$(cat "$SPOOL/slurmd.pid" 2>/dev/null)" = "$2" ] || return 1
+        serving_directly slurmd "$2" || return
     fi
     node_usable "$1"
 }
