@@ -36,11 +36,13 @@ test-pypi: $(TEST_VENV)/.installed
 # python3-cryptography 38, python3-service-identity 18.1 (tests/deb/libs.sh installs them);
 # skipped, saying why, where that is not possible. The fuzz test needs schemathesis (PyPI only).
 # The Slurm tests (-m slurm: the example's scripts and daemons, the broker as in every e2e test)
-# run once, in test-pypi: they exercise no library the other e2e tests do not.
+# run once, in test-pypi: they exercise no library the other e2e tests do not; so do the agent's
+# own tests (-m agent: ctxagent.py is standard library only; the e2e tests run it against the
+# broker on Debian's libraries).
 test-debian:
 	@if tests/deb/libs.sh $(DEBIAN_VENV); then \
 		PATH=$(CURDIR)/$(DEBIAN_VENV)/bin:$$PATH CTXD_LIBRARIES=debian12 \
-			$(DEBIAN_VENV)/bin/python -m pytest -m "not slurm" $(PYTEST_ARGS); \
+			$(DEBIAN_VENV)/bin/python -m pytest -m "not slurm and not agent" $(PYTEST_ARGS); \
 	else [ $$? = 3 ]; fi
 
 # The Debian packages (ctxd, ctxd-agent) built from the work tree's files (tracked and new,
@@ -90,6 +92,7 @@ bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/journal_bench.py replay --records 1000000 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py compaction --nodes 10000
 	$(TEST_VENV)/bin/python bench/agent_bench.py --runs 5
+	$(TEST_VENV)/bin/python bench/credentials_bench.py --nodes 1000 --runs 5
 
 clean:
 	rm -rf $(RUN_VENV) $(TEST_VENV) $(DEBIAN_VENV) build *.egg-info ctxd-state

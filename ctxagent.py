@@ -20,14 +20,26 @@ FQDN per (required role, provider); 2-thishost/IFACE IP SHORT FQDN per own
 interface; 3-data/NAME PATH per data value; 4-restarts/ROLE per role;
 5-thishost-finalize/IFACE IP SHORT FQDN; problem.sh when an action failed.
 Their environment adds CTX_VIEW (path of the view as JSON), CTX_CONTEXT_ID,
-CTX_NODE_ID (and, for problem.sh, CTX_EXIT_CODE and CTX_ERROR).
+CTX_NODE_ID (and, for problem.sh, CTX_EXIT_CODE and CTX_ERROR); with host
+certificates, CTX_TLS_KEY, CTX_TLS_CERT, CTX_TLS_BUNDLE, CTX_TLS_CA_DIR (when
+the view has a ca_dir) and CTX_SSH_CERTS (paths joined by ":").
+
+Host certificates (when the view opts in; before any script, and in watch mode
+again two thirds into their validity): a key made once by the openssl command
+(argv, never a shell) stays here; the broker signs a request for this node's
+vetted names. Installed at the view's paths, 0644: the certificate (leaf, then
+chain), the CA bundle, and in ca_dir each CA as ctxd-CID-N.pem with its HASH.N
+symlink; SSH certificates as ssh_host_TYPE_key-cert.pub beside the host keys,
+and with sshd = true, HostCertificate lines in --sshd-config-dir's
+ctxd-host-certificates.conf and an sshd reload through systemctl.
 
 Exit codes:
     0   success, no bootstrap present, or another run holds STATE/lock
     1   bad input: corrupt bootstrap, invalid or hostile view
     2   usage or configuration error (bad arguments, unusable scripts dir,
         a script that is present but not executable)
-    3   environment: no network, broker unreachable, TLS verification failed
+    3   environment: no network, broker unreachable, TLS verification failed,
+        no openssl command (or it failed) for the host certificates
     4   an action failed (a script exited non-zero or timed out)
     5   timed out waiting for a complete view
     6   the broker refused us (join token expired or used up, context deleted,
@@ -41,7 +53,9 @@ credential), STATE/view.json, STATE/data/NAME/N (value N from 0), STATE/lock,
 STATE/script.out (the output of the last script), all 0600;
 and between "# BEGIN ctxd (context CID)" and "# END ctxd (context CID)",
 the rest kept byte for byte: "IP FQDN SHORT" lines in --hosts-file,
-"FQDN,SHORT,IP TYPE KEY" lines in --known-hosts-file. Tokens never reach
+"FQDN,SHORT,IP TYPE KEY" lines in --known-hosts-file (with an SSH CA in the
+view: its "@cert-authority PATTERN KEY" line first, and none for the peers of
+the groups it certifies). Tokens never reach
 the log, stdout/stderr or an error report.
 """
 
@@ -117,6 +131,9 @@ KEEPALIVE = (20, 5, 3)
 
 SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")   # tokens and the instance key
 TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
+PATH = re.compile(r"/[^\x00\r\n]{0,4095}")
+PEM = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----")
+RENEW_RETRY = 60   # s: a renewal that failed (or came too early) is tried again after this, then twice as long...
 
 LOG = logging.getLogger("ctxagent")
 
@@ -340,9 +357,14 @@ def parse_bootstrap(content):
 
 Interface = collections.namedtuple("Interface", "name ipv4 ipv6")
 Identity = collections.namedtuple("Identity", "hostname fqdn primary_ip interfaces ssh_host_keys")
-Peer = collections.namedtuple("Peer", "node_id hostname fqdn ip ssh_host_keys")
-NodeView = collections.namedtuple(
-    "NodeView", "context_id node_id revision complete identity roles data all_identities")
+Peer = collections.namedtuple("Peer", "node_id hostname fqdn ip ssh_host_keys group")
+NodeView = collections.namedtuple("NodeView", "context_id node_id revision complete identity roles data "
+                                  "all_identities certificate ssh_certificate ssh_ca")
+# What the view says of host certificates: where the X.509 files go (ca_dir may be None) and which
+# names, in order, they carry; the SSH CA that certifies the host keys of the nodes of its groups.
+Certificate = collections.namedtuple("Certificate", "names key certificate bundle ca_dir")
+SshCa = collections.namedtuple("SshCa", "public_key pattern groups")
+CERT_NAMES = {"fqdn": "fqdn", "hostname": "hostname", "ip": "primary_ip"}   # name -> Identity field
 
 
 def _items(obj, key, what, check, limit=None):
@@ -372,13 +394,12 @@ def validate_identity(obj, what="identity"):
 def validate_peer(obj, what):
     """A Peer tuple from a ProviderIdentity object."""
     _expect(obj, dict, what)
-    if "group" in obj:
-        check_name(obj["group"], what + ".group")
     return Peer(check_id(obj.get("node_id"), what + ".node_id"),
                 check_hostname(obj.get("hostname"), what + ".hostname"),
                 check_fqdn(obj.get("fqdn"), what + ".fqdn"),
                 check_ip(obj.get("ip"), what + ".ip"),
-                _items(obj, "ssh_host_keys", what, check_ssh_key, MAX_SSH_KEYS))
+                _items(obj, "ssh_host_keys", what, check_ssh_key, MAX_SSH_KEYS),
+                check_name(obj["group"], what + ".group") if "group" in obj else "")
 
 
 def view_progress(raw):
@@ -410,6 +431,38 @@ def _values(values, what):
                  for i, v in enumerate(values))
 
 
+def check_path(value, what):
+    """An absolute path without a ".." part, NUL or line break."""
+    if ".." in _check(value, PATH, what, "path").split("/"):
+        raise InputError("%s: invalid path %s" % (what, _show(value)))
+    return value
+
+
+def _certificate(spec, what):
+    _expect(spec, dict, what)
+    names = _expect(spec.get("names"), list, what + ".names")
+    if not names or not all(isinstance(n, str) and n in CERT_NAMES for n in names):
+        raise InputError("%s.names: not some of %s: %s" % (what, "/".join(sorted(CERT_NAMES)), _show(names)))
+    paths = [check_path(spec.get(k), "%s.%s" % (what, k)) for k in ("key", "certificate", "bundle")]
+    if len(set(paths)) < 3:
+        raise InputError("%s: key, certificate and bundle must be three files" % what)
+    ca_dir = spec.get("ca_dir")
+    return Certificate(tuple(names), *paths, ca_dir=ca_dir and check_path(ca_dir, what + ".ca_dir"))
+
+
+def _ssh_certificate(spec, what):
+    """Whether sshd is to present the certificates."""
+    return _expect(_expect(spec, dict, what).get("sshd", False), bool, what + ".sshd")
+
+
+def _ssh_ca(ca, what):
+    pattern = _expect(ca, dict, what).get("pattern")
+    if pattern != "*":
+        check_fqdn(pattern[2:] if str(pattern).startswith("*.") else None, what + ".pattern")
+    return SshCa(check_ssh_key(ca.get("public_key"), what + ".public_key"), pattern,
+                 _items(ca, "groups", what, check_name))
+
+
 def validate_view(raw, context_id, node_id):
     """A NodeView (roles and data sorted by name) from a raw view.
 
@@ -424,7 +477,9 @@ def validate_view(raw, context_id, node_id):
     view = NodeView(context_id, node_id, revision, complete,
                     validate_identity(raw.get("self"), "view.self"),
                     _by_name(raw, "roles", _providers), _by_name(raw, "data", _values),
-                    _items(everyone, "all_identities", "view", validate_peer))
+                    _items(everyone, "all_identities", "view", validate_peer),
+                    *(None if raw.get(key) is None else check(raw[key], "view." + key) for key, check in (
+                        ("certificate", _certificate), ("ssh_certificate", _ssh_certificate), ("ssh_ca", _ssh_ca))))
     check_no_conflicts(view)
     return view
 
@@ -435,9 +490,8 @@ def check_no_conflicts(view):
     The broker refuses such claims; this is defense in depth, so that a broker bug or an
     old journal never makes us trust one node's key for another's name.
     """
-    me = view.identity
     owners = {}
-    for peer in (Peer(view.node_id, me.hostname, me.fqdn, me.primary_ip, me.ssh_host_keys),) + _others(view):
+    for peer in (_me(view),) + _others(view):
         claims = [("name", peer.hostname.lower()), ("name", peer.fqdn.lower()), ("primary address", peer.ip)]
         for kind, value in claims + [("ssh host key", key) for key in peer.ssh_host_keys]:
             holder = owners.setdefault((kind, value), peer.node_id)
@@ -475,11 +529,14 @@ def _others(view):
     return _dedupe(sum((providers for _, providers in view.roles), ()) + view.all_identities)
 
 
+def _me(view):
+    me = view.identity
+    return Peer(view.node_id, me.hostname, me.fqdn, me.primary_ip, me.ssh_host_keys, "")
+
+
 def peers_of(view):
     """Every identity in the view, this node first, once each."""
-    me = view.identity
-    return _dedupe((Peer(view.node_id, me.hostname, me.fqdn, me.primary_ip, me.ssh_host_keys),)
-                   + _others(view))
+    return _dedupe((_me(view),) + _others(view))
 
 
 def _this_host(view, phase):
@@ -490,10 +547,12 @@ def _this_host(view, phase):
 
 
 def _blocks(view):
-    """The hosts and known_hosts managed blocks for VIEW."""
-    known_hosts = []
+    """The hosts and known_hosts managed blocks for VIEW: with an SSH CA, its line first and no
+    line for the keys it certifies."""
+    ca = view.ssh_ca
+    known_hosts = ["@cert-authority %s %s" % (ca.pattern, ca.public_key)] if ca else []
     for p in _others(view):
-        for key in p.ssh_host_keys:
+        for key in () if ca and p.group in ca.groups else p.ssh_host_keys:
             line = "%s,%s,%s %s" % (p.fqdn, p.hostname, p.ip, key)
             if line not in known_hosts:
                 known_hosts.append(line)
@@ -531,9 +590,9 @@ def plan_change(old, new):
     before, after = _listings(old), _listings(new)
     gone = [k for k in before if after.get(k) != before[k]]
     came = [k for k in after if before.get(k) != after[k]]
-    if not gone and not came:
-        return [], [], []
     plan = _blocks(new)
+    if not gone and not came:
+        return ([] if plan == _blocks(old) else plan), [], []
     plan += [script_action("6-departed/" + r, before[r, n].ip, before[r, n].hostname, before[r, n].fqdn)
              for r, n in gone if r]
     for r, n in came:
@@ -804,10 +863,11 @@ def execute_plan(plan, paths, context_id, env, script_timeout):
             raise ActionError("could not write %s: %s" % (action.target, exc))
 
 
-def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=None, resume=False):
+def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=None, resume=False, extra_env=()):
     """Validate a view and plan; only then write files and run scripts: the initial run
     (complete views only, unless RESUME: this node was contextualized before), or, after the
     raw view PREVIOUS was applied, what changed (watch mode). False if nothing had to be done.
+    EXTRA_ENV: more for the scripts' environment (where the host credentials are).
 
     When an action fails, problem.sh (if present and executable) runs before
     the error is raised; its own outcome is ignored.
@@ -832,6 +892,7 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=No
                CTX_EVENT="change" if previous is not None else "initial",
                CTX_JOINED=" ".join("%s,%s,%s" % (p.ip, p.hostname, p.fqdn) for p in joined),
                CTX_DEPARTED=" ".join("%s,%s,%s" % (p.ip, p.hostname, p.fqdn) for p in departed))
+    env.update(extra_env)
     LOG.info("view revision %d%s: %d action(s)%s", view.revision, " is complete" if view.complete else "",
              len(plan), " (%d joined, %d departed)" % (len(joined), len(departed)) if previous else "")
     try:
@@ -845,6 +906,152 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=No
                 pass
         raise
     return True
+
+
+# ---------------------------------------------------------------------------
+# Host credentials: certificates the broker signs for this node's vetted names
+
+def tool(*argv, data=b"", what=None):
+    """The output of the command ARGV (openssl, say): EnvironmentFailure when it is missing or fails, or
+    when it fails on the input WHAT (DATA), InputError."""
+    try:
+        done = subprocess.run(argv, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EnvironmentFailure("cannot run %s (for the host certificates): %s" % (argv[0], exc))
+    if done.returncode:
+        raise (InputError if what else EnvironmentFailure)("%s%s failed: %s" % (
+            what + ": " if what else "", " ".join(argv[:2]), _show(done.stderr.decode("utf-8", "replace").strip(), 300)))
+    return done.stdout
+
+
+def certificate_names(cert, identity):
+    """The names of IDENTITY that CERT (a Certificate) asks for, in its order, once each."""
+    return list(collections.OrderedDict.fromkeys(getattr(identity, CERT_NAMES[n]) for n in cert.names))
+
+
+def make_csr(cert, names):
+    """A certificate request (PEM) for NAMES (the first as CN) with CERT's key, made (0600) if missing."""
+    if not os.path.lexists(cert.key):
+        key = tool("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+        os.makedirs(os.path.dirname(cert.key), 0o755, exist_ok=True)
+        try:   # exclusive: two racing runs both use the key of the first
+            atomic_write(cert.key, key, exclusive=True)
+            LOG.info("made the key %s", cert.key)
+        except FileExistsError:
+            pass
+    san = ",".join(("IP:" if _is_ip(n) else "DNS:") + n for n in names)
+    return tool("openssl", "req", "-new", "-key", cert.key, "-subj", "/CN=" + names[0],
+                "-addext", "subjectAltName=" + san).decode("ascii")
+
+
+def _pems(text, what, least):
+    """The PEM certificates TEXT consists of, at least LEAST."""
+    found = PEM.findall(_expect(text, str, what))
+    if len(found) < least or "".join(PEM.split(text)).strip():
+        raise InputError("%s: not PEM certificates only, at least %d" % (what, least))
+    return [pem + "\n" for pem in found]
+
+
+def _renewal(part, what):
+    """The time two thirds into the validity of PART of a credentials reply."""
+    times = [part.get(k) for k in ("not_before", "not_after")]
+    if not all(type(t) in (int, float) for t in times) or not 0 <= times[0] < times[1] < 1e11:
+        raise InputError("%s: invalid not_before, not_after %s" % (what, _show(times)))
+    return times[0] + (times[1] - times[0]) * 2 / 3
+
+
+def certified_key(line, keys, what):
+    """Which of KEYS ("TYPE BASE64") the host certificate LINE ("TYPE-cert-v01@openssh.com BASE64") is for."""
+    kind, _, data = line.partition(" ") if isinstance(line, str) else ("", "", "")
+    blob = _b64decode(data, what) if SSH_KEY_B64.fullmatch(data) else b""
+    head = len(kind).to_bytes(4, "big") + kind.encode()
+    fields = len(head) + 4 + int.from_bytes(blob[len(head):len(head) + 4], "big")   # after the type and nonce
+    for key in keys:
+        key_type, _, key_data = key.partition(" ")
+        own = _b64decode(key_data, key_type)[len(key_type) + 4:]   # the key's fields, after its type
+        if (kind == key_type.replace("@openssh.com", "") + "-cert-v01@openssh.com" and blob.startswith(head)
+                and blob[fields:].startswith(own)
+                and blob[fields + len(own) + 8:fields + len(own) + 12] == b"\0\0\0\2"):   # after the serial: host
+            return key
+    raise InputError("%s: not a host certificate of one of this node's keys" % what)
+
+
+def check_credentials(reply, view, names, host_keys, sshd_conf):
+    """What a credentials REPLY for VIEW installs, checked whole: ([(path, text)], [(CA PEM, subject hash)],
+    renewal time, scripts' environment). NAMES: the certificate's; HOST_KEYS: {key: path} of this host;
+    SSHD_CONF: the sshd configuration file to write, or None."""
+    cert, files, cas, renewals, env = view.certificate, [], [], [], {}
+    if cert:
+        what = "credentials reply.x509"
+        x509 = _expect(reply.get("x509"), dict, what)
+        leaf, chain, bundle = (_pems(x509.get(k), "%s.%s" % (what, k), least)
+                               for k, least in (("certificate", 1), ("chain", 0), ("bundle", 1)))
+        if len(leaf) > 1 or set(str(n).lower() for n in _expect(x509.get("names"), list, what + ".names")) != set(
+                n.lower() for n in names):
+            raise InputError("%s: not one certificate for %s" % (what, ", ".join(names)))
+        x509_out = lambda pem, arg, part: tool("openssl", "x509", "-noout", arg, data=pem.encode(), what=what + part)
+        if x509_out(leaf[0], "-pubkey", ".certificate") != tool("openssl", "pkey", "-pubout", "-in", cert.key):
+            raise InputError("%s.certificate: not for the key %s" % (what, cert.key))
+        cas = [(pem, x509_out(pem, "-subject_hash", ".bundle").decode().strip()) for pem in bundle]
+        files += [(cert.certificate, "".join(leaf + chain)), (cert.bundle, "".join(bundle))]
+        renewals.append(_renewal(x509, what))
+        env.update(CTX_TLS_KEY=cert.key, CTX_TLS_CERT=cert.certificate, CTX_TLS_BUNDLE=cert.bundle)
+        if cert.ca_dir:
+            env["CTX_TLS_CA_DIR"] = cert.ca_dir
+    if view.ssh_certificate is not None:
+        what, me = "credentials reply.ssh", view.identity
+        ssh = _expect(reply.get("ssh"), dict, what)
+        ours = (me.hostname.lower(), me.fqdn.lower(), me.primary_ip)
+        if not all(str(p).lower() in ours for p in _expect(ssh.get("principals", ssh.get("names")), list, what)):
+            raise InputError("%s.principals: not this node's names" % what)
+        certs = []
+        for i, entry in enumerate(_expect(ssh.get("certificates"), list, what + ".certificates", MAX_SSH_KEYS)):
+            where = "%s.certificates[%d]" % (what, i)
+            key = certified_key(_expect(entry, dict, where).get("certificate"),
+                                [k for k in host_keys if k.split()[0] == entry.get("type")], where)
+            certs.append((host_keys[key][:-len(".pub")] + "-cert.pub", entry["certificate"] + "\n"))
+        files += certs
+        if sshd_conf:
+            files.append((sshd_conf, "# ctxagent: the host certificates of ctxd (context %s)\n" % view.context_id
+                          + "".join("HostCertificate %s\n" % path for path, _ in certs)))
+        renewals.append(_renewal(ssh, what))
+        env["CTX_SSH_CERTS"] = ":".join(path for path, _ in certs)
+    return files, cas, min(renewals), env
+
+
+def install(path, text):
+    """Write TEXT to PATH (0644; parent directories made 0755) unless it is there already; whether it was not."""
+    data = text.encode("utf-8")
+    try:
+        if read_file(path, len(data)) == data:
+            return False
+    except (OSError, InputError):
+        pass   # a symlink, a larger file: replaced
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    atomic_write(path, data, 0o644)
+    return True
+
+
+def install_ca_dir(ca_dir, context_id, cas):
+    """The CA certificates CAS ([(PEM, subject hash)]) in the hashed directory CA_DIR (openssl's -CApath):
+    ctxd-CID-I.pem and a symlink HASH.N to it each; what this context had there before is replaced,
+    all else kept."""
+    names = ["ctxd-%s-%d.pem" % (context_id, i) for i in range(len(cas))]
+    for name, (pem, _) in zip(names, cas):
+        install(os.path.join(ca_dir, name), pem)
+    wanted, ours = set(zip(names, (h for _, h in cas))), re.compile(r"ctxd-%s-\d+\.pem" % context_id)
+    for entry in sorted(os.listdir(ca_dir)):
+        path = os.path.join(ca_dir, entry)
+        link = os.readlink(path) if os.path.islink(path) else None
+        if (link, entry.split(".")[0]) in wanted:
+            wanted.discard((link, entry.split(".")[0]))   # kept as it is
+        elif link and ours.fullmatch(link) or not link and ours.fullmatch(entry) and entry not in names:
+            os.unlink(path)
+    for name, subject_hash in sorted(wanted):
+        n = 0
+        while os.path.lexists(os.path.join(ca_dir, "%s.%d" % (subject_hash, n))):
+            n += 1
+        os.symlink(name, os.path.join(ca_dir, "%s.%d" % (subject_hash, n)))
 
 
 # ---------------------------------------------------------------------------
@@ -912,9 +1119,9 @@ def discover_interfaces():
     return group_addresses(_kernel_pairs())
 
 
-def read_ssh_host_keys(ssh_dir):
-    """The valid "TYPE BASE64" of SSH_DIR/ssh_host_*_key.pub, by file name."""
-    keys = []
+def read_ssh_host_keys(ssh_dir, paths=False):
+    """The valid "TYPE BASE64" of SSH_DIR/ssh_host_*_key.pub, by file name (PATHS: {key: its file})."""
+    keys = collections.OrderedDict()
     for path in sorted(glob.glob(os.path.join(ssh_dir, "ssh_host_*_key.pub"))):
         try:
             key = check_ssh_key(" ".join((read_file(path, 16384) or b"").decode().split()[:2]), path)
@@ -922,8 +1129,8 @@ def read_ssh_host_keys(ssh_dir):
             LOG.warning("ignoring %s: %s", path, exc)
             continue
         if key not in keys and len(keys) < MAX_SSH_KEYS:
-            keys.append(key)
-    return keys
+            keys[key] = path
+    return keys if paths else list(keys)
 
 
 def local_names(hostname=None, fqdn=None):
@@ -1202,8 +1409,8 @@ class Agent(object):
 
     def __init__(self, options, formatter, runlog):
         self.options, self.formatter, self.runlog = options, formatter, runlog
-        self.bootstrap = self.broker = self.node = self.deadline = self.lock = None
-        self.retry_max = RETRY_MAX
+        self.bootstrap = self.broker = self.node = self.deadline = self.lock = self.renew_at = None
+        self.retry_max, self.tls_env = RETRY_MAX, {}   # tls_env: the scripts' CTX_TLS_* and CTX_SSH_CERTS
 
     def state(self, name):
         return os.path.join(self.options.state_dir, name)
@@ -1256,7 +1463,9 @@ class Agent(object):
         if applied is not None:   # a watching node: its lease runs
             self.heartbeat(view, done)
         try:
-            apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None)
+            self.renew_at = self.credentials(view)   # before any script, which may use them
+            apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None,
+                       extra_env=self.tls_env)
         finally:
             done.set()
         LOG.info("contextualization done")
@@ -1288,16 +1497,28 @@ class Agent(object):
         (it departed: exit 6)."""
         o, cid, nid = self.options, self.node["context_id"], self.node["node_id"]
         self.deadline = float("inf")   # every request retried for as long as it takes
-        held, first, last, errored = applied, None, None, False
+        # errored: False, True (a re-run failed: the next one reports ok) or "renewal" (a renewal did).
+        held, first, last, errored, delay = applied, None, None, False, RENEW_RETRY
         while True:
             now = time.monotonic()
+            if self.renew_at is not None and time.time() >= self.renew_at:   # no script runs
+                try:
+                    self.renew_at, delay = self.credentials(held), RENEW_RETRY
+                    if errored == "renewal":
+                        self.report("ok", self.deadline)
+                        errored = False
+                except AgentError as exc:
+                    LOG.error("renewing the host certificates failed: %s", exc)
+                    self.fail(exit_code_for(exc), str(exc))
+                    self.renew_at, delay, errored = time.time() + delay, min(delay * 2, 3600), errored or "renewal"
+                continue
             if first and (now - last >= o.settle or now - first >= o.settle_max):
                 first, done = None, threading.Event()
                 self.heartbeat(held, done)
                 try:
                     if errored:
                         self.report("contextualizing", self.deadline)
-                    if apply_view(held, cid, nid, paths, o.script_timeout, applied) or errored:
+                    if apply_view(held, cid, nid, paths, o.script_timeout, applied, extra_env=self.tls_env) or errored:
                         self.report("ok", self.deadline)
                     applied, errored = held, False
                     self.save_applied(held)
@@ -1309,8 +1530,10 @@ class Agent(object):
                     done.set()
                 continue
             lease = held.get("lease") or MAX_WAIT * 3
-            wait = max(1, min(o.poll_wait, lease // 3, int(min(o.settle - now + last, o.settle_max - now + first)
-                                                             + 0.99) if first else MAX_WAIT))
+            # The wait ends in time for the settle window and the certificates' renewal.
+            wait = max(1, int(0.99 + min(o.poll_wait, lease // 3,
+                                         min(o.settle - now + last, o.settle_max - now + first) if first else MAX_WAIT,
+                                         self.renew_at - time.time() if self.renew_at else MAX_WAIT)))
             status, raw = self.call("GET", self.node_path("view?since=%d&wait=%d&delta=1" % (held["revision"], wait)),
                                     self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
             if status == 304:
@@ -1328,6 +1551,38 @@ class Agent(object):
                 self.fail(EXIT_INPUT, str(exc))
                 errored = True
                 time.sleep(self.retry_max)
+
+    def credentials(self, raw):
+        """Ask for the host certificates the view RAW opts in to and install them; when to renew
+        them (time.time()), None without any."""
+        o, cid = self.options, self.node["context_id"]
+        view = validate_view(raw, cid, self.node["node_id"])
+        cert, sshd = view.certificate, view.ssh_certificate
+        if cert is None and sshd is None:
+            return None
+        body, names = {} if sshd is None else {"ssh": True}, cert and certificate_names(cert, view.identity)
+        try:
+            if cert:
+                body["csr"] = make_csr(cert, names)
+            status, raw = self.call("POST", self.node_path("credentials"), self.node["node_token"], body)
+            if status != 200:
+                raise self.refused("credentials", status, raw)
+            files, cas, renew, self.tls_env = check_credentials(
+                decode_reply(raw, "credentials reply"), view, names, read_ssh_host_keys(o.ssh_dir, True),
+                sshd and os.path.join(o.sshd_config_dir, "ctxd-host-certificates.conf"))
+            changed = [path for path, text in files if install(path, text)]
+            if cert and cert.ca_dir:
+                install_ca_dir(cert.ca_dir, cid, cas)
+        except OSError as exc:
+            raise ActionError("could not install the host credentials: %s" % exc)
+        LOG.info("host credentials: %d file(s) changed, renewal in %d s", len(changed), renew - time.time())
+        try:   # sshd loads its host certificates when it starts or reloads
+            if sshd and changed:
+                tool("systemctl", "try-reload-or-restart", "ssh.service", "sshd.service")
+        except AgentError as exc:
+            LOG.warning("sshd not reloaded: %s", exc)
+        # Not at once again when the broker (its clock behind ours) answered with the certificates it had issued.
+        return max(renew, time.time() + RENEW_RETRY)
 
     def heartbeat(self, view, done):
         """With a lease in VIEW: a request every third of it on a connection of its own, until DONE
@@ -1523,7 +1778,8 @@ class Agent(object):
 
     def fail(self, code, message):
         """Report the failure, best effort and briefly, when we hold a credential."""
-        if self.node is None or code in (EXIT_ENVIRONMENT, EXIT_REFUSED):
+        # Not to a broker that refused us or never answered (but exit 3 for a missing openssl, say).
+        if self.node is None or code == EXIT_REFUSED or code == EXIT_ENVIRONMENT and not self.broker.reached:
             return
         body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:MAX_MESSAGE],
                 "log_tail": self.runlog.tail()}
@@ -1580,6 +1836,7 @@ def parse_args(argv):
     add("--hosts-file", metavar="FILE", default="/etc/hosts", help="[%(default)s]")
     add("--known-hosts-file", metavar="FILE", default="/etc/ssh/ssh_known_hosts", help="[%(default)s]")
     add("--ssh-dir", metavar="DIR", default="/etc/ssh", help="with ssh_host_*_key.pub [%(default)s]")
+    add("--sshd-config-dir", metavar="DIR", default="/etc/ssh/sshd_config.d", help="for HostCertificate [%(default)s]")
     add("--address", type=_checked(check_ip), metavar="IP",
         help="to report [ours on the connection to the broker]")
     add("--hostname", type=_checked(check_hostname), metavar="SHORT", help="to report")

@@ -6,6 +6,7 @@ it by a test. Parsing (content type and size before JSON decoding) and rendering
 helper.
 """
 
+import hashlib
 import json
 import re
 from io import BytesIO
@@ -27,6 +28,7 @@ from ctxd.errors import (
     Forbidden,
     IdentityConflict,
     IdentityRefused,
+    CertificateRefused,
     InternalError,
     InvalidCluster,
     InvalidName,
@@ -61,6 +63,7 @@ STATUS: Dict[type, int] = {
     QuotaExceeded: 409,
     IdentityConflict: 409,
     IdentityRefused: 403,
+    CertificateRefused: 403,
     JoinTokenExpired: 410,
     TooLarge: 413,
     UnsupportedMediaType: 415,
@@ -91,6 +94,14 @@ REFUSALS = (401, 403, 409, 429)
 AUTH_KINDS = (NONE, SITE_ADMIN, DEPLOYER, OWNER, JOIN, NODE)
 
 
+class Raw(NamedTuple):
+    """A reply that is not JSON: its content type, its bytes and any further headers."""
+
+    content_type: bytes
+    data: bytes
+    headers: Tuple[Tuple[bytes, bytes], ...] = ()
+
+
 class Route(NamedTuple):
     method: str
     template: str
@@ -102,6 +113,7 @@ class Route(NamedTuple):
 
 ROUTES: Tuple[Route, ...] = (
     Route("GET", "/healthz", "health", NONE, "none"),
+    Route("GET", "/v1/agent", "get_agent", NONE, "none"),
     Route("GET", "/v1/users", "list_users", SITE_ADMIN, "none"),
     Route("POST", "/v1/users", "add_user", SITE_ADMIN, "required", 201),
     Route("DELETE", "/v1/users/{user}", "revoke_user", SITE_ADMIN, "none"),
@@ -117,11 +129,13 @@ ROUTES: Tuple[Route, ...] = (
     Route("POST", "/v1/contexts/{cid}/groups/{group}/scale", "scale", OWNER, "required"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/remove", "remove_node", OWNER, "optional"),
     Route("POST", "/v1/contexts/{cid}/extend", "extend", OWNER, "required"),
+    Route("GET", "/v1/contexts/{cid}/ca", "get_cas", OWNER, "none"),
     Route("POST", "/v1/contexts/{cid}/enroll", "enroll", JOIN, "required"),
     Route("PUT", "/v1/contexts/{cid}/nodes/{nid}/identity", "put_identity", NODE, "required"),
     Route("GET", "/v1/contexts/{cid}/nodes/{nid}/view", "get_view", NODE, "none"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/report", "report", NODE, "required"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/leave", "leave", NODE, "optional"),
+    Route("POST", "/v1/contexts/{cid}/nodes/{nid}/credentials", "credentials", NODE, "required"),
 )
 
 _PARAM_CHECKS: Dict[str, Callable[[str], Any]] = {
@@ -354,6 +368,14 @@ class BrokerResource(resource.Resource):
     def _health(self, request, principal, body):
         return {"status": "ok", "version": ctxd.__version__}
 
+    def _get_agent(self, request, principal, body):
+        """The agent VMs may fetch (public code; ctxctl's user-data pins its SHA-256)."""
+        if self.broker.agent is None:
+            raise NotFound("this broker has no ctxagent.py to serve")
+        agent = self.broker.agent
+        return Raw(b"text/x-python; charset=utf-8", agent,
+                   ((b"x-ctxd-agent-sha256", hashlib.sha256(agent).hexdigest().encode("ascii")),))
+
     def _list_users(self, request, principal, body):
         return self.broker.list_users()
 
@@ -419,6 +441,12 @@ class BrokerResource(resource.Resource):
 
     def _extend(self, request, principal, body, cid):
         return self.broker.extend(principal, cid, body)
+
+    def _get_cas(self, request, principal, body, cid):
+        return self.broker.get_cas(principal, cid)
+
+    def _credentials(self, request, principal, body, cid, nid):
+        return self.broker.credentials(principal, cid, nid, body, _source(request))
 
     def _report(self, request, principal, body, cid, nid):
         return self.broker.report(principal, cid, nid, body)
@@ -498,8 +526,14 @@ class BrokerResource(resource.Resource):
         request.setResponseCode(status)
         request.setHeader("cache-control", "no-store")
         if body is not None:
-            chunks = body.chunks if isinstance(body, JSONChunks) else (json_bytes(body),)
-            request.setHeader("content-type", "application/json")
+            content_type = b"application/json"
+            if isinstance(body, Raw):
+                content_type, chunks = body.content_type, (body.data,)
+                for name, value in body.headers:
+                    request.setHeader(name, value)
+            else:
+                chunks = body.chunks if isinstance(body, JSONChunks) else (json_bytes(body),)
+            request.setHeader("content-type", content_type)
             size = sum(len(c) for c in chunks)
             request.setHeader("content-length", str(size))
             if size > STREAM_ABOVE:

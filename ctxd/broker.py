@@ -18,10 +18,20 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctxd import rules, tokens, validate
+from ctxd import credentials, rules, tokens, validate
 from ctxd.audit import AuditLog
 from ctxd.admission import RateLimiter
-from ctxd.errors import BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unavailable
+from ctxd.errors import (
+    BadRequest,
+    CertificateRefused,
+    Conflict,
+    Forbidden,
+    InvalidCluster,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from ctxd.journal.errors import JournalClosed, JournalFailed
 from ctxd.metrics import Metrics
 from ctxd.model import SITE_ADMIN, Model, Node, Principal, Touched
@@ -182,6 +192,8 @@ class Broker:
         enroll_per_source: int = 120,
         enroll_per_token: int = 1200,
         metrics: Optional[Metrics] = None,
+        authority: Optional[credentials.Authority] = None,
+        agent: Optional[bytes] = None,
     ) -> None:
         self.model = model
         self.journal = journal
@@ -197,6 +209,14 @@ class Broker:
         self._fatal = False
         self._stopping = False
         self.metrics = metrics if metrics is not None else Metrics()
+        # Signs host certificates (None: this broker signs none; contexts asking for them are refused).
+        self.authority = authority
+        # The agent the broker serves to VMs (GET /v1/agent), if it found it.
+        self.agent = agent
+        # node -> when its last refused certificate request was audited (one line a minute per node).
+        self._refusals_audited: Dict[Tuple[str, str], float] = {}
+        # context id -> what of its CAs the credentials key does not make ("" : nothing), once checked.
+        self._lost_cas: Dict[str, str] = {}
         # (context id, group name) -> waiters of that group's nodes' views;
         # (context id, PROGRESS) -> waiters of that context's progress
         self._waiters: Dict[Tuple[str, str], Set[_Waiter]] = {}
@@ -329,6 +349,17 @@ class Broker:
         owner = principal.subject if principal.kind == "deployer" else ""
         record, join_tokens = self.model.prepare_create(body, self.now(), owner)
         cid = record["ctx"]
+        x509_ca, ssh_ca = self.model.wants_cas(record)
+        sited = any(g.get("certificate", {}).get("issuer") == "site" for g in record["groups"])
+        if x509_ca or ssh_ca or sited:
+            if self.authority is None:
+                raise InvalidCluster("this broker issues no host certificates (it has no credentials key)")
+            if sited and self.authority.site is None:
+                raise InvalidCluster('issuer = "site" needs a site CA: start ctxd with --site-ca-cert and '
+                                     "--site-ca-key")
+            # Only the public halves: the keys are derived when needed (ctxd.credentials).
+            if x509_ca or ssh_ca:
+                record["cas"] = self.authority.context_cas(cid, record["name"], record["at"], x509_ca, ssh_ca)
 
         def reply() -> Dict[str, Any]:
             ctx = self.model.contexts[cid]
@@ -486,6 +517,145 @@ class Broker:
         log.info("node {nid} of context {cid} left", nid=nid, cid=cid)
         return self._commit_then(record, lambda: {"left": nid})
 
+    # -- host credentials (docs/credentials.md) ---------------------------------------
+
+    def get_cas(self, principal: Principal, cid: str) -> Deferred:
+        """The context's CA bundle and SSH CA, for its deployer."""
+        ctx = self.model.owned_context(principal, cid, self.now())
+        reply: Dict[str, Any] = {"x509": None, "ssh": None}
+        sited = [g for g in ctx.groups.values() if g.certificate is not None and g.certificate["issuer"] == "site"]
+        if "x509" in ctx.cas or sited:
+            bundle = ctx.cas.get("x509", "")
+            if sited and self.authority is not None and self.authority.site is not None:
+                bundle += self.authority.site.bundle
+            reply["x509"] = {"bundle": bundle}
+        if "ssh" in ctx.cas:
+            pattern = rules.ssh_ca_pattern(ctx.domain)
+            reply["ssh"] = {"public_key": ctx.cas["ssh"], "pattern": pattern,
+                            "known_hosts": f"@cert-authority {pattern} {ctx.cas['ssh']} ctxd-{cid}"}
+        return self._durable(reply)
+
+    def credentials(self, principal: Principal, cid: str, nid: str, body: Any, source: str) -> Deferred:
+        """Host credentials for the node: an X.509 certificate for its request's key, SSH host
+        certificates for its recorded host keys, or both; only ever for its own vetted names.
+        Fires with the reply once what it shows is journaled."""
+        node = self._own_node(principal, cid, nid)
+        body = validate.obj(body, "body", optional=("csr", "ssh"))
+        want_ssh = validate.boolean(body.get("ssh", False), "ssh")
+        if "csr" not in body and not want_ssh:
+            raise BadRequest('body: ask for an X.509 certificate ("csr"), SSH certificates ("ssh": true) or both')
+        g, ctx, now = node.group, self.model.contexts[cid], self.now()
+        for kind, asked, spec in (("certificate", "csr" in body, g.certificate),
+                                  ("ssh_certificate", want_ssh, g.ssh_certificate)):
+            if asked and spec is None:
+                raise Conflict(f"group {g.name!r} has no {kind.replace('_', ' ')}s: add [group.{kind}] to its "
+                               "cluster file", code="not_enabled")
+        if self.authority is None:
+            raise Conflict("this broker issues no host certificates", code="not_enabled")
+        self._check_cas(ctx)
+        held = node.credentials or {}
+        issued: Dict[str, Any] = {}
+        reply: Dict[str, Any] = {}
+        if "csr" in body:
+            spec = g.certificate
+            csr = credentials.parse_csr(body["csr"])
+            names = self._vet_request(node, csr, spec["names"], source)
+            last = held.get("x509")
+            if last is not None and last["key"] == credentials.key_id(csr.public_key()) \
+                    and last["names"] == names and _fresh(last, now):
+                reply["x509"] = self._x509_reply(last, cid, ctx.cas.get("x509", ""), spec["issuer"])
+            else:
+                self._limit_issuing(last, now)
+                issued["x509"] = self.authority.issue_x509(cid, ctx.cas.get("x509", ""), spec["issuer"], csr, names,
+                                                           spec["validity"], now)
+                reply["x509"] = _public(issued["x509"])
+        ssh_keys = list(node.identity["ssh_host_keys"])
+        if want_ssh:
+            principals = self.model.vetted_names(node, rules.CERT_NAMES)
+            last = held.get("ssh")
+            if last is not None and last["key"] == credentials.ssh_keys_id(ssh_keys) \
+                    and last["names"] == principals and _fresh(last, now):
+                reply["ssh"] = _public(last)
+                want_ssh = False
+            else:
+                self._limit_issuing(last, now)
+        d = succeed(None)
+        if want_ssh:
+            d = self.authority.issue_ssh(cid, nid, ssh_keys, principals, g.ssh_certificate["validity"], now)
+
+        def signed(ssh: Any) -> Any:
+            if ssh is not None:
+                issued["ssh"] = ssh
+                reply["ssh"] = _public(ssh)
+            if not issued:
+                return self._durable(reply)
+            self._own_node(principal, cid, nid)   # it may have departed while ssh-keygen ran
+            record = self.model.prepare_credential(node, issued, self.now())
+            log.info("node {nid} of context {cid}: issued {what}", nid=nid, cid=cid, what=", ".join(
+                f"{kind} certificate serial {v['serial']} for {' '.join(v['names'])}" for kind, v in issued.items()))
+            return self._commit_then(record, lambda: reply)
+
+        return d.addCallback(signed)
+
+    def _check_cas(self, ctx: Any) -> None:
+        """Refuse to sign for a context whose CAs this broker's credentials key did not make."""
+        lost = self._lost_cas.get(ctx.id)
+        if lost is None:
+            lost = self._lost_cas[ctx.id] = self.authority.lost(ctx.id, ctx.cas) or ""
+            if lost:
+                log.error("context {cid}: {what} was not made with this broker's credentials.key (a lost or "
+                          "replaced key): restore STATE_DIR/credentials.key from a backup; nothing is signed "
+                          "for this context until then", cid=ctx.id, what=lost)
+        if lost:
+            raise Conflict(f"this broker's credentials key did not make {lost} (restore credentials.key from a "
+                           "backup of the state directory)", code="ca_key_lost")
+
+    def _x509_reply(self, issued: Dict[str, Any], cid: str, ca_pem: str, issuer: str) -> Dict[str, Any]:
+        """An issued certificate as a node receives it: with the chain above it and the bundle to trust."""
+        if issuer == "site":
+            chain, bundle = self.authority.site.chain, self.authority.site.bundle
+        else:
+            chain, bundle = "", ca_pem
+        return dict(_public(issued), chain=chain, bundle=bundle)
+
+    def _vet_request(self, node: Node, csr: Any, kinds: List[str], source: str) -> List[str]:
+        """The names ``csr`` asks for, if the node may have them (else refused and audited)."""
+        allowed = self.model.vetted_names(node, kinds)
+        names, other = credentials.requested_names(csr)
+        problem = None
+        if not credentials.signature_valid(csr):
+            problem = "the request is not signed by the key it carries"
+        elif other:
+            problem = f"the request asks for {other[0]}, which ctxd does not certify"
+        elif not names:
+            problem = "the request names nothing (no CommonName or subjectAltName)"
+        else:
+            foreign = [n for n in names if n not in allowed]
+            if foreign:
+                problem = (f"{foreign[0]!r} is not one of this node's names ({', '.join(allowed)}): a node is "
+                           "certified only for its own")
+        if problem is None:
+            return names
+        cid, nid = node.group.context_id, node.id
+        log.warn("node {nid} of context {cid} from {source}: certificate refused: {problem}",
+                 nid=nid, cid=cid, source=source, problem=loggable(problem, 300))
+        now = self.now()
+        if now - self._refusals_audited.get((cid, nid), -3600.0) >= 60:
+            self._refusals_audited[(cid, nid)] = now
+            try:
+                self.audit.write(f"node:{cid}/{nid}", "certificate_refused", f"/v1/contexts/{cid}/nodes/{nid}",
+                                 source, 403, problem=loggable(problem, 300))
+            except OSError as e:
+                log.error("cannot write the audit log: {error}", error=e)
+        raise CertificateRefused(problem)
+
+    def _limit_issuing(self, last: Optional[Dict[str, Any]], now: float) -> None:
+        """At most one new certificate of a kind a minute per node (the journal keeps each)."""
+        if last is not None and now - last["at"] < ISSUE_INTERVAL:
+            wait = int(ISSUE_INTERVAL - (now - last["at"])) + 1
+            raise TooManyRequests(f"this node was issued a certificate {int(now - last['at'])} s ago; ask again in "
+                                  f"{wait} s", retry_after=wait)
+
     # -- elasticity (deployers) ---------------------------------------------------
 
     def scale(self, principal: Principal, cid: str, group: str, body: Any) -> Deferred:
@@ -636,6 +806,20 @@ class Broker:
         for key in list(self._waiters):
             for waiter in list(self._waiters.get(key, ())):
                 self._fire(waiter, UNCHANGED)
+
+
+#: A node gets a new certificate of a kind at most this often (seconds).
+ISSUE_INTERVAL = 60
+
+
+def _fresh(issued: Dict[str, Any], now: float) -> bool:
+    """Whether an issued certificate has more than a third of its validity left (else it is renewed)."""
+    return issued["not_after"] - now > (issued["not_after"] - issued["not_before"]) / 3
+
+
+def _public(issued: Dict[str, Any]) -> Dict[str, Any]:
+    """What a node is told of an issued credential (not the key id the journal keeps)."""
+    return {k: v for k, v in issued.items() if k not in ("key", "at")}
 
 
 def _check_wait(wait: int) -> None:

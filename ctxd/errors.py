@@ -67,6 +67,12 @@ class IdentityRefused(RequestError):
     code = "identity_refused"
 
 
+class CertificateRefused(RequestError):
+    """A node asked for a certificate it may not have (a name not its own, a bad signature)."""
+
+    code = "certificate_refused"
+
+
 class JoinTokenExpired(RequestError):
     code = "join_token_expired"
 

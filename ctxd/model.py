@@ -129,6 +129,7 @@ class Node:
         "revoked",
         "watching",
         "seen",
+        "credentials",
     )
 
     def __init__(self, node_id: str, group: "Group") -> None:
@@ -150,6 +151,9 @@ class Node:
         # it was last heard from (kept for leased groups only; None: not since start-up).
         self.watching = False
         self.seen: Optional[float] = None
+        # What was issued to it last, by kind ("x509", "ssh"): a credential record without its
+        # op, ctx, node and at (None: nothing yet; most nodes).
+        self.credentials: Optional[Dict[str, Dict[str, Any]]] = None
 
     def set_identity(self, identity: Dict[str, Any]) -> bool:
         """Replace the identity; return whether it changed."""
@@ -202,6 +206,8 @@ class Group:
         "source_check",
         "lease",
         "watch",
+        "certificate",
+        "ssh_certificate",
         "join_hash",
         "join_expires",
         "nodes",
@@ -228,6 +234,9 @@ class Group:
         self.lease: Optional[int] = spec.get("lease")
         # Whether its agents run in watch mode (what ctxctl's user-data starts).
         self.watch: bool = spec.get("watch", False)
+        # Its host credentials (docs/credentials.md), when it opted in.
+        self.certificate: Optional[Dict[str, Any]] = spec.get("certificate")
+        self.ssh_certificate: Optional[Dict[str, Any]] = spec.get("ssh_certificate")
         self.join_hash = join_hash
         self.join_expires = join_expires
         self.nodes: List[Node] = []
@@ -245,7 +254,7 @@ class Group:
         self.key = (context_id, self.name)
 
     def spec(self) -> Dict[str, Any]:
-        return {
+        spec = {
             "name": self.name,
             "quantity": self.quantity,
             "provides": list(self.provides),
@@ -256,6 +265,10 @@ class Group:
             "lease": self.lease,
             "watch": self.watch,
         }
+        for kind in ("certificate", "ssh_certificate"):
+            if getattr(self, kind) is not None:
+                spec[kind] = dict(getattr(self, kind))
+        return spec
 
 
 class Context:
@@ -273,6 +286,9 @@ class Context:
         self.expires: float = record["expires"]
         # Every fqdn must lie in it ("": any).
         self.domain: str = record.get("domain", "")
+        # The public halves of its certificate authorities, when a group opted in (ctxd.credentials):
+        # "x509" (the CA certificate, PEM) and "ssh" (the SSH CA's public key).
+        self.cas: Dict[str, str] = record.get("cas", {})
         self.revision = 1
         self.groups: Dict[str, Group] = {}
         for spec in record["groups"]:
@@ -532,6 +548,8 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
         "owner": ctx.owner,
         "domain": ctx.domain,
     }]
+    if ctx.cas:
+        out[0]["cas"] = dict(ctx.cas)
     for node in ctx.nodes.values():
         out.append({
             "op": "enroll",
@@ -557,6 +575,9 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
             "watching": node.watching,
             "self_rev": node.self_rev,
         })
+        for kind, issued in (node.credentials or {}).items():
+            out.append({"op": "credential", "ctx": ctx.id, "node": node.id, "at": issued["at"],
+                        "issued": {kind: {k: v for k, v in issued.items() if k != "at"}}})
     out.append({
         "op": "restore_context",
         "ctx": ctx.id,
@@ -678,6 +699,13 @@ class Model:
         }
         return record, join_tokens
 
+    @staticmethod
+    def wants_cas(record: Dict[str, Any]) -> Tuple[bool, bool]:
+        """Whether a create record's context needs its own X.509 CA, and an SSH CA."""
+        groups = record["groups"]
+        x509 = any(g.get("certificate", {}).get("issuer") == "context" for g in groups)
+        return x509, any("ssh_certificate" in g for g in groups)
+
     def prepare_enroll(
         self, cid: str, group: str, body: Any, source: str, now: float
     ) -> Tuple[Dict[str, Any], str, bool]:
@@ -763,6 +791,28 @@ class Model:
         if taken is not None:
             raise IdentityConflict(f"{taken} is already claimed by another node of this context")
         return identity
+
+    @staticmethod
+    def vetted_names(node: Node, kinds: Sequence[str]) -> List[str]:
+        """The names of ``node``'s accepted identity that a certificate may carry, of
+        ``kinds`` (:data:`ctxd.rules.CERT_NAMES`), lower case, each once. Only names no other
+        node of the context holds: its fqdn, short name and primary address (interface
+        addresses may repeat across nodes)."""
+        identity = node.identity
+        field = {"fqdn": "fqdn", "hostname": "hostname", "ip": "primary_ip"}
+        return list(dict.fromkeys(identity[field[k]].lower() for k in kinds))
+
+    def prepare_credential(self, node: Node, issued: Dict[str, Dict[str, Any]], now: float) -> Dict[str, Any]:
+        """The record of credentials issued to ``node`` (by kind: what a restart must remember;
+        the chain and bundle are the issuer's, not the node's)."""
+        return {
+            "op": "credential",
+            "ctx": node.group.context_id,
+            "node": node.id,
+            "at": now,
+            "issued": {kind: {k: v for k, v in value.items() if k not in ("chain", "bundle")}
+                       for kind, value in issued.items()},
+        }
 
     def prepare_report(self, cid: str, nid: str, body: Any, now: float) -> Dict[str, Any]:
         node = self.node(cid, nid, now)
@@ -1122,6 +1172,14 @@ class Model:
                 ctx.touch_groups(ctx.ready_dependents[node.group.name], touched)
             ctx.touch_node(node, touched)
 
+    def _apply_credential(self, ctx: Context, record: Dict[str, Any]) -> Touched:
+        node = ctx.nodes[record["node"]]
+        if node.credentials is None:
+            node.credentials = {}
+        for kind, issued in record["issued"].items():
+            node.credentials[kind] = dict(issued, at=record["at"])
+        return Touched(ctx.id)
+
     def _apply_data(self, ctx: Context, record: Dict[str, Any]) -> Touched:
         touched = Touched(ctx.id)
         ctx.data[record["name"]] = list(record["values"])
@@ -1260,6 +1318,19 @@ class Model:
             "data": data,
             "lease": g.lease,
         }
+        # Host credentials (docs/credentials.md): only where opted in, so other views stay as they were.
+        if g.certificate is not None:
+            part["certificate"] = g.certificate
+        if g.ssh_certificate is not None:
+            part["ssh_certificate"] = g.ssh_certificate
+        if "ssh" in ctx.cas:
+            part["ssh_ca"] = {
+                "public_key": ctx.cas["ssh"],
+                # Inside the cluster, hosts are reached by short name and address too (MPI, Slurm):
+                # any host, which trusts no more than the per-host lines would (docs/credentials.md).
+                "pattern": "*",
+                "groups": [name for name, other in ctx.groups.items() if other.ssh_certificate is not None],
+            }
         if g.all_identities:
             part["all_identities"] = [n.public for n in ctx.nodes.values() if n.public]
         g.cache = (g.view_rev, part)

@@ -67,6 +67,26 @@ DEFAULT_JOIN_TOKEN_TTL = DAY
 MIN_LEASE = 10
 MAX_LEASE = 30 * DAY
 
+# -- host credentials (docs/credentials.md) ------------------------------------
+
+#: A host certificate's validity (X.509 or SSH), in seconds: an hour to 397 days (the
+#: CA/Browser Forum's ceiling for TLS server certificates), 30 days unless the group says.
+MIN_CERT_VALIDITY = 3600
+MAX_CERT_VALIDITY = 397 * DAY
+DEFAULT_CERT_VALIDITY = 30 * DAY
+#: Which of a node's vetted names a group's certificates may carry: its identity's fqdn,
+#: hostname (short) and primary_ip.
+CERT_NAMES = ("fqdn", "hostname", "ip")
+#: Where the agent puts a group's X.509 key, certificate and CA bundle unless it says.
+CERT_PATHS = {
+    "key": "/etc/ctxd/tls/host.key",
+    "certificate": "/etc/ctxd/tls/host.crt",
+    "bundle": "/etc/ctxd/tls/ca.pem",
+}
+MAX_PATH = 4096
+#: A certificate signing request, as PEM, at most this long.
+MAX_CSR = 16 * 1024
+
 # -- requests ----------------------------------------------------------------
 
 #: The largest request body, unless the site sets --max-body.
@@ -117,6 +137,21 @@ def in_domain(fqdn: str, domain: str) -> bool:
     """Whether ``fqdn`` is ``domain`` or a name below it (names compare case-insensitively)."""
     fqdn, domain = fqdn.lower(), domain.lower()
     return fqdn == domain or fqdn.endswith("." + domain)
+
+
+def is_vm_path(value: object) -> bool:
+    """An absolute path on a VM without "." or ".." parts or control characters."""
+    if not isinstance(value, str) or not 1 < len(value) <= MAX_PATH or not value.startswith("/"):
+        return False
+    parts = value.split("/")[1:]
+    return value.isprintable() and all(p not in ("", ".", "..") for p in parts)
+
+
+def ssh_ca_pattern(domain: str) -> str:
+    """The host pattern of a context's ``@cert-authority`` line: its domain's names, or any
+    host when it declares none (docs/credentials.md says why that trusts no more than the
+    per-host lines would)."""
+    return f"*.{domain}" if domain else "*"
 
 
 def is_context_name(value: object) -> bool:

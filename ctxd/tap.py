@@ -7,6 +7,7 @@ CA and server certificate, keeping its state in /var/lib/ctxd (when writable) or
 
 import configparser
 import fcntl
+import importlib.util
 import shlex
 import subprocess
 import ipaddress
@@ -17,6 +18,7 @@ import socket
 from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet.error import CannotListenError
@@ -25,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import ctxd
-from ctxd import memory, rules, tls, tlsserver, tokens
+from ctxd import credentials, memory, rules, tls, tlsserver, tokens
 from ctxd.api import make_site
 from ctxd.broker import Broker
 from ctxd.files import make_private_dir, write_private, write_public
@@ -120,6 +122,9 @@ class Options(LimitOptions):
         ["client-ca", None, None, "CA certificate PEM: ask TLS clients for a certificate it issued (mutual TLS "
          "for deployers; clients without one still connect). Certificates and keys are re-read on SIGHUP."],
         ["max-body", None, None, f"Largest accepted request body in bytes (default {rules.MAX_BODY})."],
+        ["site-ca-cert", None, None, "A site intermediate CA certificate PEM (then the certificates above it, to "
+         "the root) that signs the host certificates of groups with issuer = \"site\" (docs/credentials.md)."],
+        ["site-ca-key", None, None, "The site intermediate CA's private key PEM (unencrypted; keep it 0600)."],
         ["on-active", None, None, "A command run (as argv, no shell) once this ctxd holds the state directory "
          "and before it listens, e.g. one that takes a floating address; start-up stops if it fails."],
         ["metrics-listen", None, None, f"Where to serve /metrics (Prometheus), /livez and /readyz over plain "
@@ -165,7 +170,9 @@ class Options(LimitOptions):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["tls-ca"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key")
-        for path in ("tls-cert", "tls-key", "tls-ca", "client-ca"):
+        if bool(self["site-ca-cert"]) != bool(self["site-ca-key"]):
+            raise usage.UsageError("--site-ca-cert and --site-ca-key go together")
+        for path in ("tls-cert", "tls-key", "tls-ca", "client-ca", "site-ca-cert", "site-ca-key"):
             if self[path] and not os.path.isfile(self[path]):
                 raise usage.UsageError(f"--{path}: no such file: {self[path]}")
         if self["metrics-listen"] is None:
@@ -449,6 +456,8 @@ def open_state(config: Dict[str, Any], reactor: Any, lock: int) -> OpenedState:
         audit=AuditLog(os.path.join(state_dir, "audit.log"), reactor.seconds),
         enroll_per_source=config["enroll-rate-per-source"],
         enroll_per_token=config["enroll-rate-per-token"],
+        authority=_authority(config),
+        agent=_agent_source(),
     )
     try:
         replayed = broker.replay()
@@ -463,6 +472,30 @@ def open_state(config: Dict[str, Any], reactor: Any, lock: int) -> OpenedState:
         ).encode("ascii"),
     )
     return OpenedState(state_dir, lock, broker, files, replayed, admin_token_path)
+
+
+def _authority(config: Dict[str, Any]) -> credentials.Authority:
+    """What signs host certificates: the state directory's credentials key, and the site's CA if given."""
+    state_dir = config["state-dir"]
+    try:
+        master = credentials.load_master(state_dir)
+        site = None
+        if config.get("site-ca-cert"):
+            site = credentials.SiteCA(config["site-ca-cert"], config["site-ca-key"])
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise SystemExit(f"ctxd: host credentials: {e}") from None
+    return credentials.Authority(master, site, workdir=state_dir)
+
+
+def _agent_source() -> Optional[bytes]:
+    """ctxagent.py as installed beside ctxd, which the broker serves to VMs (GET /v1/agent)."""
+    try:
+        spec = importlib.util.find_spec("ctxagent")
+        with open(spec.origin, "rb") as f:   # type: ignore[union-attr,arg-type]
+            return f.read()
+    except (ImportError, ValueError, AttributeError, TypeError, OSError) as e:
+        log.warn("cannot serve the agent to VMs (GET /v1/agent): {error}", error=e)
+        return None
 
 
 def _tls_files(config: Dict[str, Any], public_url: str) -> tls.TLSFiles:

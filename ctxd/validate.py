@@ -191,6 +191,14 @@ def cluster(body: Any) -> Dict[str, Any]:
                     f"groups[{i}].requires: no group provides role {r['role']!r}", code="unknown_role"
                 )
     _check_cycle(groups)
+    for i, g in enumerate(groups):
+        cert = g.get("certificate")
+        if cert is not None and cert["issuer"] == "site" and (not domain or cert["names"] != ["fqdn"]):
+            # The site's CA is trusted beyond this context: only names no other context can hold.
+            raise InvalidCluster(
+                f"groups[{i}].certificate: a site-issued certificate needs the context's domain and "
+                'names = ["fqdn"] (short names and addresses repeat across contexts)'
+            )
     return {
         "name": context_name,
         "open_for_injection": open_,
@@ -221,7 +229,8 @@ def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]
 def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str]) -> Dict[str, Any]:
     """One group of a create request; ``seen`` collects the group names so far."""
     g = obj(g, where, required=("name", "quantity"),
-            optional=("provides", "requires", "data", "all_identities", "source_check", "lease", "watch"))
+            optional=("provides", "requires", "data", "all_identities", "source_check", "lease", "watch",
+                      "certificate", "ssh_certificate"))
     gname = name(g["name"], f"{where}.name")
     if gname in seen:
         raise InvalidCluster(f"{where}.name: duplicate group {gname!r}", code="duplicate_group")
@@ -242,7 +251,7 @@ def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str
     for d in gdata:
         if d not in data:
             raise InvalidCluster(f"{where}.data: {d!r} is not declared in data", code="unknown_data")
-    return {
+    group = {
         "name": gname,
         "quantity": integer(g["quantity"], f"{where}.quantity", 1, rules.MAX_QUANTITY),
         "provides": sorted(set(provides)),
@@ -254,6 +263,50 @@ def _cluster_group(g: Any, where: str, data: Dict[str, List[str]], seen: Set[str
         # Whether its agents run in watch mode (ctxctl's user-data): a leased group's must.
         "watch": boolean(g.get("watch", g.get("lease") is not None), f"{where}.watch"),
     }
+    # Only when opted in: the records of groups without them stay as they were.
+    if "certificate" in g:
+        group["certificate"] = certificate(g["certificate"], f"{where}.certificate")
+    if "ssh_certificate" in g:
+        group["ssh_certificate"] = ssh_certificate(g["ssh_certificate"], f"{where}.ssh_certificate")
+    return group
+
+
+def certificate(value: Any, field: str) -> Dict[str, Any]:
+    """A group's X.509 host certificate (docs/cluster-file.md), defaults filled in."""
+    value = obj(value, field, optional=("names", "validity", "key", "certificate", "bundle", "ca_dir", "issuer"))
+    names = array(value.get("names", list(rules.CERT_NAMES)), f"{field}.names", len(rules.CERT_NAMES))
+    if not names or any(n not in rules.CERT_NAMES for n in names) or len(set(names)) != len(names):
+        raise InvalidCluster(f"{field}.names: one or more of {', '.join(rules.CERT_NAMES)}, each once")
+    issuer = value.get("issuer", "context")
+    if issuer not in ("context", "site"):
+        raise InvalidCluster(f"{field}.issuer: must be \"context\" or \"site\"")
+    spec = {"names": names, "validity": _validity(value, field), "issuer": issuer}
+    for key, default in rules.CERT_PATHS.items():
+        spec[key] = vm_path(value.get(key, default), f"{field}.{key}")
+    ca_dir = value.get("ca_dir")
+    spec["ca_dir"] = None if ca_dir is None else vm_path(ca_dir, f"{field}.ca_dir")
+    paths = [spec[k] for k in ("key", "certificate", "bundle")]
+    if len(set(paths)) != len(paths):
+        raise InvalidCluster(f"{field}: key, certificate and bundle must be three different files")
+    return spec
+
+
+def ssh_certificate(value: Any, field: str) -> Dict[str, Any]:
+    """A group's SSH host certificates (docs/cluster-file.md), defaults filled in."""
+    value = obj(value, field, optional=("validity", "sshd"))
+    return {"validity": _validity(value, field), "sshd": boolean(value.get("sshd", False), f"{field}.sshd")}
+
+
+def _validity(value: Dict[str, Any], field: str) -> int:
+    return integer(value.get("validity", rules.DEFAULT_CERT_VALIDITY), f"{field}.validity",
+                   rules.MIN_CERT_VALIDITY, rules.MAX_CERT_VALIDITY)
+
+
+def vm_path(value: Any, field: str) -> str:
+    """An absolute path on a VM (:func:`ctxd.rules.is_vm_path`)."""
+    if not rules.is_vm_path(value):
+        raise InvalidCluster(f"{field}: {value!r:.80} is not an absolute path without . or .. parts")
+    return value
 
 
 def lease(value: Any, field: str) -> Optional[int]:

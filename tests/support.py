@@ -2,7 +2,7 @@
 
 import base64
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import treq
 from treq.testing import StubTreq
@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from ctxd import tokens
 from ctxd.api import BrokerResource, make_site
 from ctxd.broker import Broker
+from ctxd.credentials import Authority
 from ctxd.testing import MemoryJournal
 from ctxd.model import Model
 
@@ -80,7 +81,23 @@ def instance_key(n: int) -> str:
     return f"instance-key-{n:06d}-abcdef"
 
 
-def make_broker(journal: Optional[Any] = None, clock: Optional[Clock] = None) -> Broker:
+def run_now(executable: str, args: Sequence[str], env: Dict[str, str]) -> Deferred:
+    """getProcessOutputAndValue, but run to completion at once: where cryptography cannot sign
+    SSH certificates (Debian 12's 38), the real ssh-keygen signs them inside a StubTreq test."""
+    import subprocess
+
+    done = subprocess.run([executable, *args], capture_output=True, env=env, timeout=30)
+    return succeed((done.stdout, done.stderr, done.returncode))
+
+
+#: Signs the test brokers' host certificates (a fixed master secret: tests/test_credentials.py).
+AUTHORITY = Authority(bytes(range(32)), spawn=run_now)
+#: What the test brokers serve as the agent (GET /v1/agent).
+AGENT = b"#!/usr/bin/env python3\nprint('a stand-in for ctxagent.py')\n"
+
+
+def make_broker(journal: Optional[Any] = None, clock: Optional[Clock] = None,
+                authority: Optional[Authority] = AUTHORITY) -> Broker:
     return Broker(
         Model(),
         journal if journal is not None else MemoryJournal(),
@@ -88,7 +105,33 @@ def make_broker(journal: Optional[Any] = None, clock: Optional[Clock] = None) ->
         tokens.token_hash(ADMIN_TOKEN),
         PUBLIC_URL,
         CA_PEM,
+        authority=authority,
+        agent=AGENT,
     )
+
+
+def csr_for(names: Sequence[str], key: Any = None, common_name: Optional[str] = None) -> Tuple[str, Any]:
+    """A PEM certificate request for ``names`` (CN: ``common_name``, else the first), and its key."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    sans = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or names[0])]))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    csr = builder.sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii"), key
 
 
 def result_of(d: Deferred) -> Any:

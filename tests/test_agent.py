@@ -20,6 +20,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ctxagent  # noqa: E402
 
+# The agent uses no library of ctxd's: `make test-debian` leaves these tests to `test-pypi`.
+pytestmark = pytest.mark.agent
+
 CID = "Q2x1c3Rlci1pZC0xMjM0NT"
 NID = "Tm9kZS1pZC0wMDAwMDAwMD"
 HEAD_ID = "SGVhZC1ub2RlLWlkLTAwMD"

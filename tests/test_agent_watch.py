@@ -12,6 +12,9 @@ from test_agent import CID, COMPUTE_ID, HEAD_ID, NID, make_script, peer, recorde
 
 import ctxagent
 
+# The agent uses no library of ctxd's: `make test-debian` leaves these tests to `test-pypi`.
+pytestmark = pytest.mark.agent
+
 site = test_agent.site   # the fixture: a scripts dir recording every run, a state dir, system files
 
 NEW_ID = "N" * 21 + "w"

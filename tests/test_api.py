@@ -619,6 +619,6 @@ def test_every_domain_error_has_its_status():
         assert 400 <= api.status_of(error) < 600 and not hasattr(error, "status")
     expected = {"RequestError": 400, "BadRequest": 400, "InvalidName": 400, "InvalidCluster": 400,
                 "Unauthorized": 401, "Forbidden": 403, "NotFound": 404, "MethodNotAllowed": 405, "Conflict": 409,
-                "QuotaExceeded": 409, "IdentityConflict": 409, "IdentityRefused": 403, "JoinTokenExpired": 410, "TooLarge": 413, "UnsupportedMediaType": 415,
+                "QuotaExceeded": 409, "IdentityConflict": 409, "IdentityRefused": 403, "CertificateRefused": 403, "JoinTokenExpired": 410, "TooLarge": 413, "UnsupportedMediaType": 415,
                 "TooManyRequests": 429, "InternalError": 500, "Unavailable": 503}
     assert {cls.__name__: status for cls, status in api.STATUS.items()} == expected

@@ -35,6 +35,7 @@ def busy_state(state_dir, compact=False):
         if compact and n == 2:
             journal.compact()
     (open(os.path.join(state_dir, "admin.token"), "w")).write("ctxd_adm_x\n")
+    (open(os.path.join(state_dir, "credentials.key"), "wb")).write(bytes(32))
     os.makedirs(os.path.join(state_dir, "tls"))
     open(os.path.join(state_dir, "tls", "ca.pem"), "w").write("CA\n")
     return model, journal
@@ -42,7 +43,8 @@ def busy_state(state_dir, compact=False):
 
 @pytest.mark.parametrize("compact", [False, True], ids=["journal only", "snapshot and journal"])
 def test_backup_holds_the_state_and_what_a_broker_needs(tmp_path, compact):
-    """A backup, replayed, is the same state; it carries the TLS files and admin token, 0600 in 0700."""
+    """A backup, replayed, is the same state; it carries the TLS files, admin token and credentials
+    key (every context's CAs derive from it), 0600 in 0700."""
     model, journal = busy_state(str(tmp_path / "state"), compact)
     assert os.path.exists(tmp_path / "state" / "snapshot.log") is compact
     count, last = backup(str(tmp_path / "state"), str(tmp_path / "b"))
@@ -52,6 +54,8 @@ def test_backup_holds_the_state_and_what_a_broker_needs(tmp_path, compact):
     assert (tmp_path / "b" / "tls" / "ca.pem").read_text() == "CA\n"
     assert oct(os.stat(tmp_path / "b").st_mode & 0o777) == "0o700"
     assert oct(os.stat(tmp_path / "b" / "admin.token").st_mode & 0o777) == "0o600"
+    assert (tmp_path / "b" / "credentials.key").read_bytes() == bytes(32)
+    assert oct(os.stat(tmp_path / "b" / "credentials.key").st_mode & 0o777) == "0o600"
 
 
 def test_a_torn_tail_is_left_out(tmp_path):
@@ -106,6 +110,6 @@ def test_restore_moves_the_old_state_aside_and_refuses_a_running_broker(tmp_path
     assert journal_tool(["restore", str(tmp_path / "b"), str(target)]) == 0
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("target.replaced-")]
     assert len(moved) == 1 and (moved[0] / "journal.log").read_bytes() == b"old"
-    assert sorted(os.listdir(target)) == ["admin.token", "snapshot.log", "tls"]
+    assert sorted(os.listdir(target)) == ["admin.token", "credentials.key", "snapshot.log", "tls"]
     assert journal_tool(["restore", str(tmp_path / "nothing"), str(tmp_path / "t2")]) == 1
     assert "not a ctxd backup" in capsys.readouterr().err

@@ -10,6 +10,8 @@ while it restarts, and an answer tampered with on its way (the real broker refus
 
 import base64
 import collections
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -20,6 +22,7 @@ import pytest
 import yaml
 from OpenSSL import SSL
 from support import ADMIN_TOKEN, PUBLIC_URL, Client, ca_pem, result_of, torque_cluster
+from support import AGENT as SUPPORT_AGENT
 from support import CA_PEM as BROKER_CA_PEM
 from treq.testing import StubTreq
 from twisted.internet import defer
@@ -38,7 +41,7 @@ from ctxd.ctxctl.client import BrokerClient, BrokerSettings, describe_failure, l
 from ctxd.ctxctl.cluster import load_cluster_file
 from ctxd.ctxctl.errors import CliError
 from ctxd.ctxctl.main import parse_args, run_command
-from ctxd.ctxctl.userdata import read_bootstrap
+from ctxd.ctxctl.userdata import LOADER_PATH, UNIT_PATH, read_bootstrap
 
 CID = "Q2x1c3Rlci1pZC0xMjM0NT"  # a well-formed context id, for tests that never reach a broker
 TOKEN = "ctxd_adm_" + "a" * 43
@@ -204,6 +207,13 @@ def run(client, argv, clock, token=ADMIN_TOKEN, err=None):
     code = result_of(d)
     assert clock.getDelayedCalls() == [], "timers left pending"
     return code, out.getvalue(), err.getvalue()
+
+
+def loader_of(user_data):
+    """The loader a user-data has cloud-init write (gz+b64), as bytes."""
+    [entry] = [f for f in yaml.safe_load(user_data)["write_files"] if f["path"] == LOADER_PATH]
+    assert (entry["encoding"], entry["permissions"]) == ("gz+b64", "0700")
+    return gzip.decompress(base64.b64decode(entry["content"]))
 
 
 @pytest.fixture
@@ -491,16 +501,17 @@ class Tampered(Resource):
 # ------------------------------------------------------------------ commands
 
 def test_create_writes_bootstraps_and_user_data(broker, tmp_path, agent):
-    """create posts the cluster body, writes 0600 files in a 0700 dir, prints only the id on stdout;
-    the bootstraps are the broker's: their join tokens enroll VMs in their groups."""
+    """create asks the broker for its agent's hash, posts the cluster body, writes 0600 files in a
+    0700 dir, prints only the id on stdout; the bootstraps are the broker's: their join tokens
+    enroll VMs in their groups; the user-data's loader runs only the agent that broker serves."""
     out_dir = tmp_path / "out"
     code, out, err = broker.run(["create", EXAMPLE, "--out", str(out_dir)])
     [context] = broker.call("GET", "/v1/contexts")["contexts"]
     cid = context["id"]
     assert (code, out) == (0, cid + "\n")
-    assert [r[:2] for r in broker.spy.requests] == [("POST", "/v1/contexts")]
-    assert json.loads(broker.spy.requests[0][2]) == load_cluster_file(EXAMPLE)
-    assert broker.spy.requests[0][3] == "application/json"
+    assert [r[:2] for r in broker.spy.requests] == [("GET", "/v1/agent"), ("POST", "/v1/contexts")]
+    assert json.loads(broker.spy.requests[1][2]) == load_cluster_file(EXAMPLE)
+    assert broker.spy.requests[1][3] == "application/json"
     assert (context["name"], context["counts"]["expected"], context["locked"]) == ("torque-demo", 4, True)
     assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -511,7 +522,10 @@ def test_create_writes_bootstraps_and_user_data(broker, tmp_path, agent):
         bootstrap = json.loads((out_dir / f"{group}.bootstrap.json").read_text())
         assert bootstrap == {"ctxd_bootstrap": 1, "url": PUBLIC_URL, "context_id": cid, "group": group,
                              "join_token": bootstrap["join_token"], "ca_pem": BROKER_CA_PEM}
-        assert read_bootstrap((out_dir / f"{group}.user-data").read_bytes()) == bootstrap
+        user_data = (out_dir / f"{group}.user-data").read_bytes()
+        assert read_bootstrap(user_data) == bootstrap
+        assert [f["path"] for f in yaml.safe_load(user_data)["write_files"]] == [LOADER_PATH, UNIT_PATH]
+        assert f'SHA256 = "{hashlib.sha256(SUPPORT_AGENT).hexdigest()}"'.encode() in loader_of(user_data)
         status, enrolled = broker.api.enroll(cid, bootstrap["join_token"], n)
         assert (status, enrolled["group"]) == (201, group)
     assert err.splitlines()[-1] == f"created context torque-demo ({cid}): 2 groups, 4 nodes expected; locked"
@@ -527,13 +541,106 @@ def test_create_bad_cluster_file_sends_nothing(broker, tmp_path, agent):
 
 
 def test_create_refuses_oversized_user_data_before_creating(broker, tmp_path, monkeypatch):
-    """An agent too large for the user-data limit fails before the context is created."""
+    """An agent too large to embed (--embed-agent) fails before the context is created, in one
+    line that names the way out."""
     agent = "BLOB = '" + base64.b64encode(os.urandom(30000)).decode() + "'\n"
     monkeypatch.setattr(commands, "load_agent_source", lambda: agent)
-    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path / "o")])
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path / "o"), "--embed-agent"])
     assert code == 1 and broker.spy.requests == [] and broker.api.journal.records == []
     assert broker.call("GET", "/v1/contexts") == {"contexts": []}
     assert err.startswith("ctxctl: error: user-data is ") and err.count("\n") == 1
+    assert err.endswith("; without --embed-agent the VMs fetch the agent from the broker instead\n")
+
+
+class AgentRoute(Resource):
+    """The real API behind ``spy``, but ``GET /v1/agent`` answered here: ``status`` with ``agent``
+    and an X-Ctxd-Agent-SHA256 of ``header`` (default: the agent's own); records the
+    Authorization header each such request carried."""
+
+    isLeaf = True
+
+    def __init__(self, spy, agent=b"#!/usr/bin/env python3\nprint('served')\n", header=None, status=200):
+        super().__init__()
+        self.spy, self.agent, self.status = spy, agent, status
+        self.header = header if header is not None else hashlib.sha256(agent).hexdigest()
+        self.authorization = []
+
+    def render(self, request):
+        if request.path != b"/v1/agent":
+            return self.spy.render(request)
+        self.authorization.append(request.getHeader("authorization"))
+        request.setResponseCode(self.status)
+        if self.status == 404:
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"error": "not_found", "message": "no such resource"}).encode("utf-8")
+        request.setHeader(b"content-type", b"text/x-python")
+        request.setHeader(b"x-ctxd-agent-sha256", self.header.encode("ascii"))
+        return self.agent
+
+
+def test_create_pins_the_agent_the_broker_serves_without_sending_the_token(broker, tmp_path, agent):
+    """The loader in create's user-data names the SHA-256 of the agent this broker serves (not
+    ctxctl's own); GET /v1/agent is public: no token goes with it."""
+    route = AgentRoute(broker.spy)
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path)], client=broker.stub(route))
+    assert code == 0, err
+    assert route.authorization == [None]
+    for group in ("head", "compute"):
+        loader = loader_of((tmp_path / f"{group}.user-data").read_bytes())
+        assert f'SHA256 = "{hashlib.sha256(route.agent).hexdigest()}"'.encode() in loader
+    assert "ctxctl: note" not in err
+
+
+def test_create_embed_agent_puts_this_ctxctls_agent_in_the_user_data(broker, tmp_path, agent):
+    """--embed-agent: the user-data carries the agent itself (as before the loader), and ctxctl
+    does not ask the broker for its agent."""
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path), "--embed-agent"])
+    assert code == 0, err
+    assert [r[:2] for r in broker.spy.requests] == [("POST", "/v1/contexts")]
+    document = yaml.safe_load((tmp_path / "head.user-data").read_bytes())
+    assert [(f["path"], f["permissions"]) for f in document["write_files"]] == [
+        ("/usr/local/sbin/ctxagent.py", "0755"), (UNIT_PATH, "0644")]
+    assert document["write_files"][0]["content"] == "print('agent')\n"
+    assert document["runcmd"][-1] == ["python3", "/usr/local/sbin/ctxagent.py", "--bootstrap", "cloud-init"]
+
+
+def test_create_on_a_broker_that_does_not_serve_its_agent_embeds_it(broker, tmp_path, agent):
+    """A broker older than GET /v1/agent (404): a note, and the user-data embeds the agent."""
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path)],
+                                client=broker.stub(AgentRoute(broker.spy, status=404)))
+    assert code == 0, err
+    assert err.splitlines()[0] == ("ctxctl: note: this broker does not serve its agent (GET /v1/agent answered "
+                                   "404: an older ctxd); the user-data embeds the agent instead")
+    paths = [f["path"] for f in yaml.safe_load((tmp_path / "compute.user-data").read_bytes())["write_files"]]
+    assert paths == ["/usr/local/sbin/ctxagent.py", UNIT_PATH]
+
+
+@pytest.mark.parametrize("route, message", [
+    (dict(header="0" * 64), "broker: the agent from https://ctxd.test:8443/v1/agent does not have the SHA-256 "
+                            "its X-Ctxd-Agent-SHA256 header says"),
+    (dict(agent=b"<html>a proxy's page</html>"), "broker: the answer to https://ctxd.test:8443/v1/agent is not "
+                                                 "the agent (a Python program)"),
+    (dict(status=502), "broker: unexpected HTTP 502 answer from https://ctxd.test:8443/v1/agent"),
+])
+def test_create_refuses_an_agent_it_cannot_pin(broker, tmp_path, agent, route, message):
+    """An agent whose header contradicts its bytes, something that is not an agent, or a failure:
+    one line, and no context is created."""
+    code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path / "o")],
+                                client=broker.stub(AgentRoute(broker.spy, **route)))
+    assert (code, out, err) == (1, "", f"ctxctl: error: {message}\n")
+    assert broker.call("GET", "/v1/contexts") == {"contexts": []} and not (tmp_path / "o").exists()
+
+
+def test_join_token_rotate_writes_the_same_kind_of_user_data(broker, tmp_path, agent):
+    """join-token rotate: a loader of the broker's agent by default, the agent itself with --embed-agent."""
+    cid, _ = broker.create()
+    code, _, err = broker.run(["join-token", "rotate", cid, "compute", "--out", str(tmp_path / "a")])
+    assert code == 0, err
+    assert b'SHA256 = "' in loader_of((tmp_path / "a" / "compute.user-data").read_bytes())
+    code, _, err = broker.run(["join-token", "rotate", cid, "compute", "--out", str(tmp_path / "b"), "--embed-agent"])
+    assert code == 0, err
+    document = yaml.safe_load((tmp_path / "b" / "compute.user-data").read_bytes())
+    assert document["write_files"][0]["path"] == "/usr/local/sbin/ctxagent.py"
 
 
 def test_status_table(broker):
@@ -869,6 +976,8 @@ def test_known_hosts_prints_lines(broker):
     evil = broker.enroll(cid, joins["compute"], 5, hostname="evil")
 
     def hostile(status):
+        if "nodes" not in status:
+            return status   # (the context's CAs: it has none)
         for node in status["nodes"]:
             if node["id"] == evil:
                 node["identity"]["fqdn"] = "evil.test,*"

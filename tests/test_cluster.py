@@ -111,7 +111,7 @@ BAD_FILES = [
     ('name = "t"\ngroup = 3\n', "cluster.toml: group: must be an array of tables ([[group]])"),
     ('name = "t"\n[[group]]\nname = "a"\nquantity = 1\nprovide = ["x"]\n',
      "cluster.toml: group[0].provide: unknown key (allowed: name, quantity, provides, requires, "
-     "data, all_identities, source_check, lease, watch)"),
+     "data, all_identities, certificate, ssh_certificate, source_check, lease, watch)"),
     ('name = "t"\ndomain = "10.0.0.1"\n' + MINIMAL_GROUPS,
      "cluster.toml: domain: '10.0.0.1' is not a domain name (dotted labels, the last not all digits)"),
     ('name = "t"\n' + MINIMAL_GROUPS + 'source_check = "no"\n',

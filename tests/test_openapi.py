@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 import pytest
 import treq
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -19,6 +21,7 @@ from ctxd.rules import MAX_BODY
 from ctxd.broker import Broker
 from ctxd.testing import MemoryJournal
 from ctxd.model import Model, Quotas
+from support import AGENT, AUTHORITY, csr_for
 
 SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -191,14 +194,24 @@ FORBIDDEN_RESPONSE = {
 }
 
 
+# Node routes that may also refuse what they are asked (the identity, a certificate request).
+NODE_REFUSALS = {
+    "put_identity": "#/components/responses/OtherNodeOrIdentityRefused",
+    "credentials": "#/components/responses/OtherNodeOrCertificateRefused",
+}
+# Rate-limited routes beside enroll: a node's new certificates (one of a kind a minute).
+RATE_LIMITED = {"credentials"}
+
+
 def test_statuses_follow_auth_kinds(spec):
-    """Each auth kind's refusals are declared: 403 per kind, 404 for owner routes, 429 on enroll."""
+    """Each auth kind's refusals are declared: 403 per kind, 404 for owner routes, 429 on enroll and issuing."""
     ops = operations(spec)
     for route in ROUTES:
         op = operation(ops, route)
         responses = op["responses"]
-        if route.handler == "put_identity":  # a node's own route that may also refuse the identity
-            assert responses["403"] == {"$ref": "#/components/responses/OtherNodeOrIdentityRefused"}, route
+        if route.handler in NODE_REFUSALS:
+            assert responses["403"] == {"$ref": NODE_REFUSALS[route.handler]}, route
+            assert "forbidden" in deref(spec, responses["403"])["x-error-codes"], route
         elif route.auth in FORBIDDEN_RESPONSE:
             assert responses["403"] == {"$ref": FORBIDDEN_RESPONSE[route.auth]}, route
         if route.auth == "owner":
@@ -206,6 +219,7 @@ def test_statuses_follow_auth_kinds(spec):
             assert "not_found" in deref(spec, responses["404"])["x-error-codes"], route
         if route.auth == "join":
             assert "forbidden" in deref(spec, responses["403"])["x-error-codes"], route
+        if route.auth == "join" or route.handler in RATE_LIMITED:
             limited = deref(spec, responses["429"])
             assert limited["x-error-codes"] == ["rate_limited"], route
             assert limited["headers"]["Retry-After"]["required"] is True, route
@@ -285,6 +299,8 @@ class Api:
         self.spec = spec
         self.ops = operations(spec)
         self.clock = Clock()
+        # A broker that signs host certificates and serves an agent, as twistd ctxd's does.
+        broker_options = dict({"authority": AUTHORITY, "agent": AGENT}, **broker_options)
         self.broker = Broker(Model(quotas), MemoryJournal(), self.clock, tokens.token_hash(ADMIN), BASE, CA_PEM,
                              **broker_options)
         self.stub = StubTreq(BrokerResource(self.broker))
@@ -329,6 +345,12 @@ class Api:
         if "content" not in response:
             assert content == b"", f"{where}: the spec declares no body"
             return None
+        declared = list(response["content"])
+        sent_type = response_headers.getRawHeaders("content-type")[0].split(";")[0].strip()
+        assert sent_type in declared, (where, sent_type, declared)
+        if sent_type != "application/json":  # the agent's source: bytes, not JSON
+            assert not problems(self.spec, response["content"][sent_type]["schema"], content.decode("utf-8")), where
+            return content
         value = json.loads(content)
         schema = response["content"]["application/json"]["schema"]
         assert not problems(self.spec, schema, value), (where, problems(self.spec, schema, value), value)
@@ -452,6 +474,9 @@ def test_broker_responses_match_declared_schemas(spec):
 
     users_and_ownership(api)
     elastic(api)
+    host_credentials(Api(spec, seen=api.seen))
+    assert api.call("GET", "/v1/agent", expect=200) == AGENT
+    Api(spec, seen=api.seen, agent=None).call("GET", "/v1/agent", expect=404)
     api.call("DELETE", c, ADMIN, expect=200)
     api.call("DELETE", c, ADMIN, expect=404)
     api.call("GET", f"{w}/view", worker_token, expect=401)
@@ -567,6 +592,61 @@ def elastic(api):
     api.call("DELETE", c, ADMIN, expect=200)
 
 
+def ssh_host_key():
+    """A real Ed25519 host public key, ``ssh-ed25519 BASE64`` (the broker signs what it is given)."""
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode("ascii")
+
+
+def host_credentials(api):
+    """The context's CAs, a node's X.509 and SSH certificates (again while fresh), and every refusal."""
+    api.clock.advance(1764085000)  # certificates are dated: a clock at the epoch would back-date them before it
+    ctx = "/v1/contexts"
+    plain = api.call("POST", ctx, ADMIN, cluster(), expect=201)["context"]["id"]
+    assert api.call("GET", f"{ctx}/{plain}/ca", ADMIN, expect=200) == {"x509": None, "ssh": None}
+    body = cluster(domain="cluster.test")
+    body["groups"][0]["certificate"] = {}
+    body["groups"][0]["ssh_certificate"] = {"validity": 86400, "sshd": True}
+    created = api.call("POST", ctx, ADMIN, body, expect=201)
+    cid, boots = created["context"]["id"], created["bootstraps"]
+    c = f"{ctx}/{cid}"
+    cas = api.call("GET", f"{c}/ca", ADMIN, expect=200)
+    assert cas["ssh"]["pattern"] == "*.cluster.test" and "BEGIN CERTIFICATE" in cas["x509"]["bundle"]
+    api.call("GET", f"{c}/ca", expect=401)
+    api.call("GET", f"{ctx}/{'B' * 22}/ca", ADMIN, expect=404)
+
+    def enroll(group, n):
+        body = dict(enrollment(n), identity=dict(identity(n), ssh_host_keys=[ssh_host_key()]))
+        return api.call("POST", f"{c}/enroll", boots[group]["join_token"], body, expect=201)
+
+    head, worker = enroll("head", 61), enroll("compute", 62)
+    h, w = f"{c}/nodes/{head['node_id']}", f"{c}/nodes/{worker['node_id']}"
+    head_token, worker_token = head["node_token"], worker["node_token"]
+    api.call("GET", f"{c}/ca", head_token, expect=403)
+    assert {"certificate", "ssh_certificate"} <= set(api.call("GET", c, ADMIN, expect=200)["groups"][0])
+    head_view = api.call("GET", f"{h}/view", head_token, expect=200)
+    assert head_view["certificate"]["names"] == ["fqdn", "hostname", "ip"] and head_view["ssh_certificate"]["sshd"]
+    assert api.call("GET", f"{w}/view", worker_token, expect=200)["ssh_ca"]["groups"] == ["head"]
+
+    names = ["node61.cluster.test", "node61", "10.9.0.61"]
+    csr, key = csr_for(names)
+    issued = api.call("POST", f"{h}/credentials", head_token, {"csr": csr, "ssh": True}, expect=200)
+    assert issued["x509"]["names"] == names and len(issued["ssh"]["certificates"]) == 1
+    again = api.call("POST", f"{h}/credentials", head_token, {"csr": csr_for(names, key)[0]}, expect=200)
+    assert again == {"x509": issued["x509"]}
+    api.call("POST", f"{h}/credentials", head_token, {"csr": csr_for(names)[0]}, expect=429)
+    assert error(api, "POST", f"{h}/credentials", head_token, {"csr": csr_for(["node62.cluster.test"])[0]},
+                 expect=403) == "certificate_refused"
+    api.call("POST", f"{h}/credentials", head_token, {"csr": "-----BEGIN CERTIFICATE REQUEST-----"}, expect=400)
+    api.call("POST", f"{h}/credentials", head_token, {}, expect=400)
+    assert error(api, "POST", f"{h}/credentials", worker_token, {"ssh": True}, expect=403) == "forbidden"
+    assert error(api, "POST", f"{w}/credentials", worker_token, {"ssh": True}, expect=409) == "not_enabled"
+    api.call("POST", f"{h}/leave", head_token, expect=200)
+    api.call("POST", f"{h}/credentials", head_token, {"ssh": True}, expect=401)
+    api.call("DELETE", c, ADMIN, expect=200)
+    api.call("DELETE", f"{ctx}/{plain}", ADMIN, expect=200)
+
+
 def quotas_and_rate_limits(api):
     """409 quota_exceeded on create and data put; 429 with Retry-After on enroll."""
     ctx = "/v1/contexts"
@@ -603,6 +683,10 @@ def test_unknown_fields_rejected_by_spec_and_server(spec):
     nested_role["groups"][1]["requires"][0]["colour"] = "red"
     nested_iface = identity(1)
     nested_iface["interfaces"][0]["colour"] = "red"
+    nested_certificate = cluster()
+    nested_certificate["groups"][0]["certificate"] = {"colour": "red"}
+    nested_ssh_certificate = cluster()
+    nested_ssh_certificate["groups"][0]["ssh_certificate"] = {"colour": "red"}
     cases = [
         ("POST", "/v1/contexts", ADMIN, dict(cluster(), colour="red")),
         ("POST", "/v1/contexts", ADMIN, nested_group),
@@ -614,6 +698,9 @@ def test_unknown_fields_rejected_by_spec_and_server(spec):
         ("PUT", f"{n}/identity", token, dict(identity(1), colour="red")),
         ("PUT", f"{n}/identity", token, nested_iface),
         ("POST", f"{n}/report", token, {"state": "ok", "colour": "red"}),
+        ("POST", "/v1/contexts", ADMIN, nested_certificate),
+        ("POST", "/v1/contexts", ADMIN, nested_ssh_certificate),
+        ("POST", f"{n}/credentials", token, {"ssh": True, "colour": "red"}),
     ]
     for method, path, credential, body in cases:
         op = operation(api.ops, match(method, path)[0])

@@ -50,6 +50,8 @@ def test_config_file_fills_unset_options(tmp_path):
         (["--tls-cert", "/nonexistent"], "go together"),
         (["--max-body", "ten"], "--max-body"),
         (["--listen", "nonsense"], "--listen"),
+        (["--site-ca-cert", "/etc/hostname"], "--site-ca-cert and --site-ca-key go together"),
+        (["--site-ca-cert", "/nonexistent", "--site-ca-key", "/etc/hostname"], "no such file: /nonexistent"),
     ],
 )
 def test_bad_options(argv, text):
@@ -103,7 +105,7 @@ def test_sample_config_parses(tmp_path):
     with open(sample) as f:
         for line in f:
             match = re.match(r"# ([a-z-]+) = (.*)", line)
-            if match and not match.group(1).startswith(("tls-", "client-ca")):
+            if match and not match.group(1).startswith(("tls-", "client-ca", "site-ca")):   # files
                 seen.add(match.group(1))
                 line = line[2:]
             uncommented.append(line)
@@ -145,6 +147,9 @@ def test_make_service_listens_and_writes_state(tmp_path):
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state / "admin.token").st_mode) == 0o600
         assert (state / "admin.token").read_text().startswith("ctxd_adm_")
+        # Every context's certificate authorities derive from it (ctxd.credentials).
+        assert stat.S_IMODE(os.stat(state / "credentials.key").st_mode) == 0o600
+        assert len((state / "credentials.key").read_bytes()) == 32
         ctl = json.loads((state / "ctxctl.json").read_text())
         assert ctl == {
             "url": "https://127.0.0.1:8443",
@@ -317,6 +322,8 @@ def test_start_up_errors_are_one_line_with_the_fix(tmp_path):
         (["--state-dir", str(unusable / "x")], "cannot use the state directory"),
         (["--config", str(conf)], "unknown setting 'listen_on'"),
         (["--state-dir", str(tmp_path / "s2"), "--listen", "bogus:1"], "is not a listener description"),
+        (["--state-dir", str(tmp_path / "s3"), "--site-ca-cert", str(conf), "--site-ca-key", str(conf)],
+         "host credentials: "),
     ]
     try:
         for argv, message in cases:

@@ -6,5 +6,7 @@
 - :mod:`~ctxd.ctxctl.render` - tables, the progress line, report files, known_hosts lines;
 - :mod:`~ctxd.ctxctl.cluster` - the cluster file (docs/cluster-file.md) as a create request;
 - :mod:`~ctxd.ctxctl.userdata` - bootstraps wrapped as cloud-init user-data;
+- :mod:`~ctxd.ctxctl.loader` - the program that user-data installs to fetch, check and run the
+  agent (not imported: its source goes into the user-data);
 - :mod:`~ctxd.ctxctl.errors` - one-line errors and exit codes.
 """

@@ -10,6 +10,7 @@
 """
 
 import argparse
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -201,6 +202,35 @@ class BrokerClient:
                 raise CliError(f"request is {len(data)} bytes; the broker accepts at most "
                                f"{rules.MAX_BODY} bytes (1 MiB) - put large data elsewhere")
             headers[b"Content-Type"] = [b"application/json"]
+        status, _, content = await self._send(method, url, headers, data, timeout)
+        return status, self._decode(status, content, expect, url)
+
+    async def get_agent(self) -> Optional[Tuple[bytes, str]]:
+        """The broker's own ctxagent.py and its SHA-256 in hex (``GET /v1/agent``, public code:
+        no token sent), or None from a broker older than that route (a 404).
+
+        The hash is computed here over the bytes received (over TLS verified against the CA):
+        what a VM's loader checks. An X-Ctxd-Agent-SHA256 header that says otherwise is an error."""
+        url = self.url + "/v1/agent"
+        status, headers, content = await self._send("GET", url, {b"Accept": [b"text/x-python"]}, None, None)
+        if status == 404:
+            return None
+        if status != 200:
+            self._decode(status, content, (), url)  # raises: the broker's error, in one line
+        digest = hashlib.sha256(content).hexdigest()
+        said = headers.getRawHeaders(b"x-ctxd-agent-sha256") or []
+        if any(value.decode("ascii", "replace").strip().lower() != digest for value in said):
+            raise CliError(f"broker: the agent from {url} does not have the SHA-256 its "
+                           "X-Ctxd-Agent-SHA256 header says")
+        try:
+            compile(content, "ctxagent.py", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError):
+            raise CliError(f"broker: the answer to {url} is not the agent (a Python program)") from None
+        return content, digest
+
+    async def _send(self, method: str, url: str, headers: Dict[bytes, List[bytes]], data: Optional[bytes],
+                    timeout: Optional[float]) -> Tuple[int, Any, bytes]:
+        """One request: (status, response headers, body); :class:`CliError` when no answer came."""
         d = defer.Deferred.fromCoroutine(self._exchange(method, url, headers, data))
         limit = timeout if timeout is not None else self.timeout
         if limit is not None:
@@ -208,7 +238,7 @@ class BrokerClient:
             # CancelledError, so addTimeout alone would not say it timed out.
             d.addTimeout(limit, self.clock, onTimeoutCancel=_raise_timeout)
         try:
-            status, content = await d
+            return await d
         except CliError:
             raise
         except Exception as e:
@@ -216,14 +246,13 @@ class BrokerClient:
                     isinstance(r, defer.CancelledError) for r in _flatten_reasons(e)):
                 raise defer.CancelledError() from None  # interrupted (Ctrl-C)
             raise describe_failure(e, self.url, self.ca_file, limit) from None
-        return status, self._decode(status, content, expect, url)
 
     async def _exchange(self, method: str, url: str, headers: Dict[bytes, List[bytes]],
-                        data: Optional[bytes]) -> Tuple[int, bytes]:
+                        data: Optional[bytes]) -> Tuple[int, Any, bytes]:
         send = getattr(self.client, method.lower())
         response = await send(url, headers=headers, data=data, allow_redirects=False)
         content = await treq.content(response)
-        return response.code, content
+        return response.code, response.headers, content
 
     def _decode(self, status: int, content: bytes, expect: Tuple[int, ...], url: str) -> Any:
         try:

@@ -38,10 +38,13 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data")
-_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "source_check", "lease",
-               "watch")
+_GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "certificate",
+               "ssh_certificate", "source_check", "lease", "watch")
 _REQUIRE_KEYS = ("role", "ready")
 _DATA_KEYS = ("file", "files", "value", "inject")
+_CERTIFICATE_KEYS = ("names", "validity", "key", "certificate", "bundle", "ca_dir", "issuer")
+_SSH_CERTIFICATE_KEYS = ("validity", "sshd")
+_ISSUERS = ("context", "site")
 
 ReadFile = Callable[[str], bytes]
 
@@ -136,12 +139,12 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
                                     "not all digits)")
         body["domain"] = domain.rstrip(".").lower()
     data = _data_items(v, document.get("data", {}), open_for_injection, read_file)
-    body["groups"] = _groups(v, document.get("group"), data)
+    body["groups"] = _groups(v, document.get("group"), data, body.get("domain"))
     body["data"] = data
     return body
 
 
-def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str, Any]]:
+def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any], domain: Optional[str]) -> List[Dict[str, Any]]:
     if raw is None:
         raise v.error("group", "at least one [[group]] is required")
     if not isinstance(raw, list) or not all(isinstance(g, Mapping) for g in raw):
@@ -186,6 +189,11 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
             if "lease" in g and not group["watch"]:
                 raise v.error(f"{where}.watch", f"group {name!r} has a lease: its agents must watch "
                                                 "(a node that does not watch is never heard from)")
+        # Host credentials: sent only when opted in (a broker older than them refuses the keys).
+        if "certificate" in g:
+            group["certificate"] = _certificate(v, f"{where}.certificate", g["certificate"], name, domain)
+        if "ssh_certificate" in g:
+            group["ssh_certificate"] = _ssh_certificate(v, f"{where}.ssh_certificate", g["ssh_certificate"], name)
         groups.append(group)
 
     provided = {role for g in groups for role in g["provides"]}
@@ -197,6 +205,57 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any]) -> List[Dict[str
     # Ready-requirement cycles are left to the broker, which names the cycle
     # (400 ready_cycle); one implementation of that rule is enough.
     return groups
+
+
+def _certificate(v: "_Validator", field: str, raw: Any, group: str, domain: Optional[str]) -> Dict[str, Any]:
+    """A group's ``[group.certificate]`` table as the broker's JSON, every default written out."""
+    if not isinstance(raw, Mapping):
+        raise v.error(field, "must be a table: [group.certificate] after the group's [[group]] line")
+    v.reject_unknown(field, raw, _CERTIFICATE_KEYS)
+    names = raw.get("names", list(rules.CERT_NAMES))
+    choices = ", ".join(f'"{n}"' for n in rules.CERT_NAMES)
+    if not isinstance(names, list) or not names:
+        raise v.error(f"{field}.names", f"must be a non-empty array of {choices}, e.g. [\"fqdn\"]")
+    for i, item in enumerate(names):
+        if item not in rules.CERT_NAMES:
+            shown = f"{_short(item)} is not" if isinstance(item, str) else "must be"
+            raise v.error(f"{field}.names[{i}]", f"{shown} one of {choices}")
+        if item in names[:i]:
+            raise v.error(f"{field}.names[{i}]", f"{item!r} is listed twice")
+    issuer = raw.get("issuer", "context")
+    if issuer not in _ISSUERS:
+        shown = f"{_short(issuer)} is not" if isinstance(issuer, str) else "must be"
+        raise v.error(f"{field}.issuer", f"{shown} \"context\" (the context's own CA) or \"site\" "
+                                         "(the broker's site CA)")
+    # The site's CA is trusted beyond this context: it signs only names no other context can hold.
+    if issuer == "site" and domain is None:
+        raise v.error(f"{field}.issuer", f'"site" needs the context\'s domain (domain = "..." at the top of the '
+                                         f"file): the site's CA signs only names in it (group {group!r})")
+    if issuer == "site" and names != ["fqdn"]:
+        raise v.error(f"{field}.issuer", '"site" needs names = ["fqdn"]: short names and addresses repeat '
+                                         f"across contexts (group {group!r})")
+    spec: Dict[str, Any] = {"names": list(names),
+                            "validity": v.validity(f"{field}.validity", raw.get("validity"), group)}
+    for key, default in rules.CERT_PATHS.items():
+        spec[key] = v.vm_path(f"{field}.{key}", raw.get(key, default))
+    spec["ca_dir"] = None if raw.get("ca_dir") is None else v.vm_path(f"{field}.ca_dir", raw["ca_dir"])
+    spec["issuer"] = issuer
+    seen: Dict[str, str] = {}
+    for key in rules.CERT_PATHS:
+        if spec[key] in seen:
+            raise v.error(f"{field}.{key}", f"{_short(spec[key])} is also the {seen[spec[key]]}: key, certificate "
+                                            "and bundle must be three different files")
+        seen[spec[key]] = key
+    return spec
+
+
+def _ssh_certificate(v: "_Validator", field: str, raw: Any, group: str) -> Dict[str, Any]:
+    """A group's ``[group.ssh_certificate]`` table as the broker's JSON, every default written out."""
+    if not isinstance(raw, Mapping):
+        raise v.error(field, "must be a table: [group.ssh_certificate] after the group's [[group]] line")
+    v.reject_unknown(field, raw, _SSH_CERTIFICATE_KEYS)
+    return {"validity": v.validity(f"{field}.validity", raw.get("validity"), group),
+            "sshd": v.boolean(f"{field}.sshd", raw.get("sshd", False))}
 
 
 def _requires(v: "_Validator", where: str, raw: Any) -> List[Dict[str, Any]]:
@@ -326,20 +385,44 @@ class _Validator:
 
     def lease(self, field: str, value: Any, group: str) -> int:
         """A group's lease: a duration string or an integer of seconds, MIN_LEASE..MAX_LEASE."""
+        seconds = self._duration(field, value, group, "10m")
+        if not rules.MIN_LEASE <= seconds <= rules.MAX_LEASE:
+            raise self.error(field, f"the lease of group {group!r} must be from {rules.MIN_LEASE} s to "
+                                    f"{rules.MAX_LEASE // rules.DAY} days, not {_shown(value)}")
+        return seconds
+
+    def validity(self, field: str, value: Any, group: str) -> int:
+        """A host certificate's validity: a duration string or an integer of seconds, one hour to
+        397 days; None: the default, 30 days."""
+        if value is None:
+            return rules.DEFAULT_CERT_VALIDITY
+        seconds = self._duration(field, value, group, "30d")
+        if not rules.MIN_CERT_VALIDITY <= seconds <= rules.MAX_CERT_VALIDITY:
+            raise self.error(field, f"a certificate of group {group!r} is valid from "
+                                    f"{rules.MIN_CERT_VALIDITY // 3600} h to {rules.MAX_CERT_VALIDITY // rules.DAY} "
+                                    f"days, not {_shown(value)}")
+        return seconds
+
+    def _duration(self, field: str, value: Any, group: str, example: str) -> int:
+        """Seconds: from a duration string (parse_duration) or an integer."""
         if isinstance(value, str):
             try:
-                seconds = parse_duration(value)
+                return parse_duration(value)
             except ValueError as e:
                 raise self.error(field, f"{e} (group {group!r})") from None
-        elif isinstance(value, int) and not isinstance(value, bool):
-            seconds = value
-        else:
-            raise self.error(field, f'must be a duration such as "10m" or an integer of seconds (group {group!r})')
-        if not rules.MIN_LEASE <= seconds <= rules.MAX_LEASE:
-            shown = _short(value) if isinstance(value, str) else str(value)
-            raise self.error(field, f"the lease of group {group!r} must be from {rules.MIN_LEASE} s to "
-                                    f"{rules.MAX_LEASE // rules.DAY} days, not {shown}")
-        return seconds
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise self.error(field, f'must be a duration such as "{example}" or an integer of seconds (group {group!r})')
+
+    def vm_path(self, field: str, value: Any) -> str:
+        """An absolute path on the VMs (ctxd.rules.is_vm_path)."""
+        if not isinstance(value, str):
+            raise self.error(field, "must be a string: an absolute path on the VMs")
+        if not rules.is_vm_path(value):
+            raise self.error(field, f"{_short(value)} is not an absolute path (starting with /, without "
+                                    f"empty, . or .. parts or control characters, at most {rules.MAX_PATH} "
+                                    "characters)")
+        return value
 
     def read(self, field: str, path: Any, read_file: ReadFile) -> Dict[str, str]:
         if not isinstance(path, str) or not path:
@@ -381,6 +464,10 @@ def _os_reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__
+
+
+def _shown(value: Any) -> str:
+    return _short(value) if isinstance(value, str) else str(value)
 
 
 def _short(value: str, limit: int = 70) -> str:

@@ -10,7 +10,7 @@ import argparse
 import base64
 import json
 import os
-from typing import IO, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import IO, Any, Awaitable, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet import task
 
@@ -21,6 +21,8 @@ from ctxd.ctxctl.cluster import ClusterFileError, load_cluster_file
 from ctxd.ctxctl.errors import EXIT_OK, EXIT_TIMEOUT, BrokerRefusal, BrokerUnavailable, CliError, reason
 from ctxd.ctxctl.userdata import (
     USER_DATA_LIMIT,
+    Agent,
+    AgentLoader,
     UserDataError,
     compact_source,
     is_gzip,
@@ -32,22 +34,16 @@ from ctxd.files import write_atomic
 Args = argparse.Namespace
 
 
-async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str],
-                     agent_source: Optional[str] = None) -> int:
-    """``create CLUSTER.toml --out DIR``: create the context, write bootstraps and user-data."""
+async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``create CLUSTER.toml --out DIR [--embed-agent]``: create the context, write bootstraps and user-data."""
     try:
         body = load_cluster_file(args.cluster)
     except ClusterFileError as e:
         raise CliError(str(e)) from None
-    if agent_source is None:
-        agent_source = compact_source(_call_user_data(load_agent_source))
     # Check what can fail locally before the context exists on the broker.
-    sample = {"ctxd_bootstrap": 1, "url": broker.url, "context_id": "x" * 22,
-              "group": max((g["name"] for g in body["groups"]), key=len),
-              "join_token": "ctxd_join_" + "x" * 43,
-              "ca_pem": (broker.ca_pem or b"x" * 1200).decode("ascii", "replace")}
+    agent = await _user_data_agent(broker, args, err)
+    _check_user_data(broker, args, agent, max((g["name"] for g in body["groups"]), key=len))
     limit = getattr(args, "user_data_limit", USER_DATA_LIMIT)
-    _call_user_data(render_user_data, sample, agent_source, limit)
     out_dir = _prepare_private_dir(args.out)
 
     answer = await broker.call("POST", "/v1/contexts", body, expect=(201,))
@@ -63,7 +59,7 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
             bootstrap = bootstraps.get(name) if isinstance(bootstraps, dict) else None
             if not isinstance(bootstrap, dict):
                 raise CliError(f"broker: the create answer has no bootstrap for group {name}")
-            files += _group_files(name, bootstrap, agent_source, limit,
+            files += _group_files(name, bootstrap, agent, limit,
                                   group.get("watch", group.get("lease") is not None))
         for filename, content in files:
             render.write_private_file(os.path.join(out_dir, filename), content)
@@ -80,13 +76,44 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
     return EXIT_OK
 
 
-def _group_files(group: str, bootstrap: Dict[str, Any], agent_source: str, limit: int,
+async def _user_data_agent(broker: BrokerClient, args: Args, err: IO[str]) -> Agent:
+    """What the user-data carries: by default a loader of the broker's own agent, whose SHA-256
+    is learnt now from the broker itself (so whichever ctxd version it runs, the hash is that
+    of the agent it serves); with --embed-agent, or from a broker older than ``GET /v1/agent``,
+    this ctxctl's agent, embedded."""
+    if not getattr(args, "embed_agent", False):
+        served = await broker.get_agent()
+        if served is not None:
+            return AgentLoader(served[1])
+        print("ctxctl: note: this broker does not serve its agent (GET /v1/agent answered 404: an "
+              "older ctxd); the user-data embeds the agent instead", file=err)
+    return compact_source(_call_user_data(load_agent_source))
+
+
+def _check_user_data(broker: BrokerClient, args: Args, agent: Agent, group: str) -> None:
+    """Fail now, before anything changes on the broker, if a user-data with ``agent`` for
+    ``group`` (a bootstrap as large as the broker's will be) would not fit ``--user-data-limit``."""
+    sample = {"ctxd_bootstrap": 1, "url": broker.url, "context_id": "x" * 22, "group": group,
+              "join_token": "ctxd_join_" + "x" * 43,
+              "ca_pem": (broker.ca_pem or b"x" * 1200).decode("ascii", "replace")}
+    try:
+        render_user_data(sample, agent, getattr(args, "user_data_limit", USER_DATA_LIMIT))
+    except UserDataError as e:
+        hint = ""
+        if not isinstance(agent, AgentLoader):
+            hint = ("; without --embed-agent the VMs fetch the agent from the broker instead"
+                    if getattr(args, "embed_agent", False) else
+                    "; a broker that serves its agent (GET /v1/agent, a newer ctxd) lets the VMs fetch it instead")
+        raise CliError(f"{e}{hint}") from None
+
+
+def _group_files(group: str, bootstrap: Dict[str, Any], agent: Agent, limit: int,
                  watch: bool = False) -> List[Tuple[str, bytes]]:
     """GROUP.bootstrap.json and GROUP.user-data for one group's bootstrap (``watch``: the
     agent runs in watch mode)."""
     return [
         (f"{group}.bootstrap.json", (json.dumps(bootstrap, indent=2, sort_keys=True) + "\n").encode("utf-8")),
-        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent_source, limit, watch)),
+        (f"{group}.user-data", _call_user_data(render_user_data, bootstrap, agent, limit, watch)),
     ]
 
 
@@ -99,11 +126,10 @@ def _print_written(out_dir: str, files: List[Tuple[str, bytes]], err: IO[str]) -
             print(f"wrote {os.path.join(out_dir, filename)}", file=err)
 
 
-async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], err: IO[str],
-                                agent_source: Optional[str] = None) -> int:
-    """``join-token rotate CTX GROUP --out DIR``: new join token; the old one stops working."""
-    if agent_source is None:
-        agent_source = compact_source(_call_user_data(load_agent_source))
+async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``join-token rotate CTX GROUP --out DIR [--embed-agent]``: new join token; the old one stops working."""
+    agent = await _user_data_agent(broker, args, err)
+    _check_user_data(broker, args, agent, args.group)
     out_dir = _prepare_private_dir(args.out)
     # Before rotating: whether the group's agents watch decides the user-data.
     status = await _get_status(broker, args.context)
@@ -112,7 +138,7 @@ async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], 
     bootstrap = answer.get("bootstrap") if isinstance(answer, dict) else None
     if not isinstance(bootstrap, dict):
         raise CliError("broker: the rotation answer has no bootstrap")
-    files = _group_files(args.group, bootstrap, agent_source, args.user_data_limit, watch)
+    files = _group_files(args.group, bootstrap, agent, args.user_data_limit, watch)
     for filename, content in files:
         render.write_private_file(os.path.join(out_dir, filename), content)
     _print_written(out_dir, files, err)
@@ -395,10 +421,25 @@ def _over(status: Mapping[str, Any]) -> bool:
 
 
 async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``known-hosts CTX [--write [--file PATH]]``: ``FQDN,SHORT,IP TYPE KEY`` for every node."""
+    """``known-hosts CTX [--per-host] [--write [--file PATH]]``: the context's ``@cert-authority``
+    line when it has an SSH CA, then ``FQDN,SHORT,IP TYPE KEY`` for every node whose group has no
+    SSH host certificates (--per-host: for every node, and no CA line)."""
     status = await _get_status(broker, args.context)
-    lines, problems = render.known_hosts_lines(status)
+    ca_line: Optional[str] = None
+    certified: Collection[str] = ()
+    if not args.per_host:
+        cas = await _get_cas(broker, args.context, context_checked=True)
+        ssh = cas.get("ssh") if cas is not None else None
+        if ssh is not None:
+            try:
+                ca_line = render.cert_authority_line(ssh)
+            except ValueError as e:
+                raise CliError(f"broker: the SSH CA of context {args.context}: {e}") from None
+            certified = render.ssh_certified_groups(ssh, status)
+    lines, problems = render.known_hosts_lines(status, certified)
     _print_lines(err, [f"ctxctl: warning: {problem}" for problem in problems])
+    if ca_line is not None:
+        lines.insert(0, ca_line)
     if not args.write:
         _print_lines(out, lines)
         return EXIT_OK
@@ -418,8 +459,59 @@ async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: I
         write_atomic(path, merged.encode("utf-8"), 0o600, create_dir=True)
     except OSError as e:
         raise CliError(f"cannot write {path}: {reason(e)}") from None
-    print(f"wrote {len(lines)} host keys of context {args.context} to {path}", file=err)
+    keys = len(lines) - (ca_line is not None)
+    what = f"its SSH CA and {keys} host keys" if ca_line is not None else f"{keys} host keys"
+    print(f"wrote {what} of context {args.context} to {path}", file=err)
     return EXIT_OK
+
+
+async def cmd_ca(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
+    """``ca CTX [--out FILE] [--json]``: the context's X.509 CA bundle (PEM), what its nodes
+    trust; with --json the broker's answer (the SSH CA too)."""
+    cid = args.context
+    cas = await _get_cas(broker, cid)
+    if cas is None:
+        raise CliError(f"broker: GET /v1/contexts/{cid}/ca answered 404 though the context exists: "
+                       "a ctxd older than host credentials")
+    if args.json:
+        text, what = json.dumps(cas, indent=2, sort_keys=True) + "\n", "the CAs"
+    else:
+        x509 = cas.get("x509")
+        if x509 is None:
+            raise CliError(f"context {cid} has no X.509 CA: none of its groups has a [group.certificate] table")
+        try:
+            text, count = render.ca_bundle(x509.get("bundle") if isinstance(x509, dict) else None)
+        except ValueError as e:
+            raise CliError(f"broker: the X.509 CA of context {cid}: {e}") from None
+        what = f"the X.509 CA bundle ({count} certificate{'s' if count != 1 else ''})"
+    if args.out is None:
+        out.write(text)
+        return EXIT_OK
+    path = os.path.expanduser(args.out)
+    try:
+        # Public: what every node and client of the cluster trusts.
+        write_atomic(path, text.encode("utf-8"), 0o644)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {reason(e)}") from None
+    print(f"wrote {what} of context {cid} to {path}", file=err)
+    return EXIT_OK
+
+
+async def _get_cas(broker: BrokerClient, cid: str, context_checked: bool = False) -> Optional[Dict[str, Any]]:
+    """The context's certificate authorities (``GET /v1/contexts/CID/ca``: ``{"x509": ..., "ssh":
+    ...}``, each null when none), or None from a broker older than host credentials: a 404 for
+    the route while the context exists (which ``context_checked`` says is known already)."""
+    try:
+        cas = await broker.call("GET", f"/v1/contexts/{cid}/ca")
+    except BrokerRefusal as e:
+        if e.status != 404:
+            raise
+        if not context_checked:
+            await _get_status(broker, cid)  # the context's own 404, when that is what it was
+        return None
+    if not isinstance(cas, dict):
+        raise CliError(f"broker: the CAs of context {cid} are not a JSON object")
+    return cas
 
 
 async def cmd_data_put(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
@@ -475,6 +567,7 @@ COMMANDS: Dict[str, Command] = {
     "status": cmd_status,
     "wait": cmd_wait,
     "known-hosts": cmd_known_hosts,
+    "ca": cmd_ca,
     "data put": cmd_data_put,
     "lock": cmd_lock,
     "list": cmd_list,

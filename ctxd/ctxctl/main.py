@@ -140,10 +140,13 @@ def _out_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--user-data-limit", metavar="BYTES", type=_user_data_limit, default=USER_DATA_LIMIT,
                    help=f"largest user-data the cloud accepts (default {USER_DATA_LIMIT}, EC2's limit; "
                         "give your cloud's if it is larger); a larger document is gzip-compressed")
+    p.add_argument("--embed-agent", action="store_true",
+                   help="put the agent itself in the user-data, for VMs that must not fetch code (by "
+                        "default a short loader fetches it from the broker at boot and checks its SHA-256)")
 
 
 def _context_commands(sub: Any) -> None:
-    """create, status, wait, known-hosts, data put, lock, list, delete."""
+    """create, status, wait, known-hosts, ca, data put, lock, list, delete."""
     p = sub.add_parser("create", help="create a context from a cluster file; print its id",
                        description="Create a context; write DIR/GROUP.bootstrap.json and DIR/GROUP.user-data "
                                    "for every group; print the context id alone on stdout.")
@@ -170,10 +173,22 @@ def _context_commands(sub: Any) -> None:
                         "change, a retry of a broker that cannot be reached, a poll of a broker too old "
                         "to long-poll) (default 1)")
 
-    p = sub.add_parser("known-hosts", help="known_hosts lines for every node")
+    p = sub.add_parser("known-hosts", help="known_hosts lines for the context's nodes",
+                       description="known_hosts lines for the context's nodes: its SSH CA's @cert-authority "
+                                   "line when a group has SSH host certificates, then FQDN,SHORT,IP TYPE KEY "
+                                   "for every node of the groups without them.")
     _ctx_arg(p)
+    p.add_argument("--per-host", action="store_true",
+                   help="a line per host key of every node, and no @cert-authority line")
     p.add_argument("--write", action="store_true", help="merge them into FILE as a managed block")
     p.add_argument("--file", metavar="PATH", help="known_hosts file for --write (default ~/.ssh/known_hosts)")
+
+    p = sub.add_parser("ca", help="the context's X.509 CA bundle (PEM)",
+                       description="Print the X.509 CA certificates the context's host certificates chain "
+                                   "to (the bundle its nodes get), or write them to FILE.")
+    _ctx_arg(p)
+    p.add_argument("--out", metavar="FILE", help="write the bundle to FILE (0644) instead of stdout")
+    p.add_argument("--json", action="store_true", help="the broker's JSON: the X.509 and SSH CAs")
 
     p = sub.add_parser("data", help="data items (data put)")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

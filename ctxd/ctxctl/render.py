@@ -6,8 +6,9 @@ or made printable), apart from :func:`write_reports`.
 
 import ipaddress
 import os
+import re
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ctxd import rules
 from ctxd.ctxctl.errors import CliError, reason
@@ -229,11 +230,15 @@ def _node_report(status: Mapping[str, Any], node: Mapping[str, Any]) -> str:
     return text
 
 
-def known_hosts_lines(status: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
-    """known_hosts lines for every node's keys, and warnings for what was skipped."""
+def known_hosts_lines(status: Mapping[str, Any], certified: Collection[str] = ()) -> Tuple[List[str], List[str]]:
+    """known_hosts lines for every node's keys but those of the ``certified`` groups (whose
+    hosts present SSH certificates: an ``@cert-authority`` line trusts them), and warnings for
+    what was skipped."""
     lines: List[str] = []
     problems: List[str] = []
     for node in members(status):  # a revoked node's keys are trusted no more
+        if node.get("group") in certified:
+            continue
         identity = node.get("identity")
         if not isinstance(identity, dict):
             continue
@@ -247,6 +252,60 @@ def known_hosts_lines(status: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
                 continue
             lines.append(f"{names} {key}")
     return lines, problems
+
+
+_CA_PATTERN = re.compile(r"\*|\*\.[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
+_KEY_COMMENT = re.compile(r"[A-Za-z0-9_.@:+=-]{1,128}")
+
+
+def cert_authority_line(ssh: Any) -> str:
+    """The ``@cert-authority PATTERN TYPE KEY [COMMENT]`` line of a context's SSH CA (the
+    ``"ssh"`` object of ``GET /v1/contexts/CID/ca``), rebuilt from checked parts: a broker's
+    answer never puts anything else into a known_hosts file. ValueError when it is not one."""
+    line = ssh.get("known_hosts") if isinstance(ssh, dict) else None
+    parts = line.split(" ") if isinstance(line, str) else []
+    if not 4 <= len(parts) <= 5 or parts[0] != "@cert-authority":
+        raise ValueError("its known_hosts is not an @cert-authority line")
+    pattern, key = parts[1], " ".join(parts[2:4])
+    if not _CA_PATTERN.fullmatch(pattern):
+        raise ValueError(f"its host pattern {cell(pattern)} is not * or *.DOMAIN")
+    if not rules.is_ssh_key(key):
+        raise ValueError("its key is not an SSH public key")
+    if len(parts) == 5 and not _KEY_COMMENT.fullmatch(parts[4]):
+        raise ValueError("its key comment has characters a known_hosts line should not")
+    return " ".join(parts)
+
+
+def ssh_certified_groups(ssh: Mapping[str, Any], status: Mapping[str, Any]) -> List[str]:
+    """The groups whose nodes present SSH host certificates: the SSH CA's ``groups`` when the
+    broker lists them, else the status's groups with ``ssh_certificate``. (A group left out
+    only costs per-host lines that are not needed.)"""
+    groups = ssh.get("groups")
+    if isinstance(groups, list):
+        return [g for g in groups if isinstance(g, str)]
+    return [g["name"] for g in status.get("groups") or []
+            if isinstance(g, dict) and isinstance(g.get("name"), str) and isinstance(g.get("ssh_certificate"), dict)]
+
+
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?")
+
+
+def ca_bundle(bundle: Any) -> Tuple[str, int]:
+    """A PEM bundle of CA certificates from the broker, checked (nothing but certificates that
+    parse), and how many it holds. ValueError when it is not one."""
+    if not isinstance(bundle, str) or not bundle.strip():
+        raise ValueError("the bundle is empty")
+    from cryptography import x509
+
+    blocks = _PEM_CERTIFICATE.findall(bundle)
+    if not blocks or "".join(_PEM_CERTIFICATE.split(bundle)).strip():
+        raise ValueError("the bundle holds something other than PEM certificates")
+    for block in blocks:
+        try:
+            x509.load_pem_x509_certificate(block.encode("ascii"))
+        except ValueError:
+            raise ValueError("a certificate of the bundle does not parse") from None
+    return bundle if bundle.endswith("\n") else bundle + "\n", len(blocks)
 
 
 def _host_names(identity: Mapping[str, Any]) -> Optional[str]:

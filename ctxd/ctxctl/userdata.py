@@ -1,30 +1,40 @@
 """Bootstraps wrapped as cloud-init user-data.
 
-``ctxctl create`` writes, per group, a ``#cloud-config`` document laid out as::
+``ctxctl create`` writes, per group, a ``#cloud-config`` document. By default it carries a
+short loader (ctxd/ctxctl/loader.py) instead of the agent::
 
     #cloud-config
     # ctxd-bootstrap: BASE64(JSON bootstrap)
-    # ctxd user-data: context CID, group GROUP. Installs ctxagent.py and runs it ...
+    # ctxd user-data: context CID, group GROUP. Installs a loader that fetches ctxagent.py ...
     write_files:
-    - path: /usr/local/sbin/ctxagent.py
+    - path: /usr/local/sbin/ctxagent-loader.py
       owner: root:root
-      permissions: '0755'
-      content: |
-        <ctxagent.py, verbatim, as a YAML literal block>
+      permissions: '0700'
+      encoding: gz+b64
+      content: 'BASE64(GZIP(the loader, naming the SHA-256 of the broker's ctxagent.py))'
     - path: /etc/systemd/system/ctxagent.service
       owner: root:root
       permissions: '0644'
       content: |
-        [Unit] ... ExecStart=/usr/bin/python3 /usr/local/sbin/ctxagent.py --bootstrap cloud-init
+        [Unit] ... ExecStart=/usr/bin/python3 /usr/local/sbin/ctxagent-loader.py --bootstrap cloud-init
     runcmd:
     - [systemctl, daemon-reload]
     - [systemctl, enable, ctxagent.service]
-    - [python3, /usr/local/sbin/ctxagent.py, --bootstrap, cloud-init]
+    - [python3, /usr/local/sbin/ctxagent-loader.py, --bootstrap, cloud-init]
 
-The bootstrap travels as a comment line so the agent can find it with the
-standard library alone (it reads ``/var/lib/cloud/instance/user-data.txt``):
-the JSON is compact (``separators=(",", ":")``, sorted keys), UTF-8, then
-standard base64 with padding, on one line.
+The loader fetches ``URL/v1/agent`` from the broker the bootstrap names, over TLS verified
+against the bootstrap's CA, refuses it unless its SHA-256 is the one written into the loader
+(what the broker served ctxctl when it wrote the user-data), installs it as
+``/usr/local/sbin/ctxagent.py`` and runs it with its own arguments. The loader is compressed
+(cloud-init's ``gz+b64``), which keeps the whole document under 4 KB. With ``--embed-agent``
+(VMs that must not fetch code) the document carries the agent itself instead, as before
+(``- path: /usr/local/sbin/ctxagent.py``, ``permissions: '0755'``, the agent as a YAML
+literal block) and the unit and runcmd run it directly.
+
+The bootstrap travels as a comment line so the agent (and the loader) can find it with the
+standard library alone (it reads ``/var/lib/cloud/instance/user-data.txt``): the JSON is
+compact (``separators=(",", ":")``, sorted keys), UTF-8, then standard base64 with padding,
+on one line.
 
 ``runcmd`` runs once per instance (the first boot); the systemd unit, enabled
 but not started, re-runs the agent at every later boot.
@@ -33,7 +43,7 @@ EC2 accepts at most 16384 bytes of user-data. A larger document is gzip
 compressed (cloud-init recognises the gzip magic); if it is still too large,
 :class:`UserDataError` says by how much.
 
-Pure functions; no Twisted import.
+Pure functions (apart from reading the agent's and the loader's source); no Twisted import.
 """
 
 from __future__ import annotations
@@ -42,14 +52,17 @@ import ast
 import base64
 import binascii
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 import tokenize
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 __all__ = [
@@ -59,8 +72,14 @@ __all__ = [
     "UNIT_PATH",
     "UNIT_NAME",
     "AGENT_COMMAND",
+    "LOADER_PATH",
+    "LOADER_COMMAND",
+    "AgentLoader",
+    "Agent",
     "UserDataError",
     "load_agent_source",
+    "loader_source",
+    "agent_digest",
     "compact_source",
     "bootstrap_line",
     "read_bootstrap",
@@ -75,11 +94,22 @@ AGENT_PATH = "/usr/local/sbin/ctxagent.py"
 UNIT_NAME = "ctxagent.service"
 UNIT_PATH = "/etc/systemd/system/" + UNIT_NAME
 AGENT_COMMAND = ["python3", AGENT_PATH, "--bootstrap", "cloud-init"]
+LOADER_PATH = "/usr/local/sbin/ctxagent-loader.py"
+CLOUD_INIT_USER_DATA = "/var/lib/cloud/instance/user-data.txt"
+LOADER_COMMAND = ["python3", LOADER_PATH, "--bootstrap", "cloud-init"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _SAFE_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
-_UNIT = f"""\
+
+def _unit(program: str, watch: bool) -> str:
+    """The systemd unit that runs ``program`` (the agent, or its loader) at every boot.
+
+    Watch mode: the first run, then the agent follows the cluster's changes (docs/agent.md);
+    Type=exec holds through the loader's exec of the agent (the same process). Exit 6 (the
+    broker refused this node: it departed) is final; other failures are tried again."""
+    if not watch:
+        return f"""\
 [Unit]
 Description=ctxd contextualization agent (re-applies the cluster context at boot)
 Wants=network-online.target
@@ -87,16 +117,13 @@ After=network-online.target
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/python3 {AGENT_PATH} --bootstrap cloud-init
+ExecStart=/usr/bin/python3 {program} --bootstrap cloud-init
 RemainAfterExit=yes
 
 [Install]
 WantedBy=multi-user.target
 """
-
-# Watch mode: the first run, then the agent follows the cluster's changes (docs/agent.md). Exit 6
-# (the broker refused this node: it departed) is final; other failures are tried again.
-_WATCH_UNIT = f"""\
+    return f"""\
 [Unit]
 Description=ctxd contextualization agent, watch mode (follows the cluster's changes)
 Wants=network-online.target
@@ -104,7 +131,7 @@ After=network-online.target
 
 [Service]
 Type=exec
-ExecStart=/usr/bin/python3 {AGENT_PATH} --bootstrap cloud-init --watch
+ExecStart=/usr/bin/python3 {program} --bootstrap cloud-init --watch
 Restart=on-failure
 RestartSec=10
 RestartPreventExitStatus=6
@@ -137,6 +164,49 @@ def load_agent_source() -> str:
             return f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserDataError(f"cannot read the agent source {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class AgentLoader:
+    """User-data that fetches the agent from the broker at boot: the SHA-256 (hex) the
+    broker's ``GET /v1/agent`` answered with when the user-data was written."""
+
+    sha256: str
+
+    def source(self) -> str:
+        """The loader's source, compacted, with this hash filled in."""
+        return loader_source(self.sha256)
+
+
+#: What a user-data carries: the agent's source (embedded), or a loader of it.
+Agent = Union[str, AgentLoader]
+
+_LOADER_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loader.py")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def agent_digest(source: Union[str, bytes]) -> str:
+    """The SHA-256 (hex) of an agent's source, as the loader computes it over the bytes it fetched."""
+    return hashlib.sha256(source.encode("utf-8") if isinstance(source, str) else source).hexdigest()
+
+
+def loader_source(sha256: str, agent_path: str = AGENT_PATH, user_data: str = CLOUD_INIT_USER_DATA) -> str:
+    """The loader (ctxd/ctxctl/loader.py), compacted, that runs only the agent with ``sha256``,
+    installed as ``agent_path``, with the bootstrap of ``user_data`` (tests change both paths)."""
+    if not _SHA256.match(sha256):
+        raise UserDataError(f"{sha256[:80]!r} is not a SHA-256 in hex")
+    try:
+        with open(_LOADER_TEMPLATE, "rb") as f:
+            template = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserDataError(f"cannot read the agent loader {_LOADER_TEMPLATE}: {e}") from None
+    text = template
+    for name, value in (("SHA256", sha256), ("AGENT", agent_path), ("USER_DATA", user_data)):
+        line = re.compile(rf"^{name} = .*$", re.M)
+        if len(line.findall(text)) != 1:
+            raise UserDataError(f"the agent loader {_LOADER_TEMPLATE} has no single {name} line")
+        text = line.sub(lambda m: f"{name} = {json.dumps(value)}", text)
+    return compact_source(text)
 
 
 def compact_source(source: str) -> str:
@@ -234,39 +304,49 @@ def read_bootstrap(document: Union[bytes, str]) -> Dict[str, Any]:
     raise UserDataError("no bootstrap line in the user-data")
 
 
-def render_cloud_config(bootstrap: Mapping[str, Any], agent_source: str, watch: bool = False) -> str:
-    """The uncompressed ``#cloud-config`` document (see the module docstring). With ``watch``
-    the agent runs in watch mode (elastic clusters): started as a service, not waited for."""
+def render_cloud_config(bootstrap: Mapping[str, Any], agent: Agent, watch: bool = False) -> str:
+    """The uncompressed ``#cloud-config`` document (see the module docstring): ``agent`` is the
+    agent's source to embed, or an :class:`AgentLoader`. With ``watch`` the agent runs in watch
+    mode (elastic clusters): started as a service, not waited for."""
     lines: List[str] = ["#cloud-config", bootstrap_line(bootstrap)]
+    loader = isinstance(agent, AgentLoader)
+    program, command = (LOADER_PATH, LOADER_COMMAND) if loader else (AGENT_PATH, AGENT_COMMAND)
     cid, group = bootstrap.get("context_id"), bootstrap.get("group")
     if _is_label(cid) and _is_label(group):
-        lines.append(f"# ctxd user-data: context {cid}, group {group}. Installs ctxagent.py, "
-                     "runs it now and, through a systemd unit, at every later boot.")
+        what = ("a loader that fetches ctxagent.py from the broker, checks its SHA-256 and runs it"
+                if loader else "ctxagent.py, runs it")
+        lines.append(f"# ctxd user-data: context {cid}, group {group}. Installs {what} now and at every boot.")
     lines.append("write_files:")
-    lines += _write_file(AGENT_PATH, "0755", agent_source)
-    lines += _write_file(UNIT_PATH, "0644", _WATCH_UNIT if watch else _UNIT)
+    if isinstance(agent, AgentLoader):
+        # Compressed: the loader is the largest part of a small user-data (ctxd/ctxctl/loader.py
+        # is its source; `base64 -d | zcat` shows it).
+        lines += _write_file(LOADER_PATH, "0700", agent.source(), compress=True)
+    else:
+        lines += _write_file(AGENT_PATH, "0755", agent)
+    lines += _write_file(UNIT_PATH, "0644", _unit(program, watch))
     lines.append("runcmd:")
     lines.append("- [systemctl, daemon-reload]")
     if watch:
         lines.append(f"- [systemctl, enable, --now, --no-block, {UNIT_NAME}]")
     else:
         lines.append(f"- [systemctl, enable, {UNIT_NAME}]")
-        lines.append("- [" + ", ".join(AGENT_COMMAND) + "]")
+        lines.append("- [" + ", ".join(command) + "]")
     return "\n".join(lines) + "\n"
 
 
-def render_user_data(bootstrap: Mapping[str, Any], agent_source: str,
+def render_user_data(bootstrap: Mapping[str, Any], agent: Agent,
                      limit: int = USER_DATA_LIMIT, watch: bool = False) -> bytes:
     """The user-data bytes: the cloud-config document, gzip-compressed if it exceeds ``limit``."""
-    document = render_cloud_config(bootstrap, agent_source, watch).encode("utf-8")
+    document = render_cloud_config(bootstrap, agent, watch).encode("utf-8")
     if len(document) <= limit:
         return document
     compressed = smallest_gzip(document)
     if len(compressed) > limit:
+        what = ("the loader and bootstrap are too large" if isinstance(agent, AgentLoader) else
+                f"the agent source ({len(agent)} characters) is too large to embed")
         raise UserDataError(
             f"user-data is {len(compressed)} bytes even gzip-compressed ({len(document)} raw), over the "
-            f"{limit}-byte limit{' (EC2' + chr(39) + 's)' if limit == USER_DATA_LIMIT else ''}: "
-            f"the agent source ({len(agent_source)} characters) is too large to embed")
+            f"{limit}-byte limit{' (EC2' + chr(39) + 's)' if limit == USER_DATA_LIMIT else ''}: {what}")
     return compressed
 
 
@@ -298,8 +378,13 @@ def is_gzip(data: bytes) -> bool:
     return data[:2] == _GZIP_MAGIC
 
 
-def _write_file(path: str, permissions: str, content: str) -> List[str]:
+def _write_file(path: str, permissions: str, content: str, compress: bool = False) -> List[str]:
     entry = [f"- path: {path}", "  owner: root:root", f"  permissions: '{permissions}'"]
+    if compress:
+        # cloud-init's gz+b64: base64 of gzip; about half the bytes of the text.
+        entry.append("  encoding: gz+b64")
+        entry.append("  content: '" + base64.b64encode(smallest_gzip(content.encode("utf-8"))).decode("ascii") + "'")
+        return entry
     block = _literal_block(content, indent="   ")   # (one more than its key: the least YAML allows)
     if block is None:
         # Text a YAML literal block cannot carry exactly (CR, control characters,

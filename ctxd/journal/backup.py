@@ -3,7 +3,8 @@
 A backup is a state directory of its own: ``snapshot.log`` holding every record the
 journal had made durable when the backup was taken (the live snapshot plus the journal's
 records after it, a torn tail left out), the broker's TLS files (its CA signs what every
-bootstrap trusts) and its admin token. A broker started on it has the state of that moment.
+bootstrap trusts), its admin token and its credentials key (every context's certificate
+authorities derive from it: ctxd.credentials). A broker started on it has the state of that moment.
 
 The running broker is not stopped or asked anything: the files are read as they are. A
 compaction that happens meanwhile (it renames files) is seen - the snapshot changed, or
@@ -28,7 +29,7 @@ from ctxd.journal.format import (
 )
 
 #: Besides the journal, what a broker needs to start as the same broker.
-KEPT = ("tls", "admin.token")
+KEPT = ("tls", "admin.token", "credentials.key")
 
 
 class BackupError(Exception):

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import netns
 from .helpers import clean_env, die_with_parent, read_text, tail
@@ -289,28 +289,57 @@ def missing_slurm_programs() -> List[str]:
 
 def install_slurm(timeout: float = 900.0) -> Tuple[bool, str]:
     """apt-get install the Slurm packages when something is missing: (ok, what happened)."""
-    missing = missing_slurm_programs()
+    return install_packages(SLURM_PACKAGES, missing_slurm_programs, timeout)
+
+
+def require_packages(install: Callable[[], Tuple[bool, str]], packages: Sequence[str]) -> None:
+    """For a module fixture: skip without network namespaces; ``install()`` what is missing,
+    or fail (CI=true: the machine must have it) or skip saying why."""
+    import pytest
+
+    from . import netns
+
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    ok, what = install()
+    if not ok:
+        message = "cannot install %s: %s" % (" ".join(packages), what)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def install_packages(packages: Sequence[str], missing_programs: Callable[[], List[str]],
+                     timeout: float) -> Tuple[bool, str]:
+    """apt-get install ``packages`` when ``missing_programs()`` names any: (ok, what happened).
+
+    Tries the package lists already there first (apt-get update only if that fails).
+    """
+    missing = missing_programs()
     if not missing:
         return True, "already installed"
     if shutil.which("apt-get") is None:
-        return False, "missing %s and no apt-get to install %s" % (missing, " ".join(SLURM_PACKAGES))
+        return False, "missing %s and no apt-get to install %s" % (missing, " ".join(packages))
     env = clean_env(DEBIAN_FRONTEND="noninteractive", PATH=HOST_PATH)
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     log = []
-    for argv in (["apt-get", "update"],
-                 ["apt-get", "install", "-y", *SLURM_PACKAGES]):
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, env=env)
-        except subprocess.TimeoutExpired:
-            return False, "%s timed out after %.0fs" % (" ".join(argv), timeout)
-        log.append("$ %s -> %d\n%s%s" % (" ".join(argv), proc.returncode,
-                                         tail(proc.stdout, 15), tail(proc.stderr, 15)))
-        if proc.returncode != 0:
-            return False, "\n".join(log)
-    still = missing_slurm_programs()
+    for attempt in ([install], [["apt-get", "update"], install]):
+        for argv in attempt:
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                      stdin=subprocess.DEVNULL, env=env)
+            except subprocess.TimeoutExpired:
+                return False, "%s timed out after %.0fs" % (" ".join(argv), timeout)
+            log.append("$ %s -> %d\n%s%s" % (" ".join(argv), proc.returncode,
+                                             tail(proc.stdout, 15), tail(proc.stderr, 15)))
+            if proc.returncode != 0:
+                break
+        else:
+            break
+    still = missing_programs()
     if still:
-        return False, "installed %s but still missing %s\n%s" % (
-            " ".join(SLURM_PACKAGES), still, "\n".join(log))
+        return False, "installed %s but still missing %s\n%s" % (" ".join(packages), still, "\n".join(log))
     return True, "installed (was missing %s)" % ", ".join(missing)
 
 
@@ -405,3 +434,24 @@ def set_group_quantity(toml_text: str, group: str, quantity: int) -> str:
             g["quantity"] = quantity
     assert new_doc == old_doc, "rewriting %s's quantity changed more than that" % group
     return new
+
+
+# --------------------------------------------------------------------------
+# OpenSSH and OpenSSL (host credentials, test_credentials.py)
+
+OPENSSH_PACKAGES = ("openssh-server", "openssh-client", "openssl")
+OPENSSH_PROGRAMS = ("sshd", "ssh", "ssh-keygen", "openssl")
+
+
+def missing_openssh_programs() -> List[str]:
+    """The OpenSSH/OpenSSL programs this machine lacks."""
+    return [p for p in OPENSSH_PROGRAMS if _sbin_which(p) is None]
+
+
+def install_openssh(timeout: float = 600.0) -> Tuple[bool, str]:
+    """apt-get install sshd, ssh and openssl when something is missing: (ok, what happened).
+
+    Debian starts the ssh service after installing it unless policy-rc.d forbids it (as container
+    images do); that sshd, if any, listens in the root namespace and is none of the tests'.
+    """
+    return install_packages(OPENSSH_PACKAGES, missing_openssh_programs, timeout)

@@ -6,6 +6,7 @@ The four agents report different identities through --address/--hostname/
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import re
@@ -226,9 +227,10 @@ def test_agent_and_bootstrap_from_user_data(broker, vms, tmp_path, cluster, diag
         raw = ctx.user_data(group_of(vm)).read_bytes()
         assert len(raw) <= 16384, "EC2 takes at most 16384 bytes of user-data"
         document = yaml.safe_load(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-        (agent_file,) = [f for f in document["write_files"] if f["path"] == "/usr/local/sbin/ctxagent.py"]
-        vm.agent = vm.root / "embedded-ctxagent.py"
-        vm.agent.write_text(agent_file["content"])
+        (entry,) = [f for f in document["write_files"] if f["path"] == "/usr/local/sbin/ctxagent-loader.py"]
+        loader = gzip.decompress(base64.b64decode(entry["content"])).decode()
+        vm.agent = vm.root / "ctxagent-loader.py"
+        vm.agent.write_text(loader.replace('AGENT = "/usr/local/sbin/ctxagent.py"', 'AGENT = "%s"' % (vm.root / "ctxagent.py")))
         saved = vm.root / "user-data.txt"
         saved.write_bytes(raw)
         started.append((vm, vm.start("cloud-init", extra=["--cloud-init-user-data", str(saved)])))

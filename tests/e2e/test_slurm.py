@@ -49,15 +49,7 @@ SRUN_TIMEOUT = 30
 @pytest.fixture(scope="module")
 def slurm_installed():
     """The Slurm and munge packages are present (installed with apt-get if need be)."""
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    ok, what = hosts.install_slurm()
-    if not ok:
-        message = "cannot install %s: %s" % (" ".join(hosts.SLURM_PACKAGES), what)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    hosts.require_packages(hosts.install_slurm, hosts.SLURM_PACKAGES)
     for path in (SCRIPTS, CLUSTER):
         if not path.exists():
             pytest.skip("the slurm example has not landed: no %s" % path)
