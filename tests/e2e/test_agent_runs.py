@@ -254,9 +254,12 @@ def test_one_connection_per_run_resumed_after_the_broker_cuts_it(tmp_path, vms, 
         assert wait_all(started) == {vm.label: EXIT_OK for vm in nodes}
         for vm in nodes:
             counts = re.findall(r"(\d+) connection\(s\) to the broker, (\d+) resumed", vm.log())
-            assert counts, vm.log()
-            expected = [("2", "1")] if vm.label == "head" else [("1", "0")]
-            assert counts == expected, (vm.label, counts)
+            assert len(counts) == 1, vm.log()
+            opened, resumed = map(int, counts[0])
+            # One full handshake per run, every reconnection resumed; the head's slow script
+            # outlasts the deadline for sure (a compute's scripts may too, on a loaded machine).
+            assert opened - resumed == 1, (vm.label, counts)
+            assert opened >= 2 if vm.label == "head" else opened >= 1, (vm.label, counts)
         assert "request not received within 1.0 s: connection cut" in broker.log()
         assert broker.status(ctx.cid)["all_ok"] is True
     finally:
