@@ -8,7 +8,7 @@ TEST_VENV ?= .venv-test
 DEBIAN_VENV ?= .venv-debian
 PYTEST_ARGS ?=
 
-.PHONY: run test test-pypi test-debian test-package deb vermin fuzz crash-test bench clean
+.PHONY: run test test-pypi test-debian test-package deb vermin fuzz crash-test bench clean cli-docs
 
 $(RUN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -38,11 +38,12 @@ test-pypi: $(TEST_VENV)/.installed
 # The Slurm tests (-m slurm: the example's scripts and daemons, the broker as in every e2e test)
 # run once, in test-pypi: they exercise no library the other e2e tests do not; so do the agent's
 # own tests (-m agent: ctxagent.py is standard library only; the e2e tests run it against the
-# broker on Debian's libraries).
+# broker on Debian's libraries) and two process-level e2e tests (-m once: failover, an agent's
+# failing re-run), which keep the whole of `make test` under CI's 20 minutes.
 test-debian:
 	@if tests/deb/libs.sh $(DEBIAN_VENV); then \
 		PATH=$(CURDIR)/$(DEBIAN_VENV)/bin:$$PATH CTXD_LIBRARIES=debian12 \
-			$(DEBIAN_VENV)/bin/python -m pytest -m "not slurm and not agent" $(PYTEST_ARGS); \
+			$(DEBIAN_VENV)/bin/python -m pytest -m "not slurm and not agent and not once" $(PYTEST_ARGS); \
 	else [ $$? = 3 ]; fi
 
 # The Debian packages (ctxd, ctxd-agent) built from the work tree's files (tracked and new,
@@ -74,6 +75,35 @@ TRIALS ?= 1000
 crash-test: $(TEST_VENV)/.installed
 	CTXD_CRASH_TRIALS=$(TRIALS) PATH=$(CURDIR)/$(TEST_VENV)/bin:$$PATH \
 		$(TEST_VENV)/bin/python -m pytest tests/crash -q -s $(PYTEST_ARGS)
+
+# ctxctl's shell completion (bash, zsh) and man page, generated from its argparse definitions
+# (ctxd/ctxctl/main.py) by shtab and argparse-manpage - build-time tools, pinned in the test
+# extras - with the man page's own sections from docs/man/ctxctl.1.include and its date from
+# debian/changelog. Run it after changing an option or a command, and commit what it writes;
+# tests/test_manpages.py checks the committed files are what it makes (CLI_DOCS_DIR: elsewhere).
+CLI_DOCS_PYTHON ?= $(TEST_VENV)/bin/python
+CLI_DOCS_DIR ?= .
+CLI_DOCS_MADE = made by make cli-docs from ctxd/ctxctl/main.py ($(shell $(CLI_DOCS_PYTHON) -c 'import sys, shtab, \
+	importlib.metadata as m; print("shtab %s, argparse-manpage %s, Python %d.%d" % (shtab.__version__, \
+	m.version("argparse-manpage"), *sys.version_info[:2]))')): do not edit
+CLI_DOCS_EPOCH = $(shell date -u -d "$$(sed -n 's/^ -- .*>  //p' debian/changelog | head -n 1)" +%s)
+CLI_DOCS_SHTAB = $(CLI_DOCS_PYTHON) -m shtab --prog ctxctl --prefix ctxctl ctxd.ctxctl.main.build_parser
+cli-docs: $(if $(filter $(TEST_VENV)/bin/python,$(CLI_DOCS_PYTHON)),$(TEST_VENV)/.installed)
+	@mkdir -p $(CLI_DOCS_DIR)/etc/bash-completion $(CLI_DOCS_DIR)/etc/zsh $(CLI_DOCS_DIR)/docs/man
+	@cd $(CLI_DOCS_DIR) && echo "# ctxctl's bash completion, $(CLI_DOCS_MADE)" > etc/bash-completion/ctxctl.tmp
+	$(CLI_DOCS_SHTAB) --shell=bash >> $(CLI_DOCS_DIR)/etc/bash-completion/ctxctl.tmp
+	$(CLI_DOCS_SHTAB) --shell=zsh > $(CLI_DOCS_DIR)/etc/zsh/_ctxctl.tmp
+	@echo '.\" ctxctl(1), $(CLI_DOCS_MADE)' > $(CLI_DOCS_DIR)/docs/man/ctxctl.1.tmp
+	COLUMNS=80 SOURCE_DATE_EPOCH=$(CLI_DOCS_EPOCH) $(CLI_DOCS_PYTHON) -c \
+		'from argparse_manpage.cli import main; main()' --module ctxd.ctxctl.main --function manual_parser \
+		--format single-commands-section --include docs/man/ctxctl.1.include --project-name ctxd \
+		--version $$($(CLI_DOCS_PYTHON) -c 'import ctxd; print(ctxd.__version__)') \
+		--manual-title "User Commands" \
+		--description "the deployer's client for the ctxd contextualization broker" \
+		>> $(CLI_DOCS_DIR)/docs/man/ctxctl.1.tmp
+	@cd $(CLI_DOCS_DIR) && mv etc/bash-completion/ctxctl.tmp etc/bash-completion/ctxctl && \
+		sed "1a # ctxctl's zsh completion, $(CLI_DOCS_MADE)" etc/zsh/_ctxctl.tmp > etc/zsh/_ctxctl && \
+		rm etc/zsh/_ctxctl.tmp && mv docs/man/ctxctl.1.tmp docs/man/ctxctl.1
 
 vermin: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/vermin --no-tips --violations --target=3.6- ctxagent.py

@@ -12,13 +12,23 @@ Usage: python3 ctxagent.py --bootstrap SOURCE [--scripts-dir DIR]
 SOURCE is a file, an http(s):// URL, "ec2" (user-data through IMDSv2) or
 "cloud-init" (the user-data cloud-init saved). It holds the bootstrap JSON,
 or user-data with a line "# ctxd-bootstrap: " + base64 of it; either may be
-gzipped. No bootstrap at all (or JSON without "ctxd_bootstrap"): exit 0.
+gzipped. No bootstrap at all (no user-data, or JSON without "ctxd_bootstrap"):
+exit 0; a FILE that is not there: exit 2.
+
+While the first run waits for a complete view, why it waits goes to the broker
+(a contextualizing report, "waiting: " + the view's waiting_for joined by
+"; "): once it has waited WAIT_REPORT_AFTER s, then when the reason changes,
+at most every WAIT_REPORT_EVERY s. Advisory: a failure is logged.
 
 Scripts (optional; argv lists, never a shell; all input validated first):
 clean.sh; 0-etchosts.sh IP SHORT FQDN per identity; 1-ipandhost/ROLE IP SHORT
 FQDN per (required role, provider); 2-thishost/IFACE IP SHORT FQDN per own
 interface; 3-data/NAME PATH per data value; 4-restarts/ROLE per role;
 5-thishost-finalize/IFACE IP SHORT FQDN; problem.sh when an action failed.
+Each from --scripts-dir where it is there, else from the tree the view
+delivers ("scripts": {sha256, size}): fetched once, checked against both, a
+gzip'd tar of regular files and directories with relative names only (else
+exit 1, nothing run), unpacked into STATE/scripts/SHA256 (0700).
 Their environment adds CTX_VIEW (path of the view as JSON), CTX_CONTEXT_ID,
 CTX_NODE_ID (and, for problem.sh, CTX_EXIT_CODE and CTX_ERROR); with host
 certificates, CTX_TLS_KEY, CTX_TLS_CERT, CTX_TLS_BUNDLE, CTX_TLS_CA_DIR (when
@@ -35,9 +45,9 @@ ctxd-host-certificates.conf and an sshd reload through systemctl.
 
 Exit codes:
     0   success, no bootstrap present, or another run holds STATE/lock
-    1   bad input: corrupt bootstrap, invalid or hostile view
-    2   usage or configuration error (bad arguments, unusable scripts dir,
-        a script that is present but not executable)
+    1   bad input: corrupt bootstrap, invalid or hostile view or scripts tree
+    2   usage or configuration error (bad arguments, missing bootstrap file,
+        unusable scripts dir, a script that is present but not executable)
     3   environment: no network, broker unreachable, TLS verification failed,
         no openssl command (or it failed) for the host certificates
     4   an action failed (a script exited non-zero or timed out)
@@ -51,8 +61,9 @@ Files, each written to a temp file then renamed; STATE (--state-dir) is 0700:
 STATE/ctxagent.log (appended), STATE/instance_key, STATE/node.json (the node
 credential), STATE/view.json, STATE/data/NAME/N (value N from 0), STATE/lock,
 STATE/script.out (the output of the last script), all 0600;
-and between "# BEGIN ctxd (context CID)" and "# END ctxd (context CID)",
-the rest kept byte for byte: "IP FQDN SHORT" lines in --hosts-file,
+and between "# BEGIN ctxd (context CID)" and "# END ctxd (context CID)"
+(another context's such block removed), the rest kept byte for byte:
+"IP FQDN SHORT" lines in --hosts-file,
 "FQDN,SHORT,IP TYPE KEY" lines in --known-hosts-file (with an SSH CA in the
 view: its "@cert-authority PATTERN KEY" line first, and none for the peers of
 the groups it certifies). Tokens never reach
@@ -66,7 +77,9 @@ import collections
 import errno
 import fcntl
 import glob
+import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -81,6 +94,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -100,6 +114,9 @@ TAIL = 65536                  # captured script output, in characters
 REQUEST_TIMEOUT = 30.0
 RETRY_FIRST, RETRY_MAX = 0.25, 30.0   # backoff after a failed request: from a fraction of a second
 ERROR_REPORT_TIMEOUT = 5.0    # an error report is one short attempt
+# Why a first run waits reaches the broker (an advisory report) once it has waited this long, then
+# when the reason changes, at most this often: a cluster that completes at once costs no request.
+WAIT_REPORT_AFTER, WAIT_REPORT_EVERY = 10.0, 30.0
 FINAL_REPORT_BUDGET = 120.0   # the ok report may outlive --timeout by this much
 REFUSED = (401, 403, 404, 409, 410)
 IMDS = "http://169.254.169.254/latest/"
@@ -121,6 +138,9 @@ SSH_KEY_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 MAX_SSH_KEY, MAX_SSH_KEYS = 4096, 16
 MAX_MESSAGE, MAX_LOG_TAIL, MAX_WAIT = 4096, 65536, 300
 MIN_LEASE, MAX_LEASE = 10, 2592000
+# A context's ctx-scripts tree: packed (gzip'd tar) bytes; unpacked bytes and entries.
+MAX_SCRIPTS, MAX_SCRIPTS_UNPACKED, MAX_SCRIPT_FILES = 512 << 10, 16 << 20, 1024
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # How long a view request waits at the broker for a change, by default: an idle node costs
 # the broker one request per POLL_WAIT. A broker older than 0.2 allows at most OLD_MAX_WAIT.
 POLL_WAIT, OLD_MAX_WAIT = 120, 60
@@ -277,14 +297,14 @@ def make_tls_context(ca_pem):
     return context
 
 
-def _gunzip(data):
+def _gunzip(data, limit=MAX_BOOTSTRAP, what="bootstrap"):
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        out = inflater.decompress(data, MAX_BOOTSTRAP + 1)
+        out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise InputError("bootstrap: corrupt gzip data (%s)" % exc)
-    if len(out) > MAX_BOOTSTRAP or not inflater.eof:
-        raise InputError("bootstrap: gzip data too large or truncated")
+        raise InputError("%s: corrupt gzip data (%s)" % (what, exc))
+    if len(out) > limit or not inflater.eof:
+        raise InputError("%s: gzip data too large or truncated" % what)
     return out
 
 
@@ -359,7 +379,7 @@ Interface = collections.namedtuple("Interface", "name ipv4 ipv6")
 Identity = collections.namedtuple("Identity", "hostname fqdn primary_ip interfaces ssh_host_keys")
 Peer = collections.namedtuple("Peer", "node_id hostname fqdn ip ssh_host_keys group")
 NodeView = collections.namedtuple("NodeView", "context_id node_id revision complete identity roles data "
-                                  "all_identities certificate ssh_certificate ssh_ca")
+                                  "all_identities certificate ssh_certificate ssh_ca scripts")
 # What the view says of host certificates: where the X.509 files go (ca_dir may be None) and which
 # names, in order, they carry; the SSH CA that certifies the host keys of the nodes of its groups.
 Certificate = collections.namedtuple("Certificate", "names key certificate bundle ca_dir")
@@ -410,7 +430,8 @@ def view_progress(raw):
         raise InputError("view.lease: %s is not %d to %d s" % (lease, MIN_LEASE, MAX_LEASE))
     return (_expect(raw.get("revision"), int, "view.revision"),
             _expect(raw.get("complete"), bool, "view.complete"),
-            tuple(_show(w, 200) for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
+            tuple(w if isinstance(w, str) and len(w) <= 200 and w.isprintable() else _show(w, 200)
+                  for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
 
 
 def _by_name(raw, key, check):
@@ -463,6 +484,14 @@ def _ssh_ca(ca, what):
                  _items(ca, "groups", what, check_name))
 
 
+def _scripts(spec, what):
+    """(SHA-256, size) of the ctx-scripts tree the view announces."""
+    digest, size = _expect(spec, dict, what).get("sha256"), spec.get("size")
+    if not (isinstance(digest, str) and SHA256.fullmatch(digest) and type(size) is int and 0 < size <= MAX_SCRIPTS):
+        raise InputError("%s: not {sha256, size} of at most %d bytes: %s" % (what, MAX_SCRIPTS, _show(spec)))
+    return digest, size
+
+
 def validate_view(raw, context_id, node_id):
     """A NodeView (roles and data sorted by name) from a raw view.
 
@@ -479,7 +508,8 @@ def validate_view(raw, context_id, node_id):
                     _by_name(raw, "roles", _providers), _by_name(raw, "data", _values),
                     _items(everyone, "all_identities", "view", validate_peer),
                     *(None if raw.get(key) is None else check(raw[key], "view." + key) for key, check in (
-                        ("certificate", _certificate), ("ssh_certificate", _ssh_certificate), ("ssh_ca", _ssh_ca))))
+                        ("certificate", _certificate), ("ssh_certificate", _ssh_certificate), ("ssh_ca", _ssh_ca),
+                        ("scripts", _scripts))))
     check_no_conflicts(view)
     return view
 
@@ -743,8 +773,12 @@ def make_private_tree(base, path):
         base = make_private_dir(os.path.join(base, part))
 
 
+BLOCK_BEGIN = re.compile(r"^# BEGIN ctxd \(context ([A-Za-z0-9_-]+)\)\r?$", re.M)
+
+
 def update_managed_file(path, context_id, lines):
-    """Replace the context's block in the system file PATH.
+    """Replace the context's block in the system file PATH, and remove the blocks of any
+    other context (a VM is in one context: an image made from a contextualized VM, say).
 
     A symlink at PATH is followed (it is the administrator's); mode and owner
     are kept (0644 for a new file); an unchanged file is not rewritten.
@@ -757,8 +791,11 @@ def update_managed_file(path, context_id, lines):
         old, mode, owner = None, 0o644, None
     if old is None and not lines:
         return
-    new = replace_managed_block((old or b"").decode("utf-8", "surrogateescape"), context_id,
-                                lines).encode("utf-8", "surrogateescape")
+    text = (old or b"").decode("utf-8", "surrogateescape")
+    for other in set(BLOCK_BEGIN.findall(text)) - {context_id}:
+        LOG.info("removing the ctxd block of context %s from %s", other, path)
+        text = replace_managed_block(text, other, ())
+    new = replace_managed_block(text, context_id, lines).encode("utf-8", "surrogateescape")
     if new != old:
         atomic_write(real, new, mode, None if owner == (os.getuid(), os.getgid()) else owner, True)
 
@@ -766,32 +803,38 @@ def update_managed_file(path, context_id, lines):
 # ---------------------------------------------------------------------------
 # Executing a plan
 
-Paths = collections.namedtuple("Paths", "scripts_dir state_dir hosts_file known_hosts_file")
+# delivered: the ctx-scripts tree the view delivered (STATE/scripts/SHA256), or None.
+Paths = collections.namedtuple("Paths", "scripts_dir state_dir hosts_file known_hosts_file delivered")
+Paths.__new__.__defaults__ = (None,)
 
 
-def script_path(scripts_dir, target):
-    return os.path.join(scripts_dir, *target.split("/"))
+def script_path(paths, target):
+    """Where the script TARGET is: in the scripts dir if it is there (baked scripts win), else in
+    the delivered tree."""
+    parts = target.split("/")
+    path = os.path.join(paths.scripts_dir, *parts)
+    return os.path.join(paths.delivered, *parts) if paths.delivered and not os.path.lexists(path) else path
 
 
-def check_scripts_dir(scripts_dir, required):
-    """ConfigError for an unusable scripts dir; a missing default one means no scripts."""
+def check_scripts_dir(scripts_dir):
+    """Whether SCRIPTS_DIR is there; ConfigError when it is there but unusable."""
     if os.path.isdir(scripts_dir) and os.access(scripts_dir, os.R_OK | os.X_OK):
-        return
-    if os.path.exists(scripts_dir) or required:
-        raise ConfigError("scripts directory %s is missing or unreadable" % scripts_dir)
-    LOG.info("no scripts directory %s: only the managed blocks are written", scripts_dir)
+        return True
+    if os.path.exists(scripts_dir):
+        raise ConfigError("scripts directory %s is unusable (not a readable directory)" % scripts_dir)
+    return False
 
 
 def _is_runnable(path):
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def resolve_scripts(plan, scripts_dir):
+def resolve_scripts(plan, paths):
     """PLAN less the absent scripts; ConfigError for one that is not executable."""
     result = []
     for action in plan:
         if action.kind == SCRIPT:
-            path = script_path(scripts_dir, action.target)
+            path = script_path(paths, action.target)
             if not os.path.lexists(path):
                 continue
             if not _is_runnable(path):
@@ -814,7 +857,7 @@ def run_script(paths, target, args, env, timeout):
                      os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            process = subprocess.Popen([script_path(paths.scripts_dir, target)] + list(args),
+            process = subprocess.Popen([script_path(paths, target)] + list(args),
                                        stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
                                        start_new_session=True)
             try:
@@ -843,6 +886,48 @@ def run_script(paths, target, args, env, timeout):
     if problem:
         LOG.error(problem)
         raise ActionError(problem)
+
+
+def read_scripts(packed):
+    """[(path parts, mode, content or None for a directory)] of the ctx-scripts tree PACKED (a gzip'd
+    tar), checked whole: regular files and directories only, relative names without ".." parts, no
+    file where a directory must be, at most MAX_SCRIPT_FILES entries and MAX_SCRIPTS_UNPACKED bytes;
+    anything else is an InputError."""
+    tree, total = [], 0
+    try:   # inflated first, bounded (contents and their tar headers), so tarfile never inflates more
+        with tarfile.open(fileobj=io.BytesIO(_gunzip(packed, 2 * MAX_SCRIPTS_UNPACKED, "scripts")), mode="r:") as tar:
+            for member in tar:
+                name, total, isfile = member.name, total + member.size, member.isfile()
+                parts = [part for part in name.split("/") if part not in ("", ".")]
+                if len(tree) >= MAX_SCRIPT_FILES or total > MAX_SCRIPTS_UNPACKED:
+                    raise InputError("scripts: more than %d entries or %d bytes" % (MAX_SCRIPT_FILES, MAX_SCRIPTS_UNPACKED))
+                if not (isfile and parts or member.isdir()) or name.startswith("/") or ".." in parts or not name.isprintable():
+                    raise InputError("scripts: %s is not a regular file or directory with a relative name" % _show(name))
+                tree.append((parts, 0o755 if member.mode & 0o111 else 0o644, tar.extractfile(member).read() if isfile else None))
+    except tarfile.TarError as exc:
+        raise InputError("scripts: not a tar (%s)" % exc)
+    files = set(tuple(parts) for parts, _, content in tree if content is not None)
+    for parts, _, content in tree:
+        if any(tuple(parts[:i]) in files for i in range(1, len(parts) + (content is None))):
+            raise InputError("scripts: %s is below a file, or both a file and a directory" % _show("/".join(parts)))
+    return tree
+
+
+def unpack_scripts(packed, target):
+    """The ctx-scripts tree PACKED at TARGET, whole or not at all: checked (read_scripts), written (files
+    0755 or 0644) into a private temporary directory beside TARGET, and that renamed."""
+    tree = read_scripts(packed)
+    temp = tempfile.mkdtemp(prefix=".unpacking.", dir=os.path.dirname(target))
+    try:
+        for parts, mode, content in tree:
+            path = os.path.join(temp, *parts)
+            os.makedirs(path if content is None else os.path.dirname(path), 0o755, exist_ok=True)
+            if content is not None:
+                atomic_write(path, content, mode)
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, True)
+        raise
 
 
 def execute_plan(plan, paths, context_id, env, script_timeout):
@@ -882,7 +967,7 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=No
         plan = plan_actions(view, paths.state_dir)
     else:
         raise InputError("view: not complete")
-    plan = resolve_scripts(plan, paths.scripts_dir)
+    plan = resolve_scripts(plan, paths)
     view_path = os.path.join(paths.state_dir, "view.json")
     try:
         atomic_write(view_path, json.dumps(raw_view, indent=1, sort_keys=True).encode("utf-8"))
@@ -898,7 +983,7 @@ def apply_view(raw_view, context_id, node_id, paths, script_timeout, previous=No
     try:
         execute_plan(plan, paths, context_id, env, script_timeout)
     except Exception as exc:
-        if _is_runnable(script_path(paths.scripts_dir, "problem.sh")):
+        if _is_runnable(script_path(paths, "problem.sh")):
             env.update(CTX_EXIT_CODE=str(exit_code_for(exc)), CTX_ERROR=str(exc))
             try:
                 run_script(paths, "problem.sh", (), env, script_timeout)
@@ -1119,12 +1204,20 @@ def discover_interfaces():
     return group_addresses(_kernel_pairs())
 
 
+SSH_KEY_TYPE = re.compile(r"[a-z][a-z0-9.@-]{0,63}")   # a key type, if not one of ours (ssh-dss)
+
+
 def read_ssh_host_keys(ssh_dir, paths=False):
     """The valid "TYPE BASE64" of SSH_DIR/ssh_host_*_key.pub, by file name (PATHS: {key: its file})."""
     keys = collections.OrderedDict()
     for path in sorted(glob.glob(os.path.join(ssh_dir, "ssh_host_*_key.pub"))):
         try:
-            key = check_ssh_key(" ".join((read_file(path, 16384) or b"").decode().split()[:2]), path)
+            fields = (read_file(path, 16384) or b"").decode().split()[:2]
+            if len(fields) == 2 and fields[0] not in SSH_KEY_TYPES and SSH_KEY_TYPE.fullmatch(fields[0]) \
+                    and SSH_KEY_B64.fullmatch(fields[1]):   # a DSA key, which cloud-init may still make
+                LOG.info("not reporting %s: SSH host key type %s is not supported", path, fields[0])
+                continue
+            key = check_ssh_key(" ".join(fields), path)
         except (OSError, ValueError, InputError) as exc:
             LOG.warning("ignoring %s: %s", path, exc)
             continue
@@ -1161,14 +1254,18 @@ def wait_for_network(timeout):
 # Bootstrap sources
 
 def read_bootstrap_source(source, options):
-    """The bytes behind SOURCE, None when there are none."""
+    """The bytes behind SOURCE, None when there are none; ConfigError for a FILE that is not there
+    (what cloud-init saved may be absent: an instance without user-data)."""
     if source == "ec2" or source.startswith(("http://", "https://")):
         return _fetch_remote(source, options)
     path = options.cloud_init_user_data if source == "cloud-init" else source
     try:
-        return read_file(path, MAX_BOOTSTRAP)
+        content = read_file(path, MAX_BOOTSTRAP)
     except OSError as exc:
         raise ConfigError("cannot read the bootstrap %s: %s" % (path, exc))
+    if content is None and source != "cloud-init":
+        raise ConfigError("the bootstrap file %s does not exist" % path)
+    return content
 
 
 def _get(opener, url, method="GET", headers=None):
@@ -1429,7 +1526,7 @@ class Agent(object):
             self.broker = BrokerConnection(b, o.address)
             self.deadline = time.monotonic() + o.timeout
             return self.leave()
-        check_scripts_dir(o.scripts_dir, o.scripts_dir_given)
+        baked = check_scripts_dir(o.scripts_dir)
         try:
             make_private_dir(o.state_dir)
             # One run at a time (boot and cron); not inherited by scripts.
@@ -1451,18 +1548,22 @@ class Agent(object):
         self.deadline = time.monotonic() + o.timeout
         # Three requests on one connection: enroll (or update the saved node's identity),
         # which also starts the attempt (the node is contextualizing); the view's long-polls;
-        # the report.
+        # the report. (And the scripts the view delivers; why it waits, when it waits long.)
         self.retrying("connecting", lambda: (0, self.broker.connect()))   # learns our address
         self.ensure_node(self.local_identity())
         # In watch mode a node contextualized before (a reboot, a restart) applies the view as it
         # is: its group may have lost a node for good, and so never be complete again.
         applied = self.load_applied() if o.watch else None
         view = self.poll_view(applied is not None)
-        paths = Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file)
         done = threading.Event()
         if applied is not None:   # a watching node: its lease runs
             self.heartbeat(view, done)
         try:
+            paths = Paths(o.scripts_dir, o.state_dir, o.hosts_file, o.known_hosts_file, self.delivered_scripts(view))
+            if not (baked or paths.delivered):
+                if o.scripts_dir_given:
+                    raise ConfigError("scripts directory %s is missing and the view delivers none" % o.scripts_dir)
+                LOG.info("no scripts directory %s: only the managed blocks are written", o.scripts_dir)
             self.renew_at = self.credentials(view)   # before any script, which may use them
             apply_view(view, b["context_id"], self.node["node_id"], paths, o.script_timeout, resume=applied is not None,
                        extra_env=self.tls_env)
@@ -1475,6 +1576,32 @@ class Agent(object):
             self.save_applied(view)
             return self.watch(view, paths)
         return EXIT_OK
+
+    def delivered_scripts(self, raw):
+        """The ctx-scripts tree the view RAW delivers, in STATE/scripts/SHA256: fetched, checked against
+        the view's size and SHA-256, and unpacked unless it is there already; None without one."""
+        spec = validate_view(raw, self.node["context_id"], self.node["node_id"]).scripts
+        if spec is None:
+            return None
+        (digest, size), top = spec, self.state("scripts")
+        target = os.path.join(top, digest)
+        if os.path.isdir(target):
+            return target
+        status, packed = self.call("GET", self.node_path("scripts"), self.node["node_token"])
+        if status != 200:
+            raise self.refused("scripts", status, packed)
+        found = hashlib.sha256(packed).hexdigest()
+        if (len(packed), found) != (size, digest):
+            raise InputError("scripts: %d bytes with SHA-256 %s, not the view's %d bytes with %s"
+                             % (len(packed), found, size, digest))
+        try:
+            for entry in os.listdir(make_private_dir(top)):   # another context's tree, an unpacking cut short
+                shutil.rmtree(os.path.join(top, entry), True)
+            unpack_scripts(packed, target)
+        except (OSError, ValueError) as exc:   # ValueError: a name this file system cannot encode
+            raise ActionError("could not unpack the scripts in %s: %s" % (top, exc))
+        LOG.info("scripts: %d bytes unpacked into %s", size, target)
+        return target
 
     def load_applied(self):
         """The full view this node applied last (watch mode), if valid and this node's."""
@@ -1746,14 +1873,24 @@ class Agent(object):
         LOG.info("reported %s", state)
 
     def poll_view(self, resume=False):
-        """Long-poll until the view is complete (RESUME: the first view); the raw view."""
+        """Long-poll until the view is complete (RESUME: the first view); the raw view.
+
+        Why it waits goes to the broker as the message of a contextualizing report (advisory)
+        once it has waited WAIT_REPORT_AFTER seconds, then when the reason changes, at most every
+        WAIT_REPORT_EVERY seconds: a long-poll ends in time for it."""
         since, waiting, longest = -1, None, MAX_WAIT
+        told, due = None, time.monotonic() + WAIT_REPORT_AFTER   # the reason last reported; when the next may go
         while True:
-            remaining = self.deadline - time.monotonic()
+            now = time.monotonic()
+            reason = "; ".join(waiting or ()) or "(nothing named)"
+            if waiting is not None and reason != told and now >= due:
+                self.advise({"state": "contextualizing", "message": "waiting: " + reason})
+                told, due = reason, now + WAIT_REPORT_EVERY
+            remaining = self.deadline - now
             if remaining <= 0:
-                raise self.timed_out("no view received" if waiting is None else
-                                     "waiting for %s" % ("; ".join(waiting) or "(nothing named)"))
-            wait = max(0, min(self.options.poll_wait, longest, int(remaining)))
+                raise self.timed_out("no view received" if waiting is None else "waiting for " + reason)
+            wait = max(0, min(self.options.poll_wait, longest, int(remaining),
+                              MAX_WAIT if waiting is None or reason == told else int(0.99 + due - now)))
             status, raw = self.call("GET", self.node_path("view?since=%d&wait=%d" % (since, wait)),
                                     self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
             if status == 304:
@@ -1781,20 +1918,23 @@ class Agent(object):
         # Not to a broker that refused us or never answered (but exit 3 for a missing openssl, say).
         if self.node is None or code == EXIT_REFUSED or code == EXIT_ENVIRONMENT and not self.broker.reached:
             return
-        body = {"state": "error", "exit_code": code, "message": self.formatter.redact(message)[:MAX_MESSAGE],
-                "log_tail": self.runlog.tail()}
+        self.advise({"state": "error", "exit_code": code, "message": message, "log_tail": self.runlog.tail()},
+                    ERROR_REPORT_TIMEOUT)
+
+    def advise(self, body, timeout=REQUEST_TIMEOUT):
+        """Send the report BODY once, its message redacted and bounded; a failure is logged, not raised."""
+        body["message"] = self.formatter.redact(body["message"])[:MAX_MESSAGE]
         if self.options.watch:
             body["watch"] = True
         try:
-            status, raw = self.broker.request("POST", self.node_path("report"), self.node["node_token"],
-                                              body, ERROR_REPORT_TIMEOUT)
+            status, raw = self.broker.request("POST", self.node_path("report"), self.node["node_token"], body, timeout)
             problem = None if status == 200 else describe_error(status, raw)
         except (OSError, http.client.HTTPException, ssl.CertificateError, InputError) as exc:
             problem = str(exc)
         if problem:
-            LOG.warning("could not report the error: %s", problem)
+            LOG.warning("could not report %s: %s", body["state"], problem)
         else:
-            LOG.info("reported error")
+            LOG.info("reported %s", body["state"])
 
 
 # ---------------------------------------------------------------------------

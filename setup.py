@@ -30,7 +30,11 @@ setup(
         "zopfli>=0.2",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pyyaml", "vermin", "schemathesis"],
+        # shtab and argparse-manpage make ctxctl's shell completion and man page (`make
+        # cli-docs`) at build time; pinned, since the committed files are compared with their
+        # output (tests/test_manpages.py). Never needed at run time.
+        "test": ["pytest", "hypothesis", "pyyaml", "vermin", "schemathesis",
+                 "shtab==1.13.0", "argparse-manpage==4.8"],
     },
     entry_points={
         "console_scripts": [

@@ -133,6 +133,7 @@ ROUTES: Tuple[Route, ...] = (
     Route("POST", "/v1/contexts/{cid}/enroll", "enroll", JOIN, "required"),
     Route("PUT", "/v1/contexts/{cid}/nodes/{nid}/identity", "put_identity", NODE, "required"),
     Route("GET", "/v1/contexts/{cid}/nodes/{nid}/view", "get_view", NODE, "none"),
+    Route("GET", "/v1/contexts/{cid}/nodes/{nid}/scripts", "get_scripts", NODE, "none"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/report", "report", NODE, "required"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/leave", "leave", NODE, "optional"),
     Route("POST", "/v1/contexts/{cid}/nodes/{nid}/credentials", "credentials", NODE, "required"),
@@ -428,6 +429,11 @@ class BrokerResource(resource.Resource):
         if delta not in (0, 1):
             raise BadRequest("delta: must be 0 or 1")
         return self.broker.get_view(principal, cid, nid, since, wait, delta == 1)
+
+    def _get_scripts(self, request, principal, body, cid, nid):
+        scripts = self.broker.get_scripts(principal, cid, nid)
+        digest = self.broker.model.contexts[cid].scripts_sha256
+        return Raw(b"application/gzip", scripts, ((b"x-ctxd-scripts-sha256", digest.encode("ascii")),))
 
     def _leave(self, request, principal, body, cid, nid):
         _empty_body(body, "leave")

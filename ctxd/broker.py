@@ -510,6 +510,14 @@ class Broker:
         watch = self._delta if delta and since is not None else self._view
         return self._long_poll(node.group.key, node, node, watch, since, wait)
 
+    def get_scripts(self, principal: Principal, cid: str, nid: str) -> bytes:
+        """The context's ctx-scripts tree (a gzip'd tar), for its node; its SHA-256 is in the view."""
+        self._own_node(principal, cid, nid)
+        scripts = self.model.contexts[cid].scripts
+        if scripts is None:
+            raise NotFound("this context has no ctx-scripts (the cluster file names no scripts directory)")
+        return scripts
+
     def leave(self, principal: Principal, cid: str, nid: str) -> Deferred:
         """The node departs by itself (its agent's --leave): its credential stops working."""
         self._own_node(principal, cid, nid)

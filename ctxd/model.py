@@ -23,6 +23,7 @@ the lock and the oldest error) and its revision, which moves only when the progr
 ``Touched.progress`` says so. That costs O(1) per record: nothing here walks the nodes.
 """
 
+import base64
 import bisect
 import ipaddress
 import json
@@ -130,6 +131,7 @@ class Node:
         "watching",
         "seen",
         "credentials",
+        "waiting",
     )
 
     def __init__(self, node_id: str, group: "Group") -> None:
@@ -154,6 +156,9 @@ class Node:
         # What was issued to it last, by kind ("x509", "ssh"): a credential record without its
         # op, ctx, node and at (None: nothing yet; most nodes).
         self.credentials: Optional[Dict[str, Dict[str, Any]]] = None
+        # Why its agent waits ("waiting: role ...", from its last contextualizing report); "" when
+        # it does not, or once it is ok or in error.
+        self.waiting = ""
 
     def set_identity(self, identity: Dict[str, Any]) -> bool:
         """Replace the identity; return whether it changed."""
@@ -289,6 +294,10 @@ class Context:
         # The public halves of its certificate authorities, when a group opted in (ctxd.credentials):
         # "x509" (the CA certificate, PEM) and "ssh" (the SSH CA's public key).
         self.cas: Dict[str, str] = record.get("cas", {})
+        # Its ctx-scripts tree (a gzip'd tar) and that tree's SHA-256 (None: the cluster file named none).
+        scripts = record.get("scripts")
+        self.scripts: Optional[bytes] = base64.b64decode(scripts["b64"]) if scripts else None
+        self.scripts_sha256: str = scripts["sha256"] if scripts else ""
         self.revision = 1
         self.groups: Dict[str, Group] = {}
         for spec in record["groups"]:
@@ -337,6 +346,9 @@ class Context:
         # The members in state error, oldest error first (an OrderedDict: its first entry is
         # O(1) however many came and went), and what Model.progress shows, as last seen.
         self.failed: "OrderedDict[str, Node]" = OrderedDict()
+        # The contextualizing members that said why they wait, longest waiting first (the progress
+        # shows the first: O(1)).
+        self.waiting: "OrderedDict[str, Node]" = OrderedDict()
         self.progress_rev = self.revision
         self.progress_key = _progress_key(self)
 
@@ -504,6 +516,15 @@ FIRST_ERROR_MESSAGE = 500
 CHANGE_LOG = 2048
 
 
+def _set_waiting(ctx: Context, node: Node, message: str) -> None:
+    """Record why ``node`` waits ("": it does not), keeping ``ctx.waiting`` in order."""
+    node.waiting = message
+    if not message:
+        ctx.waiting.pop(node.id, None)
+    elif node.id not in ctx.waiting:
+        ctx.waiting[node.id] = node
+
+
 def _tally(ctx: Context) -> Dict[str, Any]:
     """The counts and what follows from them, shared by the summary and the progress."""
     expected = ctx.expected
@@ -522,12 +543,15 @@ def _progress_key(ctx: Context) -> Tuple[Any, ...]:
     """What :meth:`Model.progress` shows that can change, in O(groups): computed after every
     record, replay included, so kept to a flat tuple."""
     c = ctx.counts
+    key: Tuple[Any, ...] = (c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked, ctx.expected)
     failed = ctx.failed
     if failed:
         first = failed[next(iter(failed))]
-        return (c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked, ctx.expected,
-                first.id, first.identity.get("hostname"), first.error)
-    return c[ENROLLED], c[CONTEXTUALIZING], c[OK], c[ERROR], ctx.locked, ctx.expected
+        key += (first.id, first.identity.get("hostname"), first.error)
+    if ctx.waiting:
+        longest = ctx.waiting[next(iter(ctx.waiting))]
+        key += (longest.id, longest.waiting)
+    return key
 
 
 def _context_records(ctx: Context) -> List[Dict[str, Any]]:
@@ -550,6 +574,9 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
     }]
     if ctx.cas:
         out[0]["cas"] = dict(ctx.cas)
+    if ctx.scripts is not None:
+        out[0]["scripts"] = {"b64": base64.b64encode(ctx.scripts).decode("ascii"), "sha256": ctx.scripts_sha256,
+                             "size": len(ctx.scripts)}
     for node in ctx.nodes.values():
         out.append({
             "op": "enroll",
@@ -574,6 +601,7 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
             "departed": ctx.departures.get(node.id),
             "watching": node.watching,
             "self_rev": node.self_rev,
+            **({"waiting": node.waiting} if node.waiting else {}),
         })
         for kind, issued in (node.credentials or {}).items():
             out.append({"op": "credential", "ctx": ctx.id, "node": node.id, "at": issued["at"],
@@ -586,6 +614,7 @@ def _context_records(ctx: Context) -> List[Dict[str, Any]]:
         "groups": {g.name: {"view_rev": g.view_rev, "join_expires": g.join_expires} for g in ctx.groups.values()},
         "progress_rev": ctx.progress_rev,
         "failed": list(ctx.failed),
+        **({"waiting": list(ctx.waiting)} if ctx.waiting else {}),
     })
     return out
 
@@ -676,9 +705,10 @@ class Model:
         expected = sum(g["quantity"] for g in spec["groups"])
         if expected > quotas.nodes_per_context:
             raise QuotaExceeded(f"the context expects {expected} nodes (limit {quotas.nodes_per_context})")
-        size = sum(_data_bytes(v) for v in spec["data"].values())
+        size = sum(_data_bytes(v) for v in spec["data"].values()) + spec.get("scripts", {}).get("size", 0)
         if size > quotas.data_bytes_per_context:
-            raise QuotaExceeded(f"the context's data is {size} bytes (limit {quotas.data_bytes_per_context})")
+            raise QuotaExceeded(f"the context's data and scripts are {size} bytes (limit "
+                                f"{quotas.data_bytes_per_context})")
         cid = tokens.new_id()
         while cid in self.contexts:  # pragma: no cover - 128 random bits
             cid = tokens.new_id()
@@ -697,6 +727,8 @@ class Model:
             "owner": owner,
             "domain": spec["domain"],
         }
+        if "scripts" in spec:
+            record["scripts"] = spec["scripts"]
         return record, join_tokens
 
     @staticmethod
@@ -864,7 +896,8 @@ class Model:
             raise BadRequest("values: at least one value is needed")
         if ctx.locked:
             raise Conflict("the context is locked; data can no longer be injected", code="context_locked")
-        size = _data_bytes(values) + sum(_data_bytes(v) for k, v in ctx.data.items() if k != name)
+        size = _data_bytes(values) + sum(_data_bytes(v) for k, v in ctx.data.items() if k != name) \
+            + (len(ctx.scripts) if ctx.scripts is not None else 0)
         if size > self.quotas.data_bytes_per_context:
             raise QuotaExceeded(
                 f"the context's data would be {size} bytes (limit {self.quotas.data_bytes_per_context})"
@@ -1063,6 +1096,7 @@ class Model:
         """The node's credential stops working, it leaves every view and frees its slot; it
         stays in the status (revoked) and its instance cannot enroll again."""
         node.revoked = True
+        _set_waiting(ctx, node, "")
         self.principals.pop(node.token_hash, None)
         g = node.group
         g.nodes.remove(node)
@@ -1149,6 +1183,8 @@ class Model:
         # Each report says whether its agent watches (none: it does not; so do old records).
         node.watching = bool(record.get("watch"))
         self._set_state(ctx, node, new, record["at"], touched)
+        # A contextualizing report's message says why the agent waits (ctxctl status shows it).
+        _set_waiting(ctx, node, record["message"] if node.state == CONTEXTUALIZING else "")
         return touched
 
     @staticmethod
@@ -1251,6 +1287,7 @@ class Model:
         elif node.revoked:   # a snapshot from before departures had reasons
             ctx.departures[node.id] = ("revoked", record["times"].get("enrolled_at") or 0.0)
         node.watching = record.get("watching", False)
+        _set_waiting(ctx, node, record.get("waiting", ""))
         node.self_rev = record["self_rev"]
         return Touched(ctx.id)
 
@@ -1270,6 +1307,8 @@ class Model:
         else:
             nodes = [ctx.nodes[nid] for nid in order]
         ctx.failed = OrderedDict((n.id, n) for n in nodes)
+        if "waiting" in record:   # in the order they started waiting
+            ctx.waiting = OrderedDict((nid, ctx.nodes[nid]) for nid in record["waiting"])
         ctx.progress_key = _progress_key(ctx)
         ctx.progress_rev = record.get("progress_rev", ctx.revision)
         ctx.no_deltas_before_now()
@@ -1323,6 +1362,8 @@ class Model:
             part["certificate"] = g.certificate
         if g.ssh_certificate is not None:
             part["ssh_certificate"] = g.ssh_certificate
+        if ctx.scripts is not None:
+            part["scripts"] = {"sha256": ctx.scripts_sha256, "size": len(ctx.scripts)}
         if "ssh" in ctx.cas:
             part["ssh_ca"] = {
                 "public_key": ctx.cas["ssh"],
@@ -1453,6 +1494,13 @@ class Model:
                 "message": problem.get("message", "")[:FIRST_ERROR_MESSAGE],
                 "error_at": first.times["error_at"],
             }
+        longest = next(iter(ctx.waiting.values()), None)
+        out["waiting"] = None if longest is None else {
+            "node_id": longest.id,
+            "group": longest.group.name,
+            "hostname": longest.identity.get("hostname"),
+            "message": longest.waiting[:FIRST_ERROR_MESSAGE],
+        }
         return out
 
     @staticmethod
@@ -1480,6 +1528,7 @@ class Model:
                     "departed_at": ctx.departures.get(n.id, (None, None))[1],
                     "watching": n.watching,
                     "last_seen": n.seen if n.group.lease else None,
+                    "waiting": n.waiting,
                 },
                 **n.times,
             )

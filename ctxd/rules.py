@@ -87,6 +87,13 @@ MAX_PATH = 4096
 #: A certificate signing request, as PEM, at most this long.
 MAX_CSR = 16 * 1024
 
+#: A context's ctx-scripts tree (the cluster file's ``scripts``): a gzip'd tar of at most this
+#: many bytes (in base64 it must fit a create request of MAX_BODY with the rest of the cluster),
+#: unpacking to at most MAX_SCRIPTS_UNPACKED bytes in at most MAX_SCRIPT_FILES entries.
+MAX_SCRIPTS = 512 * 1024
+MAX_SCRIPTS_UNPACKED = 16 * 1024 * 1024
+MAX_SCRIPT_FILES = 1024
+
 # -- requests ----------------------------------------------------------------
 
 #: The largest request body, unless the site sets --max-body.

@@ -6,8 +6,13 @@ values) and raises :class:`ctxd.errors.RequestError` subclasses naming the field
 
 import base64
 import binascii
+import hashlib
+import hmac
+import io
 import ipaddress
 import json
+import tarfile
+import zlib
 from typing import Any, Dict, List, Optional, Set
 
 from ctxd import rules
@@ -162,7 +167,7 @@ def cluster(body: Any) -> Dict[str, Any]:
         body,
         "body",
         required=("name", "groups"),
-        optional=("open_for_injection", "expires_in", "join_token_ttl", "data", "domain"),
+        optional=("open_for_injection", "expires_in", "join_token_ttl", "data", "domain", "scripts"),
     )
     context_name = body["name"]
     if not rules.is_context_name(context_name):
@@ -199,7 +204,7 @@ def cluster(body: Any) -> Dict[str, Any]:
                 f"groups[{i}].certificate: a site-issued certificate needs the context's domain and "
                 'names = ["fqdn"] (short names and addresses repeat across contexts)'
             )
-    return {
+    clean = {
         "name": context_name,
         "open_for_injection": open_,
         "expires_in": expires_in,
@@ -208,6 +213,55 @@ def cluster(body: Any) -> Dict[str, Any]:
         "data": data,
         "domain": domain,
     }
+    if "scripts" in body:   # only then: the records of contexts without stay as they were
+        clean["scripts"] = scripts(body["scripts"], "scripts")
+    return clean
+
+
+def scripts(value: Any, field: str) -> Dict[str, Any]:
+    """A context's ctx-scripts tree: ``{"b64", "sha256"}`` of a gzip'd tar of regular files and
+    directories with relative names (docs/cluster-file.md), checked whole; its clean form adds
+    ``size``."""
+    value = obj(value, field, required=("b64", "sha256"))
+    packed = _b64(value["b64"], f"{field}.b64", rules.MAX_SCRIPTS)
+    digest = hashlib.sha256(packed).hexdigest()
+    if not hmac.compare_digest(digest, str(value["sha256"]).lower()):
+        raise BadRequest(f"{field}.sha256: is not the SHA-256 of the tree ({digest})")
+    problem = scripts_problem(packed)
+    if problem:
+        raise InvalidCluster(f"{field}: {problem}")
+    return {"b64": value["b64"], "sha256": digest, "size": len(packed)}
+
+
+def scripts_problem(packed: bytes) -> Optional[str]:
+    """What makes a packed ctx-scripts tree unsafe to unpack, or None."""
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(packed), mode="r:gz") as tar:
+            for count, member in enumerate(tar, 1):
+                name = member.name
+                parts = name.split("/")
+                if count > rules.MAX_SCRIPT_FILES:
+                    return f"more than {rules.MAX_SCRIPT_FILES} entries"
+                if not (member.isfile() or member.isdir()):
+                    return f"{name[:80]!r} is not a regular file or a directory"
+                if not name or name.startswith("/") or ".." in parts or not name.isprintable():
+                    return f"{name[:80]!r} is not a relative name without .. parts"
+                total += member.size
+                if total > rules.MAX_SCRIPTS_UNPACKED:
+                    return f"it unpacks to more than {rules.MAX_SCRIPTS_UNPACKED} bytes"
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        return f"not a gzip'd tar ({e})"
+    return None
+
+
+def _b64(value: Any, field: str, limit: int) -> bytes:
+    if not isinstance(value, str) or len(value) > (limit + 2) // 3 * 4:
+        raise BadRequest(f"{field}: must be base64 of at most {limit} bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{field}: not valid base64") from None
 
 
 def _cluster_data(data_in: Any, open_for_injection: bool) -> Dict[str, List[str]]:

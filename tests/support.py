@@ -110,6 +110,25 @@ def make_broker(journal: Optional[Any] = None, clock: Optional[Clock] = None,
     )
 
 
+def scripts_tree(files: Dict[str, bytes], extra: Any = None) -> Dict[str, str]:
+    """A create body's ``scripts``: ``files`` (name -> content; executable) as a gzip'd tar, and its
+    SHA-256; ``extra(tar)`` may add members of its own."""
+    import hashlib
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(content), 0o755
+            tar.addfile(info, io.BytesIO(content))
+        if extra is not None:
+            extra(tar)
+    packed = buffer.getvalue()
+    return {"b64": base64.b64encode(packed).decode("ascii"), "sha256": hashlib.sha256(packed).hexdigest()}
+
+
 def csr_for(names: Sequence[str], key: Any = None, common_name: Optional[str] = None) -> Tuple[str, Any]:
     """A PEM certificate request for ``names`` (CN: ``common_name``, else the first), and its key."""
     import ipaddress

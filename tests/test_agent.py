@@ -94,9 +94,13 @@ def test_no_bootstrap(content):
 
 
 def test_missing_bootstrap_file(tmp_path):
-    """A bootstrap file that does not exist reads as no content at all."""
-    options = ctxagent.parse_args(["--bootstrap", str(tmp_path / "absent")])
-    assert ctxagent.read_bootstrap_source(options.bootstrap, options) is None
+    """A named bootstrap file that does not exist is a configuration error; cloud-init's saved
+    user-data missing (an instance without user-data) reads as no content at all."""
+    options = ctxagent.parse_args(["--bootstrap", str(tmp_path / "absent"),
+                                   "--cloud-init-user-data", str(tmp_path / "absent")])
+    with pytest.raises(ctxagent.ConfigError, match="does not exist"):
+        ctxagent.read_bootstrap_source(options.bootstrap, options)
+    assert ctxagent.read_bootstrap_source("cloud-init", options) is None
 
 
 @pytest.mark.parametrize("content", [
@@ -682,9 +686,10 @@ def test_bad_arguments_exit_2(tmp_path):
 
 
 def test_main_without_bootstrap_exits_0_and_writes_nothing(tmp_path):
-    """A missing bootstrap is exit 0 and leaves no state directory behind."""
+    """No bootstrap (no user-data, none in it) is exit 0 and leaves no state directory behind."""
     state = tmp_path / "state"
-    assert ctxagent.main(["--bootstrap", str(tmp_path / "absent"), "--state-dir", str(state)]) == 0
+    assert ctxagent.main(["--bootstrap", "cloud-init", "--cloud-init-user-data", str(tmp_path / "absent"),
+                          "--state-dir", str(state)]) == 0
     user = tmp_path / "user-data"
     user.write_text("#cloud-config\n")
     assert ctxagent.main(["--bootstrap", "cloud-init", "--cloud-init-user-data", str(user),
@@ -711,11 +716,14 @@ def test_main_with_corrupt_bootstrap_exits_1(tmp_path):
 
 
 def test_main_with_unusable_scripts_dir_exits_2(tmp_path, bootstrap):
-    """A scripts dir given but missing is exit 2, before any network access."""
+    """A scripts dir that is there but no directory is exit 2, before any network access. (One given
+    but missing is an error only when the view delivers no scripts: tests/test_agent_deployer_day.py.)"""
     source = tmp_path / "bootstrap.json"
     source.write_text(json.dumps(bootstrap))
+    (tmp_path / "file").write_text("")
     assert ctxagent.main(["--bootstrap", str(source), "--state-dir", str(tmp_path / "s"),
-                          "--scripts-dir", str(tmp_path / "missing")]) == 2
+                          "--scripts-dir", str(tmp_path / "file")]) == 2
+    assert not (tmp_path / "s").exists()
 
 
 def test_instance_key_created_once_by_racing_runs(tmp_path):

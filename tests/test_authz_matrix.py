@@ -79,7 +79,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import treq
-from support import ADMIN_TOKEN, csr_for, identity, instance_key, make_broker
+from support import ADMIN_TOKEN, csr_for, identity, instance_key, make_broker, scripts_tree
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -114,7 +114,7 @@ SUCCESS = {
     "create_context": 201, "get_context": 200, "get_progress": 200, "delete_context": 200, "put_data": 200, "lock": 200,
     "rotate_join_token": 200, "revoke_node": 200, "enroll": 201, "put_identity": 200, "get_view": 200,
     "report": 200, "scale": 200, "remove_node": 200, "extend": 200, "leave": 200,
-    "get_agent": 200, "get_cas": 200, "credentials": 200,
+    "get_agent": 200, "get_cas": 200, "credentials": 200, "get_scripts": 200,
 }
 ERROR_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 410: "join_token_expired",
                409: "enrollment_full"}
@@ -189,8 +189,8 @@ class Client:
         if isinstance(results[0], Failure):
             results[0].raiseException()
         status, content = results[0]
-        # Every answer is JSON but the agent's source (GET /v1/agent).
-        value = json.loads(content) if content and not content.startswith(b"#!") else content
+        # Every answer is JSON but the agent's source (GET /v1/agent) and the scripts (a gzip'd tar).
+        value = json.loads(content) if content and content[:1] in (b"{", b"[") else content or None
         assert expect is None or status == expect, (method, path, status, value)
         return status, value
 
@@ -224,6 +224,7 @@ class World:
                 {"name": "spare", "quantity": 2, "source_check": False},
             ],
             "data": {"gridmap": [{"b64": "aGVsbG8K"}]},
+            "scripts": scripts_tree({"1-config/worker": b"#!/bin/sh\n"}),
         }, expect=201)[1]
         self.cid = a["context"]["id"]
         joins = {g: b["join_token"] for g, b in a["bootstraps"].items()}

@@ -269,20 +269,23 @@ def test_missing_state_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("argv, env, expected", [
     ([], {}, "ctxctl: error: no broker URL, admin token file and CA certificate: give "
              "--url/--token-file/--ca or set CTXCTL_URL/CTXCTL_TOKEN_FILE/CTXCTL_CA or give "
-             "--state-dir DIR (the broker's state directory)"),
+             "--config FILE or --state-dir DIR (the broker's state directory)"),
     (["--token-file", "t", "--ca", "c"], {}, "ctxctl: error: no broker URL: give --url or set "
-                                             "CTXCTL_URL or give --state-dir DIR (the broker's state directory)"),
+                                             "CTXCTL_URL or give --config FILE or --state-dir DIR (the "
+                                             "broker's state directory)"),
     (["--url", "https://x"], {"CTXCTL_CA": "c"}, "ctxctl: error: no admin token file: give "
-                                                 "--token-file or set CTXCTL_TOKEN_FILE or give --state-dir "
-                                                 "DIR (the broker's state directory)"),
+                                                 "--token-file or set CTXCTL_TOKEN_FILE or give --config "
+                                                 "FILE or --state-dir DIR (the broker's state directory)"),
     (["--url", "https://x", "--token-file", "t"], {}, "ctxctl: error: no CA certificate: give --ca or "
-                                                      "set CTXCTL_CA or give --state-dir DIR (the broker's "
-                                                      "state directory)"),
+                                                      "set CTXCTL_CA or give --config FILE or --state-dir "
+                                                      "DIR (the broker's state directory)"),
 ])
-def test_missing_settings_are_one_line_errors(argv, env, expected, monkeypatch, capsys):
+def test_missing_settings_are_one_line_errors(argv, env, expected, monkeypatch, capsys, tmp_path):
     """main() with something missing exits 1 with one line naming what is missing and how to give it."""
-    for name in ("CTXCTL_URL", "CTXCTL_TOKEN_FILE", "CTXCTL_CA", "CTXCTL_STATE_DIR"):
+    for name in ("CTXCTL_URL", "CTXCTL_TOKEN_FILE", "CTXCTL_CA", "CTXCTL_STATE_DIR", "CTXCTL_CONFIG",
+                 "CTXCTL_PROFILE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no configuration file at its default place
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as info:
@@ -328,11 +331,12 @@ def test_bad_credentials_are_one_line(files, tmp_path, url, token, ca, message):
 
 
 @pytest.mark.parametrize("argv", [
-    ["status", "short"], ["wait", "Q2x1c3Rlci1pZC0xMjM0NT!"], ["delete", "../../v1/contexts"],
-    ["known-hosts", "Q2x1c3Rlci1pZC0xMjM0NTXX"], ["data", "put", "a b", "gridmap", "f"],
+    ["status", "sh/ort"], ["wait", "Q2x1c3Rlci1pZC0xMjM0NT!"], ["delete", "../../v1/contexts"],
+    ["known-hosts", "x" * 65], ["data", "put", "a b", "gridmap", "f"],
 ])
 def test_bad_context_id_rejected_before_anything_is_sent(argv, capsys, monkeypatch):
-    """A malformed CTX is a usage error (exit 2) found by argparse, before settings or network."""
+    """A CTX that is neither an id nor a name is a usage error (exit 2) found by argparse, before
+    settings or network."""
     monkeypatch.setattr(cli, "resolve_settings", lambda *a: pytest.fail("settings were resolved"))
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
@@ -501,17 +505,19 @@ class Tampered(Resource):
 # ------------------------------------------------------------------ commands
 
 def test_create_writes_bootstraps_and_user_data(broker, tmp_path, agent):
-    """create asks the broker for its agent's hash, posts the cluster body, writes 0600 files in a
-    0700 dir, prints only the id on stdout; the bootstraps are the broker's: their join tokens
-    enroll VMs in their groups; the user-data's loader runs only the agent that broker serves."""
+    """create asks the broker for its agent's hash and whether the name is taken, posts the cluster
+    body, writes 0600 files in a 0700 dir, prints only the id on stdout; the bootstraps are the
+    broker's: their join tokens enroll VMs in their groups; the user-data's loader runs only the
+    agent that broker serves."""
     out_dir = tmp_path / "out"
     code, out, err = broker.run(["create", EXAMPLE, "--out", str(out_dir)])
     [context] = broker.call("GET", "/v1/contexts")["contexts"]
     cid = context["id"]
     assert (code, out) == (0, cid + "\n")
-    assert [r[:2] for r in broker.spy.requests] == [("GET", "/v1/agent"), ("POST", "/v1/contexts")]
-    assert json.loads(broker.spy.requests[1][2]) == load_cluster_file(EXAMPLE)
-    assert broker.spy.requests[1][3] == "application/json"
+    assert [r[:2] for r in broker.spy.requests] == [("GET", "/v1/agent"), ("GET", "/v1/contexts"),
+                                                    ("POST", "/v1/contexts")]
+    assert json.loads(broker.spy.requests[2][2]) == load_cluster_file(EXAMPLE)
+    assert broker.spy.requests[2][3] == "application/json"
     assert (context["name"], context["counts"]["expected"], context["locked"]) == ("torque-demo", 4, True)
     assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -596,7 +602,7 @@ def test_create_embed_agent_puts_this_ctxctls_agent_in_the_user_data(broker, tmp
     does not ask the broker for its agent."""
     code, out, err = broker.run(["create", EXAMPLE, "--out", str(tmp_path), "--embed-agent"])
     assert code == 0, err
-    assert [r[:2] for r in broker.spy.requests] == [("POST", "/v1/contexts")]
+    assert [r[:2] for r in broker.spy.requests] == [("GET", "/v1/contexts"), ("POST", "/v1/contexts")]
     document = yaml.safe_load((tmp_path / "head.user-data").read_bytes())
     assert [(f["path"], f["permissions"]) for f in document["write_files"]] == [
         ("/usr/local/sbin/ctxagent.py", "0755"), (UNIT_PATH, "0644")]
@@ -718,9 +724,9 @@ def test_wait_all_ok_exits_0_with_ok_reports(broker, tmp_path):
     assert (code, out) == (0, "")
     progress = [line for line in err.splitlines() if line.startswith("[")]
     # The long-poll answers at the first change (compute 2 enrolled), the next one at once.
-    assert progress == ["[##........] 1/4 ok, 0 error, 1/4 enrolled",
-                        "[##........] 1/4 ok, 0 error, 2/4 enrolled",
-                        "[##########] 4/4 ok, 0 error, 4/4 enrolled"]
+    assert progress == ["[##........] 1/4 ok, 0 error, 1/4 enrolled, 0s elapsed",
+                        "[##........] 1/4 ok, 0 error, 2/4 enrolled, 2s elapsed",
+                        "[##########] 4/4 ok, 0 error, 4/4 enrolled, 2s elapsed"]
     assert err.splitlines()[-1] == f"all 4 nodes ok; reports in {tmp_path / cid}"
     assert broker.requests_by_route(cid) == {"progress": 3, "status": 1}
     first, woken, last = broker.progress_uris(cid)
@@ -792,21 +798,22 @@ def test_wait_rides_out_a_broker_restart(broker, tmp_path):
     # The progress, a long-poll and two retries answered 503, the progress again, the status.
     assert code == 0 and outage.requests == 6
     assert err.splitlines() == [
-        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
+        "[##........] 1/4 ok, 0 error, 1/4 enrolled, 0s elapsed",
         "broker: starting (internal_error, HTTP 503); retrying",
         "broker reachable again",
-        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+        "[##########] 4/4 ok, 0 error, 4/4 enrolled, 4s elapsed",
         f"all 4 nodes ok; reports in {tmp_path / cid}",
     ]
 
 
-def recovered_wait_lines(reports):
-    """What `ctxctl wait` prints when the broker was unreachable once, between two polls."""
+def recovered_wait_lines(reports, elapsed):
+    """What `ctxctl wait` prints when the broker was unreachable once, between two polls (and
+    all were ok ``elapsed`` after it started)."""
     return [
-        "[##........] 1/4 ok, 0 error, 1/4 enrolled",
+        "[##........] 1/4 ok, 0 error, 1/4 enrolled, 0s elapsed",
         f"cannot connect to {URL}: connection refused; retrying",
         "broker reachable again",
-        "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+        f"[##########] 4/4 ok, 0 error, 4/4 enrolled, {elapsed} elapsed",
         f"all 4 nodes ok; reports in {reports}",
     ]
 
@@ -818,7 +825,7 @@ def test_wait_rides_out_refused_connections(broker, tmp_path):
     refusing = Refusing(broker.stub(), after=1, failures=2)
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)], client=refusing)
     assert code == 0 and refusing.requests == 5 and broker.requests_by_route(cid) == {"progress": 2, "status": 1}
-    assert err.splitlines() == recovered_wait_lines(tmp_path / cid)
+    assert err.splitlines() == recovered_wait_lines(tmp_path / cid, "3s")
 
 
 def test_wait_fails_at_once_if_the_broker_was_never_reached(broker, tmp_path):
@@ -857,7 +864,7 @@ def test_wait_gives_up_on_a_4xx(broker, tmp_path):
     code, out, err = broker.run(["wait", cid, "--reports", str(tmp_path)])
     assert code == 1 and broker.requests_by_route(cid) == {"progress": 2, "status": 1}
     assert broker.clock.seconds() == T0 + 1.5
-    assert err == ("[..........] 0/4 ok, 0 error, 0/4 enrolled\n"
+    assert err == ("[..........] 0/4 ok, 0 error, 0/4 enrolled, 0s elapsed\n"
                    "ctxctl: error: broker: no such context (not_found, HTTP 404)\n")
 
 
@@ -872,7 +879,7 @@ def test_wait_rides_out_a_broker_restart_during_a_long_poll(broker, tmp_path):
     assert code == 0 and refusing.requests == 6
     assert broker.requests_by_route(cid) == {"progress": 3, "status": 1}
     assert broker.progress_uris(cid)[-1] == f"/v1/contexts/{cid}/progress?since=-1&wait=30"
-    assert err.splitlines() == recovered_wait_lines(tmp_path / cid)
+    assert err.splitlines() == recovered_wait_lines(tmp_path / cid, "4s")
     assert broker.api.broker.waiter_count() == 0
 
 
@@ -906,8 +913,8 @@ def test_wait_polls_the_status_of_a_broker_without_the_progress_route(broker, tm
                                 client=broker.stub(old))
     assert (code, out) == (0, "")
     assert old.refused == 1 and broker.polls(cid) == 4  # at 0, 1, 2 and 3 s
-    assert err.splitlines() == ["[##........] 1/4 ok, 0 error, 1/4 enrolled",
-                                "[##########] 4/4 ok, 0 error, 4/4 enrolled",
+    assert err.splitlines() == ["[##........] 1/4 ok, 0 error, 1/4 enrolled, 0s elapsed",
+                                "[##########] 4/4 ok, 0 error, 4/4 enrolled, 3s elapsed",
                                 f"all 4 nodes ok; reports in {tmp_path / cid}"]
 
 
@@ -1074,6 +1081,19 @@ def test_data_put_unknown_name(broker):
     code, _, err = broker.run(["data", "put", cid, "nope", os.devnull])
     assert (code, err) == (1, "ctxctl: error: broker: data item 'nope' is not declared in this context "
                               "(not_found, HTTP 404)\n")
+
+
+def test_empty_lists_say_so(broker):
+    """An empty list is a line saying so, not a header alone (which reads like a failure)."""
+    assert broker.run(["list"])[:2] == (0, "no contexts yet\n")
+    assert broker.run(["user", "list"])[:2] == (0, "no deployers yet\n")
+    assert broker.run(["list", "--json"])[1] == '{\n  "contexts": []\n}\n'
+
+
+def test_counts_agree_with_their_nouns():
+    from ctxd.ctxctl.render import plural
+
+    assert (plural(1, "group"), plural(2, "group"), plural(0, "node")) == ("1 group", "2 groups", "0 nodes")
 
 
 def test_user_add_list_revoke(broker):

@@ -104,7 +104,7 @@ BAD_FILES = [
      "cluster.toml: group[0].quantity: is required (an integer 1..100000)"),
     ('nmae = "t"\n' + MINIMAL_GROUPS,
      "cluster.toml: nmae: unknown key (allowed: name, open_for_injection, expires_in, "
-     "join_token_ttl, domain, group, data)"),
+     "join_token_ttl, domain, group, data, scripts)"),
     (MINIMAL_GROUPS, "cluster.toml: name: is required"),
     ('name = "   "\n' + MINIMAL_GROUPS, "cluster.toml: name: must be 1-128 printable characters, not only spaces"),
     ('name = "t"\n', "cluster.toml: group: at least one [[group]] is required"),

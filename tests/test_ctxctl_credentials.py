@@ -329,10 +329,10 @@ def test_ca_refuses_a_bundle_that_is_not_certificates(broker, bundle, tmp_path):
 
 
 def test_ca_checks_its_arguments():
-    """ca takes one context id; anything else is a usage error before anything is sent."""
+    """ca takes one context id (or name); anything else is a usage error before anything is sent."""
     assert parse_args(["ca", "A" * 22, "--out", "f", "--json"]).command_key == "ca"
     with pytest.raises(SystemExit) as info:
-        parse_args(["ca", "not-an-id"])
+        parse_args(["ca", "not/an-id"])
     assert info.value.code == 2
 
 

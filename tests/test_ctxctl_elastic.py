@@ -90,7 +90,7 @@ def usage_error(argv, capsys, monkeypatch):
     (["scale", CID, "compute", "\u0663"], "is not a number of nodes"),
     (["scale", CID, "compute", "100001"], "'100001': a group has at most 100000 nodes"),
     (["scale", CID, "a/b", "3"], "'a/b' is not a valid group name"),
-    (["scale", "short", "compute", "3"], "'short' is not a context id"),
+    (["scale", "sh/ort", "compute", "3"], "'sh/ort' is not a context id"),
     (["scale", CID, "compute"], "the following arguments are required: N"),
     (["extend", CID, "--expires-in", "3x"], "extend: argument --expires-in: '3x' is not a duration"),
     (["extend", CID, "--expires-in", "1h30m"], "'1h30m' is not a duration"),

@@ -5,6 +5,7 @@ import gc
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -473,7 +474,7 @@ def test_cli_check_and_dump_damaged(tmp_path):
     path.write_bytes(bytes(damaged))
     code, out, _ = run_cli("check", str(tmp_path))
     assert code == 1 and f"damage at offset {offsets[1]}" in out and "in the middle" in out
-    assert "1 records, sequence 1..1" in out
+    assert "1 record, sequence 1..1" in out
     code, out, err = run_cli("dump", str(path))
     assert code == 1 and len(out.splitlines()) == 1 and f"offset {offsets[1]}" in err
     assert path.read_bytes() == bytes(damaged)
@@ -488,4 +489,42 @@ def test_cli_runs_as_a_module(tmp_path):
     write_journal(tmp_path, 1)
     done = subprocess.run([sys.executable, "-m", "ctxd.journal", "check", str(tmp_path)],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert done.returncode == 0 and "1 records" in done.stdout, done.stderr
+    assert done.returncode == 0 and "1 record, sequence 1..1" in done.stdout, done.stderr
+
+
+def test_cli_counts_agree_with_their_nouns(tmp_path):
+    """check says "1 record", "1 valid-looking record", "1 byte" for one, and the plural otherwise."""
+    path, content, offsets = write_journal(tmp_path, 3)
+    damaged = bytearray(content)
+    damaged[offsets[1] + FRAME.size] ^= 0x40   # record 2 damaged: record 1 loads, record 3 looks valid
+    path.write_bytes(bytes(damaged))
+    code, out, _ = run_cli("check", str(tmp_path))
+    assert code == 1
+    assert "\n1 record, sequence 1..1\n" in out and "1 valid-looking record among them" in out
+    assert f"{len(content) - offsets[1]} bytes from there" in out
+    path.write_bytes(content[:-1])   # a torn last record, no valid-looking one after it
+    code, out, _ = run_cli("check", str(tmp_path))
+    assert code == 1 and "2 records, sequence 1..2" in out and "0 valid-looking records among them" in out
+    path.write_bytes(content[:offsets[2] + 1])   # one byte of the last record's frame
+    code, out, _ = run_cli("check", str(tmp_path))
+    assert code == 1 and "1 byte from there to the end" in out
+    assert " 1 bytes" not in out and " 1 records" not in out
+
+
+def test_cli_dump_into_a_reader_that_leaves_stops_quietly(tmp_path):
+    """dump | head -1: the first line, no traceback, and the status of a process SIGPIPE stopped."""
+    journal = file_journal(tmp_path)
+    journal.load()
+    for i in range(200):   # 2 MB of dump: far more than a pipe holds, so dump is still writing when head leaves
+        result_of(journal.append({"op": "r", "i": i, "pad": "x" * 10_000}))
+    journal.close()
+    dump = subprocess.Popen([sys.executable, "-m", "ctxd.journal", "dump", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    head = subprocess.run(["head", "-1"], stdin=dump.stdout, stdout=subprocess.PIPE, timeout=60)
+    dump.stdout.close()   # head's end alone: its leaving is what breaks the pipe
+    err = dump.stderr.read().decode()
+    dump.stderr.close()
+    assert dump.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    assert head.stdout.startswith(b'1 32 {"i":0,"op":"r","pad":"xxx') and head.stdout.count(b"\n") == 1
+    assert err == ""

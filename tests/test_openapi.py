@@ -1,6 +1,7 @@
 """docs/openapi.yaml against the code: the route table, credentials and real responses."""
 
 import ipaddress
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from ctxd.rules import MAX_BODY
 from ctxd.broker import Broker
 from ctxd.testing import MemoryJournal
 from ctxd.model import Model, Quotas
-from support import AGENT, AUTHORITY, csr_for
+from support import AGENT, AUTHORITY, csr_for, scripts_tree
 
 SPEC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs", "openapi.yaml")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -348,8 +349,9 @@ class Api:
         declared = list(response["content"])
         sent_type = response_headers.getRawHeaders("content-type")[0].split(";")[0].strip()
         assert sent_type in declared, (where, sent_type, declared)
-        if sent_type != "application/json":  # the agent's source: bytes, not JSON
-            assert not problems(self.spec, response["content"][sent_type]["schema"], content.decode("utf-8")), where
+        if sent_type != "application/json":  # the agent's source, a gzip'd tar: bytes, not JSON
+            text = content.decode("utf-8") if sent_type.startswith("text/") else content.decode("latin-1")
+            assert not problems(self.spec, response["content"][sent_type]["schema"], text), where
             return content
         value = json.loads(content)
         schema = response["content"]["application/json"]["schema"]
@@ -475,6 +477,7 @@ def test_broker_responses_match_declared_schemas(spec):
     users_and_ownership(api)
     elastic(api)
     host_credentials(Api(spec, seen=api.seen))
+    scripts_travel(Api(spec, seen=api.seen))
     assert api.call("GET", "/v1/agent", expect=200) == AGENT
     Api(spec, seen=api.seen, agent=None).call("GET", "/v1/agent", expect=404)
     api.call("DELETE", c, ADMIN, expect=200)
@@ -596,6 +599,26 @@ def ssh_host_key():
     """A real Ed25519 host public key, ``ssh-ed25519 BASE64`` (the broker signs what it is given)."""
     public = ed25519.Ed25519PrivateKey.generate().public_key()
     return public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode("ascii")
+
+
+def scripts_travel(api):
+    """A context's ctx-scripts tree: announced in the view, served to its nodes; 404 without one."""
+    ctx = "/v1/contexts"
+    body = dict(cluster(), scripts=scripts_tree({"1-config/head": b"#!/bin/sh\n"}))
+    created = api.call("POST", ctx, ADMIN, body, expect=201)
+    cid, boots = created["context"]["id"], created["bootstraps"]
+    node = api.call("POST", f"{ctx}/{cid}/enroll", boots["head"]["join_token"], enrollment(71), expect=201)
+    n = f"{ctx}/{cid}/nodes/{node['node_id']}"
+    view = api.call("GET", f"{n}/view", node["node_token"], expect=200)
+    packed = api.call("GET", f"{n}/scripts", node["node_token"], expect=200)
+    assert view["scripts"]["sha256"] == hashlib.sha256(packed).hexdigest()
+    api.call("GET", f"{n}/scripts", expect=401)
+    plain = api.call("POST", ctx, ADMIN, cluster(), expect=201)
+    other = api.call("POST", f"{ctx}/{plain['context']['id']}/enroll", plain["bootstraps"]["head"]["join_token"],
+                     enrollment(72), expect=201)
+    api.call("GET", f"{n}/scripts", other["node_token"], expect=403)
+    api.call("GET", f"{ctx}/{plain['context']['id']}/nodes/{other['node_id']}/scripts", other["node_token"],
+             expect=404)
 
 
 def host_credentials(api):

@@ -59,7 +59,7 @@ def test_progress_answers_at_once_without_since_or_with_since_minus_1(client):
     first = progress(client, cid)
     assert first == {
         "id": cid, "revision": first["revision"], "locked": True, "counts": status["counts"],
-        "complete": True, "all_ok": False, "error_present": False, "first_error": None,
+        "complete": True, "all_ok": False, "error_present": False, "first_error": None, "waiting": None,
     }
     assert isinstance(first["revision"], int)
     assert client.call("GET", path(cid, "since=-1&wait=30"), ADMIN_TOKEN) == (200, first)
@@ -291,3 +291,44 @@ def test_progress_survives_replay_and_compaction(client):
     ctx = older.contexts[cid]
     assert list(ctx.failed) == [nodes[2][0], nodes[4][0], nodes[3][0]]  # a tie: in enrollment order
     assert older.progress(ctx)["revision"] == ctx.revision >= model.contexts[cid].progress_rev
+
+
+def node_status(client, cid, nid):
+    return next(n for n in client.call("GET", f"/v1/contexts/{cid}", ADMIN_TOKEN)[1]["nodes"] if n["id"] == nid)
+
+
+def test_why_a_node_waits_shows_in_its_status_and_the_longest_wait_in_the_progress(client):
+    """A contextualizing report's message is why its agent waits: in the node's status, and, for
+    the member that has said so longest, in the progress (moving its revision, waking it); an ok,
+    an error or a departure ends it, and the next waiting node takes its place."""
+    cid, joins, nodes = torque(client)
+    assert progress(client, cid)["waiting"] is None
+    before = progress(client, cid)
+    pending = pending_progress(client, cid, before["revision"])
+    report(client, cid, nodes[2], "contextualizing", message="waiting: role torquemaster: 0 of 1 providers ok")
+    status, woken = result_of(pending)
+    assert status == 200 and woken["revision"] > before["revision"]
+    assert woken["waiting"] == {"node_id": nodes[2][0], "group": "compute", "hostname": identity(2)["hostname"],
+                                "message": "waiting: role torquemaster: 0 of 1 providers ok"}
+    assert node_status(client, cid, nodes[2][0])["waiting"] == "waiting: role torquemaster: 0 of 1 providers ok"
+    client.clock.advance(1)
+    report(client, cid, nodes[3], "contextualizing", message="waiting: data gridmap: no value yet")
+    report(client, cid, nodes[2], "contextualizing", message="waiting: context is not locked yet")
+    # Still the longest waiting: node 2, with what it says now.
+    assert progress(client, cid)["waiting"]["message"] == "waiting: context is not locked yet"
+    report(client, cid, nodes[2], "error", exit_code=1, message="failed")
+    assert node_status(client, cid, nodes[2][0])["waiting"] == ""
+    assert progress(client, cid)["waiting"]["node_id"] == nodes[3][0]
+    assert client.call("POST", f"/v1/contexts/{cid}/nodes/{nodes[3][0]}/revoke", ADMIN_TOKEN)[0] == 200
+    assert progress(client, cid)["waiting"] is None
+
+
+def test_waiting_nodes_survive_a_compaction_in_their_order(client):
+    cid, joins, nodes = torque(client)
+    for n in (4, 2, 3):
+        report(client, cid, nodes[n], "contextualizing", message=f"waiting: node {n}")
+        client.clock.advance(1)
+    model = client.broker.model
+    again = replay_records(model.snapshot_records())
+    assert model_state(again) == model_state(model)
+    assert list(again.contexts[cid].waiting) == [nodes[4][0], nodes[2][0], nodes[3][0]]

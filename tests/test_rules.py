@@ -23,6 +23,8 @@ def test_agent_patterns_are_the_brokers():
     assert (ctxagent.MAX_MESSAGE, ctxagent.MAX_LOG_TAIL, ctxagent.MAX_WAIT) == (
         rules.MAX_MESSAGE, rules.MAX_LOG_TAIL, rules.MAX_WAIT)
     assert (ctxagent.MIN_LEASE, ctxagent.MAX_LEASE) == (rules.MIN_LEASE, rules.MAX_LEASE)
+    assert (ctxagent.MAX_SCRIPTS, ctxagent.MAX_SCRIPTS_UNPACKED, ctxagent.MAX_SCRIPT_FILES) == (
+        rules.MAX_SCRIPTS, rules.MAX_SCRIPTS_UNPACKED, rules.MAX_SCRIPT_FILES)
 
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"

@@ -1,7 +1,8 @@
 """ctxctl's connection to the broker: where it is, the credentials, and JSON calls to it.
 
 - :func:`resolve_settings` / :func:`load_credentials` - where the broker, the token
-  and the CA come from: flag > environment > ``--state-dir`` file.
+  and the CA come from: command line > environment > configuration file (:mod:`.config`)
+  > the broker's ``--state-dir`` file.
 - :func:`make_client` - the one place that builds the real treq client; it always
   verifies the broker against the CA.
 - :class:`BrokerClient` - one JSON call to the broker, mapping every failure to a
@@ -14,7 +15,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import treq
 from treq.client import HTTPClient
@@ -23,10 +24,13 @@ from twisted.internet import error as neterror
 from twisted.internet.interfaces import IReactorTime
 
 from ctxd import rules, tokens
+from ctxd.ctxctl import config as configfile
 from ctxd.ctxctl.errors import BrokerRefusal, BrokerUnavailable, CliError, reason
 from ctxd.ctxctl.render import cell
 
 REQUEST_TIMEOUT = 60.0
+#: How long the connection that only looks at a refused certificate may take.
+PROBE_TIMEOUT = 5.0
 STATE_FILE = "ctxctl.json"
 
 ENV_URL = "CTXCTL_URL"
@@ -37,11 +41,15 @@ ENV_STATE_DIR = "CTXCTL_STATE_DIR"
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Where the broker, the admin token and the CA certificate are (not yet read)."""
+    """Where the broker, the token and the CA certificate are (not yet read): files, or
+    (``token``, ``ca_pem``) the text itself from a profile of a configuration file, ``profile``."""
 
     url: str
-    token_file: str
-    ca_file: str
+    token_file: Optional[str]
+    ca_file: Optional[str]
+    token: Optional[str] = None
+    ca_pem: Optional[str] = None
+    profile: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,37 +63,101 @@ class Credentials:
     token_file: str
 
 
-def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> BrokerSettings:
-    """Pick each setting from its flag, else its environment variable, else ``--state-dir``.
+#: What a source of settings says: {"url": URL, "token": ("file"|"text", VALUE),
+#: "ca": ("file"|"text", VALUE)}, each key only when it says it.
+_Said = Dict[str, Any]
 
-    The state directory's ``ctxctl.json`` is read only when something is still
-    missing, so explicit flags work even with a stale ``CTXCTL_STATE_DIR``.
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> BrokerSettings:
+    """Pick each of the URL, the token and the CA from the first source that gives it:
+
+    1. the command line: ``--url``, ``--token-file``, ``--ca``; then the configuration file's
+       profile when ``--config`` or ``--profile`` is given; then ``--state-dir``;
+    2. the environment, in the same order: ``CTXCTL_URL``, ``CTXCTL_TOKEN_FILE``,
+       ``CTXCTL_CA``; ``CTXCTL_CONFIG``/``CTXCTL_PROFILE``; ``CTXCTL_STATE_DIR``;
+    3. the configuration file at its default place (:func:`.config.default_path`), if there is one.
+
+    A source is read only when the ones before it left something missing, so explicit flags
+    work even with a stale ``CTXCTL_STATE_DIR`` or a broken default configuration file.
     """
-    chosen = {
-        "url": args.url or environ.get(ENV_URL) or None,
-        "token_file": args.token_file or environ.get(ENV_TOKEN_FILE) or None,
-        "ca": args.ca or environ.get(ENV_CA) or None,
-    }
+    config_flag = getattr(args, "config", None) or getattr(args, "profile", None)
+    config_env = environ.get(configfile.ENV_CONFIG) or environ.get(configfile.ENV_PROFILE)
+    config_path = (getattr(args, "config", None) or environ.get(configfile.ENV_CONFIG)
+                   or configfile.default_path(environ))
+    profile_name = getattr(args, "profile", None) or environ.get(configfile.ENV_PROFILE) or None
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR) or None
-    if state_dir and not all(chosen.values()):
-        state = _read_state_file(state_dir)
-        for key in chosen:
-            if not chosen[key] and state.get(key):
-                value = state[key]
-                if key != "url":
-                    value = os.path.join(state_dir, value)  # absolute paths stay as they are
-                chosen[key] = value
-    missing = [what for key, what in (("url", "broker URL"), ("token_file", "admin token file"),
-                                      ("ca", "CA certificate")) if not chosen[key]]
+    used: Dict[str, Any] = {"profile": None, "state_dir": None}
+
+    def direct(url: Optional[str], token_file: Optional[str], ca: Optional[str]) -> _Said:
+        said: _Said = {"url": url or None, "token": ("file", token_file) if token_file else None,
+                       "ca": ("file", ca) if ca else None}
+        return {k: v for k, v in said.items() if v is not None}
+
+    def config(explicit: bool) -> _Said:
+        path = os.path.expanduser(config_path)
+        if not explicit and not os.path.lexists(path):
+            return {}
+        profile = configfile.choose_profile(configfile.read_config(path), path, profile_name)
+        used["profile"] = profile
+        said: _Said = {"url": profile.url, "token": ("text", profile.token) if profile.token else None,
+                       "ca": ("text", profile.ca) if profile.ca else None}
+        return {k: v for k, v in said.items() if v is not None}
+
+    def state(directory: str) -> _Said:
+        used["state_dir"] = directory
+        found = _read_state_file(directory)
+        return {k: v for k, v in (("url", found.get("url")),
+                                  # relative paths are relative to it; absolute ones stay
+                                  ("token", ("file", os.path.join(directory, found["token_file"]))
+                                   if found.get("token_file") else None),
+                                  ("ca", ("file", os.path.join(directory, found["ca"]))
+                                   if found.get("ca") else None)) if v}
+
+    sources = [lambda: direct(args.url, args.token_file, args.ca)]
+    if config_flag:
+        sources.append(lambda: config(True))
+    if args.state_dir:
+        sources.append(lambda: state(args.state_dir))
+    sources.append(lambda: direct(environ.get(ENV_URL), environ.get(ENV_TOKEN_FILE), environ.get(ENV_CA)))
+    if config_env and not config_flag:
+        sources.append(lambda: config(True))
+    if state_dir and not args.state_dir:
+        sources.append(lambda: state(state_dir))
+    if not config_flag and not config_env:
+        sources.append(lambda: config(False))
+
+    chosen: _Said = {}
+    for source in sources:
+        if len(chosen) == 3:
+            break
+        for key, value in source().items():
+            chosen.setdefault(key, value)
+    missing = [what for key, what in (("url", "broker URL"), ("token", "admin token file"),
+                                      ("ca", "CA certificate")) if key not in chosen]
     if missing:
-        flags = "/".join(flag for key, flag in (("url", "--url"), ("token_file", "--token-file"),
-                                                 ("ca", "--ca")) if not chosen[key])
-        envs = "/".join(env for key, env in (("url", ENV_URL), ("token_file", ENV_TOKEN_FILE),
-                                              ("ca", ENV_CA)) if not chosen[key])
-        where = (f" ({os.path.join(state_dir, STATE_FILE)} does not name it)" if state_dir else
-                 " or give --state-dir DIR (the broker's state directory)")
+        flags = "/".join(flag for key, flag in (("url", "--url"), ("token", "--token-file"),
+                                                 ("ca", "--ca")) if key not in chosen)
+        envs = "/".join(env for key, env in (("url", ENV_URL), ("token", ENV_TOKEN_FILE),
+                                              ("ca", ENV_CA)) if key not in chosen)
+        profile, directory = used["profile"], used["state_dir"]
+        names = ([profile.origin] if profile is not None else []) + \
+            ([os.path.join(directory, STATE_FILE)] if directory is not None else [])
+        if len(names) == 2:
+            where = f" (neither {names[0]} nor {names[1]} names it)"
+        elif names:
+            where = f" ({names[0]} does not name it)"
+        else:
+            where = " or give --config FILE or --state-dir DIR (the broker's state directory)"
         raise CliError(f"no {_join_words(missing)}: give {flags} or set {envs}{where}")
-    return BrokerSettings(url=chosen["url"], token_file=chosen["token_file"], ca_file=chosen["ca"])
+    profile = used["profile"]
+    token_kind, token = chosen["token"]
+    ca_kind, ca = chosen["ca"]
+    return BrokerSettings(url=chosen["url"],
+                          token_file=token if token_kind == "file" else None,
+                          ca_file=ca if ca_kind == "file" else None,
+                          token=token if token_kind == "text" else None,
+                          ca_pem=ca if ca_kind == "text" else None,
+                          profile=profile.origin if profile is not None else "")
 
 
 def _read_state_file(state_dir: str) -> Dict[str, str]:
@@ -103,21 +175,32 @@ def _read_state_file(state_dir: str) -> Dict[str, str]:
 
 
 def load_credentials(settings: BrokerSettings) -> Credentials:
-    """Read and check the token and CA files and the URL; one-line errors."""
+    """Read and check the token and CA (files, or a profile's text) and the URL; one-line errors."""
     url = _check_url(settings.url)
-    token = read_small_file(settings.token_file, "admin token file").decode("utf-8", "replace").strip()
-    if not token:
-        raise CliError(f"admin token file {settings.token_file} is empty")
-    if not tokens.well_formed(token):
-        raise CliError(f"admin token file {settings.token_file} does not hold a ctxd token")
-    ca_pem = read_small_file(settings.ca_file, "CA certificate")
+    if settings.token is not None:
+        token = settings.token.strip()
+        if not tokens.well_formed(token):
+            raise CliError(f"the token of {settings.profile} is not a ctxd token")
+    else:
+        token_file = settings.token_file or ""
+        token = read_small_file(token_file, "admin token file").decode("utf-8", "replace").strip()
+        if not token:
+            raise CliError(f"admin token file {token_file} is empty")
+        if not tokens.well_formed(token):
+            raise CliError(f"admin token file {token_file} does not hold a ctxd token")
+    if settings.ca_pem is not None:
+        ca_pem = settings.ca_pem.encode("utf-8", "replace")
+        ca_file, what = f"in {settings.profile}", f"the CA of {settings.profile}"
+    else:
+        ca_file = settings.ca_file or ""
+        ca_pem, what = read_small_file(ca_file, "CA certificate"), f"CA certificate {ca_file}"
     try:
         from twisted.internet.ssl import Certificate
         Certificate.loadPEM(ca_pem)
     except Exception:
-        raise CliError(f"CA certificate {settings.ca_file} is not a PEM certificate") from None
-    return Credentials(url=url, token=token, ca_pem=ca_pem, ca_file=settings.ca_file,
-                       token_file=settings.token_file)
+        raise CliError(f"{what} is not a PEM certificate") from None
+    return Credentials(url=url, token=token, ca_pem=ca_pem, ca_file=ca_file,
+                       token_file=settings.token_file or "")
 
 
 def _check_url(url: str) -> str:
@@ -168,12 +251,15 @@ class BrokerClient:
     """JSON calls to one broker through a treq-like ``client``.
 
     ``clock`` drives request timeouts and ``wait``'s polling; ``timeout`` None
-    disables the per-request timeout (tests with an in-memory client).
+    disables the per-request timeout (tests with an in-memory client). ``probe(url)``
+    fetches the certificates a broker presents when its certificate was refused, to say
+    why (:func:`presented_certificates`).
     """
 
     def __init__(self, client: Any, url: str, token: str, ca_file: str = "(CA)",
                  clock: Optional[IReactorTime] = None, timeout: Optional[float] = REQUEST_TIMEOUT,
-                 ca_pem: Optional[bytes] = None) -> None:
+                 ca_pem: Optional[bytes] = None,
+                 probe: Optional[Callable[[str], List[bytes]]] = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.client = client
@@ -183,6 +269,7 @@ class BrokerClient:
         self.clock = clock
         self.timeout = timeout
         self.ca_pem = ca_pem
+        self.probe = probe if probe is not None else presented_certificates
 
     async def call(self, method: str, path: str, body: Any = None,
                    expect: Tuple[int, ...] = (200,), timeout: Optional[float] = None) -> Any:
@@ -197,10 +284,7 @@ class BrokerClient:
                    b"Accept": [b"application/json"]}
         data = None
         if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            if len(data) > rules.MAX_BODY:
-                raise CliError(f"request is {len(data)} bytes; the broker accepts at most "
-                               f"{rules.MAX_BODY} bytes (1 MiB) - put large data elsewhere")
+            data = encode_body(body)
             headers[b"Content-Type"] = [b"application/json"]
         status, _, content = await self._send(method, url, headers, data, timeout)
         return status, self._decode(status, content, expect, url)
@@ -245,7 +329,7 @@ class BrokerClient:
             if not isinstance(e, defer.TimeoutError) and any(
                     isinstance(r, defer.CancelledError) for r in _flatten_reasons(e)):
                 raise defer.CancelledError() from None  # interrupted (Ctrl-C)
-            raise describe_failure(e, self.url, self.ca_file, limit) from None
+            raise describe_failure(e, self.url, self.ca_file, limit, ca_pem=self.ca_pem, probe=self.probe) from None
 
     async def _exchange(self, method: str, url: str, headers: Dict[bytes, List[bytes]],
                         data: Optional[bytes]) -> Tuple[int, Any, bytes]:
@@ -278,13 +362,30 @@ class BrokerClient:
         raise CliError(what)
 
 
+def encode_body(body: Any) -> bytes:
+    """``body`` as the JSON a request carries; :class:`CliError` when the broker would refuse
+    it for its size (checked before anything is created, by create)."""
+    data = json.dumps(body).encode("utf-8")
+    if len(data) > rules.MAX_BODY:
+        scripts = body.get("scripts") if isinstance(body, dict) else None
+        share = (f" ({len(scripts['b64'])} of them the scripts, in base64)"
+                 if isinstance(scripts, dict) and isinstance(scripts.get("b64"), str) else "")
+        raise CliError(f"request is {len(data)} bytes{share}; the broker accepts at most "
+                       f"{rules.MAX_BODY} bytes (1 MiB) - put large data elsewhere")
+    return data
+
+
 def _raise_timeout(result: Any, seconds: float) -> None:
     raise defer.TimeoutError(f"no answer within {seconds} s")
 
 
 def describe_failure(exc: BaseException, url: str, ca_file: str,
-                     timeout: Optional[float] = None) -> CliError:
-    """Turn a transport-level exception into a one-line :class:`CliError`."""
+                     timeout: Optional[float] = None, ca_pem: Optional[bytes] = None,
+                     probe: Optional[Callable[[str], List[bytes]]] = None) -> CliError:
+    """Turn a transport-level exception into a one-line :class:`CliError`.
+
+    A certificate that does not verify against ``ca_pem`` is looked at with ``probe(url)``
+    (the certificates the broker presents): one that another CA issued is said to be so."""
     from OpenSSL import SSL
     from service_identity.exceptions import VerificationError
 
@@ -297,6 +398,9 @@ def describe_failure(exc: BaseException, url: str, ca_file: str,
         if isinstance(r, SSL.Error):
             detail = _ssl_detail(r)
             if "certificate" in detail or "verify" in detail:
+                other = _another_ca(url, ca_file, ca_pem, probe)
+                if other is not None:
+                    return CliError(other)
                 return CliError(f"cannot verify the broker's certificate against CA {ca_file} ({detail})")
             return CliError(f"TLS handshake with {url} failed ({detail or 'unknown TLS error'}): "
                             "is it a ctxd HTTPS listener?")
@@ -313,6 +417,98 @@ def describe_failure(exc: BaseException, url: str, ca_file: str,
         if isinstance(r, (neterror.ConnectionLost, neterror.ConnectionDone)):
             return BrokerUnavailable(f"connection to {url} closed before a complete answer")
     return CliError(f"request to {url} failed: {type(exc).__name__}: {cell(str(exc), 200)}")
+
+
+def presented_certificates(url: str, timeout: float = PROBE_TIMEOUT) -> List[bytes]:
+    """The certificates (DER, leaf first) the server at ``url`` presents, read over a TLS
+    connection of its own that verifies nothing: only to describe a certificate ctxctl refused,
+    nothing is sent over it. The leaf alone where Python cannot give the chain (before 3.13).
+    Empty when the server cannot be reached.
+
+    It blocks (up to ``timeout``): it runs once, on the way to exiting with that error."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or 443
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                chain = getattr(tls, "get_unverified_chain", None)
+                if chain is not None:
+                    return [c if isinstance(c, bytes) else c.public_bytes(ssl.ENCODING_DER)  # type: ignore
+                            for c in chain() or []]
+                leaf = tls.getpeercert(binary_form=True)
+                return [leaf] if leaf else []
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _another_ca(url: str, ca_file: str, ca_pem: Optional[bytes],
+                probe: Optional[Callable[[str], List[bytes]]]) -> Optional[str]:
+    """Why the broker at ``url`` was refused when its certificate is not the CA's at all (both
+    SHA-256 fingerprints), or None (it is the CA's but refused for another reason, or no
+    certificate could be had)."""
+    if ca_pem is None or probe is None:
+        return None
+    from cryptography import x509
+
+    try:
+        presented = probe(url)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        chain = [x509.load_der_x509_certificate(der) for der in presented]
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return None
+    if not chain or _issued_by(chain[0], ca):
+        return None
+    leaf = chain[0]
+    issuer = next((c for c in chain[1:] if c.subject == leaf.issuer), None)
+    issued = f"issued by {_dn(leaf.issuer)}" + (f" (SHA-256 {_fingerprint(issuer)})" if issuer is not None else "")
+    return (f"the broker at {url} presented a certificate from another CA: its certificate (SHA-256 "
+            f"{_fingerprint(leaf)}) was {issued}, not by CA {ca_file} ({_dn(ca.subject)}, SHA-256 "
+            f"{_fingerprint(ca)}); another broker may be answering there (another ctxd, or one whose state "
+            "directory was made anew): check the URL, or use that broker's CA")
+
+
+def _issued_by(cert: Any, ca: Any) -> bool:
+    """Whether ``ca`` signed ``cert`` (its name, then its key; True when the key's type is not
+    one checked here, as the name says)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+
+    if cert.issuer != ca.subject:
+        return False
+    key = ca.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+    except InvalidSignature:
+        return False
+    except Exception:  # noqa: BLE001 - e.g. an RSA-PSS signature: the name decides
+        return True
+    return True
+
+
+def _fingerprint(cert: Any) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def _dn(name: Any) -> str:
+    try:
+        return cell(name.rfc4514_string(), 120)
+    except Exception:  # noqa: BLE001 - a name cryptography cannot print
+        return "an unreadable name"
 
 
 def _flatten_reasons(exc: BaseException) -> List[BaseException]:

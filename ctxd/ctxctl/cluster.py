@@ -1,8 +1,10 @@
 """Cluster files: the TOML a deployer writes, turned into a ``POST /v1/contexts`` body.
 
 docs/cluster-file.md is the reference of the format: every key, its default and every
-error. The rules on names and sizes are ctxd.rules', shared with the broker, which
-checks the body again (and alone checks ready-requirement cycles and quotas).
+error. The rules on names and sizes are ctxd.rules', shared with the broker. The body is
+then checked with the broker's own validation (ctxd.validate.cluster: ready-requirement
+cycles, the scripts tree), so that what the broker would refuse is refused before anything
+is created; the broker checks it again, and alone checks its quotas.
 
 Every problem is reported as ONE line naming the field, e.g.
 ``cluster.toml: group[1].quantity: must be an integer >= 1``. Group and list
@@ -15,12 +17,15 @@ tests replace); it never imports Twisted.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from ctxd import rules
+from ctxd import rules, validate
+from ctxd.ctxctl.scripts import ScriptsError, pack_tree
+from ctxd.errors import RequestError
 from ctxd.rules import MAX_DATA_ITEMS, MAX_GROUPS, MAX_QUANTITY, MAX_ROLES, MAX_VALUES
 
 try:
@@ -37,7 +42,7 @@ __all__ = [
     "DURATION_RULE",
 ]
 
-_TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data")
+_TOP_KEYS = ("name", "open_for_injection", "expires_in", "join_token_ttl", "domain", "group", "data", "scripts")
 _GROUP_KEYS = ("name", "quantity", "provides", "requires", "data", "all_identities", "certificate",
                "ssh_certificate", "source_check", "lease", "watch")
 _REQUIRE_KEYS = ("role", "ready")
@@ -47,12 +52,15 @@ _SSH_CERTIFICATE_KEYS = ("validity", "sshd")
 _ISSUERS = ("context", "site")
 
 ReadFile = Callable[[str], bytes]
+#: Packs the scripts directory a cluster file names (as written there) into a gzip'd tar.
+PackScripts = Callable[[str], bytes]
 
 
 class ClusterFileError(Exception):
     """A cluster file that cannot be turned into a create request; ``str()`` is one line."""
 
 
+_JSON_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*(?:\[[0-9]+\](?:\.[A-Za-z_][A-Za-z0-9_.-]*)?)*")
 _DURATION_RE = re.compile(r"([0-9]{1,12})([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_RULE = 'a number of seconds, or a number with a unit s, m, h or d, e.g. "90s", "10m", "12h", "30d"'
@@ -86,11 +94,13 @@ def load_cluster_file(path: str) -> Dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ClusterFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
     base_dir = os.path.dirname(os.path.abspath(path))
-    return parse_cluster_text(text, label=path, read_file=_file_reader(base_dir))
+    return parse_cluster_text(text, label=path, read_file=_file_reader(base_dir),
+                              pack_scripts=_scripts_packer(base_dir))
 
 
 def parse_cluster_text(text: str, label: str = "cluster.toml",
-                       read_file: Optional[ReadFile] = None) -> Dict[str, Any]:
+                       read_file: Optional[ReadFile] = None,
+                       pack_scripts: Optional[PackScripts] = None) -> Dict[str, Any]:
     """Parse TOML ``text`` and return the create-request body (see :func:`build_create_request`)."""
     try:
         document = tomllib.loads(text)
@@ -98,20 +108,24 @@ def parse_cluster_text(text: str, label: str = "cluster.toml",
         raise ClusterFileError(f"{label}: invalid TOML: {_one_line(str(e))}") from None
     except (ValueError, TypeError, RecursionError) as e:  # pragma: no cover - defensive
         raise ClusterFileError(f"{label}: invalid TOML: {_one_line(str(e))}") from None
-    return build_create_request(document, label=label, read_file=read_file)
+    return build_create_request(document, label=label, read_file=read_file, pack_scripts=pack_scripts)
 
 
 def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml",
-                         read_file: Optional[ReadFile] = None) -> Dict[str, Any]:
+                         read_file: Optional[ReadFile] = None,
+                         pack_scripts: Optional[PackScripts] = None) -> Dict[str, Any]:
     """Validate a parsed cluster document and build the create-request body.
 
     ``read_file(path)`` returns a data file's bytes (``path`` as written in the
-    cluster file); it defaults to reading relative to the current directory. The
-    body spells out every default but ``expires_in`` and ``join_token_ttl``, which
-    the broker fills in (docs/cluster-file.md).
+    cluster file); it defaults to reading relative to the current directory, and so
+    does ``pack_scripts(path)``, which packs the ``scripts`` directory. The body spells
+    out every default but ``expires_in`` and ``join_token_ttl``, which the broker fills
+    in (docs/cluster-file.md).
     """
     if read_file is None:
         read_file = _file_reader(os.getcwd())
+    if pack_scripts is None:
+        pack_scripts = _scripts_packer(os.getcwd())
     v = _Validator(label)
     if not isinstance(document, Mapping):
         raise v.error("", "must be a table")
@@ -131,6 +145,9 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
                                            unit=" (seconds)")
         if expires_in is not None and body["join_token_ttl"] > body["expires_in"]:
             raise v.error("join_token_ttl", f"must not exceed expires_in ({body['expires_in']})")
+        if expires_in is None and body["join_token_ttl"] > rules.DEFAULT_EXPIRES_IN:
+            raise v.error("join_token_ttl", f"must not exceed expires_in, which is not in the file: its default "
+                                            f"is {rules.DEFAULT_EXPIRES_IN} (7 days)")
 
     domain = document.get("domain")
     if domain is not None:
@@ -141,6 +158,22 @@ def build_create_request(document: Mapping[str, Any], label: str = "cluster.toml
     data = _data_items(v, document.get("data", {}), open_for_injection, read_file)
     body["groups"] = _groups(v, document.get("group"), data, body.get("domain"))
     body["data"] = data
+    if "scripts" in document:
+        # Sent only when given: a broker older than scripts refuses the key.
+        body["scripts"] = v.scripts("scripts", document["scripts"], pack_scripts)
+    try:
+        # The broker's own checks of the body, here before anything is created (the cycles
+        # of ready requirements are found only there); its messages use the body's JSON paths.
+        validate.cluster(body)
+    except RequestError as e:
+        if e.code == "ready_cycle":
+            raise v.error("group", f"{e.message}: each of these groups waits for the next to be ok, so none "
+                                   "ever is (make one of these requirements ready = false)") from None
+        # "groups[1].lease: ..." names the field as the request does: as the file does, if it can.
+        path, _, problem = e.message.partition(": ")
+        if problem and _JSON_PATH.fullmatch(path) and not path.startswith("body"):
+            raise v.error(re.sub(r"^groups\[", "group[", path), f"{problem} (the broker's rule)") from None
+        raise v.error("", f"the broker would refuse it: {e.message}") from None
     return body
 
 
@@ -202,8 +235,8 @@ def _groups(v: "_Validator", raw: Any, data: Mapping[str, Any], domain: Optional
             if req["role"] not in provided:
                 raise v.error(f"group[{i}].requires[{j}].role",
                               f"no group provides role {req['role']!r}")
-    # Ready-requirement cycles are left to the broker, which names the cycle
-    # (400 ready_cycle); one implementation of that rule is enough.
+    # Ready-requirement cycles: ctxd.validate.cluster's check (one implementation of that
+    # rule), run on the whole body by build_create_request.
     return groups
 
 
@@ -433,6 +466,16 @@ class _Validator:
             raise self.error(field, f"cannot read {_short(path)}: {_os_reason(e)}") from None
         return {"b64": base64.b64encode(content).decode("ascii")}
 
+    def scripts(self, field: str, path: Any, pack: PackScripts) -> Dict[str, str]:
+        """The scripts directory, packed: ``{"b64", "sha256"}`` of its gzip'd tar."""
+        if not isinstance(path, str) or not path:
+            raise self.error(field, "must be a non-empty path string: a directory of ctx-scripts")
+        try:
+            packed = pack(path)
+        except ScriptsError as e:
+            raise self.error(field, str(e)) from None
+        return {"b64": base64.b64encode(packed).decode("ascii"), "sha256": hashlib.sha256(packed).hexdigest()}
+
 
 def _b64(v: _Validator, field: str, text: str) -> Dict[str, str]:
     try:
@@ -452,6 +495,12 @@ def _file_reader(base_dir: str) -> ReadFile:
             raise ValueError(f"larger than {rules.MAX_DATA_FILE} bytes")
         return content
     return read_file
+
+
+def _scripts_packer(base_dir: str) -> PackScripts:
+    def pack(path: str) -> bytes:
+        return pack_tree(os.path.join(base_dir, os.path.expanduser(path)))
+    return pack
 
 
 def _key(key: Any) -> str:

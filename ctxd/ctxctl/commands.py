@@ -10,14 +10,17 @@ import argparse
 import base64
 import json
 import os
+from urllib.parse import urlsplit
 from typing import IO, Any, Awaitable, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from ctxd import rules
+from ctxd.ctxctl import config as configfile
 from ctxd.ctxctl import render
-from ctxd.ctxctl.client import BrokerClient, read_small_file
+from ctxd.ctxctl.client import BrokerClient, encode_body, read_small_file
 from ctxd.ctxctl.cluster import ClusterFileError, load_cluster_file
+from ctxd.ctxctl.contexts import refuse_duplicate_name
 from ctxd.ctxctl.errors import EXIT_OK, EXIT_TIMEOUT, BrokerRefusal, BrokerUnavailable, CliError, reason
 from ctxd.ctxctl.userdata import (
     USER_DATA_LIMIT,
@@ -41,12 +44,25 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
     except ClusterFileError as e:
         raise CliError(str(e)) from None
     # Check what can fail locally before the context exists on the broker.
+    encode_body(body)
     agent = await _user_data_agent(broker, args, err)
     _check_user_data(broker, args, agent, max((g["name"] for g in body["groups"]), key=len))
+    if not getattr(args, "allow_duplicate_name", False):
+        await refuse_duplicate_name(broker, body["name"])
     limit = getattr(args, "user_data_limit", USER_DATA_LIMIT)
+    made = not os.path.isdir(os.path.expanduser(args.out))
     out_dir = _prepare_private_dir(args.out)
 
-    answer = await broker.call("POST", "/v1/contexts", body, expect=(201,))
+    try:
+        answer = await broker.call("POST", "/v1/contexts", body, expect=(201,))
+    except CliError as e:
+        if made:
+            _remove_if_empty(out_dir)  # nothing was created: leave nothing behind
+        if isinstance(e, BrokerRefusal) and e.status == 400 and "scripts" in body and "'scripts'" in str(e):
+            raise CliError(f"this broker does not take scripts (a ctxd older than them: {e}); remove "
+                           f"`scripts` from {args.cluster} and bake the scripts into the image, or "
+                           "upgrade the broker") from None
+        raise
     context = answer.get("context") if isinstance(answer, dict) else None
     cid = context.get("id") if isinstance(context, dict) else None
     if not rules.is_id(cid):
@@ -68,11 +84,18 @@ async def cmd_create(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
 
     expected = sum(g["quantity"] for g in body["groups"])
     _print_written(out_dir, files, err)
+    if "scripts" in body:
+        size = len(base64.b64decode(body["scripts"]["b64"]))
+        print(f"scripts: {size} bytes gzip'd (SHA-256 {body['scripts']['sha256']}), delivered to the VMs "
+              "by the broker", file=err)
     state = ("open for injection: add data with `ctxctl data put`, then `ctxctl lock`"
              if body["open_for_injection"] else "locked")
-    print(f"created context {body['name']} ({cid}): {len(body['groups'])} groups, "
-          f"{expected} nodes expected; {state}", file=err)
-    print(cid, file=out)
+    print(f"created context {body['name']} ({cid}): {render.plural(len(body['groups']), 'group')}, "
+          f"{render.plural(expected, 'node')} expected; {state}", file=err)
+    if getattr(args, "json", False):
+        _print_json(out, {"context": context, "files": _paths(out_dir, files)})
+    else:
+        print(cid, file=out)
     return EXIT_OK
 
 
@@ -144,23 +167,30 @@ async def cmd_join_token_rotate(broker: BrokerClient, args: Args, out: IO[str], 
     _print_written(out_dir, files, err)
     print(f"join token of group {args.group} rotated: the old one no longer enrolls; "
           "VMs launched from now on need the new user-data", file=err)
+    if args.json:
+        _print_json(out, {"context": args.context, "group": args.group, "files": _paths(out_dir, files)})
     return EXIT_OK
 
 
 async def cmd_node_revoke(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``node revoke CTX NODE``: a compromised VM's credential stops working at once."""
-    await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{args.node}/revoke", {})
+    answer = await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{args.node}/revoke", {})
     print(f"node {args.node} of context {args.context}: credential revoked", file=err)
+    if args.json:
+        _print_json(out, answer)
     return EXIT_OK
 
 
 async def cmd_node_remove(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``node remove CTX NODE... [--shrink]``: each node departs (reason "removed"), one request
-    each, in order; the first error stops, naming the node and the ones not tried."""
+    each, in order; the first error stops, naming the node and the ones not tried. --json: the
+    broker's answers, ``{"removed": [...]}``, printed only when every node was removed."""
+    removed = []
     for i, nid in enumerate(args.nodes):
         try:
             answer = await broker.call("POST", f"/v1/contexts/{args.context}/nodes/{nid}/remove",
                                        {"shrink": args.shrink})
+            removed.append(answer)
         except CliError as e:
             if len(args.nodes) == 1:
                 raise
@@ -175,6 +205,8 @@ async def cmd_node_remove(broker: BrokerClient, args: Args, out: IO[str], err: I
         else:
             print(f"node {nid} of context {args.context}: removed; the target of group {group} stays "
                   f"{quantity} (a new VM may take the slot)", file=err)
+    if args.json:
+        _print_json(out, {"removed": removed})
     return EXIT_OK
 
 
@@ -194,6 +226,8 @@ async def cmd_scale(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]
         line += f"; its join token enrolls {quantity - enrolled} more"
         line += f" until {render.when(expires)}" if render.when(expires) else ""
     print(line, file=err)
+    if args.json:
+        _print_json(out, answer)
     return EXIT_OK
 
 
@@ -205,19 +239,52 @@ async def cmd_extend(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
         raise CliError("broker: the extend answer has no expiry")
     print(f"context {args.context} expires {render.when(expires)} "
           f"({render.until(expires, broker.clock.seconds())})", file=err)
+    if args.json:
+        _print_json(out, summary)
     return EXIT_OK
 
 
 async def cmd_user_add(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``user add NAME``: mint a deployer credential; its token is printed once, on stdout."""
+    """``user add NAME [--write-config FILE [--profile P] [--force]]``: mint a deployer credential;
+    its token is printed once, on stdout, or written into a complete ctxctl configuration for
+    them: this broker's URL and CA (as this ctxctl reaches and trusts it) and the token."""
+    path = profile = None
+    if args.write_config:
+        # Before the credential exists: a file that cannot be written would lose its token.
+        path = configfile.check_writable(args.write_config, args.force)
+        profile = args.write_profile or _profile_name(broker.url)
+        if broker.ca_pem is None:
+            raise CliError("no CA certificate to write into the configuration")
     answer = await broker.call("POST", "/v1/users", {"name": args.name}, expect=(201,))
     token = answer.get("token") if isinstance(answer, dict) else None
     if not isinstance(token, str):
         raise CliError("broker: the answer has no token")
-    print(token, file=out)
-    print(f"deployer {args.name} added; the token above is shown only once: give it to them "
-          "(they use it with --token-file)", file=err)
+    if path is None or profile is None or broker.ca_pem is None:
+        if args.json:
+            _print_json(out, {"name": args.name, "token": token})
+        else:
+            print(token, file=out)
+        print(f"deployer {args.name} added; the token above is shown only once: give it to them "
+              "(they use it with --token-file, or in a configuration: see --write-config)", file=err)
+        return EXIT_OK
+    try:
+        configfile.write_config(path, configfile.new_config(profile, broker.url, broker.ca_pem.decode("ascii"), token))
+    except CliError as e:
+        print(token, file=out)
+        raise CliError(f"deployer {args.name} was added but {e}; its token, shown only once, is on "
+                       "stdout") from None
+    print(f"deployer {args.name} added; wrote their ctxctl configuration (profile {profile}: {broker.url}, "
+          f"its CA and the token) to {path} (0600): give it to them privately; ctxctl reads it with "
+          "--config FILE, or by itself as ~/.config/ctxctl/config.json", file=err)
+    if args.json:
+        _print_json(out, {"name": args.name, "config": path, "profile": profile, "url": broker.url})
     return EXIT_OK
+
+
+def _profile_name(url: str) -> str:
+    """A profile's default name: the broker's host name (so profiles of several brokers differ)."""
+    host = urlsplit(url).hostname
+    return host if rules.is_name(host) else "default"
 
 
 async def cmd_user_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
@@ -227,14 +294,19 @@ async def cmd_user_list(broker: BrokerClient, args: Args, out: IO[str], err: IO[
 
 async def cmd_user_revoke(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``user revoke NAME``: the deployer's credential stops working at once."""
-    await broker.call("DELETE", f"/v1/users/{args.name}")
+    answer = await broker.call("DELETE", f"/v1/users/{args.name}")
     print(f"deployer {args.name} revoked", file=err)
+    if args.json:
+        _print_json(out, answer)
     return EXIT_OK
 
 
 async def cmd_status(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``status CTX [--json]``: the expiry, one row per group (target size, members, departed, lease),
-    per node and per slot not enrolled, per departed node, then the counts."""
+    """``status CTX [--json] [--watch [--interval S]]``: the expiry, one row per group (target size,
+    members, departed, lease), per node (with why it waits, or its error) and per slot not enrolled,
+    per departed node, then the counts; --watch: again at every change, until interrupted."""
+    if getattr(args, "watch", False):
+        return await _StatusWatch(broker, args, out, err).run()
     status = await _get_status(broker, args.context)
     _print_lines(out, [json.dumps(status, indent=2, sort_keys=True)] if args.json
                  else render.status_table(status, now=broker.clock.seconds()))
@@ -242,22 +314,34 @@ async def cmd_status(broker: BrokerClient, args: Args, out: IO[str], err: IO[str
 
 
 async def cmd_wait(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
-    """``wait CTX``: follow the context until every expected node is ok (0), one fails (1) or time
-    runs out (3); then write the reports from its full status, fetched once."""
+    """``wait CTX [--keep-going]``: follow the context until every expected node is ok (0), one
+    fails (1; with --keep-going not before the timeout: a node in error may try again) or time
+    runs out (3); then write the reports from its full status, fetched once, under --reports
+    (default :func:`reports_home`)."""
     follow = _Follow(broker, args, err)
     await follow.run()
     status = follow.status
     if status is None:
+        if args.json:
+            _print_json(out, _wait_result(args.context, None, None, False))
         raise CliError(f"timed out after {args.timeout:g} s: {follow.unavailable or 'no answer from the broker'}",
                        EXIT_TIMEOUT)
-    report_dir = render.write_reports(status, os.path.join(args.reports, args.context))
+    report_dir = render.write_reports(status, os.path.join(args.reports or reports_home(), args.context))
     failed = render.first_failed_node(status)
-    if failed is not None:
+    if args.json:
+        _print_json(out, _wait_result(args.context, status, report_dir, getattr(follow, "keep_going", False)))
+    if failed is not None and not follow.keep_going:
         _print_lines(err, render.failure_report(failed) + [f"reports in {report_dir}"])
         raise CliError(render.failure_line(failed))
     if status.get("all_ok") is True:
         print(f"all {render.count(status, 'expected')} nodes ok; reports in {report_dir}", file=err)
         return EXIT_OK
+    if failed is not None:
+        # --keep-going, and time is up with nodes still in error.
+        errors = render.count(status, "error")
+        _print_lines(err, render.failure_report(failed) + [f"reports in {report_dir}"])
+        raise CliError(f"timed out after {args.timeout:g} s: {errors} node{'s' if errors != 1 else ''} in error "
+                       f"(the first: {render.failure_line(failed)}); {render.silent_nodes(status)}", EXIT_TIMEOUT)
     print(f"reports in {report_dir}", file=err)
     raise CliError(f"timed out after {args.timeout:g} s: {render.silent_nodes(status)}"
                    + (f"; last poll: {follow.unavailable}" if follow.unavailable else ""), EXIT_TIMEOUT)
@@ -282,23 +366,39 @@ class _Follow:
     progress route (a 404 for it while the status answers) is polled for the full status every
     ``--interval`` seconds, as before the route existed. A broker that stops answering after it
     was reached once (a restart) is retried every ``--interval`` seconds until the deadline.
+
+    The line says how long wait has waited and why the node that waits longest waits (the
+    progress' ``waiting``); on a terminal it is redrawn every second (its elapsed time), else
+    printed when something but the time changed. With --keep-going a node's error does not end
+    the wait (it may try again): the line counts the nodes in error, and each new oldest error
+    is said once.
     """
 
     def __init__(self, broker: BrokerClient, args: Args, err: IO[str]) -> None:
         self.broker, self.args, self.err = broker, args, err
         self.tty = isatty(err)
+        self.keep_going = bool(getattr(args, "keep_going", False))
+        self.started = broker.clock.seconds()
+        self.shown: Optional[Mapping[str, Any]] = None  # the progress (or status) the line shows
+        self.errors_said: List[str] = []
         self.status: Optional[Mapping[str, Any]] = None
         self.long_polls = True  # False: the broker has no progress route; poll its status
         self.since = -1  # the revision of the last progress; -1: answer at once
         self.next_request = 0.0  # (clock time) no request before this
         self.reached = False
         self.unavailable: Optional[str] = None
-        self.last_line: Optional[str] = None
+        self.last_line: Optional[str] = None  # on a terminal, the line last drawn
+        self.last_shown: Optional[str] = None  # the line last shown, without the time
         self.warned_unlocked = False
 
     async def run(self) -> None:
         clock = self.broker.clock
         deadline = clock.seconds() + self.args.timeout
+        ticker = None
+        if self.tty:
+            ticker = task.LoopingCall(self._draw)
+            ticker.clock = clock
+            ticker.start(1.0, now=False)
         try:
             while True:
                 step = self._long_poll if self.long_polls else self._poll
@@ -308,7 +408,7 @@ class _Follow:
                     # The progress says it is over (or time is up): the full status, for the
                     # reports, has the last word (a node may have changed in between).
                     status = await self._fetch_status()
-                    over = status is not None and _over(status)
+                    over = status is not None and _over(status, self.keep_going)
                 if over or done:
                     return
                 if self.unavailable or not self.long_polls:
@@ -317,6 +417,8 @@ class _Follow:
                 if pause > 0:
                     await task.deferLater(clock, pause)
         finally:
+            if ticker is not None and ticker.running:
+                ticker.stop()
             if self.tty and self.last_line is not None:
                 print("", file=self.err)
 
@@ -354,7 +456,7 @@ class _Follow:
         advanced = isinstance(revision, int) and not isinstance(revision, bool) and revision > self.since
         self.since = revision if advanced else -1
         self._show(progress)
-        return render.count(progress, "error") > 0 or progress.get("all_ok") is True
+        return (render.count(progress, "error") > 0 and not self.keep_going) or progress.get("all_ok") is True
 
     async def _poll(self, remaining: float) -> bool:
         """One poll of the full status; whether the wait is over (a node failed, or all are ok)."""
@@ -366,7 +468,7 @@ class _Follow:
             return False
         self._reachable()
         self._show(self.status)
-        return _over(self.status)
+        return _over(self.status, self.keep_going)
 
     async def _fetch_status(self) -> Optional[Mapping[str, Any]]:
         """The full status (with the client's usual request timeout: it may be large), or None if
@@ -397,33 +499,201 @@ class _Follow:
         self.reached = True
 
     def _show(self, progress: Mapping[str, Any]) -> None:
-        """The progress line of a progress or a status (the same counts), and a warning, once,
-        when the context is not locked."""
+        """The line of a progress or a status (the same counts), a warning, once, when the context
+        is not locked, and with --keep-going each new oldest error, once."""
         if progress.get("locked") is False and not self.warned_unlocked:
             cid = self.args.context
-            print(f"context {cid} is not locked: nodes wait for `ctxctl lock {cid}`", file=self.err)
+            self._say(f"context {cid} is not locked: nodes wait for `ctxctl lock {cid}`")
             self.warned_unlocked = True
-        line = render.progress_line(progress)
+        if self.keep_going:
+            failed = render.first_failed_node(progress) if "nodes" in progress else None
+            error = render.failure_line(failed) if failed is not None else render.progress_error_line(progress)
+            if error is not None and error not in self.errors_said:
+                self.errors_said.append(error)
+                self._say(f"{error}; waiting on (--keep-going)")
+        self.shown = progress
+        unchanged = render.follow_line(progress, None, self.keep_going)  # without the time
         if self.tty:
-            print("\r" + line + "\x1b[K", end="", file=self.err, flush=True)
-        elif line != self.last_line:
-            print(line, file=self.err)
+            self._draw()
+        elif unchanged != self.last_shown:
+            print(render.follow_line(progress, self._elapsed(), self.keep_going), file=self.err)
+        self.last_shown = unchanged
+
+    def _draw(self) -> None:
+        """On a terminal: the line, redrawn in place (cut to the terminal's width: a line that
+        wraps cannot be redrawn)."""
+        if self.shown is None:
+            return
+        line = render.follow_line(self.shown, self._elapsed(), self.keep_going)
+        line = line[:max(20, _columns(self.err) - 1)]
+        print("\r" + line + "\x1b[K", end="", file=self.err, flush=True)
         self.last_line = line
+
+    def _elapsed(self) -> float:
+        return self.broker.clock.seconds() - self.started
 
     def _say(self, message: str) -> None:
         """A message on a line of its own (after the progress line, on a terminal)."""
-        print(("\n" if self.tty else "") + message, file=self.err)
+        print(("\n" if self.tty and self.last_line is not None else "") + message, file=self.err)
 
 
-def _over(status: Mapping[str, Any]) -> bool:
-    """Whether a full status ends the wait: a node failed, or all are ok."""
-    return render.first_failed_node(status) is not None or status.get("all_ok") is True
+#: What a terminal is sent to redraw ``status --watch``: cursor home, clear the screen.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+class _StatusWatch:
+    """``status --watch``: the status table again at every change, until interrupted (Ctrl-C,
+    exit 0).
+
+    It follows the context's progress as ``wait`` does (long-polls, two requests at least
+    ``--interval`` seconds apart) and fetches the full status, which lists every node, only when
+    the progress revision moved. On a terminal the screen is cleared and the table redrawn in
+    place, and again every ``--interval`` seconds (the times in it move on); elsewhere each new
+    table is printed after the last, a blank line between. A broker without the progress route
+    is polled for its status every ``--interval`` seconds; one that stops answering after it was
+    reached is retried every ``--interval`` seconds, which the table's last line says.
+    """
+
+    def __init__(self, broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> None:
+        self.broker, self.args, self.out, self.err = broker, args, out, err
+        self.tty = isatty(out)
+        self.interval: float = getattr(args, "interval", None) or 2.0
+        self.status: Optional[Mapping[str, Any]] = None
+        self.long_polls = True
+        self.since = -1
+        self.reached = False
+        self.unavailable: Optional[str] = None
+        self.drawn = 0
+
+    async def run(self) -> int:
+        clock = self.broker.clock
+        ticker = None
+        try:
+            while True:
+                next_request = clock.seconds() + self.interval
+                await self._step()
+                if self.tty and ticker is None and self.status is not None:
+                    ticker = task.LoopingCall(self._draw)
+                    ticker.clock = clock
+                    ticker.start(self.interval, now=False)
+                pause = next_request - clock.seconds()
+                if pause > 0:
+                    await task.deferLater(clock, pause)
+        except defer.CancelledError:
+            return EXIT_OK  # Ctrl-C: how watching ends
+        finally:
+            if ticker is not None and ticker.running:
+                ticker.stop()
+
+    async def _step(self) -> None:
+        """One progress long-poll, and the full status when it moved (or one poll of the status)."""
+        if not self.long_polls:
+            await self._fetch_status()
+            return
+        cid = self.args.context
+        try:
+            code, progress = await self.broker.call_status(
+                "GET", f"/v1/contexts/{cid}/progress?since={self.since}&wait={LONG_POLL_WAIT}",
+                expect=(200, 304), timeout=LONG_POLL_WAIT + LONG_POLL_GRACE)
+        except BrokerRefusal as e:
+            if e.status != 404:
+                raise
+            # The context is gone (its status says so: a 404 ends the watch) or the broker
+            # predates the progress route: poll its status from now on.
+            self.long_polls = False
+            await self._fetch_status()
+            return
+        except BrokerUnavailable as e:
+            self._unreachable(e)
+            return
+        if code == 304:
+            self._reachable()
+            return
+        if not isinstance(progress, dict):
+            raise CliError(f"broker: the progress of {cid} is not a progress object")
+        revision = progress.get("revision")
+        advanced = isinstance(revision, int) and not isinstance(revision, bool) and revision > self.since
+        self.since = revision if advanced else -1
+        if advanced or self.status is None:
+            await self._fetch_status()
+        else:
+            self._reachable()
+
+    async def _fetch_status(self) -> None:
+        try:
+            self.status = await _get_status(self.broker, self.args.context)
+        except BrokerUnavailable as e:
+            self._unreachable(e)
+            return
+        self._reachable(draw=False)
+        self._draw()
+
+    def _unreachable(self, e: BrokerUnavailable) -> None:
+        if not self.reached:
+            raise e  # never reached it: more likely a wrong --url than a restart
+        self.since = -1
+        if str(e) != self.unavailable:
+            self.unavailable = str(e)
+            if self.tty:
+                self._draw()
+            else:
+                print(f"{e}; retrying every {self.interval:g} s", file=self.err)
+
+    def _reachable(self, draw: bool = True) -> None:
+        self.reached = True
+        if self.unavailable:
+            self.unavailable = None
+            if not self.tty:
+                print("broker reachable again", file=self.err)
+            elif draw:
+                self._draw()
+
+    def _draw(self) -> None:
+        if self.status is None:
+            return
+        now = self.broker.clock.seconds()
+        lines = [f"{render.when(now)}: ctxctl status {self.args.context} --watch (Ctrl-C to stop)"]
+        lines += render.status_table(self.status, now=now)
+        if self.unavailable and self.tty:
+            lines.append(f"{self.unavailable}; retrying every {self.interval:g} s (the table above is "
+                         "the last one seen)")
+        if self.tty:
+            self.out.write(CLEAR_SCREEN + "\n".join(lines) + "\n")
+            self.out.flush()
+        else:
+            _print_lines(self.out, ([""] if self.drawn else []) + lines)
+            self.out.flush()
+        self.drawn += 1
+
+
+def _over(status: Mapping[str, Any], keep_going: bool = False) -> bool:
+    """Whether a full status ends the wait: a node failed (unless ``keep_going``), or all are ok."""
+    return (render.first_failed_node(status) is not None and not keep_going) or status.get("all_ok") is True
+
+
+def reports_home(environ: Mapping[str, str] = os.environ) -> str:
+    """Where ``wait`` writes reports by default (REPORTS/CTX/): ``$XDG_STATE_HOME/ctxctl/reports``,
+    else ``~/.local/state/ctxctl/reports`` - the deployer's own state, wherever wait runs from
+    (the XDG base directory rule: a relative XDG_STATE_HOME is ignored)."""
+    base = environ.get("XDG_STATE_HOME") or ""
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "ctxctl", "reports")
+
+
+def _columns(stream: IO[str]) -> int:
+    """The width of the terminal ``stream`` writes to (80 when it cannot be known)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``known-hosts CTX [--per-host] [--write [--file PATH]]``: the context's ``@cert-authority``
     line when it has an SSH CA, then ``FQDN,SHORT,IP TYPE KEY`` for every node whose group has no
-    SSH host certificates (--per-host: for every node, and no CA line)."""
+    SSH host certificates (--per-host: for every node, and no CA line). --json: ``{"context",
+    "lines", "warnings"}`` (and ``"file"`` it wrote with --write)."""
     status = await _get_status(broker, args.context)
     ca_line: Optional[str] = None
     certified: Collection[str] = ()
@@ -440,8 +710,12 @@ async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: I
     _print_lines(err, [f"ctxctl: warning: {problem}" for problem in problems])
     if ca_line is not None:
         lines.insert(0, ca_line)
+    result: Dict[str, Any] = {"context": args.context, "lines": lines, "warnings": problems}
     if not args.write:
-        _print_lines(out, lines)
+        if args.json:
+            _print_json(out, result)
+        else:
+            _print_lines(out, lines)
         return EXIT_OK
     path = os.path.expanduser(args.file)
     try:
@@ -462,6 +736,8 @@ async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: I
     keys = len(lines) - (ca_line is not None)
     what = f"its SSH CA and {keys} host keys" if ca_line is not None else f"{keys} host keys"
     print(f"wrote {what} of context {args.context} to {path}", file=err)
+    if args.json:
+        _print_json(out, dict(result, file=path))
     return EXIT_OK
 
 
@@ -526,13 +802,17 @@ async def cmd_data_put(broker: BrokerClient, args: Args, out: IO[str], err: IO[s
     revision = summary.get("revision") if isinstance(summary, dict) else None
     print(f"data {args.name} of context {args.context}: {len(values)} value(s), {total} bytes stored"
           + (f" (revision {revision})" if revision is not None else ""), file=err)
+    if args.json:
+        _print_json(out, summary)
     return EXIT_OK
 
 
 async def cmd_lock(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``lock CTX``: no more data changes; nodes can now get a complete view."""
-    await broker.call("POST", f"/v1/contexts/{args.context}/lock", {})
+    summary = await broker.call("POST", f"/v1/contexts/{args.context}/lock", {})
     print(f"context {args.context} locked", file=err)
+    if args.json:
+        _print_json(out, summary)
     return EXIT_OK
 
 
@@ -548,14 +828,21 @@ async def _list(broker: BrokerClient, path: str, key: str, table: Callable[[List
     items = answer.get(key) if isinstance(answer, dict) else None
     if not isinstance(items, list):
         raise CliError(f"broker: the answer has no {key} array")
-    _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)] if args.json else table(items))
+    if args.json:
+        _print_lines(out, [json.dumps(answer, indent=2, sort_keys=True)])
+    elif items:
+        _print_lines(out, table(items))
+    else:   # a header alone would look like a failure to list
+        print({"contexts": "no contexts yet", "users": "no deployers yet"}.get(key, f"no {key}"), file=out)
     return EXIT_OK
 
 
 async def cmd_delete(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``delete CTX``: remove the context; its agents get 404 from then on."""
-    await broker.call("DELETE", f"/v1/contexts/{args.context}")
+    answer = await broker.call("DELETE", f"/v1/contexts/{args.context}")
     print(f"deleted context {args.context}", file=err)
+    if args.json:
+        _print_json(out, answer)
     return EXIT_OK
 
 
@@ -595,6 +882,37 @@ def _print_lines(stream: IO[str], lines: List[str]) -> None:
         print(line, file=stream)
 
 
+def _print_json(out: IO[str], value: Any) -> None:
+    """--json: ``value`` as the one JSON document on stdout."""
+    print(json.dumps(value, indent=2, sort_keys=True), file=out)
+
+
+def _paths(out_dir: str, files: List[Tuple[str, bytes]]) -> List[str]:
+    return [os.path.join(out_dir, filename) for filename, _ in files]
+
+
+def _wait_result(cid: str, status: Optional[Mapping[str, Any]], report_dir: Optional[str],
+                 keep_going: bool) -> Dict[str, Any]:
+    """``wait --json``: how it ended (``"outcome"``: ok, error or timeout, as the exit code says),
+    the counts, the first node in error and where the reports are; not the full status, which
+    may list thousands of nodes (``status --json`` prints it)."""
+    failed = render.first_failed_node(status) if status is not None else None
+    if status is not None and status.get("all_ok") is True:
+        outcome = "ok"
+    elif failed is not None and not keep_going:
+        outcome = "error"
+    else:
+        outcome = "timeout"
+    first = None
+    if failed is not None:
+        problem = failed.get("error") if isinstance(failed.get("error"), dict) else {}
+        first = {"node": failed.get("id"), "group": failed.get("group"),
+                 "hostname": (failed.get("identity") or {}).get("hostname"),
+                 "exit_code": problem.get("exit_code"), "message": problem.get("message")}
+    return {"context": cid, "outcome": outcome, "counts": (status or {}).get("counts"),
+            "all_ok": (status or {}).get("all_ok") is True, "failed": first, "reports": report_dir}
+
+
 def isatty(stream: IO[str]) -> bool:
     try:
         return bool(stream.isatty())
@@ -607,6 +925,13 @@ def _call_user_data(function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
     except UserDataError as e:
         raise CliError(str(e)) from None
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty, or already gone: leave it
 
 
 def _prepare_private_dir(path: str) -> str:

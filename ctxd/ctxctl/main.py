@@ -25,15 +25,20 @@ from ctxd.ctxctl.client import (
 )
 from ctxd.ctxctl.cluster import parse_duration
 from ctxd.ctxctl.commands import COMMANDS
+from ctxd.ctxctl.config import ENV_CONFIG, ENV_PROFILE
+from ctxd.ctxctl.contexts import context_id
 from ctxd.ctxctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from ctxd.ctxctl.render import printable
 from ctxd.ctxctl.userdata import USER_DATA_LIMIT
 
 
 EPILOG = """\
-The broker is found from --url/--token-file/--ca, else CTXCTL_URL/CTXCTL_TOKEN_FILE/CTXCTL_CA,
-else from --state-dir DIR (or CTXCTL_STATE_DIR): the ctxctl.json that ctxd writes there.
-The broker's certificate is always verified against the CA.
+The broker is found from --url/--token-file/--ca, else a profile of --config FILE (--profile
+NAME), else --state-dir DIR: the ctxctl.json that ctxd writes there; then from the same in the
+environment (CTXCTL_URL/CTXCTL_TOKEN_FILE/CTXCTL_CA, CTXCTL_CONFIG/CTXCTL_PROFILE,
+CTXCTL_STATE_DIR); then from ~/.config/ctxctl/config.json (or $XDG_CONFIG_HOME/ctxctl/), the
+configuration `ctxctl user add NAME --write-config FILE` writes. These options may also follow
+the command. The broker's certificate is always verified against the CA.
 
 Results go to stdout, messages and progress to stderr.
 
@@ -116,7 +121,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ctxctl argument parser (global options first, then a subcommand)."""
     parser = _Parser(
-        prog="ctxctl", description="Deployer's client for the ctxd contextualization broker.",
+        prog="ctxctl", description="Deployer's client for the ctxd contextualization broker: it creates "
+                                   "contexts from a cluster file, writes each group's bootstrap and cloud-init "
+                                   "user-data, follows the nodes as they enroll and report, grows and shrinks "
+                                   "live clusters, and manages deployers' and nodes' credentials.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ctxctl (ctxd) {ctxd.__version__}")
     parser.add_argument("--url", help=f"broker URL, https://HOST:PORT (env {ENV_URL})")
@@ -125,14 +133,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca", metavar="FILE", help=f"PEM CA certificate the broker must chain to (env {ENV_CA})")
     parser.add_argument("--state-dir", metavar="DIR",
                         help=f"ctxd's state directory; supplies whatever the three above do not (env {ENV_STATE_DIR})")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"ctxctl configuration file (env {ENV_CONFIG}; default "
+                             "~/.config/ctxctl/config.json, if it exists)")
+    parser.add_argument("--profile", metavar="NAME",
+                        help=f"the profile of the configuration file to use (env {ENV_PROFILE}; default: "
+                             "the file's default)")
+    _complete_paths(parser)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     _context_commands(sub)
     _admin_commands(sub)
+    _everywhere(parser, [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")])
+    return parser
+
+
+#: Shell completion of file and directory arguments (by their metavar), as shtab reads it: its
+#: FILE and DIRECTORY spelt out, since shtab makes the completion scripts at build time
+#: (`make cli-docs`) and is not needed at run time.
+_FILES = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_COMPLETE = {"FILE": _FILES, "PATH": _FILES, "CLUSTER.toml": _FILES,
+             "DIR": {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}}
+
+
+def _complete_paths(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.metavar in _COMPLETE:
+            action.complete = _COMPLETE[action.metavar]  # type: ignore[attr-defined]
+
+
+def _everywhere(parser: argparse.ArgumentParser, global_options: Sequence[argparse.Action]) -> None:
+    """Every command also takes the global options after its name (``ctxctl status CTX --config
+    F``; given twice, the later wins) and ``--json``; each gets completion for its files."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):
+                _everywhere(command, global_options)
+            return
+    taken = {option for action in parser._actions for option in action.option_strings}
+    for option in global_options:
+        if not taken.intersection(option.option_strings):
+            # Not in the command's --help (the top-level --help has them), and not set unless
+            # given here: a value given before the command stays.
+            parser.add_argument(*option.option_strings, dest=option.dest, metavar=option.metavar,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if "--json" not in taken:
+        parser.add_argument("--json", action="store_true",
+                            help="print the result as one JSON document on stdout (messages stay on stderr)")
+    _complete_paths(parser)
+
+
+def manual_parser() -> argparse.ArgumentParser:
+    """:func:`build_parser` as the man page shows it (`make cli-docs`, argparse-manpage): without
+    the epilog, which docs/man/ctxctl.1.include says in the page's own sections (CONFIGURATION,
+    EXIT STATUS), where roff would not keep its lines apart."""
+    parser = build_parser()
+    parser.epilog = None
     return parser
 
 
 def _ctx_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context", metavar="CTX", type=_id_of("context"), help="context id")
+    p.add_argument("context", metavar="CTX", type=_context_ref,
+                   help="context id, or its name when no other of your contexts has that name")
+
+
+_context_ref = _checked(lambda value: rules.is_id(value) or rules.is_name(value),
+                        f"a context id ({rules.ID_RULE}) or name ({rules.NAME_RULE})")
 
 
 def _out_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -152,22 +217,41 @@ def _context_commands(sub: Any) -> None:
                                    "for every group; print the context id alone on stdout.")
     p.add_argument("cluster", metavar="CLUSTER.toml", help="cluster file (docs/cluster-file.md)")
     _out_args(p, "bootstraps and user-data")
+    p.add_argument("--allow-duplicate-name", action="store_true",
+                   help="create it even if one of your contexts has its name already (then neither is "
+                        "addressed by name)")
 
-    p = sub.add_parser("status", help="per-node state table and counts")
+    p = sub.add_parser("status", help="per-node state table and counts",
+                       description="The context's expiry, its groups, one row per node (its MESSAGE: why it "
+                                   "waits, its error, or when a watching node was last heard of), then the "
+                                   "counts. --watch shows it again at every change until interrupted.")
     _ctx_arg(p)
     p.add_argument("--json", action="store_true", help="print the broker's JSON")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the context: on a terminal the table is redrawn in place, elsewhere each "
+                        "new table is printed after the last; Ctrl-C stops (exit 0)")
+    p.add_argument("--interval", type=_positive_seconds, metavar="S",
+                   help="with --watch: redraw a terminal every S seconds, and at least S seconds between "
+                        "two requests (default 2)")
 
     p = sub.add_parser("wait", help="wait until every node is ok (exit 0), one fails (1) or timeout (3)",
                        description="Follow the context until every expected node reported ok (exit 0), a node "
                                    "reported an error (exit 1) or the timeout passed (exit 3): long-polls of its "
                                    "progress, a small answer however many nodes it has, then its full status "
-                                   "once. Writes one report file per node under REPORTS/CTX/.",
+                                   "once. The progress line says how long it has waited and why the node that "
+                                   "waits longest waits. Writes one report file per node under REPORTS/CTX/ "
+                                   "(REPORTS: $XDG_STATE_HOME/ctxctl/reports, else "
+                                   "~/.local/state/ctxctl/reports).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _ctx_arg(p)
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, metavar="S",
                    help="give up after S seconds (default 1800)")
-    p.add_argument("--reports", default="ctx-reports", metavar="DIR",
-                   help="report directory (default ./ctx-reports)")
+    p.add_argument("--reports", metavar="DIR",
+                   help="report directory: the reports go to DIR/CTX/ (default $XDG_STATE_HOME/ctxctl/reports, "
+                        "else ~/.local/state/ctxctl/reports)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="do not stop at a node's error (a node in error may try again): exit 0 when all "
+                        "are ok, else 3 at the timeout")
     p.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="S",
                    help="at least this many seconds between two requests (a long-poll that found a "
                         "change, a retry of a broker that cannot be reached, a poll of a broker too old "
@@ -223,8 +307,19 @@ def _admin_commands(sub: Any) -> None:
     """user add|list|revoke, node revoke|remove, join-token rotate."""
     p = sub.add_parser("user", help="deployer credentials (site admin): user add|list|revoke")
     user_sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    p = user_sub.add_parser("add", help="mint a deployer credential; print its token once")
+    p = user_sub.add_parser("add", help="mint a deployer credential; print its token once, or write their "
+                                        "configuration",
+                            description="Mint a credential for deployer NAME. Its token is shown once: on stdout, "
+                                        "or, with --write-config, in a complete ctxctl configuration for them "
+                                        "(this broker's URL and CA, and the token) that `ctxctl --config FILE` "
+                                        "uses, or ctxctl alone once it is their ~/.config/ctxctl/config.json.")
     p.add_argument("name", metavar="NAME", type=_name_of("deployer"), help="deployer name")
+    p.add_argument("--write-config", metavar="FILE",
+                   help="write the deployer's ctxctl configuration to FILE (0600) instead of printing the token")
+    # Here --profile names the profile written; ctxctl's own --profile goes before the command.
+    p.add_argument("--profile", metavar="NAME", dest="write_profile", type=_name_of("profile"),
+                   help="the profile's name in FILE (default: the broker's host name)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p = user_sub.add_parser("list", help="table of deployers")
     p.add_argument("--json", action="store_true", help="print the broker's JSON")
     p = user_sub.add_parser("revoke", help="revoke a deployer's credential")
@@ -232,7 +327,9 @@ def _admin_commands(sub: Any) -> None:
 
     p = sub.add_parser("node", help="nodes leaving a context: node revoke|remove")
     node_sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
-    p = node_sub.add_parser("revoke", help="revoke one node's credential (a compromised VM)")
+    p = node_sub.add_parser("revoke", help="revoke one node's credential (a compromised VM)",
+                            description="Revoke NODE's credential at once (a compromised VM): it departs as "
+                                        "revoked, and its slot is not freed.")
     _ctx_arg(p)
     p.add_argument("node", metavar="NODE", type=_id_of("node"), help="node id")
     p = node_sub.add_parser("remove", help="make nodes depart: they leave every view, their slots are freed",
@@ -247,7 +344,10 @@ def _admin_commands(sub: Any) -> None:
 
     p = sub.add_parser("join-token", help="join tokens: join-token rotate")
     join_sub = p.add_subparsers(dest="join_command", metavar="ACTION", required=True)
-    p = join_sub.add_parser("rotate", help="new join token for a group; write its bootstrap and user-data")
+    p = join_sub.add_parser("rotate", help="new join token for a group; write its bootstrap and user-data",
+                            description="Replace GROUP's join token: the old one no longer enrolls VMs. Write "
+                                        "the group's new DIR/GROUP.bootstrap.json and DIR/GROUP.user-data "
+                                        "(--embed-agent as for create) for the VMs launched from now on.")
     _ctx_arg(p)
     p.add_argument("group", metavar="GROUP", type=_name_of("group"), help="group name")
     _out_args(p, "GROUP.bootstrap.json and .user-data")
@@ -261,10 +361,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if args.file and not args.write:
             parser.error("known-hosts: --file only makes sense with --write")
         args.file = args.file or os.path.join("~", ".ssh", "known_hosts")
+    if args.command == "status" and not args.watch:
+        if args.interval is not None:
+            parser.error("status: --interval only makes sense with --watch")
+    if args.command == "status" and args.watch and args.json:
+        parser.error("status: --watch and --json cannot be combined (--json prints one document)")
     if args.command == "node" and args.node_command == "remove":
         twice = sorted({nid for nid in args.nodes if args.nodes.count(nid) > 1})
         if twice:
             parser.error(f"node remove: node {twice[0]} is given twice")
+    if args.command == "user" and args.user_command == "add" and not args.write_config:
+        if args.write_profile or args.force:
+            option = "--profile" if args.write_profile else "--force"
+            parser.error(f"user add: {option} only makes sense with --write-config (ctxctl's own "
+                         "--profile goes before the command)")
     action = {"data": "data_command", "user": "user_command", "node": "node_command",
               "join-token": "join_command"}.get(args.command)
     args.command_key = f"{args.command} {getattr(args, action)}" if action else args.command
@@ -274,6 +384,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 async def run_command(broker: BrokerClient, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     """Run the chosen command; print ONE ``ctxctl: error:`` line for any failure; return the exit code."""
     try:
+        if isinstance(getattr(args, "context", None), str):
+            args.context = await context_id(broker, args.context)  # a name: its id
         return await COMMANDS[args.command_key](broker, args, out, err)
     except CliError as e:
         _print_error(err, str(e))

@@ -83,7 +83,10 @@ def departure(node: Mapping[str, Any]) -> Optional[str]:
 
 
 def _node_message(node: Mapping[str, Any], now: Optional[float]) -> str:
-    """A member's error message; for a node whose agent watches for changes, when it was last heard of."""
+    """Why a member waits (``waiting: role ...``, what its agent last said), else its error message,
+    else, for a node whose agent watches for changes, when it was last heard of."""
+    if isinstance(node.get("waiting"), str) and node["waiting"].strip():
+        return waiting_text(node["waiting"], 80)
     problem = node.get("error")
     if isinstance(problem, dict) and problem.get("message"):
         return cell(problem.get("message"), 80)
@@ -106,6 +109,11 @@ def _address(identity: Mapping[str, Any]) -> str:
 def members(status: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     """The nodes of a status that have not departed (removed, left, lost or revoked)."""
     return [n for n in status.get("nodes") or [] if isinstance(n, dict) and departure(n) is None]
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 group``, ``2 groups``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def user_table(users: List[Any]) -> List[str]:
@@ -166,6 +174,55 @@ def silent_nodes(status: Mapping[str, Any]) -> str:
     never = sum(n for _, n in missing_slots(status))
     return (f"{silent} of {expected} nodes did not report "
             f"({never} never enrolled, {silent - never} enrolled but not finished)")
+
+
+def waiting_text(message: Any, limit: int) -> str:
+    """An agent's reason to wait, printable, as ``waiting: ...`` (the agent's own words start so)."""
+    text = cell(message, limit)
+    return text if text.startswith("waiting") else cell(f"waiting: {text}", limit)
+
+
+def longest_waiting(progress: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The node that waits longest and why (``{"node_id", "hostname", "message", ...}``): the
+    progress' ``waiting``; of a full status (which says nothing of how long), the first member
+    still contextualizing that says why. None when no node says it waits."""
+    if "waiting" in progress:
+        waiting = progress.get("waiting")
+        return waiting if isinstance(waiting, dict) and waiting.get("message") else None
+    for node in members(progress):
+        message = node.get("waiting")
+        if node.get("state") == "contextualizing" and isinstance(message, str) and message.strip():
+            return {"node_id": node.get("id"), "hostname": (node.get("identity") or {}).get("hostname"),
+                    "message": message}
+    return None
+
+
+def follow_line(progress: Mapping[str, Any], elapsed: Optional[float] = None, keep_going: bool = False) -> str:
+    """``wait``'s line: the progress line, how long it has waited, how many nodes are in error
+    while it keeps going, and why the node that waits longest waits:
+    ``[##........] 1/4 ok, 0 error, 1/4 enrolled, 2m 5s elapsed; head: waiting: role ...``."""
+    line = progress_line(progress)
+    if elapsed is not None:
+        line += f", {span(elapsed)} elapsed"
+    errors = count(progress, "error")
+    if keep_going and errors:
+        line += f"; {errors} node{'s' if errors != 1 else ''} in error, waiting on (--keep-going)"
+    waiting = longest_waiting(progress)
+    if waiting is not None:
+        who = waiting.get("hostname")
+        if not rules.is_hostname(who):
+            who = waiting.get("node_id", waiting.get("node"))
+        line += f"; {cell(who)}: {waiting_text(waiting.get('message'), 120)}"
+    return line
+
+
+def progress_error_line(progress: Mapping[str, Any]) -> Optional[str]:
+    """``node GROUP/ID (HOSTNAME) reported an error: MESSAGE`` of a progress' oldest error, or None."""
+    first = progress.get("first_error")
+    if not isinstance(first, dict):
+        return None
+    return (f"node {cell(first.get('group'))}/{cell(first.get('node_id'))} ({cell(first.get('hostname'))}) "
+            f"reported an error: {cell(first.get('message'), 200)}")
 
 
 def progress_line(status: Mapping[str, Any], width: int = 10) -> str:

@@ -4,6 +4,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -18,8 +19,13 @@ def _journal_path(target: str) -> str:
 
 def _describe(damage: Damage) -> str:
     kind = "torn tail (start-up cuts it off)" if damage.torn else "damage in the middle (start-up refuses; --repair drops it)"
-    return (f"damage at offset {damage.offset}: {damage.reason}; {kind}; {damage.size} bytes from there to the end, "
-            f"{damage.frames} valid-looking records among them")
+    return (f"damage at offset {damage.offset}: {damage.reason}; {kind}; {_count(damage.size, 'byte')} from there "
+            f"to the end, {_count(damage.frames, 'valid-looking record')} among them")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 record``, ``2 records``, ``0 records``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -64,9 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(_describe(result.damage), file=sys.stderr)
     else:
         print(f"journal {path}")
-        print(f"format version {result.version}, file id {result.file_id.hex()}, {result.size} bytes")
+        print(f"format version {result.version}, file id {result.file_id.hex()}, {_count(result.size, 'byte')}")
         if result.records:
-            print(f"{len(result.records)} records, sequence {result.records[0][0]}..{result.records[-1][0]}")
+            print(f"{_count(len(result.records), 'record')}, sequence {result.records[0][0]}..{result.records[-1][0]}")
         else:
             print("0 records")
         print(_describe(result.damage) if result.damage is not None else "no damage")
@@ -77,7 +83,7 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
     try:
         if args.command == "backup":
             count, last = backup(args.state_dir, args.dest)
-            print(f"backed up {count} records (up to sequence {last}), the TLS files and the admin token "
+            print(f"backed up {_count(count, 'record')} (up to sequence {last}), the TLS files and the admin token "
                   f"of {args.state_dir} to {args.dest}")
         else:
             moved = restore(args.backup_dir, args.state_dir)
@@ -106,9 +112,25 @@ def _snapshot_report(path: str, command: str) -> Optional[int]:
             sys.stdout.write(f"snapshot {i} {json.dumps(record, separators=(',', ':'), sort_keys=True)}\n")
     else:
         print(f"snapshot {path}")
-        print(f"{size} bytes, {len(records)} records, covers journal sequence 1..{covered}")
+        print(f"{_count(size, 'byte')}, {_count(len(records), 'record')}, covers journal sequence 1..{covered}")
     return 0
 
 
+def run() -> int:
+    """``main`` as a command: a reader that leaves early (``dump | head``) ends it quietly, as it
+    ends cat: no traceback, and the status of a process that SIGPIPE stopped (128 + 13)."""
+    try:
+        code = main()
+        sys.stdout.flush()   # (what is still buffered fails here, not in the exit's own flush)
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so the write raised instead. Point stdout at /dev/null so the
+        # interpreter's last flush at exit does not fail again and print a second complaint.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -35,7 +35,8 @@ def test_failed_journal_write_is_unacknowledged_and_fatal(tmp_path):
             except OSError:
                 pass
         # A record larger than a page, so it cannot fit in the journal's last page.
-        second = broker.ctxctl("create", _cluster(tmp_path, data=64 * 1024), "--out", tmp_path / "out2")
+        second = broker.ctxctl("create", _cluster(tmp_path, data=64 * 1024), "--out", tmp_path / "out2",
+                               "--allow-duplicate-name")
         assert second.returncode != 0
         assert "503" in second.stderr or "unavailable" in second.stderr or "cannot connect" in second.stderr, second.stderr
         assert broker.proc.wait(timeout=20) == 1, "ctxd must exit 1 after a failed journal write"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -103,9 +105,15 @@ def die_with_parent() -> None:
         pass
 
 
+_SCRATCH = Path(tempfile.mkdtemp(prefix="ctxd-e2e-home-"))
+atexit.register(shutil.rmtree, str(_SCRATCH), True)
+
+
 def clean_env(**extra: str) -> Dict[str, str]:
     """The environment for child processes, minus anything that steers ctxctl."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXCTL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXCTL_", "XDG_"))}
+    # ctxctl keeps its reports and reads its configuration below these: never the user's own.
+    env.update(XDG_STATE_HOME=str(_SCRATCH / "state"), XDG_CONFIG_HOME=str(_SCRATCH / "config"))
     env.update(extra)
     return env
 

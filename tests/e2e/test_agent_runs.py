@@ -20,6 +20,7 @@ from .helpers import (
     EXIT_ENV,
     EXIT_OK,
     EXIT_SCRIPT,
+    EXIT_USAGE,
     INITIAL_HOSTS,
     Ident,
     calls,
@@ -192,11 +193,17 @@ def test_rerun_idempotent(broker, vms, tmp_path, cluster, diag):
 
 
 def test_no_bootstrap(tmp_path, diag):
-    """An agent started with no bootstrap present exits 0 quietly and runs nothing."""
+    """An instance whose user-data holds no bootstrap: the agent exits 0 quietly and runs nothing
+    (an image may run it on every boot). A bootstrap FILE named on the command line that does not
+    exist is a configuration error (exit 2), and runs nothing either."""
     vm = make_vm(tmp_path / "vms", "plain", Ident("127.0.0.9", "e2e-plain", "e2e-plain.test"))
     diag.add_file("agent log", vm.log_path)
-    rc = vm.run(tmp_path / "no-such-bootstrap.json", timeout=30)
+    user_data = tmp_path / "user-data.txt"
+    user_data.write_text("#cloud-config\nruncmd: []\n")
+    rc = vm.run("cloud-init", timeout=30, extra=["--cloud-init-user-data", str(user_data)])
     assert rc == EXIT_OK
+    rc = vm.run(tmp_path / "no-such-bootstrap.json", timeout=30)
+    assert rc == EXIT_USAGE and "no-such-bootstrap.json" in vm.log()
     assert vm.records() == []
     assert vm.hosts_file.read_text() == INITIAL_HOSTS
 

@@ -15,6 +15,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from .helpers import EXIT_OK, EXIT_REFUSED, Ident, finish, make_vm, managed_block, wait_until
 
 CLUSTER = """\
@@ -169,6 +171,8 @@ def replace_script(vm, name, text):
     path.chmod(0o755)
 
 
+# The agent's re-runs and heartbeat; the broker's side of it is the first test's.
+@pytest.mark.once
 def test_a_failing_rerun_reports_error_keeps_watching_and_the_next_change_retries(broker, tmp_path, diag):
     """A re-run that fails reports error, and the next change retries it. A re-run longer than the
     lease (c1's) keeps its node: the agent tells the broker it is alive while the scripts run."""

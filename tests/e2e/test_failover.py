@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from .helpers import (
     EXIT_OK,
     BrokerProcess,
@@ -18,6 +20,9 @@ from .helpers import (
 )
 
 
+# The standby's lock, a vanished host and the agents' keepalive: no library of the broker's is
+# used here that the Debian run's other end-to-end tests do not use (and it takes a minute).
+@pytest.mark.once
 def test_standby_takes_over_when_the_active_host_dies(netlab, tmp_path, diag, timing, cluster):
     """The active broker's host is lost (ctxd killed with SIGKILL, its link down) after three of
     four agents enrolled; the standby, waiting on the state directory's lock, takes it and the
