@@ -35,11 +35,12 @@ certificates, CTX_TLS_KEY, CTX_TLS_CERT, CTX_TLS_BUNDLE, CTX_TLS_CA_DIR (when
 the view has a ca_dir) and CTX_SSH_CERTS (paths joined by ":").
 
 Host certificates (when the view opts in; before any script, and in watch mode
-again two thirds into their validity): a key made once by the openssl command
-(argv, never a shell) stays here; the broker signs a request for this node's
-vetted names. Installed at the view's paths, 0644: the certificate (leaf, then
-chain), the CA bundle, and in ca_dir each CA as ctxd-CID-N.pem with its HASH.N
-symlink; SSH certificates as ssh_host_TYPE_key-cert.pub beside the host keys,
+again two thirds into their validity): a key made by the openssl command (argv,
+never a shell) for this node (KEY.ctxd-node names it: an image's key is never
+reused) stays here; the broker signs a request for this node's vetted names.
+Installed at the view's paths, 0644: the certificate (leaf, then chain), the CA
+bundle, and in ca_dir each CA as ctxd-CID-N.pem with its HASH.N symlink (any
+other context's such files and links removed); SSH certificates as ssh_host_TYPE_key-cert.pub beside the host keys,
 and with sshd = true, HostCertificate lines in --sshd-config-dir's
 ctxd-host-certificates.conf and an sshd reload through systemctl.
 
@@ -53,7 +54,8 @@ Exit codes:
     4   an action failed (a script exited non-zero or timed out)
     5   timed out waiting for a complete view
     6   the broker refused us (join token expired or used up, context deleted,
-        this node departed)
+        this node departed), or this node's host certificates (403, 409:
+        then reported)
     42  programming error (an assertion failed)
     97  uncaught exception
 
@@ -153,6 +155,9 @@ SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")   # tokens and the instance key
 TOKEN = re.compile(r"ctxd_(join|node|adm)_[A-Za-z0-9_-]*")
 PATH = re.compile(r"/[^\x00\r\n]{0,4095}")
 PEM = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----")
+# A credentials request answered 429 is asked again after its Retry-After (at most MAX_RETRY_AFTER s;
+# RATE_LIMIT_PAUSE s without one), at most RATE_LIMITED_RETRIES times: the broker issues one a minute.
+MAX_RETRY_AFTER, RATE_LIMIT_PAUSE, RATE_LIMITED_RETRIES = 120, 60, 3
 RENEW_RETRY = 60   # s: a renewal that failed (or came too early) is tried again after this, then twice as long...
 
 LOG = logging.getLogger("ctxagent")
@@ -187,6 +192,20 @@ class IncompleteError(AgentError):
 
 class RefusedError(AgentError):
     exit_code = EXIT_REFUSED
+    credential_works = False   # so no error report can go
+
+
+class CredentialsRefused(RefusedError):
+    """The broker refused this node's host certificates (403, 409): its node credential still works."""
+    credential_works = True
+
+
+def retry_after(value):
+    """The seconds a Retry-After header VALUE asks for, 1 to MAX_RETRY_AFTER (RATE_LIMIT_PAUSE without a number)."""
+    try:
+        return min(max(int(value), 1), MAX_RETRY_AFTER)
+    except (TypeError, ValueError):
+        return RATE_LIMIT_PAUSE
 
 
 def exit_code_for(exc):
@@ -1014,19 +1033,64 @@ def certificate_names(cert, identity):
     return list(collections.OrderedDict.fromkeys(getattr(identity, CERT_NAMES[n]) for n in cert.names))
 
 
-def make_csr(cert, names):
-    """A certificate request (PEM) for NAMES (the first as CN) with CERT's key, made (0600) if missing."""
-    if not os.path.lexists(cert.key):
-        key = tool("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-        os.makedirs(os.path.dirname(cert.key), 0o755, exist_ok=True)
-        try:   # exclusive: two racing runs both use the key of the first
-            atomic_write(cert.key, key, exclusive=True)
-            LOG.info("made the key %s", cert.key)
-        except FileExistsError:
-            pass
+def node_key(path, node_id):
+    """Make sure PATH is a private key made for NODE_ID: one made (0600) when it is missing or its
+    sidecar PATH.ctxd-node names no or another node (an image snapshotted from a contextualized VM
+    carries the key: never shared with the VMs made from it). EnvironmentFailure for a PATH that is
+    not a regular file (a symlink) of ours, 0600 or stricter."""
+    sidecar = path + ".ctxd-node"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+                   "is owned by uid %d, not %d" % (st.st_uid, os.geteuid()) if st.st_uid != os.geteuid() else
+                   "is accessible to others (mode 0%o)" % stat.S_IMODE(st.st_mode) if st.st_mode & 0o077 else None)
+        if problem:
+            raise EnvironmentFailure("refusing the key %s: it %s; remove it to have a new key made" % (path, problem))
+        try:
+            if (read_file(sidecar, 1024, True) or b"").strip() == node_id.encode():
+                return
+        except (OSError, InputError):
+            pass   # a symlink, a larger file: a new key
+    key = tool("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    atomic_write(path, key)    # first the key, then the sidecar: cut short, the next run makes another
+    atomic_write(sidecar, node_id.encode() + b"\n")
+    LOG.info("made the key %s%s", path, "" if st is None else " (the one there was not made for this node)")
+
+
+def make_csr(cert, names, node_id):
+    """A certificate request (PEM) for NAMES (the first as CN) with CERT's key, made for NODE_ID if need be."""
+    node_key(cert.key, node_id)
     san = ",".join(("IP:" if _is_ip(n) else "DNS:") + n for n in names)
     return tool("openssl", "req", "-new", "-key", cert.key, "-subj", "/CN=" + names[0],
                 "-addext", "subjectAltName=" + san).decode("ascii")
+
+
+SAN = re.compile(r"X509v3 Subject Alternative Name:[^\n]*\n[ \t]*([^\n]*)")
+
+
+def certified_names(text):
+    """{("DNS", lower-case name) or ("IP", address)} and any other entry as it is, from the
+    subjectAltName in openssl x509's output TEXT (-ext subjectAltName or -text)."""
+    found = SAN.search(text)
+    names = set()
+    for entry in found.group(1).strip().split(", ") if found else ():
+        kind, _, value = entry.partition(":")
+        if kind == "DNS":
+            names.add(("DNS", value.lower()))
+        elif kind == "IP Address" and _is_ip(value):
+            names.add(("IP", str(ipaddress.ip_address(value))))
+        else:
+            names.add((entry, ""))
+    return names
+
+
+def requested_names(names):
+    """certified_names' form of NAMES."""
+    return {("IP", str(ipaddress.ip_address(n))) if _is_ip(n) else ("DNS", n.lower()) for n in names}
 
 
 def _pems(text, what, least):
@@ -1074,10 +1138,17 @@ def check_credentials(reply, view, names, host_keys, sshd_conf):
         if len(leaf) > 1 or set(str(n).lower() for n in _expect(x509.get("names"), list, what + ".names")) != set(
                 n.lower() for n in names):
             raise InputError("%s: not one certificate for %s" % (what, ", ".join(names)))
-        x509_out = lambda pem, arg, part: tool("openssl", "x509", "-noout", arg, data=pem.encode(), what=what + part)
-        if x509_out(leaf[0], "-pubkey", ".certificate") != tool("openssl", "pkey", "-pubout", "-in", cert.key):
+        x509_out = lambda pem, part, *args: tool("openssl", "x509", "-noout", *args, data=pem.encode(),
+                                                 what=what + part)
+        if x509_out(leaf[0], ".certificate", "-pubkey") != tool("openssl", "pkey", "-pubout", "-in", cert.key):
             raise InputError("%s.certificate: not for the key %s" % (what, cert.key))
-        cas = [(pem, x509_out(pem, "-subject_hash", ".bundle").decode().strip()) for pem in bundle]
+        try:
+            text = x509_out(leaf[0], ".certificate", "-ext", "subjectAltName")
+        except InputError:   # OpenSSL before 1.1.1 has no -ext
+            text = x509_out(leaf[0], ".certificate", "-text")
+        if certified_names(text.decode("utf-8", "replace")) != requested_names(names):
+            raise InputError("%s.certificate: its subjectAltName is not exactly %s" % (what, ", ".join(names)))
+        cas = [(pem, x509_out(pem, ".bundle", "-subject_hash").decode().strip()) for pem in bundle]
         files += [(cert.certificate, "".join(leaf + chain)), (cert.bundle, "".join(bundle))]
         renewals.append(_renewal(x509, what))
         env.update(CTX_TLS_KEY=cert.key, CTX_TLS_CERT=cert.certificate, CTX_TLS_BUNDLE=cert.bundle)
@@ -1119,12 +1190,13 @@ def install(path, text):
 
 def install_ca_dir(ca_dir, context_id, cas):
     """The CA certificates CAS ([(PEM, subject hash)]) in the hashed directory CA_DIR (openssl's -CApath):
-    ctxd-CID-I.pem and a symlink HASH.N to it each; what this context had there before is replaced,
-    all else kept."""
+    ctxd-CID-I.pem and a symlink HASH.N to it each; what this or another context had there before
+    (ctxd-ID-N.pem, the links to them: an image from another context must not trust its CA) is
+    replaced, all else kept."""
     names = ["ctxd-%s-%d.pem" % (context_id, i) for i in range(len(cas))]
     for name, (pem, _) in zip(names, cas):
         install(os.path.join(ca_dir, name), pem)
-    wanted, ours = set(zip(names, (h for _, h in cas))), re.compile(r"ctxd-%s-\d+\.pem" % context_id)
+    wanted, ours = set(zip(names, (h for _, h in cas))), re.compile(r"ctxd-%s-\d+\.pem" % ID.pattern)
     for entry in sorted(os.listdir(ca_dir)):
         path = os.path.join(ca_dir, entry)
         link = os.readlink(path) if os.path.islink(path) else None
@@ -1357,6 +1429,7 @@ class BrokerConnection(object):
         self.source = source
         self.connection = None
         self.session = None         # the last TLS session, offered when connecting again
+        self.retry_after = None     # the Retry-After header of the last reply
         self.opened = self.resumed = 0
 
     def connect(self, timeout=REQUEST_TIMEOUT):
@@ -1418,7 +1491,7 @@ class BrokerConnection(object):
                 self.close()
                 raise
             break
-        self.reached = True
+        self.reached, self.retry_after = True, reply.getheader("Retry-After")
         if reply.isclosed() and not reply.will_close:
             self.session = self.connection.sock.session   # TLS 1.3 tickets come after the handshake
         else:   # the broker said it closes, or the body was not read to its end
@@ -1636,7 +1709,7 @@ class Agent(object):
                         errored = False
                 except AgentError as exc:
                     LOG.error("renewing the host certificates failed: %s", exc)
-                    self.fail(exit_code_for(exc), str(exc))
+                    self.fail(exc)
                     self.renew_at, delay, errored = time.time() + delay, min(delay * 2, 3600), errored or "renewal"
                 continue
             if first and (now - last >= o.settle or now - first >= o.settle_max):
@@ -1651,7 +1724,7 @@ class Agent(object):
                     self.save_applied(held)
                 except AgentError as exc:   # the next change retries from what was applied
                     LOG.error("re-run failed: %s", exc)
-                    self.fail(exit_code_for(exc), str(exc))
+                    self.fail(exc)
                     errored = True
                 finally:
                     done.set()
@@ -1675,7 +1748,7 @@ class Agent(object):
                     first = first or last
             except InputError as exc:
                 LOG.error("refusing the view: %s", exc)
-                self.fail(EXIT_INPUT, str(exc))
+                self.fail(exc)
                 errored = True
                 time.sleep(self.retry_max)
 
@@ -1690,8 +1763,16 @@ class Agent(object):
         body, names = {} if sshd is None else {"ssh": True}, cert and certificate_names(cert, view.identity)
         try:
             if cert:
-                body["csr"] = make_csr(cert, names)
-            status, raw = self.call("POST", self.node_path("credentials"), self.node["node_token"], body)
+                body["csr"] = make_csr(cert, names, self.node["node_id"])
+            for attempt in range(RATE_LIMITED_RETRIES + 1):
+                status, raw = self.call("POST", self.node_path("credentials"), self.node["node_token"], body)
+                if status != 429 or attempt == RATE_LIMITED_RETRIES:
+                    break
+                pause = retry_after(getattr(self.broker, "retry_after", None))
+                LOG.warning("credentials: %s; asking again in %d s", describe_error(status, raw), pause)
+                time.sleep(pause)
+            if status in (403, 409):   # certificate_refused, not_enabled, ca_key_lost: the node credential works
+                raise CredentialsRefused("host credentials refused by the broker: %s" % describe_error(status, raw))
             if status != 200:
                 raise self.refused("credentials", status, raw)
             files, cas, renew, self.tls_env = check_credentials(
@@ -1913,10 +1994,14 @@ class Agent(object):
                 time.sleep(1)   # a broker that does not wait must not make us spin
             since = revision
 
-    def fail(self, code, message):
-        """Report the failure, best effort and briefly, when we hold a credential."""
-        # Not to a broker that refused us or never answered (but exit 3 for a missing openssl, say).
-        if self.node is None or code == EXIT_REFUSED or code == EXIT_ENVIRONMENT and not self.broker.reached:
+    def fail(self, exc, message=None):
+        """Report the failure EXC (MESSAGE: what to say, else str(EXC)), best effort and briefly, when we
+        hold a credential that works."""
+        code, message = exit_code_for(exc), message or str(exc)
+        # Not to a broker that refused us (but for the host certificates only) or never answered
+        # (but exit 3 for a missing openssl, say).
+        if self.node is None or code == EXIT_REFUSED and not getattr(exc, "credential_works", False) or (
+                code == EXIT_ENVIRONMENT and not self.broker.reached):
             return
         self.advise({"state": "error", "exit_code": code, "message": message, "log_tail": self.runlog.tail()},
                     ERROR_REPORT_TIMEOUT)
@@ -2023,7 +2108,7 @@ def main(argv):
             LOG.exception("internal error")
             message = "internal error: %s: %s" % (type(exc).__name__, message)
         LOG.error("failed (exit %d): %s", code, message)
-        agent.fail(code, message)
+        agent.fail(exc, message)
         return code
     finally:
         if agent.broker is not None:

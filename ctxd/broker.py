@@ -573,6 +573,10 @@ class Broker:
                     and last["names"] == names and _fresh(last, now):
                 reply["x509"] = self._x509_reply(last, cid, ctx.cas.get("x509", ""), spec["issuer"])
             else:
+                holder = ctx.cert_key_owner.get(credentials.key_id(csr.public_key()), nid)
+                if holder != nid:
+                    raise Conflict("this key was certified for another node of the context (a key baked into "
+                                   "the image?): every VM needs its own", code="key_in_use")
                 self._limit_issuing(last, now)
                 issued["x509"] = self.authority.issue_x509(cid, ctx.cas.get("x509", ""), spec["issuer"], csr, names,
                                                            spec["validity"], now)

@@ -23,7 +23,7 @@ import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -37,6 +37,8 @@ from ctxd.files import write_private
 from ctxd.tls import key_usage
 
 MASTER_FILE = "credentials.key"
+#: ssh-keygen's private working directories in the state directory (removed at start if left).
+SIGN_DIR_PREFIX = "ssh-sign-"
 MASTER_BYTES = 32
 #: A context's CA certificate is valid this long (it only ever signs for that context).
 CA_DAYS = 3650
@@ -57,6 +59,7 @@ def load_master(state_dir: str) -> bytes:
     """The master secret in ``state_dir``, made (0600) if it is not there yet."""
     path = os.path.join(state_dir, MASTER_FILE)
     try:
+        _check_private(path)
         with open(path, "rb") as f:
             master = f.read()
     except FileNotFoundError:
@@ -65,6 +68,13 @@ def load_master(state_dir: str) -> bytes:
     if len(master) != MASTER_BYTES:
         raise ValueError(f"{path} is not a ctxd credentials key ({len(master)} bytes, not {MASTER_BYTES})")
     return master
+
+
+def _check_private(path: str) -> None:
+    """Refuse a key file others may read or write (as ssh does)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ValueError(f"{path} is accessible to others (mode {mode & 0o777:04o}): chmod 600 it")
 
 
 def _utc(seconds: float) -> datetime.datetime:
@@ -104,6 +114,7 @@ class SiteCA:
         with open(cert_path, "rb") as f:
             chain = x509.load_pem_x509_certificates(f.read()) if hasattr(x509, "load_pem_x509_certificates") \
                 else _load_pem_chain(f.read())
+        _check_private(key_path)
         with open(key_path, "rb") as f:
             self.key = serialization.load_pem_private_key(f.read(), None)
         if not chain:
@@ -135,8 +146,13 @@ def parse_csr(pem: Any) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(pem.encode("ascii"))
         key = csr.public_key()
-    except (ValueError, TypeError):
-        raise BadRequest("csr: not a PEM certificate request") from None
+        # Everything the broker reads of it later, read now: a duplicate extension, a name that is
+        # not valid UTF-8 or IDNA, a signature OpenSSL cannot parse is a bad request, not a 500.
+        requested_names(csr)
+        csr.is_signature_valid
+    except (ValueError, TypeError, UnicodeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+            UnsupportedAlgorithm, InternalError):
+        raise BadRequest("csr: not a PEM certificate request ctxd can read") from None
     if isinstance(key, rsa.RSAPublicKey):
         ok = key.key_size >= MIN_RSA_BITS
     elif isinstance(key, ec.EllipticCurvePublicKey):
@@ -203,6 +219,12 @@ class Authority:
         self.workdir = workdir
         self.ssh_keygen = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
         self._spawn = spawn
+        # ssh-keygen runs at most this many at once (a join storm on Debian 12's cryptography 38).
+        self._signers = defer.DeferredSemaphore(max(2, os.cpu_count() or 2))
+        if workdir is not None:   # a CA key left behind by a broker killed while ssh-keygen ran
+            for name in os.listdir(workdir):
+                if name.startswith(SIGN_DIR_PREFIX):
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
     # -- a context's CAs -----------------------------------------------------
 
@@ -316,7 +338,8 @@ class Authority:
             d = defer.succeed([self._sign_ssh(cid, nid, k, principals, serial, before, after) for k in keys])
         else:
             d = defer.gatherResults(
-                [self._sign_ssh_keygen(cid, nid, k, principals, serial, before, after) for k in keys],
+                [self._signers.run(self._sign_ssh_keygen, cid, nid, k, principals, serial, before, after)
+                 for k in keys],
                 consumeErrors=True,
             )
         d.addCallback(lambda certificates: {
@@ -349,7 +372,7 @@ class Authority:
                          before: int, after: int) -> Any:
         """The same with OpenSSH's ssh-keygen -s, from argv (the CA key exists on disk only for
         this call, 0600 in a private directory of the state directory)."""
-        with tempfile.TemporaryDirectory(dir=self.workdir, prefix="ssh-sign-") as work:
+        with tempfile.TemporaryDirectory(dir=self.workdir, prefix=SIGN_DIR_PREFIX) as work:
             ca_path, key_path = os.path.join(work, "ca"), os.path.join(work, "host.pub")
             write_private(ca_path, self._ssh_key(cid).private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))

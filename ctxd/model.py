@@ -317,6 +317,9 @@ class Context:
         self.name_owner: Dict[str, str] = {}
         self.ip_owner: Dict[str, str] = {}
         self.key_owner: Dict[str, str] = {}
+        # The SHA-256 of each TLS key a certificate was issued for -> its node: one key, one node
+        # (a key baked into an image would otherwise be every VM's).
+        self.cert_key_owner: Dict[str, str] = {}
         self.iface_owners: Dict[str, Any] = {}  # address -> a node id, or a set of them
         # node id -> (reason, when) of every departed node: removed, left, lost or revoked.
         self.departures: Dict[str, Tuple[str, float]] = {}
@@ -1214,6 +1217,8 @@ class Model:
             node.credentials = {}
         for kind, issued in record["issued"].items():
             node.credentials[kind] = dict(issued, at=record["at"])
+            if kind == "x509":
+                ctx.cert_key_owner[issued["key"]] = node.id
         return Touched(ctx.id)
 
     def _apply_data(self, ctx: Context, record: Dict[str, Any]) -> Touched:
@@ -1370,7 +1375,10 @@ class Model:
                 # Inside the cluster, hosts are reached by short name and address too (MPI, Slurm):
                 # any host, which trusts no more than the per-host lines would (docs/credentials.md).
                 "pattern": "*",
-                "groups": [name for name, other in ctx.groups.items() if other.ssh_certificate is not None],
+                # Whose sshd presents its certificates: their peers need no per-host line (with
+                # sshd = false the certificates are installed, but sshd shows plain host keys).
+                "groups": [name for name, other in ctx.groups.items()
+                           if other.ssh_certificate is not None and other.ssh_certificate["sshd"]],
             }
         if g.all_identities:
             part["all_identities"] = [n.public for n in ctx.nodes.values() if n.public]

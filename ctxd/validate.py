@@ -11,6 +11,7 @@ import hmac
 import io
 import ipaddress
 import json
+import re
 import tarfile
 import zlib
 from typing import Any, Dict, List, Optional, Set
@@ -220,12 +221,17 @@ def cluster(body: Any) -> Dict[str, Any]:
 
 def scripts(value: Any, field: str) -> Dict[str, Any]:
     """A context's ctx-scripts tree: ``{"b64", "sha256"}`` of a gzip'd tar of regular files and
-    directories with relative names (docs/cluster-file.md), checked whole; its clean form adds
-    ``size``."""
+    directories with relative names (docs/cluster-file.md), checked whole by the rules every agent
+    applies (ctxagent.read_scripts); its clean form adds ``size``."""
     value = obj(value, field, required=("b64", "sha256"))
     packed = _b64(value["b64"], f"{field}.b64", rules.MAX_SCRIPTS)
+    if len(packed) > rules.MAX_SCRIPTS:
+        raise BadRequest(f"{field}.b64: must be base64 of at most {rules.MAX_SCRIPTS} bytes")
+    claimed = value["sha256"]
+    if not isinstance(claimed, str) or not SHA256_RE.fullmatch(claimed):
+        raise BadRequest(f"{field}.sha256: must be 64 hexadecimal digits")
     digest = hashlib.sha256(packed).hexdigest()
-    if not hmac.compare_digest(digest, str(value["sha256"]).lower()):
+    if not hmac.compare_digest(digest, claimed.lower()):
         raise BadRequest(f"{field}.sha256: is not the SHA-256 of the tree ({digest})")
     problem = scripts_problem(packed)
     if problem:
@@ -233,25 +239,45 @@ def scripts(value: Any, field: str) -> Dict[str, Any]:
     return {"b64": value["b64"], "sha256": digest, "size": len(packed)}
 
 
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def scripts_problem(packed: bytes) -> Optional[str]:
-    """What makes a packed ctx-scripts tree unsafe to unpack, or None."""
-    total = 0
+    """What makes a packed ctx-scripts tree one an agent refuses, or None. The agent's rules
+    (ctxagent.read_scripts), the same ones: inflated first with a bound (contents and tar headers:
+    tarfile never inflates more), then regular files and directories only, relative printable
+    names without ".." parts, no file where a directory must be, at most MAX_SCRIPT_FILES entries
+    and MAX_SCRIPTS_UNPACKED bytes; and names a file system takes (at most 1024 characters, 255 a
+    part), which the agent would find out only when it writes."""
+    limit = 2 * rules.MAX_SCRIPTS_UNPACKED
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        with tarfile.open(fileobj=io.BytesIO(packed), mode="r:gz") as tar:
-            for count, member in enumerate(tar, 1):
+        raw = inflater.decompress(packed, limit + 1)
+    except zlib.error as e:
+        return f"not a gzip'd tar (corrupt gzip data: {e})"
+    if len(raw) > limit or not inflater.eof:
+        return f"it inflates to more than {limit} bytes, or its gzip data is truncated"
+    total, count = 0, 0
+    files, entries = set(), []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for member in tar:
                 name = member.name
-                parts = name.split("/")
-                if count > rules.MAX_SCRIPT_FILES:
-                    return f"more than {rules.MAX_SCRIPT_FILES} entries"
-                if not (member.isfile() or member.isdir()):
-                    return f"{name[:80]!r} is not a regular file or a directory"
-                if not name or name.startswith("/") or ".." in parts or not name.isprintable():
-                    return f"{name[:80]!r} is not a relative name without .. parts"
-                total += member.size
-                if total > rules.MAX_SCRIPTS_UNPACKED:
-                    return f"it unpacks to more than {rules.MAX_SCRIPTS_UNPACKED} bytes"
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        return f"not a gzip'd tar ({e})"
+                parts = tuple(part for part in name.split("/") if part not in ("", "."))
+                count, total = count + 1, total + member.size
+                if count > rules.MAX_SCRIPT_FILES or total > rules.MAX_SCRIPTS_UNPACKED:
+                    return f"more than {rules.MAX_SCRIPT_FILES} entries or {rules.MAX_SCRIPTS_UNPACKED} bytes"
+                if not (member.isfile() and parts or member.isdir()) or name.startswith("/") or ".." in parts \
+                        or not name.isprintable() or len(name) > 1024 or any(len(p) > 255 for p in parts):
+                    return f"{name[:80]!r} is not a regular file or a directory with a relative name"
+                if member.isfile():
+                    files.add(parts)
+                entries.append((parts, member.isfile()))
+    except (tarfile.TarError, ValueError, OSError, EOFError) as e:
+        return f"not a tar ({e})"
+    for parts, isfile in entries:
+        if any(parts[:i] in files for i in range(1, len(parts) + (not isfile))):
+            return f"{'/'.join(parts)[:80]!r} is below a file, or both a file and a directory"
     return None
 
 

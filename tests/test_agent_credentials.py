@@ -190,6 +190,48 @@ def test_the_key_is_made_0600_and_reused(node, broker):
                           check=True).stdout.count(b"P-256") == 1
 
 
+def test_a_key_not_made_for_this_node_is_replaced(node):
+    """A key without its sidecar (an image snapshotted from a contextualized VM) or whose sidecar names
+    another node is replaced by a new one (0600), and the sidecar (0600) then names this node."""
+    assert ctxagent.main(node.argv()) == 0
+    key, sidecar = node.tls / "host.key", node.tls / "host.key.ctxd-node"
+    assert sidecar.read_text() == NID + "\n" and mode(sidecar) == 0o600
+    for change in (sidecar.unlink, lambda: sidecar.write_text("A" * 22 + "\n")):
+        before = key.read_bytes()
+        change()
+        assert ctxagent.main(node.argv()) == 0
+        assert key.read_bytes() != before and mode(key) == 0o600
+        assert sidecar.read_text() == NID + "\n"
+    first, second, third = node.signer.requests
+    assert len({csr_key(first["csr"]), csr_key(second["csr"]), csr_key(third["csr"])}) == 3
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "group-readable", "another owner"])
+def test_an_unsafe_key_path_is_refused(node, broker, monkeypatch, kind):
+    """A key path that is a symlink or no regular file, readable by others or not the agent's own is
+    refused: exit 3, reported, nothing asked for, the path left as it was."""
+    node.tls.mkdir()
+    key = node.tls / "host.key"
+    if kind == "symlink":
+        (node.tmp / "elsewhere.key").write_text("not ours\n")
+        key.symlink_to(node.tmp / "elsewhere.key")
+    elif kind == "directory":
+        key.mkdir()
+    else:
+        subprocess.run([OPENSSL, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+                        str(key)], check=True)
+        (node.tls / "host.key.ctxd-node").write_text(NID + "\n")
+        key.chmod(0o640 if kind == "group-readable" else 0o600)
+        if kind == "another owner":
+            monkeypatch.setattr(os, "geteuid", lambda: os.lstat(str(key)).st_uid + 1)
+    before = snapshot(node.tls)
+    assert ctxagent.main(node.argv()) == 3
+    error = broker.reports()[-1]
+    assert (error["state"], error["exit_code"]) == ("error", 3)
+    assert "refusing the key %s: it " % key in error["message"]
+    assert node.signer.requests == [] and snapshot(node.tls) == before and recorded(node.tmp) == []
+
+
 @pytest.mark.parametrize("names, expected", [
     (["fqdn", "hostname", "ip"], list(ME)),
     (["ip", "fqdn"], [ME[2], ME[0]]),
@@ -238,9 +280,9 @@ def test_certificates_are_installed_with_their_modes(node):
         assert "host certificate" in shown and "node-3.cluster.example.org" in shown
 
 
-def test_ca_dir_links_of_others_are_kept_and_ours_replaced(node):
+def test_ca_dir_links_of_others_are_kept_and_ctxd_ones_replaced(node):
     """In ca_dir, another CA's file and link (even one of the same subject hash) stay; this context's
-    earlier files and links are replaced by the new ones."""
+    earlier files and links, and another context's (an image from it), are replaced by the new ones."""
     node.ca_dir.mkdir()
     subject_hash = subprocess.run([OPENSSL, "x509", "-noout", "-subject_hash"], input=pem(node.signer.root),
                                   stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout.strip()
@@ -248,11 +290,12 @@ def test_ca_dir_links_of_others_are_kept_and_ours_replaced(node):
     os.symlink("site.pem", str(node.ca_dir / (subject_hash + ".0")))
     (node.ca_dir / ("ctxd-%s-3.pem" % CID)).write_text("an old CA of ours\n")
     os.symlink("ctxd-%s-3.pem" % CID, str(node.ca_dir / "0badc0de.0"))
-    (node.ca_dir / "ctxd-Other-context-000000-0.pem").write_text("another context's\n")
+    (node.ca_dir / "ctxd-Other-context-00000000-0.pem").write_text("another context's\n")
+    os.symlink("ctxd-Other-context-00000000-0.pem", str(node.ca_dir / "5ca1ab1e.0"))
+    (node.ca_dir / "ctxd-site.pem").write_text("not a name this agent makes\n")
     assert ctxagent.main(node.argv()) == 0
     assert sorted(p.name for p in node.ca_dir.iterdir()) == sorted(
-        ["site.pem", subject_hash + ".0", "ctxd-Other-context-000000-0.pem", "ctxd-%s-0.pem" % CID,
-         subject_hash + ".1"])
+        ["site.pem", subject_hash + ".0", "ctxd-site.pem", "ctxd-%s-0.pem" % CID, subject_hash + ".1"])
     assert os.readlink(str(node.ca_dir / (subject_hash + ".0"))) == "site.pem"
     assert os.readlink(str(node.ca_dir / (subject_hash + ".1"))) == "ctxd-%s-0.pem" % CID
     made = {p.name: os.lstat(str(p)).st_mtime_ns for p in node.ca_dir.iterdir()}
@@ -327,6 +370,17 @@ def _replace_leaf(reply, signer):
                                              [x509.DNSName(ME[0])]))
 
 
+def _resign(reply, signer, change):
+    """The certificate for the request's key signed again with the names CHANGE makes of the requested
+    subjectAltName entries (None: no subjectAltName); the reply's JSON names stay as they were."""
+    csr = x509.load_pem_x509_csr(signer.requests[-1]["csr"].encode())
+    names = change(list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value))
+    reply["x509"]["certificate"] = pem(issue(ME[0], csr.public_key(), signer.sub_key, signer.sub, names))
+    if names is None:
+        assert "Alternative" not in subprocess.run([OPENSSL, "x509", "-noout", "-text"], check=True, input=reply[
+            "x509"]["certificate"], stdout=subprocess.PIPE, universal_newlines=True).stdout
+
+
 def _ed25519(reply):
     """The reply's SSH certificate of the ed25519 host key (the ecdsa one comes first)."""
     return reply["ssh"]["certificates"][1]
@@ -347,6 +401,10 @@ DAMAGES = {
     "another name": lambda r, s: r["x509"]["names"].append("evil.example.org"),
     "a name missing": lambda r, s: r["x509"]["names"].pop(),
     "another key": _replace_leaf,
+    "a certified name missing": lambda r, s: _resign(r, s, lambda names: names[:-1]),
+    "another certified name": lambda r, s: _resign(r, s, lambda names: names + [x509.DNSName("evil.example.org")]),
+    "an email certified too": lambda r, s: _resign(r, s, lambda names: names + [x509.RFC822Name("a@example.org")]),
+    "no subjectAltName": lambda r, s: _resign(r, s, lambda names: None),
     "no x509 part": lambda r, s: r.pop("x509"),
     "not_after first": lambda r, s: r["x509"].update(not_after=r["x509"]["not_before"] - 1),
     "infinite validity": lambda r, s: r["ssh"].update(not_after=float("inf")),
@@ -366,29 +424,96 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_a_malformed_reply_writes_nothing(node, broker, damage):
     """A reply with any part wrong is refused whole (exit 1, reported): no certificate, bundle, ca_dir,
-    SSH certificate or sshd file is written and no script runs (only the key exists, made before asking)."""
+    SSH certificate or sshd file is written and no script runs (only the key and its sidecar exist, made
+    before asking)."""
     node.damage = lambda reply: DAMAGES[damage](reply, node.signer) or reply
     ssh_before = snapshot(node.ssh)
     assert ctxagent.main(node.argv()) == 1
     error = broker.reports()[-1]
     assert (error["state"], error["exit_code"]) == ("error", 1) and "credentials reply" in error["message"]
-    assert os.listdir(str(node.tls)) == ["host.key"]
+    assert sorted(os.listdir(str(node.tls))) == ["host.key", "host.key.ctxd-node"]
     assert snapshot(node.ssh) == ssh_before
     assert not node.ca_dir.exists() and not node.sshd_conf.parent.exists()
     assert recorded(node.tmp) == []
 
 
-def test_a_refusal_is_exit_6(node, broker):
-    """A credentials request the broker refuses (403 certificate_refused) ends the run with exit 6, no script."""
+@pytest.mark.parametrize("status, error, reported", [
+    (403, "certificate_refused", True), (409, "not_enabled", True), (409, "ca_key_lost", True),
+    (401, "unauthorized", False), (410, "gone", False)])
+def test_a_refusal_is_exit_6_reported_while_the_credential_works(node, broker, status, error, reported):
+    """A credentials request the broker refuses ends the run with exit 6 and no script; with a node
+    credential that still works (403, 409) an error report carries the broker's message, so that
+    `ctxctl wait` ends; after 401, 404 or 410 none can go."""
     plain = broker.request
 
     def request(self, method, path, token=None, body=None, timeout=None):
         if path.endswith("/credentials"):
-            return 403, b'{"error": "certificate_refused", "message": "not this node\'s name"}'
+            return status, json.dumps({"error": error, "message": "no"}).encode()
         return plain(self, method, path, token, body, timeout)
     broker.request = request
     assert ctxagent.main(node.argv()) == 6
     assert recorded(node.tmp) == []
+    if reported:
+        report, = broker.reports()
+        assert (report["state"], report["exit_code"]) == ("error", 6)
+        assert report["message"] == "host credentials refused by the broker: HTTP %d '%s: no'" % (status, error)
+    else:
+        assert broker.reports() == []
+
+
+@pytest.mark.parametrize("header, pause", [("7", 7), ("86400", 120), (None, 60), ("Wed, 21 Oct 2015 07:28:00 GMT", 60)])
+def test_a_rate_limited_request_is_asked_again_after_retry_after(node, broker, monkeypatch, header, pause):
+    """A 429 to the credentials request is asked again after its Retry-After (at most 120 s; 60 s
+    without a number of seconds), and the run goes on."""
+    plain, answers, pauses = broker.request, [], []
+
+    def request(self, method, path, token=None, body=None, timeout=None):
+        self.retry_after = None
+        if path.endswith("/credentials") and not answers:
+            answers.append(429)
+            self.retry_after = header
+            return 429, b'{"error": "rate_limited", "message": "ask again in 7 s"}'
+        return plain(self, method, path, token, body, timeout)
+    broker.request = request
+    monkeypatch.setattr(ctxagent.time, "sleep", _recorded_pauses(pauses))
+    assert ctxagent.main(node.argv()) == 0
+    assert pauses == [pause] and len(node.signer.requests) == 1
+    assert [r["state"] for r in broker.reports()] == ["ok"]
+
+
+def test_a_request_rate_limited_again_and_again_ends_the_run(node, broker, monkeypatch):
+    """After three waits a fourth 429 ends the run (exit 1, reported)."""
+    plain, pauses = broker.request, []
+
+    def request(self, method, path, token=None, body=None, timeout=None):
+        if path.endswith("/credentials"):
+            self.calls.append((method, path, body))
+            self.retry_after = "1"
+            return 429, b'{"error": "rate_limited", "message": "later"}'
+        return plain(self, method, path, token, body, timeout)
+    broker.request = request
+    monkeypatch.setattr(ctxagent.time, "sleep", _recorded_pauses(pauses))
+    assert ctxagent.main(node.argv()) == 1
+    assert pauses == [1, 1, 1] and len([c for c in broker.calls if c[1].endswith("/credentials")]) == 4
+    assert broker.reports()[-1]["exit_code"] == 1
+
+
+def _recorded_pauses(pauses):
+    """time.sleep, but pauses of a second or more only appended to PAUSES (a script's polling sleeps)."""
+    sleep = time.sleep
+    return lambda seconds: pauses.append(seconds) if seconds >= 1 else sleep(seconds)
+
+
+def test_certified_names_reads_both_openssl_outputs():
+    """The subjectAltName of `-ext subjectAltName` and of `-text` output (a critical one, IPv6 as OpenSSL
+    prints it) reads the same; anything but DNS and IP entries is kept, so it never matches."""
+    ext = ("X509v3 Subject Alternative Name: critical\n    DNS:Node-3.example.org, IP Address:FD00:0:0:0:0:0:0:1\n")
+    text = "Certificate:\n    Data:\n        X509v3 extensions:\n            " + ext.replace("    ", "                ") \
+        + "    Signature Algorithm: ecdsa-with-SHA256\n"
+    expected = ctxagent.requested_names(["node-3.example.org", "fd00::1"])
+    assert ctxagent.certified_names(ext) == ctxagent.certified_names(text) == expected
+    assert ctxagent.certified_names(ext.replace("\n", ", email:a@b\n", 1)[:-1] + ", email:a@b\n") != expected
+    assert ctxagent.certified_names("No extensions in certificate\n") == set()
 
 
 @pytest.mark.parametrize("field, value", [

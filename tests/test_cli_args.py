@@ -246,10 +246,14 @@ def test_state_dir_supplies_everything(state_dir):
 
 
 def test_env_overrides_state_dir_and_flags_override_env(state_dir):
-    """Each setting: flag beats environment beats the state-dir file."""
+    """Each setting: flag beats environment beats the state-dir file; the state dir's admin token
+    goes only to the state dir's own URL (never to another broker's)."""
     env = {"CTXCTL_URL": "https://env:1", "CTXCTL_CA": "/env/ca.pem", "CTXCTL_STATE_DIR": str(state_dir)}
+    with pytest.raises(CliError, match="belongs to https://state:8443, not to https://env:1"):
+        resolve_settings(namespace(), env)
+    env["CTXCTL_TOKEN_FILE"] = "/env/token"
     settings = resolve_settings(namespace(), env)
-    assert settings == BrokerSettings("https://env:1", str(state_dir / "admin.token"), "/env/ca.pem")
+    assert settings == BrokerSettings("https://env:1", "/env/token", "/env/ca.pem")
     settings = resolve_settings(namespace("--url", "https://flag:2", "--token-file", "/flag/token"), env)
     assert settings == BrokerSettings("https://flag:2", "/flag/token", "/env/ca.pem")
 

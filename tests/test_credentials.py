@@ -176,6 +176,19 @@ def test_the_master_secret_is_made_once_0600(tmp_path):
     path.write_bytes(b"short")
     with pytest.raises(ValueError, match="not a ctxd credentials key"):
         credentials.load_master(str(tmp_path))
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="is accessible to others"):
+        credentials.load_master(str(tmp_path))
+
+
+def test_a_stale_signing_directory_is_removed_at_start(tmp_path):
+    """A broker killed while ssh-keygen ran leaves the context's SSH CA key on disk: gone at the next start."""
+    stale = tmp_path / (credentials.SIGN_DIR_PREFIX + "abc")
+    stale.mkdir()
+    (stale / "ca").write_text("a private key")
+    (tmp_path / "journal.log").write_text("kept")
+    credentials.Authority(bytes(32), workdir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]
 
 
 def test_the_deployer_gets_the_bundle_and_the_cert_authority_line():
@@ -414,6 +427,7 @@ def make_site_ca(tmp_path):
     cert_path.write_bytes(inter.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    key_path.chmod(0o600)
     return root, inter, str(cert_path), str(key_path)
 
 
@@ -443,6 +457,9 @@ def test_a_site_ca_that_is_not_a_ca_or_not_its_keys_is_refused(tmp_path):
     other = tmp_path / "other.key"
     other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(ValueError, match="is accessible to others"):
+        credentials.SiteCA(cert_path, str(other))
+    other.chmod(0o600)
     with pytest.raises(ValueError, match="is not the key of the first certificate"):
         credentials.SiteCA(cert_path, str(other))
 
@@ -561,5 +578,57 @@ def test_a_site_ca_without_basic_constraints_is_one_clear_error(tmp_path):
     (tmp_path / "c.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))
+    (tmp_path / "k.pem").chmod(0o600)
     with pytest.raises(ValueError, match="is not a CA"):
         credentials.SiteCA(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+
+
+def test_mangled_requests_are_refused_never_a_500():
+    """Byte-flipped and truncated requests (names that are not UTF-8, extensions that do not
+    parse, signatures OpenSSL cannot read): 400 or 403 (or, for a flip that leaves a valid
+    request of the node's own names, 200), never an internal error."""
+    import base64
+    import random
+
+    c = Cluster(cluster({}))
+    pem, _ = csr_for(["node1.cluster.test", "node1", "10.9.0.1"])
+    der = x509.load_pem_x509_csr(pem.encode()).public_bytes(serialization.Encoding.DER)
+    rng = random.Random(14)
+    statuses = set()
+    for i in range(300):
+        mangled = bytearray(der)
+        if i % 3 == 0:
+            mangled = mangled[:rng.randrange(1, len(mangled))]
+        else:
+            for _ in range(rng.randrange(1, 4)):
+                mangled[rng.randrange(len(mangled))] = rng.randrange(256)
+        text = base64.encodebytes(bytes(mangled)).decode()
+        status, body = c.ask({"csr": f"-----BEGIN CERTIFICATE REQUEST-----\n{text}-----END CERTIFICATE REQUEST-----\n"})
+        assert status in (200, 400, 403), (i, status, body)
+        statuses.add(status)
+        c.client.clock.advance(61)
+    assert {400, 403} <= statuses
+
+
+def test_a_key_certified_for_one_node_is_refused_for_another():
+    """Two VMs of one image sharing a TLS key: the second is refused (409 key_in_use), also after
+    a restart and after the first departed."""
+    c = Cluster(cluster({}))
+    other = c.enroll("web", 2)
+    key = ec.generate_private_key(ec.SECP256R1())
+    assert c.ask({"csr": csr_for(["node1.cluster.test"], key=key)[0]})[0] == 200
+    status, body = c.ask({"csr": csr_for(["node2.cluster.test"], key=key)[0]}, node=other)
+    assert status == 409 and body["error"] == "key_in_use"
+    assert c.client.call("POST", f"/v1/contexts/{c.cid}/nodes/{c.node['node_id']}/remove", ADMIN_TOKEN, {})[0] == 200
+    c.client.broker.model = replay_records(c.client.journal.records)
+    assert c.ask({"csr": csr_for(["node2.cluster.test"], key=key)[0]}, node=other)[0] == 409
+    assert c.ask({"csr": csr_for(["node2.cluster.test"])[0]}, node=other)[0] == 200
+
+
+def test_groups_whose_sshd_does_not_present_certificates_keep_per_host_lines():
+    """With sshd = false the certificates are installed but sshd shows plain host keys: the view's
+    ssh_ca does not list the group, so peers keep its per-host known_hosts lines."""
+    c = Cluster(cluster(ssh={"sshd": False}))
+    model = c.client.broker.model
+    view = model.view(model.contexts[c.cid].nodes[c.node["node_id"]])
+    assert view["ssh_ca"]["groups"] == [] and view["ssh_certificate"]["sshd"] is False

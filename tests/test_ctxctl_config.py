@@ -73,7 +73,7 @@ def test_user_add_writes_a_complete_configuration_that_ctxctl_uses(broker, tmp_p
     assert (creds.url, creds.ca_pem) == (URL, CA_PEM.encode())
     assert creds.token.startswith(tokens.DEPLOYER)
     code, out, err = broker.run(["list"], token=creds.token)
-    assert (code, out.splitlines()) == (0, ["ID  NAME  OK  ERRORS  STATE  DATA  EXPIRES"]), err
+    assert (code, out.splitlines()) == (0, ["no contexts yet"]), err
 
 
 def test_user_add_profile_names_the_profile_and_json_says_where(broker, tmp_path):
@@ -150,17 +150,18 @@ def test_precedence_command_line_environment_config_state_dir(tmp_path):
     (state / "ctxctl.json").write_text(json.dumps({"url": "https://state:8443", "ca": "ca.pem",
                                                    "token_file": "admin.token"}))
     cfg = write_config(tmp_path / "c.json", {"profiles": {"p": profile("https://cfg:1")}})
-    partial = write_config(tmp_path / "partial.json", {"profiles": {"p": {"url": "https://partial:1"}}})
+    partial = write_config(tmp_path / "partial.json", {"profiles": {"p": {"url": "https://state:8443"}}})
     home = {"HOME": str(tmp_path / "nohome")}
     # the configuration's profile fills what the flags leave, before the state dir
-    chosen = settings(["--url", "https://flag:1", "--config", str(cfg), "--state-dir", str(state)], home)
-    assert (chosen.url, chosen.token, chosen.ca_pem) == ("https://flag:1", profile()["token"], CA_PEM)
+    chosen = settings(["--url", "https://flag:1", "--token-file", "t", "--config", str(cfg),
+                       "--state-dir", str(state)], home)
+    assert (chosen.url, chosen.token_file, chosen.ca_pem) == ("https://flag:1", "t", CA_PEM)
     # what the profile does not say comes from the state dir
     chosen = settings(["--config", str(partial), "--state-dir", str(state)], home)
-    assert (chosen.url, chosen.token_file) == ("https://partial:1", str(state / "admin.token"))
+    assert (chosen.url, chosen.token_file) == ("https://state:8443", str(state / "admin.token"))
     # environment values beat a configuration named in the environment
-    chosen = settings([], dict(home, CTXCTL_CONFIG=str(cfg), CTXCTL_URL="https://env:1"))
-    assert (chosen.url, chosen.token) == ("https://env:1", profile()["token"])
+    chosen = settings([], dict(home, CTXCTL_CONFIG=str(cfg), CTXCTL_URL="https://env:1", CTXCTL_TOKEN_FILE="t"))
+    assert (chosen.url, chosen.token_file, chosen.ca_pem) == ("https://env:1", "t", CA_PEM)
     # the command line's --config beats the environment's state dir, and the reverse
     assert settings(["--config", str(cfg)], dict(home, CTXCTL_STATE_DIR=str(state))).url == "https://cfg:1"
     assert settings(["--state-dir", str(state)], dict(home, CTXCTL_CONFIG=str(cfg))).url == "https://state:8443"
@@ -170,6 +171,41 @@ def test_precedence_command_line_environment_config_state_dir(tmp_path):
     write_config(xdg / "ctxctl" / "config.json", {"profiles": {"d": profile("https://default:1")}})
     assert settings([], {"XDG_CONFIG_HOME": str(xdg), "CTXCTL_STATE_DIR": str(state)}).url == "https://state:8443"
     assert settings([], {"XDG_CONFIG_HOME": str(xdg)}).url == "https://default:1"
+
+
+def test_a_token_goes_only_to_the_url_of_its_own_source(tmp_path):
+    """A profile's or state dir's token is not sent to a URL from elsewhere that differs (one line
+    naming both); the same URL, or a token file from the command line/environment, is accepted."""
+    xdg = tmp_path / "xdg"
+    (xdg / "ctxctl").mkdir(parents=True)
+    default = write_config(xdg / "ctxctl" / "config.json", {"profiles": {"a": profile("https://a:1")}})
+    env = {"XDG_CONFIG_HOME": str(xdg)}
+    assert one_line_error(["--url", "https://b:2", "--ca", "b.pem"], env) == (
+        f"the token of profile a of {default} belongs to https://a:1, not to https://b:2 (from --url): "
+        "give --token-file or set CTXCTL_TOKEN_FILE to use another token with that URL")
+    assert one_line_error([], dict(env, CTXCTL_URL="https://b:2")) == (
+        f"the token of profile a of {default} belongs to https://a:1, not to https://b:2 (from CTXCTL_URL): "
+        "give --token-file or set CTXCTL_TOKEN_FILE to use another token with that URL")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "ctxctl.json").write_text(json.dumps({"url": "https://state:8443", "ca": "ca.pem",
+                                                   "token_file": "admin.token"}))
+    assert one_line_error(["--url", "https://b:2", "--state-dir", str(state)], {}) == (
+        f"the token of {state / 'ctxctl.json'} belongs to https://state:8443, not to https://b:2 (from --url): "
+        "give --token-file or set CTXCTL_TOKEN_FILE to use another token with that URL")
+    # a profile's URL does not lend itself to the state dir's token, nor a URL-less profile's token to any URL
+    other = write_config(tmp_path / "o.json", {"profiles": {"o": {"url": "https://o:1"}}})
+    assert "the token of " + str(state / "ctxctl.json") + " belongs to https://state:8443, not to https://o:1 " \
+        f"(from profile o of {other})" in one_line_error(["--config", str(other), "--state-dir", str(state)], {})
+    bare = write_config(tmp_path / "bare.json", {"profiles": {"p": {"token": profile()["token"]}}})
+    assert one_line_error(["--config", str(bare), "--url", "https://b:2"], {}).startswith(
+        f"the token of profile p of {bare} names no broker URL, not to https://b:2 (from --url)")
+    # the same URL from elsewhere (a trailing slash aside) is the same broker
+    chosen = settings(["--url", "https://a:1/"], env)
+    assert (chosen.url, chosen.token) == ("https://a:1/", profile()["token"])
+    # a token file named explicitly goes where it is told
+    assert settings(["--url", "https://b:2"], dict(env, CTXCTL_TOKEN_FILE="t")).token_file == "t"
+    assert settings(["--url", "https://b:2", "--token-file", "t"], env).ca_pem == CA_PEM
 
 
 def test_a_source_is_read_only_when_needed(tmp_path):

@@ -222,13 +222,14 @@ def test_any_table_gives_a_body_the_broker_keeps_or_one_line(certificate, ssh, d
 
 # ------------------------------------------------------------------ a context with host credentials
 
-def credentials_cluster(domain=True):
-    """The torque cluster with an X.509 certificate for the head and SSH certificates for the computes."""
+def credentials_cluster(domain=True, sshd=False):
+    """The torque cluster with an X.509 certificate for the head and SSH certificates for the
+    computes (that their sshd presents when ``sshd``)."""
     body = torque_cluster()
     if domain:
         body["domain"] = "cluster.test"
     body["groups"][0]["certificate"] = dict(DEFAULT_CERTIFICATE)
-    body["groups"][1]["ssh_certificate"] = dict(DEFAULT_SSH_CERTIFICATE)
+    body["groups"][1]["ssh_certificate"] = dict(DEFAULT_SSH_CERTIFICATE, sshd=sshd)
     return body
 
 
@@ -351,10 +352,10 @@ def host_line(n):
 
 
 def test_known_hosts_puts_the_ca_line_first_and_only_uncertified_hosts(broker):
-    """With SSH certificates in the computes' group: the @cert-authority line (the broker's), then
-    per-host lines for the head alone; --per-host: every node's lines and no CA line, without
-    asking for the CA."""
-    cid = enrolled(broker, credentials_cluster())
+    """With SSH certificates sshd presents in the computes' group: the @cert-authority line (the
+    broker's), then per-host lines for the head alone; --per-host: every node's lines and no CA
+    line, without asking for the CA."""
+    cid = enrolled(broker, credentials_cluster(sshd=True))
     ca = broker.call("GET", f"/v1/contexts/{cid}/ca")["ssh"]
     assert ca["known_hosts"].startswith("@cert-authority *.cluster.test ssh-ed25519 ")
     code, out, err = broker.run(["known-hosts", cid])
@@ -367,7 +368,7 @@ def test_known_hosts_puts_the_ca_line_first_and_only_uncertified_hosts(broker):
 
 def test_known_hosts_without_a_domain_trusts_the_ca_for_any_host(broker):
     """A context without a domain: the broker's pattern is *, and ctxctl passes it on."""
-    cid = enrolled(broker, credentials_cluster(domain=False))
+    cid = enrolled(broker, credentials_cluster(domain=False, sshd=True))
     code, out, _ = broker.run(["known-hosts", cid])
     assert code == 0 and out.splitlines()[0].startswith("@cert-authority * ssh-ed25519 ")
     assert out.splitlines()[1:] == [host_line(1)]
@@ -375,7 +376,7 @@ def test_known_hosts_without_a_domain_trusts_the_ca_for_any_host(broker):
 
 def test_known_hosts_write_puts_the_ca_line_in_the_managed_block(broker, tmp_path):
     """--write: the managed block holds the CA line and the head's keys; the rest of the file stays."""
-    cid = enrolled(broker, credentials_cluster())
+    cid = enrolled(broker, credentials_cluster(sshd=True))
     ca_line = broker.call("GET", f"/v1/contexts/{cid}/ca")["ssh"]["known_hosts"]
     path = tmp_path / "known_hosts"
     path.write_text("github.com ssh-ed25519 AAAAgithub\n")
@@ -398,8 +399,10 @@ def test_known_hosts_of_a_context_without_an_ssh_ca_is_as_before(broker):
 
 
 def test_known_hosts_follows_the_cas_group_list_when_given(broker):
-    """When the CA answer names the certified groups (as a view's ssh_ca does), those are skipped."""
-    cid = enrolled(broker, credentials_cluster())
+    """When the CA answer names the certified groups (as a view's ssh_ca does), only those are skipped."""
+    body = credentials_cluster(sshd=True)
+    body["groups"][0]["ssh_certificate"] = dict(DEFAULT_SSH_CERTIFICATE, sshd=True)
+    cid = enrolled(broker, body)
 
     def name_head(answer):
         if isinstance(answer, dict) and isinstance(answer.get("ssh"), dict):
@@ -407,6 +410,26 @@ def test_known_hosts_follows_the_cas_group_list_when_given(broker):
         return answer
     code, out, _ = broker.run(["known-hosts", cid], client=broker.stub(Tampered(broker, name_head)))
     assert code == 0 and out.splitlines()[1:] == [host_line(2), host_line(3)]
+
+
+def test_known_hosts_keeps_per_host_lines_where_sshd_does_not_present_certificates(broker):
+    """sshd = false (the default): the certificates are installed but sshd presents the plain host
+    keys, so those nodes keep per-host lines, even when the CA answer (an older broker) lists the group."""
+    cid = enrolled(broker, credentials_cluster())
+    all_hosts = [host_line(1), host_line(2), host_line(3)]
+    code, out, _ = broker.run(["known-hosts", cid])
+    assert code == 0 and out.splitlines()[0].startswith("@cert-authority ") and out.splitlines()[1:] == all_hosts
+
+    def name_compute(answer):
+        if isinstance(answer, dict) and isinstance(answer.get("ssh"), dict):
+            answer["ssh"]["groups"] = ["compute"]
+        return answer
+    code, out, _ = broker.run(["known-hosts", cid], client=broker.stub(Tampered(broker, name_compute)))
+    assert code == 0 and out.splitlines()[1:] == all_hosts
+    status = {"groups": [{"name": "compute", "ssh_certificate": dict(DEFAULT_SSH_CERTIFICATE)},
+                         {"name": "head", "ssh_certificate": dict(DEFAULT_SSH_CERTIFICATE, sshd=True)}]}
+    assert render.ssh_certified_groups({}, status) == ["head"]
+    assert render.ssh_certified_groups({"groups": ["compute", "head"]}, status) == ["head"]
 
 
 @pytest.mark.parametrize("line", [

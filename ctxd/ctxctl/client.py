@@ -79,6 +79,10 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Br
 
     A source is read only when the ones before it left something missing, so explicit flags
     work even with a stale ``CTXCTL_STATE_DIR`` or a broken default configuration file.
+
+    A profile's token (and a state directory's admin token) goes only to the URL of the same
+    source: with a URL from elsewhere that differs, this refuses rather than sending broker A's
+    token to broker B. Only ``--token-file``/``CTXCTL_TOKEN_FILE`` pair a token with any URL.
     """
     config_flag = getattr(args, "config", None) or getattr(args, "profile", None)
     config_env = environ.get(configfile.ENV_CONFIG) or environ.get(configfile.ENV_PROFILE)
@@ -113,25 +117,48 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Br
                                   ("ca", ("file", os.path.join(directory, found["ca"]))
                                    if found.get("ca") else None)) if v}
 
-    sources = [lambda: direct(args.url, args.token_file, args.ca)]
+    def named_profile() -> str:
+        return used["profile"].origin
+
+    def named_state() -> str:
+        return os.path.join(used["state_dir"], STATE_FILE)
+
+    # Each source: how to name where its values came from, whether its token belongs to its own
+    # URL only (a profile's, a state dir's), and how to read it.
+    sources: List[Tuple[Callable[[], str], bool, Callable[[], _Said]]] = [
+        (lambda: "--url", False, lambda: direct(args.url, args.token_file, args.ca))]
     if config_flag:
-        sources.append(lambda: config(True))
+        sources.append((named_profile, True, lambda: config(True)))
     if args.state_dir:
-        sources.append(lambda: state(args.state_dir))
-    sources.append(lambda: direct(environ.get(ENV_URL), environ.get(ENV_TOKEN_FILE), environ.get(ENV_CA)))
+        sources.append((named_state, True, lambda: state(args.state_dir)))
+    sources.append((lambda: ENV_URL, False,
+                    lambda: direct(environ.get(ENV_URL), environ.get(ENV_TOKEN_FILE), environ.get(ENV_CA))))
     if config_env and not config_flag:
-        sources.append(lambda: config(True))
+        sources.append((named_profile, True, lambda: config(True)))
     if state_dir and not args.state_dir:
-        sources.append(lambda: state(state_dir))
+        sources.append((named_state, True, lambda: state(state_dir)))
     if not config_flag and not config_env:
-        sources.append(lambda: config(False))
+        sources.append((named_profile, True, lambda: config(False)))
 
     chosen: _Said = {}
-    for source in sources:
+    url_from = ""
+    token_bound: Optional[Tuple[str, Optional[str]]] = None  # (its source, that source's URL)
+    for name, binds_token, source in sources:
         if len(chosen) == 3:
             break
-        for key, value in source().items():
+        said = source()
+        if "url" in said and "url" not in chosen:
+            url_from = name()
+        if "token" in said and "token" not in chosen and binds_token:
+            token_bound = (name(), said.get("url"))
+        for key, value in said.items():
             chosen.setdefault(key, value)
+    if token_bound is not None and "url" in chosen:
+        token_from, token_url = token_bound
+        if token_url is None or token_url.rstrip("/") != chosen["url"].rstrip("/"):
+            belongs = f"belongs to {token_url}" if token_url else "names no broker URL"
+            raise CliError(f"the token of {token_from} {belongs}, not to {chosen['url']} (from {url_from}): "
+                           f"give --token-file or set {ENV_TOKEN_FILE} to use another token with that URL")
     missing = [what for key, what in (("url", "broker URL"), ("token", "admin token file"),
                                       ("ca", "CA certificate")) if key not in chosen]
     if missing:

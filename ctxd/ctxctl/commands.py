@@ -691,8 +691,9 @@ def _columns(stream: IO[str]) -> int:
 
 async def cmd_known_hosts(broker: BrokerClient, args: Args, out: IO[str], err: IO[str]) -> int:
     """``known-hosts CTX [--per-host] [--write [--file PATH]]``: the context's ``@cert-authority``
-    line when it has an SSH CA, then ``FQDN,SHORT,IP TYPE KEY`` for every node whose group has no
-    SSH host certificates (--per-host: for every node, and no CA line). --json: ``{"context",
+    line when it has an SSH CA, then ``FQDN,SHORT,IP TYPE KEY`` for every node whose sshd presents
+    no SSH host certificate (its group has none, or ``sshd = false``) (--per-host: for every node,
+    and no CA line). --json: ``{"context",
     "lines", "warnings"}`` (and ``"file"`` it wrote with --write)."""
     status = await _get_status(broker, args.context)
     ca_line: Optional[str] = None

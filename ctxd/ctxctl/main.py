@@ -260,7 +260,7 @@ def _context_commands(sub: Any) -> None:
     p = sub.add_parser("known-hosts", help="known_hosts lines for the context's nodes",
                        description="known_hosts lines for the context's nodes: its SSH CA's @cert-authority "
                                    "line when a group has SSH host certificates, then FQDN,SHORT,IP TYPE KEY "
-                                   "for every node of the groups without them.")
+                                   "for every node of the groups whose sshd does not present them (none, or sshd = false).")
     _ctx_arg(p)
     p.add_argument("--per-host", action="store_true",
                    help="a line per host key of every node, and no @cert-authority line")

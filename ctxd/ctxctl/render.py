@@ -334,14 +334,18 @@ def cert_authority_line(ssh: Any) -> str:
 
 
 def ssh_certified_groups(ssh: Mapping[str, Any], status: Mapping[str, Any]) -> List[str]:
-    """The groups whose nodes present SSH host certificates: the SSH CA's ``groups`` when the
-    broker lists them, else the status's groups with ``ssh_certificate``. (A group left out
-    only costs per-host lines that are not needed.)"""
-    groups = ssh.get("groups")
-    if isinstance(groups, list):
-        return [g for g in groups if isinstance(g, str)]
-    return [g["name"] for g in status.get("groups") or []
-            if isinstance(g, dict) and isinstance(g.get("name"), str) and isinstance(g.get("ssh_certificate"), dict)]
+    """The groups whose nodes' sshd presents SSH host certificates: the status's groups whose
+    ``ssh_certificate`` has ``"sshd": true``, narrowed to the SSH CA's ``groups`` when the broker
+    lists them. With ``sshd = false`` the certificates are installed but sshd still presents the
+    plain host keys, so those groups keep their per-host lines (an older broker lists them too).
+    (A group left out only costs per-host lines that are not needed.)"""
+    presented = [g["name"] for g in status.get("groups") or []
+                 if isinstance(g, dict) and isinstance(g.get("name"), str)
+                 and isinstance(g.get("ssh_certificate"), dict) and g["ssh_certificate"].get("sshd") is True]
+    listed = ssh.get("groups")
+    if isinstance(listed, list):
+        return [name for name in presented if name in listed]
+    return presented
 
 
 _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?")
