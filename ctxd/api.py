@@ -6,7 +6,6 @@ it by a test. Parsing (content type and size before JSON decoding) and rendering
 helper.
 """
 
-import hashlib
 import json
 import re
 from io import BytesIO
@@ -373,9 +372,8 @@ class BrokerResource(resource.Resource):
         """The agent VMs may fetch (public code; ctxctl's user-data pins its SHA-256)."""
         if self.broker.agent is None:
             raise NotFound("this broker has no ctxagent.py to serve")
-        agent = self.broker.agent
-        return Raw(b"text/x-python; charset=utf-8", agent,
-                   ((b"x-ctxd-agent-sha256", hashlib.sha256(agent).hexdigest().encode("ascii")),))
+        return Raw(b"text/x-python; charset=utf-8", self.broker.agent,
+                   ((b"x-ctxd-agent-sha256", self.broker.agent_sha256.encode("ascii")),))
 
     def _list_users(self, request, principal, body):
         return self.broker.list_users()

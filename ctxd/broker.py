@@ -11,6 +11,7 @@ sent after the journal's barrier, when all it shows is on disk. A view revision 
 agent has seen therefore survives a crash with the same content.
 """
 
+import hashlib
 import heapq
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
@@ -211,8 +212,9 @@ class Broker:
         self.metrics = metrics if metrics is not None else Metrics()
         # Signs host certificates (None: this broker signs none; contexts asking for them are refused).
         self.authority = authority
-        # The agent the broker serves to VMs (GET /v1/agent), if it found it.
+        # The agent the broker serves to VMs (GET /v1/agent), if it found it, and its SHA-256.
         self.agent = agent
+        self.agent_sha256 = hashlib.sha256(agent).hexdigest() if agent is not None else ""
         # node -> when its last refused certificate request was audited (one line a minute per node).
         self._refusals_audited: Dict[Tuple[str, str], float] = {}
         # context id -> what of its CAs the credentials key does not make ("" : nothing), once checked.

@@ -34,7 +34,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from ctxd import rules
 from ctxd.errors import BadRequest
 from ctxd.files import write_private
-from ctxd.tls import key_usage
+from ctxd.tls import ca_certificate, key_usage
 
 MASTER_FILE = "credentials.key"
 #: ssh-keygen's private working directories in the state directory (removed at start if left).
@@ -132,6 +132,12 @@ class SiteCA:
         # travels with each node's certificate.
         self.chain = _pem(self.cert)
         self.bundle = "".join(_pem(c) for c in chain[1:]) or self.chain
+
+
+@functools.lru_cache(maxsize=64)
+def _load_ca(pem: str) -> x509.Certificate:
+    """A context's CA certificate, parsed once while it signs (a join storm signs for one context)."""
+    return x509.load_pem_x509_certificate(pem.encode("ascii"))
 
 
 def _load_pem_chain(data: bytes) -> List[x509.Certificate]:  # pragma: no cover - cryptography < 39
@@ -241,7 +247,7 @@ class Authority:
         longer makes, described; None if it makes both (a restored state directory without its
         credentials.key would otherwise sign certificates no node trusts)."""
         if "x509" in cas:
-            ca = x509.load_pem_x509_certificate(cas["x509"].encode("ascii"))
+            ca = _load_ca(cas["x509"])
             if key_id(ca.public_key()) != key_id(self._x509_key(cid).public_key()):
                 return "its X.509 CA"
         if "ssh" in cas and cas["ssh"] != _ssh_public(self._ssh_key(cid)):
@@ -252,26 +258,12 @@ class Authority:
         """The public halves of a new context's CAs, for its create record."""
         cas = {}
         if x509_ca:
-            key = self._x509_key(cid)
             subject = x509.Name([
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ctxd"),
                 x509.NameAttribute(NameOID.COMMON_NAME, f"ctxd context {cid}"),
             ])
-            ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(_utc(now - SKEW))
-                .not_valid_after(_utc(now) + datetime.timedelta(days=CA_DAYS))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(key_usage(ca=True), critical=True)
-                .add_extension(ski, critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-                .sign(key, hashes.SHA256())
-            )
+            cert = ca_certificate(self._x509_key(cid), subject, _utc(now - SKEW),
+                                  _utc(now) + datetime.timedelta(days=CA_DAYS))
             cas["x509"] = _pem(cert)
         if ssh_ca:
             cas["ssh"] = _ssh_public(self._ssh_key(cid))
@@ -285,7 +277,7 @@ class Authority:
             if self.site is None:
                 raise BadRequest("this broker has no site CA (twistd ctxd --site-ca-cert/--site-ca-key)")
             return self.site.cert, self.site.key, self.site.chain, self.site.bundle
-        return x509.load_pem_x509_certificate(ca_pem.encode("ascii")), self._x509_key(cid), "", ca_pem
+        return _load_ca(ca_pem), self._x509_key(cid), "", ca_pem
 
     def issue_x509(self, cid: str, ca_pem: str, issuer: str, csr: x509.CertificateSigningRequest,
                    names: Sequence[str], validity: int, now: float) -> Dict[str, Any]:

@@ -76,22 +76,28 @@ def key_usage(ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
 def make_ca(common_name: str = "ctxd CA"):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = ca_certificate(key, name, _now() - datetime.timedelta(hours=1), _now() + datetime.timedelta(days=CA_DAYS))
+    return cert, key
+
+
+def ca_certificate(key, name: x509.Name, not_before: datetime.datetime, not_after: datetime.datetime):
+    """A self-signed CA certificate for ``key``: critical basicConstraints (path length 0) and
+    keyUsage, subject and authority key identifiers."""
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(hours=1))
-        .not_valid_after(_now() + datetime.timedelta(days=CA_DAYS))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return cert, key
 
 
 def _leaf_cert(ca_cert, ca_key, common_name: str, usage, sans: Optional[List[x509.GeneralName]], days: int):
