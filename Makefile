@@ -117,7 +117,7 @@ bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/floor.py --nodes $(BENCH_NODES) --runs 3
 	$(TEST_VENV)/bin/python bench/loadgen.py allids --nodes 1000 --runs 3
 	$(TEST_VENV)/bin/python bench/watch_bench.py --nodes 1000 --join 100 --runs 3
-	$(TEST_VENV)/bin/python bench/floor.py idle --nodes $(BENCH_NODES) --window 60 --runs 3
+	$(TEST_VENV)/bin/python bench/floor.py idle --nodes $(BENCH_NODES) --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py throughput --clients 100 --seconds 10 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py replay --records 1000000 --runs 3
 	$(TEST_VENV)/bin/python bench/journal_bench.py compaction --nodes 10000

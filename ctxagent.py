@@ -453,6 +453,13 @@ def view_progress(raw):
                   for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
 
 
+def reply_progress(reply, what):
+    """view_progress() of the view_progress in an enrollment's or identity update's REPLY (a dict),
+    None if it has none (an older broker)."""
+    progress = reply.get("view_progress")
+    return None if progress is None else view_progress(_expect(progress, dict, what + ".view_progress"))
+
+
 def _by_name(raw, key, check):
     """[(name, check(value, where))] of the object RAW[KEY], names checked, sorted."""
     table = _expect(raw.get(key, {}), dict, "view." + key)
@@ -1623,11 +1630,11 @@ class Agent(object):
         # which also starts the attempt (the node is contextualizing); the view's long-polls;
         # the report. (And the scripts the view delivers; why it waits, when it waits long.)
         self.retrying("connecting", lambda: (0, self.broker.connect()))   # learns our address
-        self.ensure_node(self.local_identity())
+        progress = self.ensure_node(self.local_identity())
         # In watch mode a node contextualized before (a reboot, a restart) applies the view as it
         # is: its group may have lost a node for good, and so never be complete again.
         applied = self.load_applied() if o.watch else None
-        view = self.poll_view(applied is not None)
+        view = self.poll_view(applied is not None, progress)
         done = threading.Event()
         if applied is not None:   # a watching node: its lease runs
             self.heartbeat(view, done)
@@ -1917,14 +1924,15 @@ class Agent(object):
         return node
 
     def ensure_node(self, identity):
-        """Reuse the saved node credential, or (re-)enroll."""
+        """Reuse the saved node credential, or (re-)enroll; where the view stands, as
+        view_progress() gives it, when the reply carries it (older brokers: None)."""
         key = self.instance_key()   # even when unused: checked, 0600, redacted
         self.node = self.load_node()
         if self.node is not None:
             status, raw = self.call("PUT", self.node_path("identity"), self.node["node_token"], identity)
             if status == 200:
                 LOG.info("node %s: identity updated", self.node["node_id"])
-                return
+                return reply_progress(decode_reply(raw, "identity update reply"), "identity update reply")
             if status not in (401, 403, 404):
                 raise self.refused("identity update", status, raw)
             LOG.info("saved credential refused (%s): enrolling again", describe_error(status, raw))
@@ -1943,6 +1951,7 @@ class Agent(object):
                      "node_id": check_id(reply.get("node_id"), "enrollment reply"), "node_token": token}
         atomic_write(self.state("node.json"), json.dumps(self.node).encode("utf-8"))
         LOG.info("enrolled as node %s (%s)", self.node["node_id"], "new" if status == 201 else "again")
+        return reply_progress(reply, "enrollment reply")
 
     def report(self, state, deadline):
         body = {"state": state, "watch": True} if self.options.watch else {"state": state}
@@ -1953,13 +1962,18 @@ class Agent(object):
             raise self.refused("report " + state, status, raw)
         LOG.info("reported %s", state)
 
-    def poll_view(self, resume=False):
+    def poll_view(self, resume=False, progress=None):
         """Long-poll until the view is complete (RESUME: the first view); the raw view.
 
+        PROGRESS (revision, complete, waiting_for), from the enrollment's reply: an incomplete
+        view is not fetched, the first long-poll waits for its next revision.
         Why it waits goes to the broker as the message of a contextualizing report (advisory)
         once it has waited WAIT_REPORT_AFTER seconds, then when the reason changes, at most every
         WAIT_REPORT_EVERY seconds: a long-poll ends in time for it."""
         since, waiting, longest = -1, None, MAX_WAIT
+        if progress is not None and not progress[1] and not resume:
+            since, waiting = progress[0], progress[2]
+            LOG.info("view revision %d: waiting for %s", since, "; ".join(waiting))
         told, due = None, time.monotonic() + WAIT_REPORT_AFTER   # the reason last reported; when the next may go
         while True:
             now = time.monotonic()

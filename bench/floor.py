@@ -189,8 +189,9 @@ def compare(n: int, poll_wait: int, header: bool, backlog: Optional[int] = None)
 
 async def _hold(agent: SimAgent, script: List[tuple], opened: List[SimAgent]) -> None:
     """One idle node's keep-alive connection as an agent keeps it: the exchanges a ctxd node
-    made on it before it waited (recorded: its enrollment and first view, same bytes both
-    ways), then a long-poll with the agent's headers that the floor holds."""
+    made on it before it waited (recorded: its enrollment, and its long-polls and report of
+    why it waits where it made them; same bytes both ways), then a long-poll with the agent's
+    headers that the floor holds."""
     await _replay(agent, script)
     if agent.connection is None:   # the floor closed it after the answer: as the agent would, reconnect
         await agent.connect(loadgen.REQUEST_TIMEOUT)

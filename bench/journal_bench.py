@@ -48,6 +48,8 @@ def start_broker(state: str, port: int) -> subprocess.Popen:
          "--public-url", f"https://127.0.0.1:{port}", "--enroll-rate-per-source", "1000000",
          "--enroll-rate-per-token", "1000000", "--max-connections-per-peer", "100000", "--metrics-listen", "none"],
         stdout=log, stderr=subprocess.STDOUT,
+        # This checkout's ctxd (as loadgen.this_checkout: an editable install of another would win).
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))),
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

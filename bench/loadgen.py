@@ -23,6 +23,7 @@ the context with the admin token over HTTPS, and prints one table row (see bench
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import base64
 import http.client
 import json
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,6 +45,12 @@ import ctxagent  # noqa: E402  (the agent's own TLS context, view parsing and ve
 from ctxd.memory import TRIM_INTERVAL, settle_heap  # noqa: E402
 
 REQUEST_TIMEOUT = ctxagent.REQUEST_TIMEOUT
+# asyncio's TLS transport gives every connection a 256 KiB receive buffer, zeroed when the
+# connection is made, and asks OpenSSL for that much at each read: for 10,000 simulated
+# nodes that is 2.5 GB and, in a storm, a tenth of the load generator's CPU spent clearing
+# memory while the broker waits for it. 32 KiB holds two TLS records (the agent's http.client
+# reads in 8 KiB); larger answers (a big view) take more reads.
+asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
 # Seconds a connection attempt may take beyond the handshake's own timeout (SimAgent.connect).
 HANDSHAKE_MARGIN = 10.0
 # ctxagent's retry back-off (Agent.call, constants of the same names): pause uniform in
@@ -78,6 +85,7 @@ class Stats:
         self.status: Dict[int, int] = {}
         self.views_200 = 0
         self.views_unchanged = 0        # a 200 view whose body equals the node's previous one
+        self.told = 0                   # reports of why a node waits (contextualizing, with a message)
         self.first_enroll: Optional[float] = None
         self.last_ok: Optional[float] = None
         self.failures: List[str] = []
@@ -381,16 +389,16 @@ class SimAgent:
         try:
             if self.stats.first_enroll is None:
                 self.stats.first_enroll = time.monotonic()
-            await self.enroll()
-            self.view = await self.poll_view()
+            progress = await self.enroll()
+            self.view = await self.poll_view(progress=progress)
             await self.report("ok")
             self.stats.last_ok = time.monotonic()
         finally:
             self.close()
 
-    async def enroll(self) -> None:
+    async def enroll(self) -> Optional[Tuple[int, bool, Tuple[str, ...]]]:
         """POST enroll with the join token: the broker answers with the node's credential and
-        puts the node in state contextualizing."""
+        where its view stands (ctxagent.reply_progress), and puts the node in state contextualizing."""
         b = self.bootstrap
         body = {"instance_key": instance_key(self.n), "identity": identity(self.n)}
         status, raw = await self.call("POST", "/v1/contexts/%s/enroll" % b["context_id"], b["join_token"], body)
@@ -398,22 +406,40 @@ class SimAgent:
             raise RuntimeError("enrollment: HTTP %d %r" % (status, raw[:200]))
         reply = json.loads(raw)
         self.node = {"context_id": b["context_id"], "node_id": reply["node_id"], "node_token": reply["node_token"]}
+        return ctxagent.reply_progress(reply, "enrollment reply")
 
-    async def report(self, state: str) -> None:
+    async def report(self, state: str, message: Optional[str] = None) -> None:
         body = {"state": state}
+        if message is not None:
+            body["message"] = message
         if state == "ok":
             body["log_tail"] = LOG_TAIL
         status, raw = await self.call("POST", self.node_path("report"), self.node["node_token"], body)
         if status != 200:
             raise RuntimeError("report %s: HTTP %d %r" % (state, status, raw[:200]))
 
-    async def poll_view(self, until_complete: bool = True) -> Dict[str, Any]:
-        since = -1
+    async def poll_view(self, until_complete: bool = True, progress: Optional[Tuple[int, bool, Tuple[str, ...]]] = None,
+                        on_view: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """ctxagent's Agent.poll_view: from the enrollment's PROGRESS, long-poll until the view is
+        complete (never, without UNTIL_COMPLETE; ON_VIEW sees each view), telling the broker why it
+        waits as the agent does (a contextualizing report after WAIT_REPORT_AFTER seconds, then when
+        the reason changes, at most every WAIT_REPORT_EVERY)."""
+        since, waiting = -1, None
+        if progress is not None and not progress[1]:
+            since, waiting = progress[0], progress[2]
+        told, due = None, time.monotonic() + ctxagent.WAIT_REPORT_AFTER
         while True:
-            remaining = self.deadline - time.monotonic()
+            now = time.monotonic()
+            reason = "; ".join(waiting or ()) or "(nothing named)"
+            if waiting is not None and reason != told and now >= due:
+                await self.report("contextualizing", "waiting: " + reason)
+                told, due = reason, now + ctxagent.WAIT_REPORT_EVERY
+                self.stats.told += 1
+            remaining = self.deadline - now
             if remaining <= 0:
                 raise Retry("no complete view in time")
-            wait = max(0, min(self.poll_wait, int(remaining)))
+            wait = max(0, min(self.poll_wait, int(remaining),
+                              ctxagent.MAX_WAIT if waiting is None or reason == told else int(0.99 + due - now)))
             status, raw = await self.call("GET", self.node_path("view?since=%d&wait=%d" % (since, wait)),
                                           self.node["node_token"], timeout=wait + REQUEST_TIMEOUT)
             if status == 304:
@@ -425,7 +451,9 @@ class SimAgent:
                 self.stats.views_unchanged += 1
             self.last_view = raw
             view = json.loads(raw)
-            revision, complete, _ = ctxagent.view_progress(view)
+            if on_view is not None:
+                on_view(view)
+            revision, complete, waiting = ctxagent.view_progress(view)
             if complete and until_complete:
                 return view
             if revision <= since:
@@ -445,16 +473,26 @@ def _key(kind: str, blob_len: int, n: int) -> str:
 
 
 def identity(n: int) -> Dict[str, Any]:
-    """A unique, realistic identity: 10.x address, hostname, three SSH host keys of real sizes."""
+    """A unique, realistic identity: 10.x address, hostname, three SSH host keys of real sizes,
+    and the interfaces ctxagent reports (discover_interfaces: no lo, no loopback or link-local
+    address)."""
     ip = "10.%d.%d.%d" % (n >> 16 & 255, n >> 8 & 255, n & 255)
     return {"hostname": "node%d" % n, "fqdn": "node%d.cluster.bench" % n, "primary_ip": ip,
-            "interfaces": [{"name": "eth0", "ipv4": [ip], "ipv6": []}, {"name": "lo", "ipv4": ["127.0.0.1"], "ipv6": ["::1"]}],
+            "interfaces": [{"name": "eth0", "ipv4": [ip], "ipv6": []}],
             "ssh_host_keys": [_key("ssh-ed25519", 51, n), _key("ecdsa-sha2-nistp256", 104, n),
                               _key("ssh-rsa", 407, n)]}
 
 
 # ---------------------------------------------------------------------------
 # The broker process and the admin
+
+def this_checkout() -> Dict[str, str]:
+    """The environment for a broker process of this checkout's ctxd, not whichever one the
+    virtualenv has installed: an editable install of another checkout would otherwise win
+    (twistd does not look in its working directory), and a before/after comparison would
+    run the same broker twice."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -481,6 +519,7 @@ class BrokerProcess:
              "--listen", "ssl:%d:interface=127.0.0.1%s" % (self.port, ":backlog=%d" % backlog if backlog else ""),
              "--public-url", self.url, "--metrics-listen", "none"]
             + self.LIMITS + (extra or []),
+            env=this_checkout(),
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         self.proc = Proc(self.popen.pid)
@@ -685,18 +724,14 @@ class _IdleRun:
 
     async def node(self, a: "SimAgent") -> None:
         """One node as ctxagent runs (on one keep-alive connection), noting the views after the change."""
+        def on_view(view: Dict[str, Any]) -> None:
+            if self.changed is not None:
+                self.woken.append(a.n)
+
         try:
-            await a.enroll()
-            since = -1
-            while True:
-                status, raw = await a.call("GET", a.node_path("view?since=%d&wait=%d" % (since, a.poll_wait)),
-                                           a.node["node_token"], timeout=a.poll_wait + REQUEST_TIMEOUT)
-                if status == 304:
-                    continue
-                if self.changed is not None:
-                    self.woken.append(a.n)
-                self.seen.add(a.n)
-                since = json.loads(raw)["revision"]
+            progress = await a.enroll()
+            self.seen.add(a.n)   # it knows where its view stands: waiting
+            await a.poll_view(until_complete=False, progress=progress, on_view=on_view)
         finally:
             a.close()
 
@@ -704,6 +739,11 @@ class _IdleRun:
         """Start the nodes, measure the idle window, make the head-only change; the idle RSS."""
         tasks = [asyncio.create_task(self.node(a)) for a in self.agents]
         await self._all_waiting(tasks)
+        # Each node says once why it waits, WAIT_REPORT_AFTER seconds after it enrolled (as the
+        # agent does): the window starts after the last of these, when the nodes only re-poll.
+        deadline = time.monotonic() + ctxagent.WAIT_REPORT_AFTER + 60
+        while self.agents[0].stats.told < len(self.agents) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
         await asyncio.sleep(min(2.0, self.window / 4))
         rss_loaded = self.broker.proc.status_kib("VmRSS")
         proc = self.broker.proc
@@ -741,7 +781,7 @@ class _IdleRun:
             if len(self.seen) < total:
                 if time.monotonic() - last_said >= 10:
                     last_said = time.monotonic()
-                    print("  idle: %d of %d nodes have their first view after %.0f s"
+                    print("  idle: %d of %d nodes enrolled and waiting after %.0f s"
                           % (len(self.seen), total, last_said - started), file=sys.stderr)
                 continue
             s = await asyncio.to_thread(self.broker.admin, "GET", "/v1/contexts/" + self.cid)
@@ -787,7 +827,11 @@ def idle(n: int, window: float = 60.0, poll_wait: int = ctxagent.POLL_WAIT, sett
     finally:
         broker.cleanup()
     if script is not None:
-        script.extend([r for r in recorded if r[4] < 500][:2])   # (not a 503 retried)
+        # What node 2 did before it waited for good: its enrollment, then up to its report of
+        # why it waits (if it made one); not a 503 retried.
+        kept = [r for r in recorded if r[4] < 500]
+        told = [i for i, r in enumerate(kept) if r[0] == "POST" and r[1].endswith("/report")]
+        script.extend(kept[:told[0] + 1] if told else kept[:2])
     samples, woken = run.samples, run.woken
     span, cpu_idle, _ = samples[-1] if samples else (window, float("nan"), 0)
     if samples:   # the broker returns freed heap pages now and then: the window's median

@@ -205,8 +205,10 @@ def read_json(request: server.Request, max_body: int) -> Any:
     try:
         document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         # "\ud800" escapes decode to lone surrogates, which no UTF-8 reader downstream
-        # (logs, terminals, ctxctl) can print: refuse them here.
-        json.dumps(document, ensure_ascii=False).encode("utf-8")
+        # (logs, terminals, ctxctl) can print: refuse them here. (Valid UTF-8 holds no
+        # surrogate: only a \u escape can make one, and most bodies have none.)
+        if b"\\u" in raw:
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
         return document
     except (ValueError, UnicodeError, RecursionError) as e:
         raise BadRequest(f"the body is not valid JSON: {str(e)[:120]}") from None

@@ -352,6 +352,9 @@ class Context:
         # The contextualizing members that said why they wait, longest waiting first (the progress
         # shows the first: O(1)).
         self.waiting: "OrderedDict[str, Node]" = OrderedDict()
+        # The last reason a node gave: the next node that gives the same one shares the string
+        # (a cluster's nodes mostly wait for the same thing).
+        self.last_waiting = ""
         self.progress_rev = self.revision
         self.progress_key = _progress_key(self)
 
@@ -476,6 +479,26 @@ class Context:
         self.change_ready.clear()
 
 
+def _provided(providers: List[Group], ready: bool) -> int:
+    """How many of a role's expected providers count: those ok (a ``ready`` role), else enrolled."""
+    return sum(p.ok for p in providers) if ready else sum(len(p.nodes) for p in providers)
+
+
+def _waiting_for(ctx: Context, g: Group) -> List[str]:
+    """What ``g``'s view still waits for (none: complete): O(roles and data it requires)."""
+    waiting = []
+    for role, ready in g.requires:
+        providers = ctx.providers_of[role]
+        expected = sum(p.quantity for p in providers)
+        have = _provided(providers, ready)
+        if have != expected:
+            waiting.append(f"role {role}: {have} of {expected} providers {'ok' if ready else 'enrolled'}")
+    waiting.extend(f"data {name}: no value yet" for name in g.data if not ctx.data.get(name))
+    if not ctx.locked:
+        waiting.append("context is not locked yet (open for injection)")
+    return waiting
+
+
 def _listed(providers: List[Group], ready: bool) -> List[Dict[str, Any]]:
     """What a view lists of a role's providers: those with an identity; of a ``ready`` role,
     those that reported ok at least once (a node's later error does not unlist it)."""
@@ -521,6 +544,10 @@ CHANGE_LOG = 2048
 
 def _set_waiting(ctx: Context, node: Node, message: str) -> None:
     """Record why ``node`` waits ("": it does not), keeping ``ctx.waiting`` in order."""
+    if message == ctx.last_waiting:
+        message = ctx.last_waiting
+    elif message:
+        ctx.last_waiting = message
     node.waiting = message
     if not message:
         ctx.waiting.pop(node.id, None)
@@ -1327,30 +1354,22 @@ class Model:
     def _group_part(self, ctx: Context, g: Group) -> Dict[str, Any]:
         if g.cache is not None and g.cache[0] == g.view_rev:
             return g.cache[1]
-        waiting = []
         roles = {}
         for role, ready in g.requires:
             providers = ctx.providers_of[role]
             expected = sum(p.quantity for p in providers)
-            have = sum(p.ok for p in providers) if ready else sum(len(p.nodes) for p in providers)
-            satisfied = have == expected
             roles[role] = {
                 "ready": ready,
-                "satisfied": satisfied,
+                "satisfied": _provided(providers, ready) == expected,
                 "expected": expected,
                 "providers": _listed(providers, ready),
             }
-            if not satisfied:
-                waiting.append(f"role {role}: {have} of {expected} providers {'ok' if ready else 'enrolled'}")
         data = {}
         for name in g.data:
             values = ctx.data.get(name)
             if values:
                 data[name] = [{"b64": v} for v in values]
-            else:
-                waiting.append(f"data {name}: no value yet")
-        if not ctx.locked:
-            waiting.append("context is not locked yet (open for injection)")
+        waiting = _waiting_for(ctx, g)
         part = {
             "context_id": ctx.id,
             "context_name": ctx.name,
@@ -1384,6 +1403,14 @@ class Model:
             part["all_identities"] = [n.public for n in ctx.nodes.values() if n.public]
         g.cache = (g.view_rev, part)
         return part
+
+    def view_progress(self, node: Node) -> Dict[str, Any]:
+        """Where ``node``'s view stands - its revision, whether it is complete, and why not - without
+        rendering it (the same figures as the view): an enrollment's or identity update's reply
+        carries it, so an agent whose view is incomplete goes straight to its long-poll."""
+        ctx = self.contexts[node.group.context_id]
+        waiting = _waiting_for(ctx, node.group)
+        return {"revision": self.view_revision(node), "complete": not waiting, "waiting_for": waiting}
 
     def view(self, node: Node) -> Dict[str, Any]:
         """What one node receives: only what its group requires, and itself."""

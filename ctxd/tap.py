@@ -15,7 +15,7 @@ import json
 import os
 import re
 import socket
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -243,6 +243,24 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind not in ("tcp", "ssl", "tcp6", "ssl6") or re.search(r"(^|:)backlog=", description, re.I):
         return description
     return f"{description}:backlog={backlog}"
+
+
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def backlog_capped(description: str, somaxconn_path: str = SOMAXCONN) -> Optional[Tuple[int, int]]:
+    """(asked, kernel cap) when the description's backlog= is above the kernel's cap on listen
+    queues (Linux silently lowers it), else None (also where the cap cannot be read)."""
+    match = re.search(r"(?:^|:)backlog=(\d+)", description, re.I)
+    if match is None:
+        return None
+    try:
+        with open(somaxconn_path) as f:
+            cap = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    asked = int(match.group(1))
+    return (asked, cap) if asked > cap else None
 
 
 def default_public_url(listen: List[str]) -> str:
@@ -532,7 +550,7 @@ def _assemble(config: Dict[str, Any], opened: OpenedState, reactor: Any) -> serv
     # SIGHUP: the audit log is reopened (logrotate) and certificates re-read.
     tlsserver.ReloadOnSIGHUP(lambda: [reload() for reload in reloads], reactor).setServiceParent(top)
     timers = [TimerService(SWEEP_INTERVAL, broker.sweep_expired), TimerService(AUDIT_INTERVAL, broker.audit.flush),
-              TimerService(LEASE_INTERVAL, broker.sweep_leases)]
+              TimerService(LEASE_INTERVAL, broker.sweep_leases), TimerService(1, broker.flush_enrollment_log)]
     if memory.CAN_RELEASE:
         timers.append(TimerService(memory.TRIM_INTERVAL, memory.release_free_memory))
     for timer in timers:
@@ -577,6 +595,12 @@ def _listeners(config: Dict[str, Any], files: tls.TLSFiles, site: Any, reactor: 
     services: List[service.Service] = []
     for given in config["listen"]:
         description = with_backlog(given, config["listen-backlog"])
+        capped = backlog_capped(description)
+        if capped is not None:
+            log.warn("{given}: the kernel caps the listen backlog of {asked} at {cap} (net.core.somaxconn): a "
+                     "join storm of more than about {cap} nodes at once costs the others SYN retries of 1 s and "
+                     "more; raise net.core.somaxconn (docs/operations.md)", given=given, asked=capped[0],
+                     cap=capped[1])
         factory: Any
         if _needs_our_certificate(description):
             if tls_options is None:

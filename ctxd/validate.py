@@ -42,10 +42,19 @@ def fqdn(value: Any, field: str) -> str:
     return value
 
 
+# A dotted quad as ipaddress writes it (no leading zeros): already canonical, so a join storm's
+# addresses skip ipaddress's parser (a tenth of an enrollment's CPU).
+_CANONICAL_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                             r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
 def ip(value: Any, field: str) -> str:
-    """An IPv4 or IPv6 address without a scope id, in canonical form."""
+    """An IPv4 or IPv6 address without a scope id, in canonical form (IPv6 ones, and only
+    they, contain a colon)."""
     if not isinstance(value, str) or "%" in value:
         raise BadRequest(f"{field}: {value!r:.80} is not an IP address")
+    if _CANONICAL_IPV4.fullmatch(value):
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -130,9 +139,7 @@ def identity(value: Any, field: str = "identity") -> Dict[str, Any]:
             raise BadRequest(f"{where}.name: not a valid interface name")
         v4 = [ip(a, f"{where}.ipv4") for a in array(iface.get("ipv4", []), f"{where}.ipv4", rules.MAX_ADDRESSES)]
         v6 = [ip(a, f"{where}.ipv6") for a in array(iface.get("ipv6", []), f"{where}.ipv6", rules.MAX_ADDRESSES)]
-        if any(ipaddress.ip_address(a).version != 4 for a in v4) or any(
-            ipaddress.ip_address(a).version != 6 for a in v6
-        ):
+        if any(":" in a for a in v4) or not all(":" in a for a in v6):
             raise BadRequest(f"{where}: address listed under the wrong family")
         interfaces.append({"name": iface["name"], "ipv4": v4, "ipv6": v6})
     keys = [

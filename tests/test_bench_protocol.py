@@ -7,9 +7,10 @@ query keys, since=-1 or not, body keys, identity keys, header names) must be equ
 server counts the TLS connections each opens: one keep-alive connection for the whole run,
 as ctxagent.py's BrokerConnection keeps it, and exactly one more when the server closes it.
 
-The scenario exercises every branch of the poll loop: enroll, the first view (since=-1) is
-incomplete, the long-poll that follows ends with 304 (the fake clock is advanced), the head
-then enrolls and reports ok, and the next poll returns the complete view; report ok. In the
+The scenario exercises every branch of the poll loop: enroll, whose reply says the view is
+incomplete (so no view is fetched before it changes), the long-poll from the enrollment's
+revision ends with 304 (the fake clock is advanced), the head then enrolls and reports ok, and
+the next poll returns the complete view; report ok. In the
 reconnect scenarios the server ends the connection after the first view's response: saying
 so (`Connection: close`), silently (closed after the response), or by reading the next
 request and closing without an answer (end of stream before any response byte: the client
@@ -24,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -44,15 +46,18 @@ CLUSTER = {
     ],
 }
 # The requests of one run, (method, last path segment, since=-1 or not), in order.
-RUN = [("POST", "enroll", None), ("GET", "view", True), ("GET", "view", False), ("GET", "view", False),
-       ("POST", "report", None)]
+RUN = [("POST", "enroll", None), ("GET", "view", False), ("GET", "view", False), ("POST", "report", None)]
 CLOSES = ["header", "silently", "unanswered"]   # how the server ends the connection after the first view
 
 
 class InMemoryBroker:
     """The in-memory broker behind a lock, with a hook run when a long-poll times out."""
 
-    def __init__(self):
+    def __init__(self, slow=False):
+        # SLOW: the head comes only after the agent said why it waits (a contextualizing
+        # report, sent once it has waited WAIT_REPORT_AFTER seconds of real time).
+        self.slow = slow
+        self.advised = False
         self.client = Client()
         self.lock = threading.Lock()
         status, created = self.client.call("POST", "/v1/contexts", ADMIN_TOKEN, CLUSTER)
@@ -60,6 +65,7 @@ class InMemoryBroker:
         self.cid = created["context"]["id"]
         self.bootstraps = created["bootstraps"]
         self.head_done = False
+        self.viewed = False     # the first view was answered
         self.log = []           # (connection number, method, path, headers, body)
         self.connections = []   # per TLS connection accepted, in order: whether its session was resumed
         self.unanswered = 0     # requests read and dropped with their connection (not in the log)
@@ -88,10 +94,15 @@ class InMemoryBroker:
     def handle(self, conn, method, path, headers, body):
         with self.lock:
             self.log.append((conn, method, path, headers, body))
+            if path.endswith("/report") and json.loads(body).get("state") == "contextualizing":
+                self.advised = True
             status, content = self._request(method, path, {k: v for k, v in headers.items()
                                                            if k in ("authorization", "content-type")}, body)
             if status == 304 and not self.head_done:
-                self._head_enrolls_and_is_ok()
+                if self.slow and not self.advised:
+                    time.sleep(0.2)   # real time passes for the agent's clock
+                else:
+                    self._head_enrolls_and_is_ok()
             return status, content
 
 
@@ -135,7 +146,9 @@ def serve(fake, tmp_path, close=None):
             if status != 304:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(content)))
-            first_view = "/view?since=-1&" in self.path
+            with fake.lock:   # the run's first view (a long-poll), whichever connection carries it
+                first_view = "/view?" in self.path and not fake.viewed
+                fake.viewed = fake.viewed or first_view
             if close == "header" and first_view:
                 self.send_header("Connection", "close")   # (and http.server closes it)
             self.end_headers()
@@ -178,15 +191,20 @@ def shape(fake):
     return steps, per_conn
 
 
-def run_ctxagent(fake, port, ca_pem, tmp_path):
+def run_ctxagent(fake, port, ca_pem, tmp_path, wait_report_after=None):
     bootstrap = dict(fake.bootstraps["compute"], url=f"https://127.0.0.1:{port}", ca_pem=ca_pem)
     (tmp_path / "bootstrap.json").write_text(json.dumps(bootstrap))
     (tmp_path / "scripts").mkdir()
     (tmp_path / "ssh").mkdir()
     (tmp_path / "ssh" / "ssh_host_ed25519_key.pub").write_text(
         loadgen.identity(7)["ssh_host_keys"][0] + " root@node\n")
+    # WAIT_REPORT_AFTER: the agent's own constant, changed for a test that cannot wait 10 s.
+    agent = [sys.executable, os.path.join(ROOT, "ctxagent.py")] if wait_report_after is None else [
+        sys.executable, "-c", "import sys; sys.path.insert(0, %r); import ctxagent; "
+        "ctxagent.WAIT_REPORT_AFTER = %r; sys.argv[0] = 'ctxagent.py'; ctxagent.console_main()"
+        % (ROOT, wait_report_after)]
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "ctxagent.py"), "--bootstrap", str(tmp_path / "bootstrap.json"),
+        agent + ["--bootstrap", str(tmp_path / "bootstrap.json"),
          "--state-dir", str(tmp_path / "state"), "--scripts-dir", str(tmp_path / "scripts"),
          "--hosts-file", str(tmp_path / "hosts"), "--known-hosts-file", str(tmp_path / "known_hosts"),
          "--ssh-dir", str(tmp_path / "ssh"), "--address", "10.9.0.7", "--hostname", "node7",
@@ -201,7 +219,7 @@ def run_simulated(fake, port, ca_pem):
     agent = loadgen.SimAgent(bootstrap, loadgen.ctxagent.make_tls_context(ca_pem), stats, 7, POLL_WAIT,
                              deadline=60)
     asyncio.run(agent.run())
-    assert stats.last_ok is not None and stats.views_200 == 2
+    assert stats.last_ok is not None and stats.views_200 == 1
     assert agent.connection is None   # closed at the end of the run
     return stats
 
@@ -285,3 +303,34 @@ def test_real_agent_resumes_its_session_and_the_simulation_cannot(recorded, clos
 def test_simulated_backoff_is_the_agents():
     """The simulation retries with ctxagent's back-off constants (first delay, cap)."""
     assert (loadgen.RETRY_FIRST, loadgen.RETRY_MAX) == (loadgen.ctxagent.RETRY_FIRST, loadgen.ctxagent.RETRY_MAX)
+
+
+def _collapsed(steps):
+    """The steps with repeats in a row folded into one (how many 304s a wait takes is timing)."""
+    return [step for i, step in enumerate(steps) if i == 0 or step != steps[i - 1]]
+
+
+def test_both_say_why_they_wait_once_they_waited_long(tmp_path, monkeypatch):
+    """A node that waits longer than WAIT_REPORT_AFTER tells the broker why (a contextualizing
+    report), the simulated agent as the real one: same requests in the same order."""
+    after = 1.0
+    monkeypatch.setattr(loadgen.ctxagent, "WAIT_REPORT_AFTER", after)
+    runs = {}
+    for name in ("real", "sim"):
+        fake = InMemoryBroker(slow=True)
+        (tmp_path / name).mkdir()
+        server, ca_pem = serve(fake, tmp_path / name)
+        try:
+            if name == "real":
+                run_ctxagent(fake, server.server_address[1], ca_pem, tmp_path / name, wait_report_after=after)
+            else:
+                run_simulated(fake, server.server_address[1], ca_pem)
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert fake.advised and fake.head_done
+        runs[name] = _collapsed(shape(fake)[0])
+    assert runs["real"] == runs["sim"]
+    assert [(m, t.split("/")[-1], state) for m, t, _, _, _, _, state, _ in runs["real"]] == [
+        ("POST", "enroll", None), ("GET", "view", None), ("POST", "report", "contextualizing"),
+        ("GET", "view", None), ("POST", "report", "ok")]

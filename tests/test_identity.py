@@ -268,3 +268,23 @@ def test_model_refuses_conflicts_without_http():
         model.prepare_identity(cid, enrolled[1], dict(identity(2), fqdn="NODE1.cluster.test"), "10.9.0.2", 3.0)
     assert info.value.code == "identity_conflict" and "node1.cluster.test" in info.value.message
     assert SITE_ADMIN.may_see(model.contexts[cid])
+
+
+_OCTETS = st.one_of(st.integers(0, 999).map(str), st.sampled_from(["", "0", "00", "01", "007", "255", "256", "1e1", "٣"]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_OCTETS, min_size=3, max_size=5).map(".".join))
+def test_the_ipv4_fast_path_answers_as_ipaddress_does(text):
+    """validate.ip's dotted-quad shortcut gives what ipaddress gives: the same canonical text,
+    or the same refusal (leading zeros, octets above 255, Unicode digits, 3 or 5 parts)."""
+    import ipaddress
+    try:
+        expected = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = None
+    try:
+        got = validate.ip(text, "f")
+    except RequestError:
+        got = None
+    assert got == expected

@@ -194,6 +194,31 @@ def test_listen_backlog_option_and_listener_override(tmp_path):
     assert tap.with_backlog("unix:/run/ctxd.sock", 5) == "unix:/run/ctxd.sock"
 
 
+def test_a_backlog_the_kernel_caps_is_said_at_start(tmp_path):
+    """Linux silently lowers a listen backlog above net.core.somaxconn: ctxd says so once, naming
+    both figures, so that an admin who raised --listen-backlog for storms raises the sysctl too."""
+    cap = tmp_path / "somaxconn"
+    cap.write_text("4096\n")
+    assert tap.backlog_capped("ssl:8443:backlog=16384", str(cap)) == (16384, 4096)
+    assert tap.backlog_capped("ssl:8443:backlog=4096", str(cap)) is None
+    assert tap.backlog_capped("unix:/run/ctxd.sock", str(cap)) is None
+    assert tap.backlog_capped("ssl:8443:backlog=16384", str(tmp_path / "missing")) is None
+
+    with open(tap.SOMAXCONN) as f:
+        kernel = int(f.read())
+    config = options("--state-dir", str(tmp_path / "state"), "--listen-backlog", str(kernel + 1),
+                     "--listen", "ssl:0:interface=127.0.0.1", "--public-url", "https://127.0.0.1:8443")
+    events = []
+    from twisted.logger import globalLogPublisher
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tap.makeService(config, MemoryReactorClock())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [e for e in events if e.get("asked") == kernel + 1]
+    assert len(said) == 1 and said[0]["cap"] == kernel and "net.core.somaxconn" in said[0]["log_format"]
+
+
 def test_admin_token_kept_across_starts(tmp_path):
     """The admin token is created once and reused on the next start."""
     path = str(tmp_path / "admin.token")
