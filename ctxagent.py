@@ -441,23 +441,23 @@ def validate_peer(obj, what):
                 check_name(obj["group"], what + ".group") if "group" in obj else "")
 
 
-def view_progress(raw):
-    """(revision, complete, waiting_for) of a view: what polling needs."""
-    _expect(raw, dict, "view")
+def view_progress(raw, what="view"):
+    """(revision, complete, waiting_for) of a view (WHAT names it in errors): what polling needs."""
+    _expect(raw, dict, what)
     lease = raw.get("lease")
-    if lease is not None and not MIN_LEASE <= _expect(lease, int, "view.lease") <= MAX_LEASE:
-        raise InputError("view.lease: %s is not %d to %d s" % (lease, MIN_LEASE, MAX_LEASE))
-    return (_expect(raw.get("revision"), int, "view.revision"),
-            _expect(raw.get("complete"), bool, "view.complete"),
+    if lease is not None and not MIN_LEASE <= _expect(lease, int, what + ".lease") <= MAX_LEASE:
+        raise InputError("%s.lease: %s is not %d to %d s" % (what, lease, MIN_LEASE, MAX_LEASE))
+    return (_expect(raw.get("revision"), int, what + ".revision"),
+            _expect(raw.get("complete"), bool, what + ".complete"),
             tuple(w if isinstance(w, str) and len(w) <= 200 and w.isprintable() else _show(w, 200)
-                  for w in _expect(raw.get("waiting_for", []), list, "view.waiting_for")))
+                  for w in _expect(raw.get("waiting_for", []), list, what + ".waiting_for")))
 
 
 def reply_progress(reply, what):
     """view_progress() of the view_progress in an enrollment's or identity update's REPLY (a dict),
     None if it has none (an older broker)."""
     progress = reply.get("view_progress")
-    return None if progress is None else view_progress(_expect(progress, dict, what + ".view_progress"))
+    return None if progress is None else view_progress(progress, what + ".view_progress")
 
 
 def _by_name(raw, key, check):
@@ -1973,7 +1973,7 @@ class Agent(object):
         since, waiting, longest = -1, None, MAX_WAIT
         if progress is not None and not progress[1] and not resume:
             since, waiting = progress[0], progress[2]
-            LOG.info("view revision %d: waiting for %s", since, "; ".join(waiting))
+            LOG.info("view revision %d: waiting for %s", since, "; ".join(waiting) or "(nothing named)")
         told, due = None, time.monotonic() + WAIT_REPORT_AFTER   # the reason last reported; when the next may go
         while True:
             now = time.monotonic()

@@ -48,27 +48,30 @@ class Enrollment(NamedTuple):
 
 
 class _EnrollmentLog:
-    """A line per enrollment, up to :attr:`PER_SECOND` a second; beyond that, one line per
-    context counting the rest of that second, said by :meth:`flush` (the next enrollment in a
-    new second, or the broker's one-second timer). In a join storm the log's formatting would
-    otherwise cost the broker a tenth of its CPU, for 10,000 lines nobody reads one by one;
-    the audit log and the journal keep every enrollment with its source."""
+    """A line per enrollment, up to :attr:`PER_SECOND` a second in each context; beyond that,
+    one line per context counting the rest of that second, said by :meth:`flush` (the next
+    enrollment in a new second, or the broker's one-second timer). In a join storm the log's
+    formatting would otherwise cost the broker a tenth of its CPU, for 10,000 lines nobody
+    reads one by one; the audit log and the journal keep every enrollment with its source.
+    (Per context: a storm in one does not turn another's lines into a count.)"""
 
     PER_SECOND = 20
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
         self.window = float("-inf")   # when the current second began
-        self.said = 0                 # lines said in it
+        self.said: Dict[str, int] = {}     # context id -> lines said in it
         self.untold: Dict[str, int] = {}   # context id -> enrollments not said in it
 
     def say(self, cid: str, line: Callable[[], None]) -> None:
         now = self.clock.seconds()
         if now - self.window >= 1.0:
             self.flush()
-            self.window, self.said = now, 0
-        if self.said < self.PER_SECOND:
-            self.said += 1
+            self.window = now
+            self.said.clear()
+        said = self.said.get(cid, 0)
+        if said < self.PER_SECOND:
+            self.said[cid] = said + 1
             line()
         else:
             self.untold[cid] = self.untold.get(cid, 0) + 1
@@ -506,12 +509,13 @@ class Broker:
             cid=cid,
             source=source,
         ))
-        return self._commit_then(
-            record,
-            lambda: Enrollment({"node_id": nid, "node_token": node_token, "group": group, "context_id": cid,
-                                "view_progress": self.model.view_progress(self.model.contexts[cid].nodes[nid])},
-                               new),
-        )
+        d = self._commit(record)
+        # Where its view stands as of this record (durable when the reply goes out: a later
+        # change, durable or not, has a higher revision and so ends the agent's first wait).
+        progress = self.model.view_progress(self.model.contexts[cid].nodes[nid])
+        return d.addCallback(lambda _: Enrollment(
+            {"node_id": nid, "node_token": node_token, "group": group, "context_id": cid, "view_progress": progress},
+            new))
 
     def _own_node(self, principal: Principal, cid: str, nid: str) -> Node:
         # Authorization first: another credential learns nothing of what exists.
@@ -524,8 +528,9 @@ class Broker:
     def put_identity(self, principal: Principal, cid: str, nid: str, body: Any, source: str) -> Deferred:
         node = self._own_node(principal, cid, nid)
         record = self.model.prepare_identity(cid, nid, body, source, self.now())
-        return self._commit_then(record, lambda: {"revision": self.model.view_revision(node),
-                                                  "view_progress": self.model.view_progress(node)})
+        d = self._commit(record)
+        progress = self.model.view_progress(node)   # as of this record (see enroll)
+        return d.addCallback(lambda _: {"revision": progress["revision"], "view_progress": progress})
 
     def report(self, principal: Principal, cid: str, nid: str, body: Any) -> Deferred:
         node = self._own_node(principal, cid, nid)

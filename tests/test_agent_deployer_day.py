@@ -38,6 +38,7 @@ class Timeline(object):
     def __init__(self, monkeypatch, broker, changes):
         self.now, self.changes, self.reports = 1000.0, [(1000.0 + at, view) for at, view in changes], []
         self.polls = []   # (time, wait) of each view request
+        self.since = []   # the since= of each view request
         fake_time = types.SimpleNamespace(**{name: getattr(time, name) for name in ("time", "strftime", "gmtime")})
         fake_time.monotonic, fake_time.sleep = (lambda: self.now), self.sleep
         monkeypatch.setattr(ctxagent, "time", fake_time)
@@ -46,7 +47,8 @@ class Timeline(object):
         def request(fake, method, path, token=None, body=None, timeout=None):
             if "/view?" in path:
                 fake.calls.append((method, path.split("?")[0], body))
-                return timeline.view(int(path.split("since=")[1].split("&")[0]), int(path.rsplit("wait=", 1)[1]))
+                timeline.since.append(int(path.split("since=")[1].split("&")[0]))
+                return timeline.view(timeline.since[-1], int(path.rsplit("wait=", 1)[1]))
             if path.endswith("/report"):
                 timeline.reports.append((self.now - 1000.0, body))
             return plain(fake, method, path, token, body, timeout)
@@ -102,6 +104,49 @@ def test_a_fast_cluster_sends_no_extra_request(site, bootstrap, broker, monkeypa
     assert [(m, p.rsplit("/", 1)[1]) for m, p, _ in broker.calls] == [
         ("POST", "enroll"), ("GET", "view"), ("GET", "view"), ("POST", "report")]
     assert [body["state"] for _, body in timeline.reports] == ["ok"]
+    assert timeline.since == [-1, 1]   # a broker whose enrollment reply has no view_progress (older)
+
+
+def with_progress(broker, progress):
+    """The fake broker's enrollment reply, carrying PROGRESS as its view_progress."""
+    plain = broker.request
+
+    def request(fake, method, path, token=None, body=None, timeout=None):
+        status, raw = plain(fake, method, path, token, body, timeout)
+        if path.endswith("/enroll"):
+            raw = json.dumps(dict(json.loads(raw), view_progress=progress)).encode()
+        return status, raw
+    broker.request = request
+
+
+def test_an_incomplete_view_is_not_fetched_before_it_changes(site, bootstrap, broker, monkeypatch):
+    """The enrollment's reply says the view is incomplete: the first request for it is already the
+    long-poll from that revision, so a cluster complete within 10 s costs 3 requests in all."""
+    tmp_path, paths = site
+    timeline = Timeline(monkeypatch, broker, [(0, waiting(1, R1)), (9.5, sample_view(revision=2))])
+    with_progress(broker, {"revision": 1, "complete": False, "waiting_for": [R1]})
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap, "--poll-wait", "120")) == 0
+    assert [(m, p.rsplit("/", 1)[1]) for m, p, _ in broker.calls] == [
+        ("POST", "enroll"), ("GET", "view"), ("POST", "report")]
+    assert timeline.since == [1]
+    assert timeline.polls == [(0, 10)]   # (ended in time for the report of why it waits, were it needed)
+
+
+def test_a_view_complete_at_enrollment_is_fetched_at_once(site, bootstrap, broker, monkeypatch):
+    tmp_path, paths = site
+    timeline = Timeline(monkeypatch, broker, [(0, sample_view(revision=2))])
+    with_progress(broker, {"revision": 2, "complete": True, "waiting_for": []})
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap, "--poll-wait", "120")) == 0
+    assert timeline.since == [-1]
+
+
+def test_a_broken_view_progress_ends_the_run_before_any_script(site, bootstrap, broker, monkeypatch):
+    """What the broker would never send is an input error (EXIT_INPUT), and nothing runs."""
+    tmp_path, paths = site
+    Timeline(monkeypatch, broker, [(0, sample_view(revision=2))])
+    with_progress(broker, {"revision": "2", "complete": False})
+    assert ctxagent.main(agent_argv(tmp_path, paths, bootstrap, "--poll-wait", "120")) == ctxagent.EXIT_INPUT
+    assert not [p for _, p, _ in broker.calls if "/view" in p]
 
 
 def test_the_waiting_report_is_advisory_redacted_and_says_watch(site, bootstrap, broker, monkeypatch, capsys):

@@ -73,7 +73,7 @@ def test_the_identity_update_reply_says_it_too(client):
 
 def test_a_broken_view_progress_is_refused_by_the_agent():
     """What the broker accepts every agent accepts, and nothing else: a malformed view_progress
-    is an input error (exit 4), an absent one means an older broker."""
+    is an input error (EXIT_INPUT), an absent one means an older broker."""
     assert ctxagent.reply_progress({}, "enrollment reply") is None
     for bad in ("x", {"revision": True, "complete": False}, {"revision": 3, "complete": "no"},
                 {"revision": 3, "complete": False, "waiting_for": "role"}):
@@ -107,5 +107,32 @@ def test_a_storm_is_logged_per_second_not_per_node(client):
         enroll(client, bootstraps["compute"], 26)
         said = [e for e in events if e.get("cid") == cid and "nid" in e]
         assert len(said) == 21 and said[-1]["how"] == "enrolled in"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def test_each_context_has_its_own_lines_and_a_new_second_says_the_last_ones_count(client):
+    """A storm in one context does not turn another's lines into a count; the first enrollment
+    of a new second says how many the last one left untold (without waiting for the timer)."""
+    from ctxd.broker import _EnrollmentLog
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        contexts = []
+        for name in ("a", "b"):
+            cid, created = client.create({"name": name, "groups": [
+                {"name": "compute", "quantity": 30, "source_check": False, "provides": ["w"]}]})
+            contexts.append((cid, created["bootstraps"]["compute"]))
+        (a, storm), (b, quiet) = contexts
+        for n in range(1, 24):
+            enroll(client, storm, n)
+        enroll(client, quiet, 100)
+        assert len([e for e in events if e.get("cid") == a and "nid" in e]) == _EnrollmentLog.PER_SECOND
+        assert len([e for e in events if e.get("cid") == b and "nid" in e]) == 1   # b's node still named
+        client.clock.advance(1.0)
+        enroll(client, storm, 30)
+        assert [e["count"] for e in events if e.get("cid") == a and "count" in e] == [3]
+        assert [e for e in events if e.get("cid") == a and "nid" in e][-1]["source"]
     finally:
         globalLogPublisher.removeObserver(events.append)
