@@ -32,6 +32,8 @@ from typing import Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loadgen import this_checkout  # noqa: E402  (the broker of this checkout, not an installed one)
 
 
 def free_port() -> int:
@@ -48,8 +50,7 @@ def start_broker(state: str, port: int) -> subprocess.Popen:
          "--public-url", f"https://127.0.0.1:{port}", "--enroll-rate-per-source", "1000000",
          "--enroll-rate-per-token", "1000000", "--max-connections-per-peer", "100000", "--metrics-listen", "none"],
         stdout=log, stderr=subprocess.STDOUT,
-        # This checkout's ctxd (as loadgen.this_checkout: an editable install of another would win).
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))),
+        env=this_checkout(),
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
