@@ -9,6 +9,7 @@ helper.
 import json
 import re
 from io import BytesIO
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -16,6 +17,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 import ctxd
@@ -330,6 +332,7 @@ class BrokerResource(resource.Resource):
             # (a test's StubTreq) through notifyFinish.
             if isinstance(request, CappedRequest):
                 request.ctxd_pending = d
+                request.park()
             else:
                 request.notifyFinish().addErrback(_went_away, request, d)
         # Module functions and one shared arguments tuple: of what a waiting request holds, the
@@ -474,7 +477,7 @@ class BrokerResource(resource.Resource):
         try:
             if refused:
                 # Counted, not written one by one: refusals are what a flood is made of.
-                credential = _credential_kind(_bearer(request)) if principal is None else ""
+                credential = _credential_of(request) if principal is None else ""
                 self.broker.audit.refused(_source(request), _principal_name(principal), credential,
                                           route.handler, status)
             else:
@@ -494,7 +497,7 @@ class BrokerResource(resource.Resource):
         if code is not None:
             metrics.refusals.labels(code).inc()
             if status == 401:
-                metrics.auth_failures.labels(_credential_kind(_bearer(request))).inc()
+                metrics.auth_failures.labels(_credential_of(request)).inc()
         if name == "enroll":
             metrics.enrollments.labels({201: "new", 200: "again"}.get(status, code or str(status))).inc()
 
@@ -526,6 +529,8 @@ class BrokerResource(resource.Resource):
         request.ctxd_pending = None
         if getattr(request, "ctxd_gone", False):
             return
+        if isinstance(request, CappedRequest):
+            request.unpark()
         status, body = result
         self._audit(request, status)
         self._count(request, status)
@@ -562,6 +567,8 @@ class BrokerResource(resource.Resource):
             error = InternalError("internal error")
         if gone:
             return
+        if isinstance(request, CappedRequest):
+            request.unpark()
         if isinstance(error, TooManyRequests):
             request.setHeader("retry-after", str(error.retry_after))
         if isinstance(error, MethodNotAllowed):
@@ -620,6 +627,13 @@ def _credential_kind(token: Optional[str]) -> str:
     return "malformed"
 
 
+def _credential_of(request: server.Request) -> str:
+    """The kind of credential the request presented (a parked request noted it when it let
+    go of its headers)."""
+    noted = getattr(request, "ctxd_credential", None)
+    return noted if noted is not None else _credential_kind(_bearer(request))
+
+
 def _source(request: server.Request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", "") or ""
@@ -658,18 +672,53 @@ class CappedRequest(server.Request):
         "ctxd_error",       # the error code answered, if any
         "ctxd_pending",     # the answer still being computed (BrokerResource.render)
         "ctxd_gone",        # whether the client went away before it
+        "ctxd_credential",  # the kind of credential presented, once parked (else read from the headers)
         "_refused",
         "_received",
         "_hidden",
     )
 
+    # Whether a parked request keeps its headers: the access log's line names the client's
+    # User-Agent and Referer (make_site).
+    keep_headers = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ctxd_pending: Optional[Deferred] = None
         self.ctxd_gone = False
+        self.ctxd_credential: Optional[str] = None
         self._refused = False
         self._received = 0
         self._hidden: Optional[List[bytes]] = None
+
+    def park(self) -> None:
+        """Its answer comes later (a long-poll, or a change waiting for the journal): let go of
+        what parsing it built and answering it does not use - the query's arguments, the path's
+        segments, the body already read and, unless the access log needs them, the headers.
+
+        About 2 KiB a request, held by every idle node's long-poll (docs/benchmarks.md, idle
+        memory); and the idle nodes' bearer tokens are not kept in memory while they wait.
+        """
+        self.args = _NOTHING
+        self.received_cookies = _NOTHING
+        self.prepath = self.postpath = self.sitepath = None
+        self.host = None   # (the server's own address: the peer's, in ``client``, stays)
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        # The response's headers so far (Server and Date) are made again when it is answered,
+        # with the Date of the answer.
+        self.responseHeaders = _NO_HEADERS
+        if not self.keep_headers:
+            self.ctxd_credential = _credential_kind(_bearer(self))
+            self.requestHeaders = _NO_HEADERS
+
+    def unpark(self) -> None:
+        """About to be answered: a parked request's response headers again."""
+        if self.responseHeaders is _NO_HEADERS:
+            self.responseHeaders = Headers()
+            self.setHeader(b"server", server.version)
+            self.setHeader(b"date", http.datetimeToString())
 
     def connectionLost(self, reason: Any) -> None:
         """The connection closed before the answer: stop computing it (a long-poll leaves
@@ -719,6 +768,8 @@ class CappedRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        # The method and version as shared constants, not two more objects per waiting request.
+        command, version = _INTERNED.get(command, command), _INTERNED.get(version, version)
         if self.hide_content_type:
             self._hidden = self.requestHeaders.getRawHeaders(b"content-type")
             self.requestHeaders.removeHeader(b"content-type")
@@ -729,6 +780,20 @@ class CappedRequest(server.Request):
             self.requestHeaders.setRawHeaders(b"content-type", self._hidden)
             self._hidden = None
         super().process()
+
+
+class _ReadOnlyHeaders(Headers):
+    """No headers, shared by every parked request: reading finds nothing, writing is a bug."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a parked request's headers were let go of")
+
+    addRawHeader = setRawHeaders = removeHeader = _refuse
+
+
+_NO_HEADERS = _ReadOnlyHeaders()
+_INTERNED = {v: v for v in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"HTTP/1.1", b"HTTP/1.0")}
+_NOTHING: Any = MappingProxyType({})
 
 
 def _abort_if_open(channel: Any) -> None:
@@ -798,7 +863,8 @@ def make_site(
     """The twisted.web Site serving the API; ``access_log`` False: no line per request (the
     metrics count requests; the audit log has what matters for security)."""
     resource = BrokerResource(broker, max_body, stall_timeout=timeout)
-    request_class = type("Request", (CappedRequest,), {"max_body": max_body, "broker_resource": resource})
+    request_class = type("Request", (CappedRequest,), {"max_body": max_body, "broker_resource": resource,
+                                                       "keep_headers": access_log})
     site_class = server.Site if access_log else QuietSite
     # A JSON API: no parsing of form or multipart bodies into request.args. Twisted's
     # email-module parsers cost CPU on every POST, and are an attack surface.

@@ -316,10 +316,10 @@ def replay_records(records):
     return model
 
 
-def held_request(client, path, token):
-    """``GET path`` with ``token`` over the broker's own site (api.make_site: its CappedRequest
-    and channel, on the client's clock), sent on a StringTransport; (channel, transport)."""
-    channel = make_site(client.broker).buildProtocol(None)
+def held_request(client, path, token, **site):
+    """``GET path`` with ``token`` over the broker's own site (api.make_site(**site): its
+    CappedRequest and channel, on the client's clock), sent on a StringTransport; (channel, transport)."""
+    channel = make_site(client.broker, **site).buildProtocol(None)
     channel.callLater = client.clock.callLater
     transport = StringTransport()
     channel.makeConnection(transport)

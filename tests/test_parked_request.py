@@ -1,0 +1,94 @@
+"""A request whose answer comes later (a long-poll) lets go of what answering it does not use.
+
+Over the broker's own site (api.make_site: CappedRequest and its channel) on a StringTransport:
+what a waiting request still holds, and that its answer, its metrics and the connection's next
+request are what they would have been.
+"""
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from ctxd import api
+from support import ADMIN_TOKEN, Client, held_request, torque
+
+
+@pytest.fixture
+def client():
+    return Client()
+
+
+def _waiting_view(client, access_log=False):
+    """A compute's long-poll waiting, on a site with the daemon's default (no access log)."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    revision = client.call("GET", path, token)[1]["revision"]
+    channel, transport = held_request(client, f"{path}?since={revision}&wait=30", token, access_log=access_log)
+    assert client.broker.waiter_count() == 1 and transport.value() == b""
+    return cid, nid, token, path, channel, transport
+
+
+def _response(transport):
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines[1:])}
+    return lines[0], headers, body
+
+
+def test_a_waiting_long_poll_keeps_neither_token_nor_parsed_request(client):
+    _, _, token, _, channel, _ = _waiting_view(client)
+    request = channel.requests[0]
+    assert request.getHeader(b"authorization") is None
+    assert list(request.requestHeaders.getAllRawHeaders()) == []
+    assert request.args == {} and request.received_cookies == {}
+    assert request.postpath is None and request.prepath is None and request.content is None
+    assert request.host is None and request.getClientAddress() is not None
+    held = [getattr(request, name, None) for name in dir(request) if not name.startswith("__")]
+    assert not any(isinstance(v, (bytes, str)) and token.encode() in (v if isinstance(v, bytes) else v.encode())
+                   for v in held)
+    # The shared empty headers cannot be written to by mistake.
+    with pytest.raises(RuntimeError):
+        request.requestHeaders.setRawHeaders(b"x", [b"y"])
+    with pytest.raises(RuntimeError):
+        request.responseHeaders.addRawHeader(b"x", b"y")
+
+
+def test_its_answer_has_fresh_headers_and_the_connection_goes_on(client):
+    _, _, token, path, channel, transport = _waiting_view(client)
+    client.clock.advance(30)
+    status, headers, body = _response(transport)
+    assert status == b"HTTP/1.1 304 Not Modified" and body == b""
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"server"].startswith(b"TwistedWeb/") and headers[b"date"].endswith(b" GMT")
+    assert b"connection" not in headers   # kept alive: the next request on it is answered
+    transport.clear()
+    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    status, headers, body = _response(transport)
+    assert status == b"HTTP/1.1 200 OK" and headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body) > 0
+
+
+def test_a_node_revoked_while_it_waits_is_counted_by_its_credential_kind(client):
+    cid, nid, token, _, channel, transport = _waiting_view(client)
+    registry = client.broker.metrics.registry
+    before = registry.get_sample_value("ctxd_auth_failures_total", {"kind": "ctxd_node_"}) or 0
+    status, _ = client.call("POST", f"/v1/contexts/{cid}/nodes/{nid}/revoke", ADMIN_TOKEN)
+    assert status == 200
+    line, headers, body = _response(transport)
+    assert line == b"HTTP/1.1 401 Unauthorized" and b'"unauthorized"' in body
+    assert headers[b"date"].endswith(b" GMT")
+    assert registry.get_sample_value("ctxd_auth_failures_total", {"kind": "ctxd_node_"}) == before + 1
+    assert registry.get_sample_value("ctxd_auth_failures_total", {"kind": "none"}) is None
+
+
+def test_with_the_access_log_a_waiting_request_keeps_its_headers(client):
+    _, _, token, _, channel, transport = _waiting_view(client, access_log=True)
+    request = channel.requests[0]
+    assert request.getHeader(b"authorization") == f"Bearer {token}".encode()
+    assert request.args == {} and request.postpath is None   # (the rest is let go of all the same)
+    client.clock.advance(30)
+    assert _response(transport)[0] == b"HTTP/1.1 304 Not Modified"
+
+
+def test_the_shared_empty_headers_are_headers():
+    assert isinstance(api._NO_HEADERS, Headers) and api._NO_HEADERS.getRawHeaders(b"host") is None
