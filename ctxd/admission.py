@@ -76,7 +76,9 @@ class BudgetedFactory:
     budget: ConnectionBudget
 
     def buildProtocol(self, addr: Any) -> Any:
-        host = getattr(addr, "host", str(addr))
+        host = getattr(addr, "host", None)
+        if host is None:   # (not getattr's default: that would format every address)
+            host = str(addr)
         if not self.budget.acquire(host):
             return None
         protocol = super().buildProtocol(addr)  # type: ignore[misc]

@@ -312,6 +312,18 @@ def test_connection_limiter_total_and_per_peer():
     assert budget.refused == 2
 
 
+def test_connection_limiter_counts_an_address_without_host_by_its_text():
+    """A listener's address without a host (a UNIX socket's) is one peer, named by its text."""
+    from twisted.internet.address import UNIXAddress
+    from twisted.internet.protocol import Factory, Protocol
+
+    budget = ConnectionBudget(max_total=3, max_per_peer=1)
+    limiter = ConnectionLimiter(Factory.forProtocol(Protocol), budget)
+    first = limiter.buildProtocol(UNIXAddress(b"/run/ctxd.sock"))
+    assert first is not None and first._ctxd_peer == str(UNIXAddress(b"/run/ctxd.sock"))
+    assert limiter.buildProtocol(UNIXAddress(b"/run/ctxd.sock")) is None
+
+
 def test_model_quotas_default_generous():
     """The default quotas fit a 10,000-node cluster."""
     assert Model().quotas.nodes_per_context >= 10_000
