@@ -8,6 +8,7 @@ helper.
 
 import json
 import re
+import time
 from io import BytesIO
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -332,7 +333,10 @@ class BrokerResource(resource.Resource):
             # (a test's StubTreq) through notifyFinish.
             if isinstance(request, CappedRequest):
                 request.ctxd_pending = d
-                request.park()
+                if request.method == b"GET":
+                    # A long-poll, which may wait minutes. (A change waiting for the journal
+                    # is answered within milliseconds: parking would cost more than it saves.)
+                    request.park()
             else:
                 request.notifyFinish().addErrback(_went_away, request, d)
         # Module functions and one shared arguments tuple: of what a waiting request holds, the
@@ -692,8 +696,8 @@ class CappedRequest(server.Request):
         self._hidden: Optional[List[bytes]] = None
 
     def park(self) -> None:
-        """Its answer comes later (a long-poll, or a change waiting for the journal): let go of
-        what parsing it built and answering it does not use - the query's arguments, the path's
+        """Its answer comes later (a long-poll): let go of what parsing it built and answering
+        it does not use - the query's arguments, the path's
         segments, the body already read and, unless the access log needs them, the headers.
 
         About 2 KiB a request, held by every idle node's long-poll (docs/benchmarks.md, idle
@@ -718,7 +722,7 @@ class CappedRequest(server.Request):
         if self.responseHeaders is _NO_HEADERS:
             self.responseHeaders = Headers()
             self.setHeader(b"server", server.version)
-            self.setHeader(b"date", http.datetimeToString())
+            self.setHeader(b"date", _http_date())
 
     def connectionLost(self, reason: Any) -> None:
         """The connection closed before the answer: stop computing it (a long-poll leaves
@@ -792,6 +796,15 @@ class _ReadOnlyHeaders(Headers):
 
 
 _NO_HEADERS = _ReadOnlyHeaders()
+_date = [0, b""]   # (second, its HTTP date): 10,000 long-polls timing out together share one
+
+
+def _http_date() -> bytes:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[:] = [now, http.datetimeToString(now)]
+    return _date[1]
+
 _INTERNED = {v: v for v in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"HTTP/1.1", b"HTTP/1.0")}
 _NOTHING: Any = MappingProxyType({})
 

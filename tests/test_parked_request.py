@@ -92,3 +92,16 @@ def test_with_the_access_log_a_waiting_request_keeps_its_headers(client):
 
 def test_the_shared_empty_headers_are_headers():
     assert isinstance(api._NO_HEADERS, Headers) and api._NO_HEADERS.getRawHeaders(b"host") is None
+
+
+def test_the_answer_date_is_the_current_second(monkeypatch):
+    """The Date of answered long-polls, made once a second."""
+    from twisted.web import http
+
+    now = [1_800_000_000.25]
+    monkeypatch.setattr(api.time, "time", lambda: now[0])
+    assert api._http_date() == http.datetimeToString(1_800_000_000)
+    now[0] += 0.5
+    assert api._http_date() == http.datetimeToString(1_800_000_000)
+    now[0] += 1
+    assert api._http_date() == http.datetimeToString(1_800_000_001) != http.datetimeToString(1_800_000_000)
