@@ -718,11 +718,16 @@ class CappedRequest(server.Request):
             self.requestHeaders = _NO_HEADERS
 
     def unpark(self) -> None:
-        """About to be answered: a parked request's response headers again."""
+        """About to be answered: a parked request's response headers again - those twisted.web
+        had set: Server, Date and, for an HTTP/1.1 request that asked to close the connection
+        (the channel decided so before it was rendered), Connection: close."""
         if self.responseHeaders is _NO_HEADERS:
             self.responseHeaders = Headers()
             self.setHeader(b"server", server.version)
             self.setHeader(b"date", _http_date())
+            channel = self.channel
+            if channel is not None and not channel.persistent and self.clientproto == b"HTTP/1.1":
+                self.setHeader(b"connection", b"close")
 
     def connectionLost(self, reason: Any) -> None:
         """The connection closed before the answer: stop computing it (a long-poll leaves

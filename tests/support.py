@@ -316,12 +316,17 @@ def replay_records(records):
     return model
 
 
-def held_request(client, path, token, **site):
-    """``GET path`` with ``token`` over the broker's own site (api.make_site(**site): its
-    CappedRequest and channel, on the client's clock), sent on a StringTransport; (channel, transport)."""
+def held_request(client, path, token, method="GET", headers=None, body=b"", **site):
+    """``METHOD path`` with ``token`` (and ``headers``, ``body``) over the broker's own site
+    (api.make_site(**site): its CappedRequest and channel, on the client's clock), sent on a
+    StringTransport; (channel, transport)."""
     channel = make_site(client.broker, **site).buildProtocol(None)
     channel.callLater = client.clock.callLater
     transport = StringTransport()
     channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    head = [f"{method} {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {token}"]
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if body:
+        head.append(f"Content-Length: {len(body)}")
+    channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode() + body)
     return channel, transport

@@ -5,7 +5,11 @@ what a waiting request still holds, and that its answer, its metrics and the con
 request are what they would have been.
 """
 
+import gc
+import types
+
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from ctxd import api
@@ -28,6 +32,23 @@ def _waiting_view(client, access_log=False):
     return cid, nid, token, path, channel, transport
 
 
+def _reachable_copies(token, *roots):
+    """The strings holding ``token`` reachable from ``roots`` through instances and containers
+    (not through modules, classes or functions: the whole program is behind those)."""
+    needle, seen, found, todo = token.encode(), set(), [], list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FunctionType, types.MethodType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (bytes, bytearray, str)):
+            if needle in (obj.encode("utf-8", "replace") if isinstance(obj, str) else bytes(obj)):
+                found.append(obj)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
 def _response(transport):
     head, _, body = transport.value().partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
@@ -43,9 +64,7 @@ def test_a_waiting_long_poll_keeps_neither_token_nor_parsed_request(client):
     assert request.args == {} and request.received_cookies == {}
     assert request.postpath is None and request.prepath is None and request.content is None
     assert request.host is None and request.getClientAddress() is not None
-    held = [getattr(request, name, None) for name in dir(request) if not name.startswith("__")]
-    assert not any(isinstance(v, (bytes, str)) and token.encode() in (v if isinstance(v, bytes) else v.encode())
-                   for v in held)
+    assert not _reachable_copies(token, request, channel)
     # The shared empty headers cannot be written to by mistake.
     with pytest.raises(RuntimeError):
         request.requestHeaders.setRawHeaders(b"x", [b"y"])
@@ -85,6 +104,7 @@ def test_with_the_access_log_a_waiting_request_keeps_its_headers(client):
     _, _, token, _, channel, transport = _waiting_view(client, access_log=True)
     request = channel.requests[0]
     assert request.getHeader(b"authorization") == f"Bearer {token}".encode()
+    assert _reachable_copies(token, request)   # (what the walk above finds when it is there)
     assert request.args == {} and request.postpath is None   # (the rest is let go of all the same)
     client.clock.advance(30)
     assert _response(transport)[0] == b"HTTP/1.1 304 Not Modified"
@@ -105,3 +125,32 @@ def test_the_answer_date_is_the_current_second(monkeypatch):
     assert api._http_date() == http.datetimeToString(1_800_000_000)
     now[0] += 1
     assert api._http_date() == http.datetimeToString(1_800_000_001) != http.datetimeToString(1_800_000_000)
+
+
+def test_a_request_that_asked_to_close_is_still_told_so(client):
+    """An HTTP/1.1 long-poll with Connection: close gets it back in its answer, and the close."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
+    revision = client.call("GET", path, token)[1]["revision"]
+    channel, transport = held_request(client, f"{path}?since={revision}&wait=30", token, access_log=False,
+                                      headers={"Connection": "close"})
+    assert channel.requests[0].requestHeaders is api._NO_HEADERS
+    client.clock.advance(30)
+    status, headers, _ = _response(transport)
+    assert status == b"HTTP/1.1 304 Not Modified" and headers[b"connection"] == b"close"
+    assert transport.disconnecting
+
+
+def test_only_a_long_poll_is_parked(client, monkeypatch):
+    """A change waiting for the journal (answered within milliseconds) keeps its request whole."""
+    cid, joins, nodes = torque(client)
+    nid, token = nodes[2]
+    monkeypatch.setattr(api.BrokerResource, "_dispatch", lambda self, request: Deferred())
+    body = b'{"state": "ok"}'
+    channel, _ = held_request(client, f"/v1/contexts/{cid}/nodes/{nid}/report", token, access_log=False,
+                              method="POST", headers={"Content-Type": "application/json"}, body=body)
+    request = channel.requests[0]
+    assert request.ctxd_pending is not None   # waiting...
+    assert request.getHeader(b"authorization") == f"Bearer {token}".encode()   # ...and not parked
+    assert request.content is not None and request.postpath is not None

@@ -312,7 +312,7 @@ def test_connection_limiter_total_and_per_peer():
     assert budget.refused == 2
 
 
-def test_connection_limiter_counts_an_address_without_host_by_its_text():
+def test_connection_limiter_names_a_peer_by_its_host_else_its_text():
     """A listener's address without a host (a UNIX socket's) is one peer, named by its text."""
     from twisted.internet.address import UNIXAddress
     from twisted.internet.protocol import Factory, Protocol
@@ -322,6 +322,12 @@ def test_connection_limiter_counts_an_address_without_host_by_its_text():
     first = limiter.buildProtocol(UNIXAddress(b"/run/ctxd.sock"))
     assert first is not None and first._ctxd_peer == str(UNIXAddress(b"/run/ctxd.sock"))
     assert limiter.buildProtocol(UNIXAddress(b"/run/ctxd.sock")) is None
+
+    class Unformattable(_Address):   # an address with a host is never formatted (once per connection)
+        def __str__(self):
+            raise AssertionError("formatted")
+
+    assert limiter.buildProtocol(Unformattable("10.0.0.9"))._ctxd_peer == "10.0.0.9"
 
 
 def test_model_quotas_default_generous():
