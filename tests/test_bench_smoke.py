@@ -10,6 +10,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The bench is run from the test virtualenv (`make bench`): its scripts are smoke-tested there;
+# the broker they drive runs on Debian 12's libraries in the other end-to-end tests.
+pytestmark = pytest.mark.once
+
 
 def _bench(*argv: str, timeout: float = 240) -> str:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", argv[0])] + list(argv[1:]),

@@ -1,7 +1,11 @@
 """bench/watch_bench.py's bounded version (issue 13): watchers following their view with delta
 views against full views, against a real broker over TLS. Sizes, not speeds, are checked."""
 
+import pytest
+
 from test_bench_smoke import _bench, _rows
+
+pytestmark = pytest.mark.once   # (as test_bench_smoke's: the bench runs from the test virtualenv)
 
 
 def _figures(out: str, mode: str) -> dict:
