@@ -697,8 +697,8 @@ class CappedRequest(server.Request):
 
     def park(self) -> None:
         """Its answer comes later (a long-poll): let go of what parsing it built and answering
-        it does not use - the query's arguments, the path's
-        segments, the body already read and, unless the access log needs them, the headers.
+        it does not use - the query's arguments, the path's segments, the body already read
+        and, unless the access log needs them, the headers.
 
         About 2 KiB a request, held by every idle node's long-poll (docs/benchmarks.md, idle
         memory); and the idle nodes' bearer tokens are not kept in memory while they wait.
@@ -809,6 +809,7 @@ def _http_date() -> bytes:
     if now != _date[0]:
         _date[:] = [now, http.datetimeToString(now)]
     return _date[1]
+
 
 _INTERNED = {v: v for v in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"HTTP/1.1", b"HTTP/1.0")}
 _NOTHING: Any = MappingProxyType({})

@@ -21,13 +21,14 @@ def client():
     return Client()
 
 
-def _waiting_view(client, access_log=False):
+def _waiting_view(client, access_log=False, headers=None):
     """A compute's long-poll waiting, on a site with the daemon's default (no access log)."""
     cid, joins, nodes = torque(client)
     nid, token = nodes[2]
     path = f"/v1/contexts/{cid}/nodes/{nid}/view"
     revision = client.call("GET", path, token)[1]["revision"]
-    channel, transport = held_request(client, f"{path}?since={revision}&wait=30", token, access_log=access_log)
+    channel, transport = held_request(client, f"{path}?since={revision}&wait=30", token, access_log=access_log,
+                                      headers=headers)
     assert client.broker.waiter_count() == 1 and transport.value() == b""
     return cid, nid, token, path, channel, transport
 
@@ -129,12 +130,7 @@ def test_the_answer_date_is_the_current_second(monkeypatch):
 
 def test_a_request_that_asked_to_close_is_still_told_so(client):
     """An HTTP/1.1 long-poll with Connection: close gets it back in its answer, and the close."""
-    cid, joins, nodes = torque(client)
-    nid, token = nodes[2]
-    path = f"/v1/contexts/{cid}/nodes/{nid}/view"
-    revision = client.call("GET", path, token)[1]["revision"]
-    channel, transport = held_request(client, f"{path}?since={revision}&wait=30", token, access_log=False,
-                                      headers={"Connection": "close"})
+    *_, channel, transport = _waiting_view(client, headers={"Connection": "close"})
     assert channel.requests[0].requestHeaders is api._NO_HEADERS
     client.clock.advance(30)
     status, headers, _ = _response(transport)
